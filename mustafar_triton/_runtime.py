@@ -1,0 +1,42 @@
+"""Where kernels run: the GPU, or the Triton CPU interpreter (TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (read at import time by Triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Kernels run on CUDA tensors, or on CPU tensors under the interpreter."""
+    if t.device.type == "cuda":
+        return
+    if t.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"{name} is on {t.device}: mustafar_triton kernels need CUDA tensors "
+        "(or CPU tensors with TRITON_INTERPRET=1 set before importing triton)")
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = items[0]
+    for name, t in items[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: a handful of programs keeps CPU tests fast
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "interpreter"

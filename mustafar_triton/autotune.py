@@ -1,0 +1,175 @@
+"""Tile configs for every kernel: shipped tuned files, on-the-fly tuning, heuristic defaults.
+
+Lookup order for a launch on a GPU:
+  1. the tuned file for this GPU, `<dir>/<normalised device name>.json`, where <dir> is
+     $MUSTAFAR_TRITON_AUTOTUNE_DIR if set, else the repository's `autotune_cache/`; the entry of
+     the nearest shape bucket (categorical keys must match, numeric keys nearest in log2);
+  2. the user's cache, `~/.cache/mustafar_triton/<name>.json` ($MUSTAFAR_TRITON_USER_CACHE),
+     filled by on-the-fly tuning: the first launch of an unseen bucket times every config of the
+     kernel's space with `triton.testing.do_bench` and stores the fastest (we time whole
+     launches ourselves rather than use `triton.autotune`, because the decode split count changes
+     the grid and the split buffers, which `triton.autotune` cannot vary);
+  3. a heuristic default (also used under the interpreter, during CUDA-graph capture, and when
+     $MUSTAFAR_TRITON_AUTOTUNE=0).
+A missing file falls through silently; a corrupt file or one tuned with another triton version
+falls through with one warning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+
+from ._runtime import device_name, interpreting, num_sms
+
+REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
+
+# Per kernel: which bucket keys must match exactly, which are matched by nearest log2 distance.
+BUCKET_KEYS = {
+    "select": (("head_dim", "dtype"), ("rows",)),
+    "unpack": (("head_dim", "dtype"), ("rows",)),
+    "decode": (("head_dim", "group", "dtype", "capacity"), ("batch_heads", "context")),
+}
+
+
+def normalised_device_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def config_space(kernel: str, **bucket) -> list[dict]:
+    """Every config worth timing for a kernel and bucket (filtered by what the tile can hold)."""
+    if kernel in ("select", "unpack"):
+        big = bucket["head_dim"] >= 256
+        return [dict(BLOCK_T=bt, num_warps=w, num_stages=1)
+                for bt in (16, 32, 64, 128) for w in (2, 4, 8)
+                if not (big and bt == 128 and w < 4)]
+    if kernel == "decode":
+        from .kernels.decode import decode_config_space
+        return decode_config_space(**bucket)
+    raise KeyError(kernel)
+
+
+def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
+    if kernel in ("select", "unpack"):
+        if interpreting():
+            return dict(BLOCK_T=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_T=32 if bucket["head_dim"] <= 128 else 16, num_warps=4, num_stages=1)
+    if kernel == "decode":
+        from .kernels.decode import decode_heuristic_config
+        return decode_heuristic_config(num_sms(device), interpreting(), **bucket)
+    raise KeyError(kernel)
+
+
+def bucket_of(kernel: str, **bucket) -> dict:
+    """Normalise a bucket: dtypes as strings, numeric keys rounded to powers of two."""
+    exact, numeric = BUCKET_KEYS[kernel]
+    out = {k: str(bucket[k]).replace("torch.", "") for k in exact}
+    for k in numeric:
+        out[k] = triton.next_power_of_2(max(1, int(bucket[k])))
+    return out
+
+
+def _log_distance(a: dict, b: dict, numeric) -> float:
+    return sum(abs(math.log2(max(1, a[k])) - math.log2(max(1, b[k]))) for k in numeric)
+
+
+def nearest_entry(entries: list[dict], kernel: str, bucket: dict) -> dict | None:
+    exact, numeric = BUCKET_KEYS[kernel]
+    candidates = [e for e in entries if e.get("kernel") == kernel
+                  and all(str(e["bucket"].get(k)) == str(bucket[k]) for k in exact)]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda e: _log_distance(e["bucket"], bucket, numeric))["config"]
+
+
+_warned: set[str] = set()
+_file_cache: dict[Path, list[dict]] = {}
+
+
+def _warn_once(msg: str) -> None:
+    if msg not in _warned:
+        _warned.add(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def load_entries(path: Path) -> list[dict]:
+    """Entries of a tuned file; [] (with one warning) if it is corrupt or from another triton."""
+    if path in _file_cache:
+        return _file_cache[path]
+    entries: list[dict] = []
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("triton_version") != triton.__version__:
+                _warn_once(f"mustafar_triton: ignoring {path}: tuned with triton "
+                           f"{data.get('triton_version')}, running {triton.__version__}")
+            else:
+                entries = [e for e in data["entries"] if {"kernel", "bucket", "config"} <= e.keys()]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            _warn_once(f"mustafar_triton: ignoring corrupt autotune file {path}: {err}")
+    _file_cache[path] = entries
+    return entries
+
+
+def shipped_dir() -> Path:
+    return Path(os.environ.get("MUSTAFAR_TRITON_AUTOTUNE_DIR", REPO_CACHE_DIR))
+
+
+def user_cache_path(device: torch.device) -> Path:
+    root = Path(os.environ.get("MUSTAFAR_TRITON_USER_CACHE",
+                               Path.home() / ".cache" / "mustafar_triton"))
+    return root / f"{normalised_device_name(device_name(device))}.json"
+
+
+def write_entries(path: Path, entries: list[dict], device: torch.device) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"device": device_name(device), "triton_version": triton.__version__,
+            "torch_version": torch.__version__, "entries": entries}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+    _file_cache[path] = entries
+
+
+def tune(kernel: str, run, bucket: dict, space: list[dict]) -> tuple[dict, list[tuple[dict, float]]]:
+    """Time run(config) for every config (median of do_bench); return the fastest and all timings."""
+    timings = []
+    for cfg in space:
+        try:
+            timings.append((cfg, triton.testing.do_bench(lambda: run(cfg), warmup=10, rep=40,
+                                                         return_mode="median")))
+        except Exception:  # a config the GPU cannot hold (shared memory, registers): skip it
+            continue
+    if not timings:
+        raise RuntimeError(f"no config of {kernel} ran for bucket {bucket}")
+    return min(timings, key=lambda t: t[1])[0], timings
+
+
+def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
+    """The launch config for `kernel` on `device` for a problem described by `bucket`.
+
+    run(config), when given, launches the kernel with that config; it is used to tune on the fly.
+    """
+    if interpreting() or device.type != "cuda" or os.environ.get("MUSTAFAR_TRITON_AUTOTUNE") == "0":
+        return heuristic_config(kernel, device, **bucket)
+    key = bucket_of(kernel, **bucket)
+    name = normalised_device_name(device_name(device))
+    found = nearest_entry(load_entries(shipped_dir() / f"{name}.json"), kernel, key)
+    if found is not None:
+        return found
+    user_path = user_cache_path(device)
+    user_entries = load_entries(user_path)
+    exact = [e for e in user_entries if e["kernel"] == kernel and e["bucket"] == key]
+    if exact:
+        return exact[0]["config"]
+    if run is None or torch.cuda.is_current_stream_capturing():
+        return heuristic_config(kernel, device, **bucket)
+    best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
+    write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
+    return best

@@ -1,0 +1,156 @@
+"""Public compression API: prune_topk, pack, prune_and_pack, unpack (forward only, no autograd).
+
+Inputs are dense caches [*lead, T, D], usually [B, H, T, D] (HND). Non-contiguous inputs are
+copied once. NaN and inf: magnitudes order as |x| with NaN above inf, so NaN and +-inf are kept
+before any finite value and are packed and unpacked bit-exactly. -0.0 has magnitude 0: `pack`
+treats it as zero (it unpacks to +0.0); top-k may keep it when a row has fewer nonzeros than
+`keep`, and then packs it as is.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import autotune
+from ._runtime import check_device, check_same_device
+from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity, kept_per_token, round_up
+from .kernels.prune_pack import _select_kernel, _unpack_kernel
+
+
+def _check_dense(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype {x.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [..., T, D], got {tuple(x.shape)}")
+    if x.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"{name} head dim D={x.shape[-1]} (shape {tuple(x.shape)}) not in {SUPPORTED_HEAD_DIMS}")
+    check_device(name, x)
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"sparsity must be a float in [0, 1), got {type(sparsity).__name__}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity)
+
+
+def _check_seq_lens(seq_lens, x: torch.Tensor):
+    if seq_lens is None:
+        return None
+    if x.dim() != 4:
+        raise ValueError(f"seq_lens needs x of shape [B, H, T, D], got {tuple(x.shape)}")
+    if not isinstance(seq_lens, torch.Tensor) or seq_lens.dtype != torch.int32:
+        raise TypeError(f"seq_lens must be an int32 tensor, got {getattr(seq_lens, 'dtype', type(seq_lens))}")
+    if tuple(seq_lens.shape) != (x.shape[0],):
+        raise ValueError(f"seq_lens shape {tuple(seq_lens.shape)} != [B] = [{x.shape[0]}]")
+    check_same_device(x=x, seq_lens=seq_lens)
+    return seq_lens.contiguous()
+
+
+def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
+    x = x.contiguous()
+    head_dim = x.shape[-1]
+    n_rows = x.numel() // head_dim
+    tokens = x.shape[-2]
+    rows_per_batch = n_rows // x.shape[0] if x.dim() == 4 else n_rows
+    if write_packed:
+        out = None
+        bitmap = torch.empty(x.shape[:-1] + (head_dim // 32,), dtype=torch.int32, device=x.device)
+        values = torch.empty(x.shape[:-1] + (capacity,), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty_like(x)
+        bitmap = values = None
+    cfg = autotune.config_for("select", x.device, head_dim=head_dim, dtype=x.dtype, rows=n_rows)
+    block_t = cfg["BLOCK_T"]
+    if n_rows > 0:
+        _select_kernel[(triton.cdiv(n_rows, block_t),)](
+            x, out, bitmap, values, seq_lens,
+            n_rows, tokens, rows_per_batch, keep,
+            HEAD_DIM=head_dim, CAPACITY=capacity,
+            CAPACITY_POW2=triton.next_power_of_2(capacity),
+            MAG_BITS=31 if x.dtype == torch.float32 else 15,
+            BLOCK_T=block_t, SELECT_TOPK=select_topk, WRITE_PACKED=write_packed,
+            HAS_SEQ_LENS=seq_lens is not None,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    if write_packed:
+        return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
+    return out
+
+
+def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-token magnitude top-k: keep the D - floor(sparsity * D) entries of largest |x| in every
+    row of the last dimension (ties: lower index wins), zero the rest.
+
+    x: [*lead, T, D], fp16 / bf16 / fp32. Returns a tensor of x's shape and dtype.
+    """
+    _check_dense("x", x)
+    sparsity = _check_sparsity(sparsity)
+    keep = kept_per_token(x.shape[-1], sparsity)
+    return _launch_select(x, keep=keep, capacity=8, seq_lens=None, select_topk=True, write_packed=False)
+
+
+def prune_and_pack(x: torch.Tensor, sparsity: float, seq_lens: torch.Tensor | None = None) -> PackedKV:
+    """Top-k prune and pack in one pass over x (no dense intermediate).
+
+    x: [B, H, T, D] (any leading dims without seq_lens). seq_lens: int32 [B] valid tokens per
+    sequence; tokens past it are not read and pack to all-zero rows. Every valid token keeps
+    exactly D - floor(sparsity * D) values (its bitmap popcount), capacity = that rounded up to 8.
+    unpack(prune_and_pack(x, s)) == prune_topk(x, s) on valid tokens.
+    """
+    _check_dense("x", x)
+    sparsity = _check_sparsity(sparsity)
+    seq_lens = _check_seq_lens(seq_lens, x)
+    head_dim = x.shape[-1]
+    return _launch_select(x, keep=kept_per_token(head_dim, sparsity),
+                          capacity=default_capacity(head_dim, sparsity), seq_lens=seq_lens,
+                          select_topk=True, write_packed=True)
+
+
+def pack(x: torch.Tensor, capacity: int | None = None, seq_lens: torch.Tensor | None = None) -> PackedKV:
+    """Pack ANY sparsity pattern: bitmap of the nonzeros of x and their values.
+
+    capacity: value slots per token; default the largest nonzero count of a row rounded up to a
+    multiple of 8 (at least 8). A row with more nonzeros than an explicit capacity raises
+    ValueError. Finding the default / checking the bound reads one count back to the host, so
+    pack is a prefill-time op; the decode path never calls it.
+    """
+    _check_dense("x", x)
+    seq_lens = _check_seq_lens(seq_lens, x)
+    head_dim = x.shape[-1]
+    nnz = (x != 0)
+    if seq_lens is not None:
+        t = torch.arange(x.shape[-2], device=x.device)
+        nnz = nnz & (t[None, None, :, None] < seq_lens[:, None, None, None])
+    max_nnz = int(nnz.sum(-1).max()) if x.numel() else 0
+    if capacity is None:
+        capacity = max(8, round_up(max_nnz, 8))
+    else:
+        if isinstance(capacity, bool) or not isinstance(capacity, int):
+            raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+        if capacity % 8 != 0 or not 8 <= capacity <= head_dim:
+            raise ValueError(f"capacity must be a multiple of 8 in [8, {head_dim}], got {capacity}")
+        if max_nnz > capacity:
+            raise ValueError(f"a row of x has {max_nnz} nonzeros, more than capacity={capacity}")
+    return _launch_select(x, keep=0, capacity=capacity, seq_lens=seq_lens,
+                          select_topk=False, write_packed=True)
+
+
+def unpack(packed: PackedKV) -> torch.Tensor:
+    """Exact inverse of pack / prune_and_pack: the dense [*lead, T, D] tensor (zeros past seq_lens)."""
+    if not isinstance(packed, PackedKV):
+        raise TypeError(f"unpack expects a PackedKV, got {type(packed).__name__}")
+    check_device("packed.values", packed.values)
+    out = torch.empty(packed.shape, dtype=packed.dtype, device=packed.device)
+    n_rows = out.numel() // packed.head_dim
+    cfg = autotune.config_for("unpack", packed.device, head_dim=packed.head_dim, dtype=packed.dtype, rows=n_rows)
+    if n_rows > 0:
+        _unpack_kernel[(triton.cdiv(n_rows, cfg["BLOCK_T"]),)](
+            packed.bitmap, packed.values, out, n_rows,
+            HEAD_DIM=packed.head_dim, CAPACITY=packed.capacity, BLOCK_T=cfg["BLOCK_T"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return out

@@ -1,0 +1,205 @@
+"""Fused sparse decode attention ("load compressed, compute dense"), flash-decoding style.
+
+Grid: (split of the sequence, batch * kv head). One program serves all GROUP query heads of its kv
+head (padded to BLOCK_H >= 16 rows for tl.dot), so every compressed byte is read once per step.
+Each split covers a range of the virtual sequence [compressed tokens | dense window tokens]; per
+tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to a dense
+[BLOCK_N, D] tile in registers, and runs QK^T and PV on tensor cores with an online softmax.
+`_merge_splits_kernel` combines the splits by log-sum-exp.
+
+Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
+  "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only)
+  "swar"   the same with a bit-twiddling popcount in plain tl ops (runs in the interpreter)
+  "cumsum" a tl.cumsum over the expanded bits
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # libdevice popc: GPU only (the interpreter cannot run it)
+    from triton.language.extra import libdevice
+except ImportError:  # pragma: no cover
+    libdevice = None
+
+SLOT_MODES = ("popc", "swar", "cumsum")
+
+
+@triton.jit
+def _popcount(x, SLOTS: tl.constexpr):
+    """Set bits of each uint32 in x."""
+    if SLOTS == "popc":
+        return libdevice.popc(x.to(tl.int32, bitcast=True))
+    else:
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return ((x * 0x01010101) >> 24).to(tl.int32)
+
+
+@triton.jit
+def _load_packed_tile(bitmap_ptr, values_ptr, rows, row_valid,
+                      HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SLOTS: tl.constexpr):
+    """Dense [BLOCK_N, HEAD_DIM] tile of the packed tokens `rows` (zeros where row_valid is False)."""
+    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    w = tl.arange(0, NUM_WORDS)
+    words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :],
+                    mask=row_valid[:, None], other=0).to(tl.uint32, bitcast=True)
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    bits = (words[:, :, None] >> shifts[None, None, :]) & 1                     # [BN, NW, 32]
+    if SLOTS == "cumsum":
+        slot = tl.cumsum(tl.reshape(bits, [BLOCK_N, HEAD_DIM]).to(tl.int32), axis=1) - 1
+    else:
+        counts = _popcount(words, SLOTS)                                        # [BN, NW]
+        word_base = tl.cumsum(counts, axis=1) - counts
+        below = (tl.full([32], 1, tl.uint32) << shifts) - 1
+        in_word = _popcount(words[:, :, None] & below[None, None, :], SLOTS)   # [BN, NW, 32]
+        slot = tl.reshape(word_base[:, :, None] + in_word, [BLOCK_N, HEAD_DIM])
+    bits = tl.reshape(bits, [BLOCK_N, HEAD_DIM])
+    keep = (bits != 0) & (slot < CAPACITY) & row_valid[:, None]
+    return tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
+    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k, v [BLOCK_N, D]."""
+    if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q.to(k.dtype), tl.trans(k)) * qk_scale  # qk_scale = softmax_scale * log2(e)
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l, acc
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr,
+    k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
+    num_kv_heads, tokens, window, tokens_per_split, qk_scale,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+    K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
+    SLOTS: tl.constexpr, FP32_MATH: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head_ok = offs_h < GROUP
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=head_ok[:, None], other=0.0)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+
+    # This split's range of the virtual sequence [compressed tokens | window tokens].
+    lo = split * tokens_per_split
+    hi = lo + tokens_per_split
+    seq_len = tokens
+    if HAS_SEQ_LENS:
+        seq_len = tl.load(seq_lens_ptr + b)
+
+    row0 = bh.to(tl.int64) * tokens
+    for start in range(lo, tl.minimum(hi, seq_len), BLOCK_N):
+        tok = start + tl.arange(0, BLOCK_N)
+        valid = tok < tl.minimum(hi, seq_len)
+        k = _load_packed_tile(k_bitmap_ptr, k_values_ptr, row0 + tok, valid,
+                              HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+        v = _load_packed_tile(v_bitmap_ptr, v_values_ptr, row0 + tok, valid,
+                              HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+        m, l, acc = _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH)
+
+    if HAS_WINDOW:
+        # Window tokens sit at virtual positions [tokens, tokens + window_len): splits are sized
+        # on allocated lengths, so a ragged compressed part only shifts work between splits.
+        win_len = window
+        if HAS_WINDOW_LENS:
+            win_len = tl.load(window_lens_ptr + b)
+        w_lo = tl.maximum(lo - tokens, 0)
+        w_hi = tl.minimum(hi - tokens, win_len)
+        base = b.to(tl.int64) * stride_wb + h * stride_wh
+        for start in range(w_lo, w_hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            valid = tok < w_hi
+            offs = base + tok[:, None] * stride_wt + offs_d[None, :]
+            k = tl.load(k_window_ptr + offs, mask=valid[:, None], other=0.0)
+            v = tl.load(v_window_ptr + offs, mask=valid[:, None], other=0.0)
+            m, l, acc = _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH)
+
+    nonempty = l > 0
+    out = acc / tl.where(nonempty, l, 1.0)[:, None]
+    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+    part = (bh.to(tl.int64) * tl.num_programs(0) + split) * GROUP + offs_h
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
+    tl.store(part_lse_ptr + part, lse, mask=head_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, num_q_heads,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS_POW2: tl.constexpr,
+):
+    """out[b, hq] = sum_s 2^(lse_s - lse) * out_s over the splits; lse returned in natural log."""
+    pid = tl.program_id(0)
+    b = pid // num_q_heads
+    hq = pid % num_q_heads
+    bh = b * (num_q_heads // GROUP) + hq // GROUP
+    first = bh.to(tl.int64) * num_splits * GROUP + hq % GROUP   # partial row of split 0
+    s_all = tl.arange(0, MAX_SPLITS_POW2)
+    lse_all = tl.load(part_lse_ptr + first + s_all * GROUP, mask=s_all < num_splits, other=float("-inf"))
+    m = tl.max(lse_all, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    offs_d = tl.arange(0, HEAD_DIM)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    denom = 0.0
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ok = s < num_splits
+        lse_s = tl.load(part_lse_ptr + first + s * GROUP, mask=ok, other=float("-inf"))
+        weight = tl.exp2(lse_s - m_safe)
+        part = tl.load(part_out_ptr + (first + s * GROUP)[:, None] * HEAD_DIM + offs_d[None, :],
+                       mask=ok[:, None] & (weight > 0)[:, None], other=0.0)
+        acc += tl.sum(weight[:, None] * part, axis=0)
+        denom += tl.sum(weight, axis=0)
+    out = acc / tl.where(denom > 0, denom, 1.0)
+    tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    lse = tl.where(denom > 0, (m_safe + tl.log2(tl.where(denom > 0, denom, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(lse_ptr + pid, lse)
+
+
+def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
+    """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'."""
+    if interpreting:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="swar")
+    return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
+
+
+def decode_config_space(**bucket) -> list[dict]:
+    space = []
+    for block_n in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
+                    space.append(dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+                                      num_splits=splits, SLOTS="popc"))
+    return space
+
+
+def choose_num_splits(requested: int, n_sms: int, batch_heads: int, context: int, block_n: int) -> int:
+    """requested > 0: use it. 0 / -k: enough splits for ~2 / ~2k programs per SM."""
+    if requested > 0:
+        return max(1, min(requested, triton.cdiv(max(context, 1), block_n)))
+    waves = 2 if requested == 0 else -2 * requested
+    want = triton.cdiv(waves * n_sms, batch_heads)
+    most = max(1, triton.cdiv(context, 4 * block_n))  # keep >= 4 tiles per split
+    return max(1, min(want, most, 512))

@@ -1,0 +1,99 @@
+"""Prune / pack / unpack kernels.
+
+One streaming kernel, `_select_kernel`, reads a tile of tokens once and either
+  * selects each token's top-k by magnitude (SELECT_TOPK) or its nonzeros (pattern given), and
+  * writes the result dense (prune_topk) or as bitmap + values (pack, prune_and_pack).
+`_unpack_kernel` is the exact inverse of packing.
+
+Exact per-token top-k without sorting: the k-th largest magnitude is found by bisection on the
+bit pattern of |x| (non-negative floats order like their bit patterns), one `tl.sum` count per
+bit; ties at the threshold go to the lowest channel index via a `tl.cumsum`.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _magnitude_bits(x, MAG_BITS: tl.constexpr):
+    """|x| as a non-negative integer that orders like |x| (NaN above inf, -0.0 equal to 0)."""
+    if MAG_BITS == 31:
+        return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    else:
+        return x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+
+
+@triton.jit
+def _select_kernel(
+    x_ptr, out_ptr, bitmap_ptr, values_ptr, seq_lens_ptr,
+    n_rows, tokens_per_seq, rows_per_batch, keep,
+    HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, CAPACITY_POW2: tl.constexpr,
+    MAG_BITS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SELECT_TOPK: tl.constexpr, WRITE_PACKED: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+):
+    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = rows < n_rows
+    if HAS_SEQ_LENS:
+        seq_len = tl.load(seq_lens_ptr + rows // rows_per_batch, mask=valid, other=0)
+        valid = valid & ((rows % tokens_per_seq) < seq_len)
+    d = tl.arange(0, HEAD_DIM)
+    x = tl.load(x_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    mag = _magnitude_bits(x, MAG_BITS)
+
+    if SELECT_TOPK:
+        # Largest tau with count(mag >= tau) >= keep, built from the top bit down.
+        tau = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for bit in tl.static_range(MAG_BITS - 1, -1, -1):
+            candidate = tau | (1 << bit)
+            count = tl.sum((mag >= candidate[:, None]).to(tl.int32), axis=1)
+            tau = tl.where(count >= keep, candidate, tau)
+        above = mag > tau[:, None]
+        n_above = tl.sum(above.to(tl.int32), axis=1)
+        at_tau = mag == tau[:, None]
+        tie_rank = tl.cumsum(at_tau.to(tl.int32), axis=1)  # ties: lowest index first
+        kept = above | (at_tau & (tie_rank <= (keep - n_above)[:, None]))
+    else:
+        kept = mag != 0
+    kept = kept & valid[:, None]
+
+    if WRITE_PACKED:
+        kept_i = kept.to(tl.int32)
+        slot = tl.cumsum(kept_i, axis=1) - 1
+        count = tl.sum(kept_i, axis=1)
+        # Kept values go to slots [0, count); zeros to [count, CAPACITY): disjoint stores, no race.
+        tl.store(values_ptr + rows[:, None] * CAPACITY + slot, x,
+                 mask=kept & (slot < CAPACITY) & (rows < n_rows)[:, None])
+        j = tl.arange(0, CAPACITY_POW2)
+        zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & (rows < n_rows)[:, None]
+        tl.store(values_ptr + rows[:, None] * CAPACITY + j[None, :],
+                 tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=x.dtype), mask=zero_slots)
+        bits = tl.reshape(kept_i, [BLOCK_T, NUM_WORDS, 32]).to(tl.uint32)
+        shifts = tl.arange(0, 32).to(tl.uint32)
+        words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
+        w = tl.arange(0, NUM_WORDS)
+        tl.store(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], words, mask=(rows < n_rows)[:, None])
+    else:
+        tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], tl.where(kept, x, 0.0),
+                 mask=(rows < n_rows)[:, None])
+
+
+@triton.jit
+def _unpack_kernel(
+    bitmap_ptr, values_ptr, out_ptr, n_rows,
+    HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    valid = rows < n_rows
+    w = tl.arange(0, NUM_WORDS)
+    words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], mask=valid[:, None], other=0)
+    shifts = tl.arange(0, 32)
+    bits = (words[:, :, None] >> shifts[None, None, :]) & 1          # [BLOCK_T, NUM_WORDS, 32]
+    bits = tl.reshape(bits, [BLOCK_T, HEAD_DIM])
+    slot = tl.cumsum(bits, axis=1) - 1
+    keep = (bits != 0) & (slot < CAPACITY) & valid[:, None]
+    vals = tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
+    d = tl.arange(0, HEAD_DIM)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], vals, mask=valid[:, None])

@@ -1,0 +1,114 @@
+"""Pure-torch references with the same signatures as the kernels (slow, any device, for tests).
+
+`sparse_decode_attention` here computes in float64 by default.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .format import PackedKV, default_capacity, kept_per_token, round_up
+
+
+def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """|x| as an integer that orders like |x| (NaN above inf, -0.0 == 0), as in the kernel."""
+    if x.dtype == torch.float32:
+        return x.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    return x.view(torch.int16).to(torch.int64) & 0x7FFF
+
+
+def topk_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Bool mask of the kept entries: largest |x| first, lower index first among ties."""
+    d = x.shape[-1]
+    keep = kept_per_token(d, sparsity)
+    # Stable sort of a key that is unique per row: magnitude * D + (D - 1 - index).
+    idx = torch.arange(d, device=x.device)
+    key = _magnitude_key(x) * d + (d - 1 - idx)
+    order = key.argsort(dim=-1, descending=True)[..., :keep]
+    mask = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    return mask.scatter_(-1, order, True)
+
+
+def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:
+    return torch.where(topk_mask(x, sparsity), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _valid_tokens(shape, seq_lens, device) -> torch.Tensor | None:
+    if seq_lens is None:
+        return None
+    t = torch.arange(shape[-2], device=device)
+    return (t[None, :] < seq_lens[:, None].to(device))[:, None, :, None]  # [B, 1, T, 1]
+
+
+def _pack_mask(x: torch.Tensor, mask: torch.Tensor, capacity: int, seq_lens) -> PackedKV:
+    d = x.shape[-1]
+    valid = _valid_tokens(x.shape, seq_lens, x.device)
+    if valid is not None:
+        mask = mask & valid
+    weights = (1 << torch.arange(32, device=x.device, dtype=torch.int64))
+    words = (mask.reshape(*mask.shape[:-1], d // 32, 32).to(torch.int64) * weights).sum(-1)
+    bitmap = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # reinterpret as int32
+    slot = mask.to(torch.int64).cumsum(-1) - 1
+    values = torch.zeros(x.shape[:-1] + (capacity + 1,), dtype=x.dtype, device=x.device)
+    values.scatter_(-1, torch.where(mask, slot, capacity), torch.where(mask, x, 0))
+    return PackedKV(bitmap.contiguous(), values[..., :capacity].contiguous(), capacity, d, seq_lens)
+
+
+def prune_and_pack(x: torch.Tensor, sparsity: float, seq_lens=None) -> PackedKV:
+    return _pack_mask(x, topk_mask(x, sparsity), default_capacity(x.shape[-1], sparsity), seq_lens)
+
+
+def pack(x: torch.Tensor, capacity: int | None = None, seq_lens=None) -> PackedKV:
+    mask = x != 0
+    valid = _valid_tokens(x.shape, seq_lens, x.device)
+    counted = mask if valid is None else mask & valid
+    max_nnz = int(counted.sum(-1).max()) if x.numel() else 0
+    if capacity is None:
+        capacity = max(8, round_up(max_nnz, 8))
+    elif max_nnz > capacity:
+        raise ValueError(f"a row of x has {max_nnz} nonzeros, more than capacity={capacity}")
+    return _pack_mask(x, mask, capacity, seq_lens)
+
+
+def bitmap_mask(packed: PackedKV) -> torch.Tensor:
+    """Bool [*lead, T, D] of the set bits."""
+    bits = (packed.bitmap.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
+    return bits.reshape(packed.shape).bool()
+
+
+def unpack(packed: PackedKV) -> torch.Tensor:
+    mask = bitmap_mask(packed)
+    slot = (mask.to(torch.int64).cumsum(-1) - 1).clamp(0, packed.capacity - 1)
+    vals = packed.values.gather(-1, slot)
+    return torch.where(mask, vals, torch.zeros((), dtype=packed.dtype, device=packed.device))
+
+
+def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
+                            softmax_scale=None, return_lse=False, num_splits=0,
+                            compute_dtype=torch.float64):
+    """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
+    [0, window_len), computed in `compute_dtype`. Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]]."""
+    b, hq, d = q.shape
+    k, v = unpack(packed_k), unpack(packed_v)
+    hkv, t = k.shape[1], k.shape[2]
+    dev = q.device
+    valid = torch.arange(t, device=dev)[None, :] < (
+        packed_k.seq_lens.to(dev)[:, None] if packed_k.seq_lens is not None else torch.full((b, 1), t, device=dev))
+    if k_window is not None:
+        w = k_window.shape[2]
+        wl = window_lens.to(dev) if window_lens is not None else torch.full((b,), w, device=dev)
+        k = torch.cat([k, k_window], dim=2)
+        v = torch.cat([v, v_window], dim=2)
+        valid = torch.cat([valid, torch.arange(w, device=dev)[None, :] < wl[:, None]], dim=1)
+    group = hq // hkv
+    k = k.to(compute_dtype).repeat_interleave(group, dim=1)
+    v = v.to(compute_dtype).repeat_interleave(group, dim=1)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    scores = torch.einsum("bhd,bhtd->bht", q.to(compute_dtype), k) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    empty = torch.isneginf(lse)[..., None]  # no token at all: all-zero output, lse -inf
+    probs = torch.where(empty, 0.0, torch.exp(scores - lse[..., None]))
+    out = torch.einsum("bht,bhtd->bhd", probs, v).to(q.dtype)
+    return (out, lse.float()) if return_lse else out
