@@ -9,9 +9,17 @@ import triton
 from . import autotune
 from ._runtime import check_device, interpreting, num_sms
 from .format import PackedKV
-from .kernels.decode import _merge_splits_kernel, _sparse_decode_kernel, choose_num_splits
+from .kernels.decode import _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
 
 _MERGE_BLOCK_S = 16
+_slot_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _slot_table(device: torch.device) -> torch.Tensor:
+    """The 1 KB byte -> slot-offset table of the "lut" expansion, one copy per device."""
+    if device not in _slot_tables:
+        _slot_tables[device] = torch.tensor(byte_slot_table(), dtype=torch.int32, device=device)
+    return _slot_tables[device]
 
 
 def _check_packed(name: str, p, q: torch.Tensor) -> None:
@@ -121,6 +129,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         wstride = k_window.stride() if k_window is not None else (0, 0, 0, 1)
         _sparse_decode_kernel[(splits, batch * hkv)](
             q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens,
+            _slot_table(q.device),
             k_window, v_window, window_lens, part_out, part_lse,
             q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
             hkv, tokens, window, per_split, scale * 1.4426950408889634,

@@ -55,7 +55,8 @@ def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
     head_dim = x.shape[-1]
     n_rows = x.numel() // head_dim
     tokens = x.shape[-2]
-    rows_per_batch = n_rows // x.shape[0] if x.dim() == 4 else n_rows
+    # x.shape[0] may be 0 (empty batch): nothing is launched then, avoid dividing by it.
+    rows_per_batch = n_rows // x.shape[0] if x.dim() == 4 and x.shape[0] > 0 else n_rows
     if write_packed:
         out = None
         bitmap = torch.empty(x.shape[:-1] + (head_dim // 32,), dtype=torch.int32, device=x.device)

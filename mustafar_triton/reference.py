@@ -34,6 +34,11 @@ def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.where(topk_mask(x, sparsity), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+def _int_view(x: torch.Tensor) -> torch.Tensor:
+    """The bits of a float tensor as a same-size integer tensor (for bit-exact data movement)."""
+    return x.view(torch.int32 if x.element_size() == 4 else torch.int16)
+
+
 def _valid_tokens(shape, seq_lens, device) -> torch.Tensor | None:
     if seq_lens is None:
         return None
@@ -50,9 +55,13 @@ def _pack_mask(x: torch.Tensor, mask: torch.Tensor, capacity: int, seq_lens) -> 
     words = (mask.reshape(*mask.shape[:-1], d // 32, 32).to(torch.int64) * weights).sum(-1)
     bitmap = ((words + 2**31) % 2**32 - 2**31).to(torch.int32)  # reinterpret as int32
     slot = mask.to(torch.int64).cumsum(-1) - 1
-    values = torch.zeros(x.shape[:-1] + (capacity + 1,), dtype=x.dtype, device=x.device)
-    values.scatter_(-1, torch.where(mask, slot, capacity), torch.where(mask, x, 0))
-    return PackedKV(bitmap.contiguous(), values[..., :capacity].contiguous(), capacity, d, seq_lens)
+    # Move the values as integers: float scatter may quiet or canonicalise NaN payloads
+    # (fp16 sNaN 0x7C01 -> 0x7E01, every bf16 NaN -> 0xFFFF on CPU); packing is bit-exact.
+    xi = _int_view(x)
+    values = torch.zeros(x.shape[:-1] + (capacity + 1,), dtype=xi.dtype, device=x.device)
+    values.scatter_(-1, torch.where(mask, slot, capacity), torch.where(mask, xi, 0))
+    values = values[..., :capacity].contiguous().view(x.dtype)
+    return PackedKV(bitmap.contiguous(), values, capacity, d, seq_lens)
 
 
 def prune_and_pack(x: torch.Tensor, sparsity: float, seq_lens=None) -> PackedKV:
@@ -80,8 +89,8 @@ def bitmap_mask(packed: PackedKV) -> torch.Tensor:
 def unpack(packed: PackedKV) -> torch.Tensor:
     mask = bitmap_mask(packed)
     slot = (mask.to(torch.int64).cumsum(-1) - 1).clamp(0, packed.capacity - 1)
-    vals = packed.values.gather(-1, slot)
-    return torch.where(mask, vals, torch.zeros((), dtype=packed.dtype, device=packed.device))
+    vals = _int_view(packed.values).gather(-1, slot)  # integers: bit-exact NaN payloads
+    return torch.where(mask, vals, 0).view(packed.dtype)
 
 
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,

@@ -11,6 +11,8 @@ Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
   "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only)
   "swar"   the same with a bit-twiddling popcount in plain tl ops (runs in the interpreter)
   "cumsum" a tl.cumsum over the expanded bits
+  "lut"    a 256-entry table per bitmap byte (slot offsets and keep bits as nibbles), so the
+           per-element work is a shift, two masks and an add; runs everywhere
 """
 from __future__ import annotations
 
@@ -22,7 +24,19 @@ try:  # libdevice popc: GPU only (the interpreter cannot run it)
 except ImportError:  # pragma: no cover
     libdevice = None
 
-SLOT_MODES = ("popc", "swar", "cumsum")
+SLOT_MODES = ("popc", "swar", "cumsum", "lut")
+
+
+def byte_slot_table():
+    """lut[b] for every byte b: nibble i = 8 * bit_i(b) + popcount(b & ((1 << i) - 1))."""
+    table = []
+    for b in range(256):
+        entry = 0
+        for i in range(8):
+            nibble = (8 if (b >> i) & 1 else 0) + bin(b & ((1 << i) - 1)).count("1")
+            entry |= nibble << (4 * i)
+        table.append(entry - (1 << 32) if entry >= 1 << 31 else entry)  # as int32
+    return table
 
 
 @triton.jit
@@ -38,26 +52,45 @@ def _popcount(x, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def _load_packed_tile(bitmap_ptr, values_ptr, rows, row_valid,
+def _load_packed_tile(bitmap_ptr, values_ptr, lut_ptr, rows, row_valid,
                       HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
                       SLOTS: tl.constexpr):
-    """Dense [BLOCK_N, HEAD_DIM] tile of the packed tokens `rows` (zeros where row_valid is False)."""
+    """Dense [BLOCK_N, HEAD_DIM] tile of the packed tokens `rows` (zeros where row_valid is False).
+
+    A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
+    so no load ever leaves its own value row.
+    """
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    NUM_BYTES: tl.constexpr = HEAD_DIM // 8
     w = tl.arange(0, NUM_WORDS)
     words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :],
                     mask=row_valid[:, None], other=0).to(tl.uint32, bitcast=True)
-    shifts = tl.arange(0, 32).to(tl.uint32)
-    bits = (words[:, :, None] >> shifts[None, None, :]) & 1                     # [BN, NW, 32]
-    if SLOTS == "cumsum":
-        slot = tl.cumsum(tl.reshape(bits, [BLOCK_N, HEAD_DIM]).to(tl.int32), axis=1) - 1
+    if SLOTS == "lut":
+        # Per bitmap byte, lut[byte] holds 8 nibbles: bit 3 = channel kept, bits 0-2 = its slot
+        # offset within the byte's run of values. Per element: one shift, two masks, one add.
+        byte_shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+        byte = tl.reshape((words[:, :, None] >> byte_shift[None, None, :]) & 0xFF, [BLOCK_N, NUM_BYTES])
+        entry = tl.load(lut_ptr + byte).to(tl.uint32, bitcast=True)           # [BN, NB]
+        count = ((entry >> 28) & 7) + (entry >> 31)                           # popcount of the byte
+        entry = tl.where(tl.sum(count, axis=1)[:, None] <= CAPACITY, entry, 0)
+        byte_base = (tl.cumsum(count, axis=1) - count).to(tl.int32)
+        nibble_shift = (tl.arange(0, 8) * 4).to(tl.uint32)
+        nibble = ((entry[:, :, None] >> nibble_shift[None, None, :]) & 0xF).to(tl.int32)  # [BN, NB, 8]
+        slot = tl.reshape(byte_base[:, :, None] + (nibble & 7), [BLOCK_N, HEAD_DIM])
+        keep = tl.reshape(nibble >= 8, [BLOCK_N, HEAD_DIM])
     else:
         counts = _popcount(words, SLOTS)                                        # [BN, NW]
-        word_base = tl.cumsum(counts, axis=1) - counts
-        below = (tl.full([32], 1, tl.uint32) << shifts) - 1
-        in_word = _popcount(words[:, :, None] & below[None, None, :], SLOTS)   # [BN, NW, 32]
-        slot = tl.reshape(word_base[:, :, None] + in_word, [BLOCK_N, HEAD_DIM])
-    bits = tl.reshape(bits, [BLOCK_N, HEAD_DIM])
-    keep = (bits != 0) & (slot < CAPACITY) & row_valid[:, None]
+        words = tl.where(tl.sum(counts, axis=1)[:, None] <= CAPACITY, words, 0)
+        shifts = tl.arange(0, 32).to(tl.uint32)
+        bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, [BLOCK_N, HEAD_DIM])
+        if SLOTS == "cumsum":
+            slot = tl.cumsum(bits.to(tl.int32), axis=1) - 1
+        else:
+            word_base = tl.cumsum(counts, axis=1) - counts
+            below = (tl.full([32], 1, tl.uint32) << shifts) - 1
+            in_word = _popcount(words[:, :, None] & below[None, None, :], SLOTS)   # [BN, NW, 32]
+            slot = tl.reshape(word_base[:, :, None] + in_word, [BLOCK_N, HEAD_DIM])
+        keep = bits != 0
     return tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
 
 
@@ -79,7 +112,7 @@ def _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.cons
 
 @triton.jit
 def _sparse_decode_kernel(
-    q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr,
+    q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, lut_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
     num_kv_heads, tokens, window, tokens_per_split, qk_scale,
@@ -112,9 +145,9 @@ def _sparse_decode_kernel(
     for start in range(lo, tl.minimum(hi, seq_len), BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
         valid = tok < tl.minimum(hi, seq_len)
-        k = _load_packed_tile(k_bitmap_ptr, k_values_ptr, row0 + tok, valid,
+        k = _load_packed_tile(k_bitmap_ptr, k_values_ptr, lut_ptr, row0 + tok, valid,
                               HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-        v = _load_packed_tile(v_bitmap_ptr, v_values_ptr, row0 + tok, valid,
+        v = _load_packed_tile(v_bitmap_ptr, v_values_ptr, lut_ptr, row0 + tok, valid,
                               HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
         m, l, acc = _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH)
 
@@ -180,18 +213,19 @@ def _merge_splits_kernel(
 def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'."""
     if interpreting:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="swar")
+        return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
 
 
 def decode_config_space(**bucket) -> list[dict]:
-    space = []
+    # Measured on the H100 (perf/results/decode_variants_*.json): 8 warps and the "lut" and "cumsum"
+    # expansions were slower everywhere we looked, so the space spends its time elsewhere.
+    space = [dict(BLOCK_N=64, num_warps=8, num_stages=2, num_splits=0, SLOTS="popc")]
     for block_n in (32, 64, 128):
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
-                    space.append(dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages,
-                                      num_splits=splits, SLOTS="popc"))
+        for stages in (1, 2):
+            for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
+                space.append(dict(BLOCK_N=block_n, num_warps=4, num_stages=stages,
+                                  num_splits=splits, SLOTS="popc"))
     return space
 
 

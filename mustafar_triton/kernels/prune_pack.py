@@ -43,11 +43,16 @@ def _select_kernel(
     mag = _magnitude_bits(x, MAG_BITS)
 
     if SELECT_TOPK:
-        # Largest tau with count(mag >= tau) >= keep, built from the top bit down.
+        # Largest tau with count(mag >= tau) >= keep, built from the top bit down. 15-bit
+        # magnitudes are exact in fp32, so their counting runs on the (twice as wide) fp32 pipe.
+        if MAG_BITS == 31:
+            key = mag
+        else:
+            key = mag.to(tl.float32)
         tau = tl.zeros([BLOCK_T], dtype=tl.int32)
         for bit in tl.static_range(MAG_BITS - 1, -1, -1):
             candidate = tau | (1 << bit)
-            count = tl.sum((mag >= candidate[:, None]).to(tl.int32), axis=1)
+            count = tl.sum((key >= candidate.to(key.dtype)[:, None]).to(key.dtype), axis=1)
             tau = tl.where(count >= keep, candidate, tau)
         above = mag > tau[:, None]
         n_above = tl.sum(above.to(tl.int32), axis=1)

@@ -1,0 +1,127 @@
+"""Tune every kernel on the current GPU and write autotune_cache/<device>.json.
+
+    python -m mustafar_triton.tune [--out-dir autotune_cache] [--quick] [--report perf/results/tune.json]
+
+For each shape bucket it times the kernel's whole config space (median of do_bench), keeps the
+fastest, and reports the fastest against the heuristic default so a tuned file can be judged.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+from . import autotune
+from .attention import sparse_decode_attention
+from .compress import prune_and_pack, unpack
+from .format import default_capacity
+
+LLAMA = dict(hq=32, hkv=8, d=128)
+SMOLLM = dict(hq=9, hkv=3, d=64)
+
+
+def decode_buckets(quick: bool):
+    shapes = [(1, 32768), (16, 16384), (64, 4096)] if not quick else [(16, 16384)]
+    for model in (LLAMA, SMOLLM):
+        for dtype in (torch.float16, torch.bfloat16):
+            for sparsity in (0.5, 0.7):
+                for batch, tokens in shapes:
+                    if model is SMOLLM and (dtype is torch.bfloat16 or quick):
+                        continue
+                    yield dict(model, batch=batch, tokens=tokens, dtype=dtype, sparsity=sparsity)
+
+
+def select_buckets(quick: bool):
+    for d in (128, 64):
+        for dtype in (torch.float16, torch.bfloat16):
+            for rows in ((1 << 21,) if quick else (1 << 17, 1 << 21)):
+                yield dict(d=d, dtype=dtype, rows=rows)
+
+
+def _forcing(kernel_name: str, cfg: dict):
+    """A config_for that returns cfg for kernel_name and defers for every other kernel."""
+    original = autotune.config_for
+
+    def config_for(kernel, device, run=None, **bucket):
+        return dict(cfg) if kernel == kernel_name else original(kernel, device, run=run, **bucket)
+    return config_for
+
+
+def run_with(kernel: str, cfg: dict, fn) -> None:
+    """Call fn with `kernel` launched under cfg."""
+    original = autotune.config_for
+    autotune.config_for = _forcing(kernel, cfg)
+    try:
+        fn()
+    finally:
+        autotune.config_for = original
+
+
+def tune_bucket(kernel: str, bucket: dict, fn, device) -> dict:
+    default = autotune.heuristic_config(kernel, device, **bucket)
+    space = [default] + [c for c in autotune.config_space(kernel, **bucket) if c != default]
+    run = lambda cfg: run_with(kernel, cfg, fn)
+    best, timings = autotune.tune(kernel, run, bucket, space)
+    # the fastest and the default once more, back to back on the same data
+    best_ms = triton.testing.do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
+    default_ms = triton.testing.do_bench(lambda: run(default), warmup=10, rep=100, return_mode="median")
+    return dict(kernel=kernel, bucket=autotune.bucket_of(kernel, **bucket), config=best,
+                best_ms=best_ms, default_ms=default_ms, default=default, n_configs=len(timings),
+                timings=[(c, ms) for c, ms in timings])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out-dir", default=str(autotune.REPO_CACHE_DIR))
+    ap.add_argument("--report", default=None, help="also write every timing here (JSON)")
+    ap.add_argument("--quick", action="store_true", help="one bucket per kernel family")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    results = []
+    jobs = []
+    for b in decode_buckets(args.quick):
+        jobs.append(("decode", b))
+    for b in select_buckets(args.quick):
+        jobs.append(("select", b))
+        jobs.append(("unpack", b))
+    start = time.time()
+    for i, (kernel, b) in enumerate(jobs):
+        if kernel == "decode":
+            q = torch.randn(b["batch"], b["hq"], b["d"], device=device, dtype=b["dtype"], generator=gen)
+            kv = torch.randn(2, b["batch"], b["hkv"], b["tokens"], b["d"], device=device, dtype=b["dtype"],
+                             generator=gen)
+            pk, pv = prune_and_pack(kv[0], b["sparsity"]), prune_and_pack(kv[1], b["sparsity"])
+            del kv
+            bucket = dict(head_dim=b["d"], group=b["hq"] // b["hkv"], dtype=b["dtype"],
+                          capacity=default_capacity(b["d"], b["sparsity"]),
+                          batch_heads=b["batch"] * b["hkv"], context=b["tokens"])
+            fn = lambda: sparse_decode_attention(q, pk, pv)
+        else:
+            x = torch.randn(b["rows"] // 64, 1, 64, b["d"], device=device, dtype=b["dtype"], generator=gen)
+            packed = prune_and_pack(x, 0.7)
+            bucket = dict(head_dim=b["d"], dtype=b["dtype"], rows=b["rows"])
+            fn = (lambda: prune_and_pack(x, 0.7)) if kernel == "select" else (lambda: unpack(packed))
+        r = tune_bucket(kernel, bucket, fn, device)
+        results.append(r)
+        print(f"[{i + 1}/{len(jobs)}] {time.time() - start:6.0f}s {kernel:7s} {r['bucket']} "
+              f"best {r['best_ms'] * 1e3:9.1f} us  default {r['default_ms'] * 1e3:9.1f} us  {r['config']}",
+              flush=True)
+        torch.cuda.empty_cache()
+    entries = [dict(kernel=r["kernel"], bucket=r["bucket"], config=r["config"]) for r in results]
+    name = autotune.normalised_device_name(torch.cuda.get_device_name(device))
+    autotune.write_entries(Path(args.out_dir) / f"{name}.json", entries, device)
+    if args.report:
+        meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
+                    triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        Path(args.report).write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str))
+    print(f"wrote {Path(args.out_dir) / f'{name}.json'} ({len(entries)} entries)")
+
+
+if __name__ == "__main__":
+    main()
