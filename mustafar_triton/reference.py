@@ -110,6 +110,9 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
         k = torch.cat([k, k_window], dim=2)
         v = torch.cat([v, v_window], dim=2)
         valid = torch.cat([valid, torch.arange(w, device=dev)[None, :] < wl[:, None]], dim=1)
+    # tokens past seq_lens / window_lens are not attended: whatever they hold (NaN, inf) must not
+    # reach the output through 0 * NaN in the P @ V product
+    v = v.masked_fill(~valid[:, None, :, None], 0)
     group = hq // hkv
     k = k.to(compute_dtype).repeat_interleave(group, dim=1)
     v = v.to(compute_dtype).repeat_interleave(group, dim=1)

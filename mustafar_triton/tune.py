@@ -68,8 +68,8 @@ def tune_bucket(kernel: str, bucket: dict, fn, device) -> dict:
     run = lambda cfg: run_with(kernel, cfg, fn)
     best, timings = autotune.tune(kernel, run, bucket, space)
     # the fastest and the default once more, back to back on the same data
-    best_ms = triton.testing.do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
-    default_ms = triton.testing.do_bench(lambda: run(default), warmup=10, rep=100, return_mode="median")
+    best_ms = autotune.time_config(run, best)
+    default_ms = autotune.time_config(run, default)
     return dict(kernel=kernel, bucket=autotune.bucket_of(kernel, **bucket), config=best,
                 best_ms=best_ms, default_ms=default_ms, default=default, n_configs=len(timings),
                 timings=[(c, ms) for c, ms in timings])

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the tests, the demo and the plots need, on a machine without a GPU.
+# torch==2.13.0 is installed first, alone: on our CI machines pip takes its CPU build from local
+# disk, whereas a bare `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==2.13.0"
+.venv/bin/python -m pip install -q -e ".[test,perf]"
+.venv/bin/python -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"

@@ -1,0 +1,133 @@
+"""Helpers shared by perf/sweep.py and perf/plot.py: model shapes, environment metadata, timing,
+copy bandwidth and result files.
+
+Timing (`bench_us`): on CUDA, `triton.testing.do_bench(fn, warmup=25, rep=100,
+return_mode="median")`. do_bench clears the L2 cache (a 256 MB memset) before every repetition,
+so every call starts with a cold cache, as a decode step does when the previous layers have
+evicted this layer's KV cache. CUDA-graph replay (`do_bench_cudagraph`) was not chosen: it does
+not flush, so caches up to the H100's 50 MB L2 would stay resident across replays and small
+shapes would look faster than they are in a model. The host cost of a call (argument checks, the
+two launches of sparse_decode_attention) is queued behind the flush, so it does not show in the
+time unless it exceeds flush + kernel (~0.1 ms). On CPU (the interpreter smoke mode) the time is
+the median of a few `time.perf_counter` measurements.
+
+Result files are JSON: {"meta": {...}, "rows": [{...}, ...]}; see perf/sweep.py for the fields.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "perf" / "results"
+# Benchmark the checked-out package, not whichever copy happens to be installed.
+sys.path.insert(0, str(REPO_ROOT))
+
+
+@dataclass(frozen=True)
+class Model:
+    """Attention shape of a model: query heads, kv heads, head dim, layers (for memory sizing)."""
+    name: str
+    hq: int
+    hkv: int
+    d: int
+    layers: int
+
+
+LLAMA3_8B = Model("Llama-3-8B", hq=32, hkv=8, d=128, layers=32)
+SMOLLM2_135M = Model("SmolLM2-135M", hq=9, hkv=3, d=64, layers=30)
+MODELS = {m.name: m for m in (LLAMA3_8B, SMOLLM2_135M)}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("MUSTAFAR_COMMIT", "unknown")
+
+
+def git_dirty() -> bool | None:
+    """True when tracked files differ from HEAD (the numbers then belong to no commit)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, check=True, timeout=10).stdout
+        return bool(out.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def environment(device: torch.device) -> dict:
+    import triton
+
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        gpu = dict(gpu=props.name, sm_count=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    else:
+        gpu = dict(gpu=f"CPU ({platform.processor() or platform.machine()}, Triton interpreter)")
+    return dict(
+        device_type=device.type, **gpu, memory_bytes=device_memory_bytes(device),
+        torch=torch.__version__, triton=triton.__version__, python=platform.python_version(),
+        commit=git_commit(), dirty=git_dirty(),
+        date_utc=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_us(fn, device: torch.device, cpu_reps: int = 3) -> float:
+    """Median time of one call of fn in microseconds (method in the module docstring)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()  # warm-up: compiles / traces
+    times = []
+    for _ in range(cpu_reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Device copy bandwidth in bytes/s, counting bytes read + bytes written of dst.copy_(src)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    seconds = bench_us(lambda: dst.copy_(src), device) * 1e-6
+    return 2 * nbytes / seconds
+
+
+def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
+    """Write {"meta", "rows"} atomically (a run killed mid-write keeps the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    tmp.replace(path)
+
+
+def read_results(path: Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if not {"meta", "rows"} <= data.keys():
+        raise ValueError(f"{path} is not a sweep result file (needs 'meta' and 'rows')")
+    return data

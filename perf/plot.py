@@ -1,0 +1,342 @@
+"""Regenerate every figure from sweep result files (no GPU needed).
+
+    python perf/plot.py [RESULT.json ...] [--out-dir plots]
+
+Without files: the newest GPU result of perf/sweep.py in perf/results/, together with the other
+GPU results there of the same GPU and commit (a quick and a full run, say); where two files
+measured the same row, the newer one wins.
+
+Figures, per model and dtype of the decode rows (<tag> = model_dtype):
+    latency_vs_context_<tag>.png   ours at each sparsity vs every dense backend, a panel per batch
+    speedup_vs_context_<tag>.png   over the fastest dense SDPA backend of each shape
+    speedup_vs_batch_<tag>.png
+    speedup_vs_sparsity_<tag>.png  measured, and the bytes ratio dense / compressed
+    bandwidth_fraction_<tag>.png   bytes moved / time, as a fraction of the measured copy bandwidth
+and once:
+    kv_memory.png                  KV-cache size and largest batch per context in 80 GB (analytic)
+    prune_and_pack_throughput.png  (bytes read + written) / time
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.cm import ScalarMappable  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from common import MODELS, REPO_ROOT, RESULTS_DIR, read_results  # noqa: E402
+
+from mustafar_triton.format import default_capacity  # noqa: E402
+
+SWEEP_SCRIPT = "perf/sweep.py"
+MEMORY_BUDGET = 80e9  # bytes, for kv_memory.png
+ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
+OURS_COLORS = {0.5: "tab:orange", 0.7: "tab:red"}
+SPARSITY_LINESTYLES = {0.5: "--", 0.7: "-"}
+DENSE_STYLES = {"cudnn": ("tab:blue", "s"), "flash": ("tab:cyan", "^"), "efficient": ("tab:purple", "v"),
+                "flash_attn": ("tab:green", "D"), "flashinfer": ("tab:olive", "P")}
+ROW_KEY = ("op", "kernel", "backend", "model", "batch", "T", "hq", "hkv", "d", "dtype", "sparsity")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="*", type=Path, help="sweep result files (default: newest GPU results)")
+    p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "plots")
+    return p.parse_args()
+
+
+def default_files() -> list[Path]:
+    """The newest GPU sweep result and the others of the same GPU and commit, oldest first."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("*.json")):
+        try:
+            meta = read_results(path)["meta"]
+        except ValueError:  # not JSON, or another script's file
+            continue
+        if meta.get("script") == SWEEP_SCRIPT and meta.get("device_type") == "cuda":
+            found.append((meta["date_utc"], path, meta))
+    if not found:
+        raise SystemExit(f"no GPU results of {SWEEP_SCRIPT} in {RESULTS_DIR}; pass result files explicitly")
+    newest = max(found, key=lambda f: f[0])[2]
+    return [path for _, path, meta in sorted(found, key=lambda f: f[0])
+            if (meta["gpu"], meta["commit"]) == (newest["gpu"], newest["commit"])]
+
+
+def load(files: list[Path]) -> tuple[dict, list[dict]]:
+    """Meta of the last file and the measured rows of all (later files override equal rows)."""
+    rows, metas = {}, []
+    for path in files:
+        data = read_results(path)
+        metas.append(data["meta"])
+        for r in data["rows"]:
+            if r.get("median_us") is not None:
+                rows[tuple(r.get(k) for k in ROW_KEY)] = r
+    if len({m["gpu"] for m in metas}) > 1:
+        print(f"warning: mixing results of {sorted({m['gpu'] for m in metas})}")
+    return metas[-1], list(rows.values())
+
+
+def bytes_ratio(d: int, dtype: str, sparsity: float) -> float:
+    """Dense over compressed bytes per token and head: D * itemsize / (D/8 + capacity * itemsize)."""
+    item = ITEMSIZE[dtype]
+    return d * item / (d / 8 + default_capacity(d, sparsity) * item)
+
+
+def tokens_label(t: float, _pos=None) -> str:
+    return f"{t / 1024 / 1024:g}M" if t >= 1024 * 1024 else f"{t / 1024:g}k" if t >= 1024 else f"{t:g}"
+
+
+def log2_axis(ax, axis: str, tokens: bool) -> None:
+    getattr(ax, f"set_{axis}scale")("log", base=2)
+    fmt = FuncFormatter(tokens_label) if tokens else FuncFormatter(lambda v, _p: f"{v:g}")
+    getattr(ax, f"{axis}axis").set_major_formatter(fmt)
+
+
+def subtitle(meta: dict) -> str:
+    return (f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit'][:10]}"
+            f" | {meta['timing'].split(',')[0]}")
+
+
+def save(fig, out_dir: Path, name: str) -> None:
+    fig.savefig(out_dir / name, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {out_dir / name}")
+
+
+def series(rows, x_key: str):
+    """(x values, rows), sorted by x_key."""
+    rows = sorted(rows, key=lambda r: r[x_key])
+    return [r[x_key] for r in rows], rows
+
+
+def line_label(r: dict) -> str:
+    if r["kernel"] == "mustafar":
+        return f"ours, sparsity {r['sparsity']}"
+    if r["kernel"] == "sdpa":
+        return f"SDPA {r['backend']}" + (" (heads repeated)" if r.get("gqa") == "expanded" else "")
+    return r["kernel"]
+
+
+def line_style(r: dict) -> dict:
+    if r["kernel"] == "mustafar":
+        return dict(color=OURS_COLORS.get(r["sparsity"], "tab:brown"), marker="o", lw=2)
+    color, marker = DENSE_STYLES.get(r["backend"], ("gray", "x"))
+    return dict(color=color, marker=marker, lw=1.2, ls="--")
+
+
+def by_kernel(rows) -> dict:
+    """Rows grouped per line: (kernel, backend, gqa, sparsity)."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["kernel"], r["backend"], r.get("gqa"), r["sparsity"])].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0] != "mustafar", str(kv[0]))))
+
+
+def plot_latency_vs_context(rows, tag, title, meta, out_dir):
+    batches = sorted({r["batch"] for r in rows})
+    cols = min(2, len(batches))
+    n_rows = math.ceil(len(batches) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(6 * cols, 4.2 * n_rows), squeeze=False)
+    for ax, batch in zip(axes.flat, batches):
+        in_batch = [r for r in rows if r["batch"] == batch]
+        for group in by_kernel(in_batch).values():
+            xs, rs = series(group, "T")
+            ax.plot(xs, [r["median_us"] for r in rs], label=line_label(rs[0]), **line_style(rs[0]))
+        xs, rs = series({r["T"]: r for r in in_batch}.values(), "T")
+        bound = [r["dense_kv_bytes"] / meta["copy_bandwidth_bytes_per_s"] * 1e6 for r in rs]
+        ax.plot(xs, bound, color="black", ls=":", lw=1, label="dense K+V bytes / copy bandwidth")
+        log2_axis(ax, "x", tokens=True)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("context T (tokens)")
+        ax.set_ylabel("latency per decode step (us)")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(batches):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Decode attention latency vs context: {title}\n{subtitle(meta)}", fontsize=10)
+    fig.tight_layout()
+    save(fig, out_dir, f"latency_vs_context_{tag}.png")
+
+
+def ours_rows(rows):
+    return [r for r in rows if r["kernel"] == "mustafar" and "speedup" in r]
+
+
+def add_ideal_lines(ax, rows):
+    """Horizontal lines at speedup 1 and at the bytes ratio of each sparsity."""
+    ax.axhline(1.0, color="black", lw=1)
+    r0 = rows[0]
+    for s in sorted({r["sparsity"] for r in rows}):
+        ratio = bytes_ratio(r0["d"], r0["dtype"], s)
+        ax.axhline(ratio, color=OURS_COLORS.get(s, "tab:brown"), ls=":", lw=1.2,
+                   label=f"bytes ratio at sparsity {s} ({ratio:.2f}x)")
+
+
+def plot_speedup_vs(rows, x_key, line_key, tag, title, meta, out_dir):
+    """Speedup of ours over the fastest dense SDPA backend against x_key ('T' or 'batch'), a line
+    per (line_key value, sparsity)."""
+    ours = ours_rows(rows)
+    if not ours:
+        return
+    values = sorted({r[line_key] for r in ours})
+    cmap = plt.get_cmap("viridis")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, value in enumerate(values):
+        for s in sorted({r["sparsity"] for r in ours}):
+            xs, rs = series([r for r in ours if r[line_key] == value and r["sparsity"] == s], x_key)
+            if not rs:
+                continue
+            name = f"T={tokens_label(value)}" if line_key == "T" else f"B={value}"
+            ax.plot(xs, [r["speedup"] for r in rs], color=cmap(i / max(1, len(values) - 1)),
+                    ls=SPARSITY_LINESTYLES.get(s, "-."), marker="o",
+                    label=f"{name}, sparsity {s}")
+    add_ideal_lines(ax, ours)
+    log2_axis(ax, "x", tokens=x_key == "T")
+    ax.set_xlabel("context T (tokens)" if x_key == "T" else "batch size")
+    ax.set_ylabel("speedup over fastest dense SDPA (x)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=1 + len(values) // 6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    against = "context" if x_key == "T" else "batch"
+    ax.set_title(f"Speedup vs {against}: {title}\n{subtitle(meta)}", fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, f"speedup_vs_{'context' if x_key == 'T' else 'batch'}_{tag}.png")
+
+
+def plot_speedup_vs_sparsity(rows, tag, title, meta, out_dir):
+    ours = ours_rows(rows)
+    if not ours:
+        return
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    shapes = sorted({(r["batch"], r["T"]) for r in ours})
+    norm = LogNorm(min(b * t for b, t in shapes), max(b * t for b, t in shapes) * 1.001)
+    cmap = plt.get_cmap("viridis")
+    for b, t in shapes:
+        xs, rs = series([r for r in ours if (r["batch"], r["T"]) == (b, t)], "sparsity")
+        ax.plot(xs, [r["speedup"] for r in rs], marker="o", lw=1, color=cmap(norm(b * t)))
+    measured = sorted({r["sparsity"] for r in ours})
+    grid = [i / 100 for i in range(round(100 * max(0.0, measured[0] - 0.2)), round(100 * min(0.9, measured[-1] + 0.1)) + 1)]
+    r0 = ours[0]
+    ax.plot(grid, [bytes_ratio(r0["d"], r0["dtype"], s) for s in grid], color="black", ls=":",
+            label="bytes ratio dense / compressed (ideal at equal bandwidth)")
+    ax.axhline(1.0, color="black", lw=1)
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="B x T (tokens in the batch), one line per shape")
+    ax.set_xlabel("sparsity (fraction of K and V values pruned)")
+    ax.set_ylabel("speedup over fastest dense SDPA (x)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Speedup vs sparsity: {title}\n{subtitle(meta)}", fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, f"speedup_vs_sparsity_{tag}.png")
+
+
+def plot_bandwidth_fraction(rows, tag, title, meta, out_dir):
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for group in by_kernel(rows).values():
+        xs, rs = series(group, "dense_kv_bytes")
+        ax.plot([x / 1e6 for x in xs], [r["bw_frac"] for r in rs], ls="none", alpha=0.8,
+                label=line_label(rs[0]), **{k: v for k, v in line_style(rs[0]).items() if k != "ls"})
+    ax.axhline(1.0, color="black", lw=1, label=f"copy bandwidth {meta['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s")
+    ax.set_xscale("log")
+    ax.set_xlabel("dense K+V size of the shape (MB)")
+    ax.set_ylabel("achieved bandwidth / copy bandwidth")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"Achieved bandwidth (bytes each kernel must move / time): {title}\n{subtitle(meta)}", fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, f"bandwidth_fraction_{tag}.png")
+
+
+def plot_kv_memory(out_dir, sparsities=(0.5, 0.7)):
+    """Analytic: KV bytes per token = layers * Hkv * 2 (K, V) * bytes per token per head."""
+    contexts = [1024 * 2 ** (i / 4) for i in range(41)]  # 1k .. 1M
+    fig, axes = plt.subplots(len(MODELS), 2, figsize=(12, 4.2 * len(MODELS)), squeeze=False)
+    for (ax_size, ax_batch), model in zip(axes, MODELS.values()):
+        per_head = {"dense fp16": 2 * model.d}
+        for s in sparsities:
+            per_head[f"sparsity {s}"] = model.d / 8 + 2 * default_capacity(model.d, s)
+        for i, (name, head_bytes) in enumerate(per_head.items()):
+            per_token = model.layers * model.hkv * 2 * head_bytes
+            color = ["black", *[OURS_COLORS[s] for s in sparsities]][i]
+            ax_size.plot(contexts, [t * per_token / 1e9 for t in contexts], color=color,
+                         label=f"{name}: {head_bytes:g} B/token/head")
+            fits = [(t, math.floor(MEMORY_BUDGET / (t * per_token))) for t in contexts]
+            fits = [(t, b) for t, b in fits if b >= 1]
+            ax_batch.plot([t for t, _ in fits], [b for _, b in fits], color=color, drawstyle="steps-post",
+                          label=f"{name}: batch x context <= {MEMORY_BUDGET / per_token / 1e6:.2f}M tokens")
+        for ax in (ax_size, ax_batch):
+            log2_axis(ax, "x", tokens=True)
+            ax.set_xlabel("context T (tokens)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        ax_size.set_yscale("log")
+        ax_size.set_ylabel("KV cache of one sequence (GB)")
+        ax_size.set_title(f"{model.name} ({model.layers} layers, Hkv={model.hkv}, D={model.d}): KV size")
+        log2_axis(ax_batch, "y", tokens=False)
+        ax_batch.set_ylabel("largest batch")
+        ax_batch.set_title(f"{model.name}: largest batch whose KV cache fits in {MEMORY_BUDGET / 1e9:.0f} GB")
+    fig.text(0.5, -0.02,
+             "Computed from the PackedKV format, not measured: bytes/token/head = D/8 (bitmap) + 2*capacity "
+             "(fp16 values), capacity = D - floor(sparsity*D) rounded up to 8; dense = 2*D. K and V both "
+             f"pruned; all {MEMORY_BUDGET / 1e9:.0f} GB given to the KV cache (weights, activations and "
+             "the dense recent window not counted).", ha="center", fontsize=8, wrap=True)
+    fig.tight_layout()
+    save(fig, out_dir, "kv_memory.png")
+
+
+def plot_prune_and_pack(rows, meta, out_dir):
+    rows = sorted(rows, key=lambda r: (r["d"], r["dtype"], r["sparsity"], r["batch"] * r["T"]))
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.8))
+    labels = [f"[{r['batch']}, {r['hkv']}, {r['T']}, {r['d']}] {r['dtype']} s={r['sparsity']}" for r in rows]
+    bars = ax.barh(range(len(rows)), [r["gbps"] for r in rows], color="tab:red")
+    for bar, r in zip(bars, rows):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                f" {r['median_us']:.0f} us, {r['bw_frac']:.0%}", va="center", fontsize=8)
+    copy_gbps = meta["copy_bandwidth_bytes_per_s"] / 1e9
+    ax.axvline(copy_gbps, color="black", ls=":", label=f"copy bandwidth {copy_gbps:.0f} GB/s")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.set_xlabel("(bytes read + bytes written) / time (GB/s)")
+    ax.set_xlim(0, copy_gbps * 1.25)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"prune_and_pack throughput ([B, H, T, D] input, % of copy bandwidth)\n{subtitle(meta)}",
+                 fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, "prune_and_pack_throughput.png")
+
+
+def main() -> None:
+    args = parse_args()
+    files = args.files or default_files()
+    print("results:", ", ".join(str(f) for f in files))
+    meta, rows = load(files)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    decode = defaultdict(list)
+    for r in rows:
+        if r["op"] == "decode":
+            decode[(r["model"], r["dtype"])].append(r)
+    for (model, dtype), group in sorted(decode.items()):
+        tag = re.sub(r"[^A-Za-z0-9]+", "_", f"{model}_{dtype}")
+        r0 = group[0]
+        title = f"{model} (Hq={r0['hq']}, Hkv={r0['hkv']}, D={r0['d']}) {dtype}, no dense window (W=0)"
+        plot_latency_vs_context(group, tag, title, meta, args.out_dir)
+        plot_speedup_vs(group, "T", "batch", tag, title, meta, args.out_dir)
+        plot_speedup_vs(group, "batch", "T", tag, title, meta, args.out_dir)
+        plot_speedup_vs_sparsity(group, tag, title, meta, args.out_dir)
+        plot_bandwidth_fraction(group, tag, title, meta, args.out_dir)
+    plot_kv_memory(args.out_dir)
+    plot_prune_and_pack([r for r in rows if r["op"] == "prune_and_pack"], meta, args.out_dir)
+
+
+if __name__ == "__main__":
+    main()
