@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import mustafar_triton as mt
 from mustafar_triton import attention as attention_mod
 from mustafar_triton import reference
+from mustafar_triton.kernels.decode import SLOT_MODES
 
 
 def meta() -> dict:
@@ -60,7 +61,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--sparsity", type=float, default=0.7)
-    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:1,popc:32:4:2,popc:128:4:2,lut:64:4:2")
+    ap.add_argument("--configs", default="popc:64:4:2,lut:64:4:2,byte:64:4:2,byte:32:4:2,byte:128:4:2,byte:64:8:2,byte:32:2:2")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -81,7 +82,7 @@ def main():
         same = reference.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl,
                                                  compute_dtype=dt)
         same_err = ((same.double() - ref.double()).norm() / ref.double().norm()).item()
-        for slots in ("lut", "popc", "swar", "cumsum"):
+        for slots in SLOT_MODES:
             attention_mod.autotune.config_for = forced(dict(BLOCK_N=64, num_warps=4, num_stages=2,
                                                             num_splits=0, SLOTS=slots))
             out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)

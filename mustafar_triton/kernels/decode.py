@@ -9,10 +9,8 @@ tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to
 
 Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
   "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only)
-  "swar"   the same with a bit-twiddling popcount in plain tl ops (runs in the interpreter)
-  "cumsum" a tl.cumsum over the expanded bits
   "lut"    a 256-entry table per bitmap byte (slot offsets and keep bits as nibbles), so the
-           per-element work is a shift, two masks and an add; runs everywhere
+           per-element work is a shift, two masks and an add; runs everywhere (interpreter too)
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ try:  # libdevice popc: GPU only (the interpreter cannot run it)
 except ImportError:  # pragma: no cover
     libdevice = None
 
-SLOT_MODES = ("popc", "swar", "cumsum", "lut")
+SLOT_MODES = ("popc", "lut", "byte")
 
 
 def byte_slot_table():
@@ -40,67 +38,90 @@ def byte_slot_table():
 
 
 @triton.jit
-def _popcount(x, SLOTS: tl.constexpr):
-    """Set bits of each uint32 in x."""
-    if SLOTS == "popc":
-        return libdevice.popc(x.to(tl.int32, bitcast=True))
-    else:
-        x = x - ((x >> 1) & 0x55555555)
-        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-        x = (x + (x >> 4)) & 0x0F0F0F0F
-        return ((x * 0x01010101) >> 24).to(tl.int32)
+def _gather_channel(values_ptr, byte, offset, BIT: tl.constexpr):
+    """Values of channel 8a+BIT for every byte a and token (0 where the bit is clear), and the
+    offsets of channel 8a+BIT+1."""
+    bit = ((byte >> BIT) & 1).to(tl.int32)
+    return tl.load(values_ptr + offset, mask=bit != 0, other=0.0), offset + bit
 
 
 @triton.jit
-def _load_packed_tile(bitmap_ptr, values_ptr, lut_ptr, rows, row_valid,
-                      HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
-                      SLOTS: tl.constexpr):
-    """Dense [BLOCK_N, HEAD_DIM] tile of the packed tokens `rows` (zeros where row_valid is False).
+def _load_packed_tile_t(bitmap_ptr, values_ptr, lut_ptr, tok, tok_valid,
+                        HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
+                        SLOTS: tl.constexpr):
+    """Dense TRANSPOSED tile [HEAD_DIM, BLOCK_N] of tokens `tok` (int32 indices into one
+    (batch, kv head) stream whose bitmap / values start at the given pointers); zeros where
+    tok_valid is False.
 
+    Channels run along dim 0 on purpose: Triton then puts a warp's lanes along the channels of
+    one token, so each gathered value load touches one 80-byte value row instead of 32 rows.
     A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
     so no load ever leaves its own value row.
     """
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
-    NUM_BYTES: tl.constexpr = HEAD_DIM // 8
     w = tl.arange(0, NUM_WORDS)
-    words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :],
-                    mask=row_valid[:, None], other=0).to(tl.uint32, bitcast=True)
-    if SLOTS == "lut":
+    words = tl.load(bitmap_ptr + tok[None, :] * NUM_WORDS + w[:, None],
+                    mask=tok_valid[None, :], other=0).to(tl.uint32, bitcast=True)   # [NW, BN]
+    if SLOTS == "byte":
+        # Per bitmap byte (8 channels): its first slot from a popcount of the bytes before it;
+        # then for channel 8a+i the slot is that base plus the running count of bits 0..i-1,
+        # one add per element and no per-element popcount. The 8 channel tiles are joined back
+        # into channel order in registers.
+        NUM_BYTES: tl.constexpr = HEAD_DIM // 8
+        byte_shift = (tl.arange(0, 4) * 8).to(tl.uint32)
+        byte = tl.reshape((words[:, None, :] >> byte_shift[None, :, None]) & 0xFF, [NUM_BYTES, BLOCK_N])
+        count = byte - ((byte >> 1) & 0x55)
+        count = (count & 0x33) + ((count >> 2) & 0x33)
+        count = ((count + (count >> 4)) & 0x0F).to(tl.int32)                     # popcount of the byte
+        byte = tl.where(tl.sum(count, axis=0)[None, :] <= CAPACITY, byte, 0)
+        offset = tl.cumsum(count, axis=0) - count + tok[None, :] * CAPACITY      # [NB, BN]
+        v0, offset = _gather_channel(values_ptr, byte, offset, 0)
+        v1, offset = _gather_channel(values_ptr, byte, offset, 1)
+        v2, offset = _gather_channel(values_ptr, byte, offset, 2)
+        v3, offset = _gather_channel(values_ptr, byte, offset, 3)
+        v4, offset = _gather_channel(values_ptr, byte, offset, 4)
+        v5, offset = _gather_channel(values_ptr, byte, offset, 5)
+        v6, offset = _gather_channel(values_ptr, byte, offset, 6)
+        v7, offset = _gather_channel(values_ptr, byte, offset, 7)
+        x = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        # x[a, t, j0, j1, j2] holds channel 8a + 4*j0 + 2*j1 + j2 (tl.join adds a minor dim)
+        tile = tl.reshape(tl.permute(x, (0, 2, 3, 4, 1)), [HEAD_DIM, BLOCK_N])
+    elif SLOTS == "lut":
         # Per bitmap byte, lut[byte] holds 8 nibbles: bit 3 = channel kept, bits 0-2 = its slot
         # offset within the byte's run of values. Per element: one shift, two masks, one add.
+        NUM_BYTES: tl.constexpr = HEAD_DIM // 8
         byte_shift = (tl.arange(0, 4) * 8).to(tl.uint32)
-        byte = tl.reshape((words[:, :, None] >> byte_shift[None, None, :]) & 0xFF, [BLOCK_N, NUM_BYTES])
-        entry = tl.load(lut_ptr + byte).to(tl.uint32, bitcast=True)           # [BN, NB]
-        count = ((entry >> 28) & 7) + (entry >> 31)                           # popcount of the byte
-        entry = tl.where(tl.sum(count, axis=1)[:, None] <= CAPACITY, entry, 0)
-        byte_base = (tl.cumsum(count, axis=1) - count).to(tl.int32)
+        byte = tl.reshape((words[:, None, :] >> byte_shift[None, :, None]) & 0xFF, [NUM_BYTES, BLOCK_N])
+        entry = tl.load(lut_ptr + byte).to(tl.uint32, bitcast=True)            # [NB, BN]
+        count = ((entry >> 28) & 7) + (entry >> 31)                            # popcount of the byte
+        entry = tl.where(tl.sum(count, axis=0)[None, :] <= CAPACITY, entry, 0)
+        byte_base = (tl.cumsum(count, axis=0) - count).to(tl.int32) + tok[None, :] * CAPACITY
         nibble_shift = (tl.arange(0, 8) * 4).to(tl.uint32)
-        nibble = ((entry[:, :, None] >> nibble_shift[None, None, :]) & 0xF).to(tl.int32)  # [BN, NB, 8]
-        slot = tl.reshape(byte_base[:, :, None] + (nibble & 7), [BLOCK_N, HEAD_DIM])
-        keep = tl.reshape(nibble >= 8, [BLOCK_N, HEAD_DIM])
+        nibble = ((entry[:, None, :] >> nibble_shift[None, :, None]) & 0xF).to(tl.int32)  # [NB, 8, BN]
+        offset = tl.reshape(byte_base[:, None, :] + (nibble & 7), [HEAD_DIM, BLOCK_N])
+        keep = tl.reshape(nibble >= 8, [HEAD_DIM, BLOCK_N])
+        tile = tl.load(values_ptr + offset, mask=keep, other=0.0)
     else:
-        counts = _popcount(words, SLOTS)                                        # [BN, NW]
-        words = tl.where(tl.sum(counts, axis=1)[:, None] <= CAPACITY, words, 0)
+        counts = libdevice.popc(words.to(tl.int32, bitcast=True))                # [NW, BN]
+        words = tl.where(tl.sum(counts, axis=0)[None, :] <= CAPACITY, words, 0)
         shifts = tl.arange(0, 32).to(tl.uint32)
-        bits = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, [BLOCK_N, HEAD_DIM])
-        if SLOTS == "cumsum":
-            slot = tl.cumsum(bits.to(tl.int32), axis=1) - 1
-        else:
-            word_base = tl.cumsum(counts, axis=1) - counts
-            below = (tl.full([32], 1, tl.uint32) << shifts) - 1
-            in_word = _popcount(words[:, :, None] & below[None, None, :], SLOTS)   # [BN, NW, 32]
-            slot = tl.reshape(word_base[:, :, None] + in_word, [BLOCK_N, HEAD_DIM])
-        keep = bits != 0
-    return tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
+        word_base = tl.cumsum(counts, axis=0) - counts + tok[None, :] * CAPACITY
+        below = (tl.full([32], 1, tl.uint32) << shifts) - 1
+        in_word = libdevice.popc((words[:, None, :] & below[None, :, None]).to(tl.int32, bitcast=True))
+        offset = tl.reshape(word_base[:, None, :] + in_word, [HEAD_DIM, BLOCK_N])
+        keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [HEAD_DIM, BLOCK_N])
+        tile = tl.load(values_ptr + offset, mask=keep, other=0.0)
+    # offsets are token * CAPACITY + slot, formed in int32 so each element needs one 64-bit add
+    return tile
 
 
 @triton.jit
-def _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
-    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k, v [BLOCK_N, D]."""
+def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
+    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
-        k = k.to(tl.float32)
+        k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q.to(k.dtype), tl.trans(k)) * qk_scale  # qk_scale = softmax_scale * log2(e)
+    s = tl.dot(q.to(k_t.dtype), k_t) * qk_scale  # qk_scale = softmax_scale * log2(e)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
@@ -141,15 +162,17 @@ def _sparse_decode_kernel(
     if HAS_SEQ_LENS:
         seq_len = tl.load(seq_lens_ptr + b)
 
-    row0 = bh.to(tl.int64) * tokens
-    for start in range(lo, tl.minimum(hi, seq_len), BLOCK_N):
+    # Pointers to this (batch, kv head) stream; token offsets inside it stay int32.
+    stream = bh.to(tl.int64) * tokens
+    k_bits, k_vals = k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY
+    v_bits, v_vals = v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY
+    c_hi = tl.minimum(hi, seq_len)
+    for start in range(lo, c_hi, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
-        valid = tok < tl.minimum(hi, seq_len)
-        k = _load_packed_tile(k_bitmap_ptr, k_values_ptr, lut_ptr, row0 + tok, valid,
-                              HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-        v = _load_packed_tile(v_bitmap_ptr, v_values_ptr, lut_ptr, row0 + tok, valid,
-                              HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-        m, l, acc = _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH)
+        valid = tok < c_hi
+        k_t = _load_packed_tile_t(k_bits, k_vals, lut_ptr, tok, valid, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+        v_t = _load_packed_tile_t(v_bits, v_vals, lut_ptr, tok, valid, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+        m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), valid, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
         # Window tokens sit at virtual positions [tokens, tokens + window_len): splits are sized
@@ -166,7 +189,7 @@ def _sparse_decode_kernel(
             offs = base + tok[:, None] * stride_wt + offs_d[None, :]
             k = tl.load(k_window_ptr + offs, mask=valid[:, None], other=0.0)
             v = tl.load(v_window_ptr + offs, mask=valid[:, None], other=0.0)
-            m, l, acc = _online_softmax_step(q, k, v, valid, m, l, acc, qk_scale, FP32_MATH)
+            m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
 
     nonempty = l > 0
     out = acc / tl.where(nonempty, l, 1.0)[:, None]
