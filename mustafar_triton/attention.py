@@ -138,6 +138,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
             HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"], FP32_MATH=interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )
         _merge_splits_kernel[(batch * hq,)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,

@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--sparsity", type=float, default=0.7)
-    ap.add_argument("--configs", default="popc:64:4:2,lut:64:4:2,byte:64:4:2,byte:32:4:2,byte:128:4:2,byte:64:8:2,byte:32:2:2")
+    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:1,popc:64:4:2:128,popc:64:4:2:96,popc:128:4:2,popc:128:8:2,popc:32:4:2,lut:64:4:2,byte:64:4:2")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -122,8 +122,10 @@ def main():
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
-        slots, bn, warps, stages = spec.split(":")
+        slots, bn, warps, stages, *maxnreg = spec.split(":")
         cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=0, SLOTS=slots)
+        if maxnreg:
+            cfg["maxnreg"] = int(maxnreg[0])
         attention_mod.autotune.config_for = forced(cfg)
         try:
             us = bench(lambda: mt.sparse_decode_attention(q, pk, pv))

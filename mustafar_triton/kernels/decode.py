@@ -46,22 +46,26 @@ def _gather_channel(values_ptr, byte, offset, BIT: tl.constexpr):
 
 
 @triton.jit
-def _load_packed_tile_t(bitmap_ptr, values_ptr, lut_ptr, tok, tok_valid,
-                        HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
-                        SLOTS: tl.constexpr):
+def _load_words(bitmap_ptr, tok, tok_valid, HEAD_DIM: tl.constexpr):
+    """Bitmap words [HEAD_DIM // 32, BLOCK_N] of tokens `tok`; 0 (nothing kept) where invalid."""
+    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    w = tl.arange(0, NUM_WORDS)
+    words = tl.load(bitmap_ptr + tok[None, :] * NUM_WORDS + w[:, None], mask=tok_valid[None, :], other=0)
+    return words.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _expand_tile_t(words, values_ptr, lut_ptr, tok,
+                   HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SLOTS: tl.constexpr):
     """Dense TRANSPOSED tile [HEAD_DIM, BLOCK_N] of tokens `tok` (int32 indices into one
-    (batch, kv head) stream whose bitmap / values start at the given pointers); zeros where
-    tok_valid is False.
+    (batch, kv head) stream whose values start at values_ptr) from their bitmap words.
 
     Channels run along dim 0 on purpose: Triton then puts a warp's lanes along the channels of
     one token, so each gathered value load touches one 80-byte value row instead of 32 rows.
     A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
     so no load ever leaves its own value row.
     """
-    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
-    w = tl.arange(0, NUM_WORDS)
-    words = tl.load(bitmap_ptr + tok[None, :] * NUM_WORDS + w[:, None],
-                    mask=tok_valid[None, :], other=0).to(tl.uint32, bitcast=True)   # [NW, BN]
     if SLOTS == "byte":
         # Per bitmap byte (8 channels): its first slot from a popcount of the bytes before it;
         # then for channel 8a+i the slot is that base plus the running count of bits 0..i-1,
@@ -167,12 +171,17 @@ def _sparse_decode_kernel(
     k_bits, k_vals = k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY
     v_bits, v_vals = v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY
     c_hi = tl.minimum(hi, seq_len)
+    tok = lo + tl.arange(0, BLOCK_N)
+    k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
+    v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
     for start in range(lo, c_hi, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
-        valid = tok < c_hi
-        k_t = _load_packed_tile_t(k_bits, k_vals, lut_ptr, tok, valid, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-        v_t = _load_packed_tile_t(v_bits, v_vals, lut_ptr, tok, valid, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-        m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), valid, m, l, acc, qk_scale, FP32_MATH)
+        k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+        v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+        # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
+        k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+        v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+        m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
         # Window tokens sit at virtual positions [tokens, tokens + window_len): splits are sized
