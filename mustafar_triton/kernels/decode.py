@@ -171,25 +171,17 @@ def _sparse_decode_kernel(
     k_bits, k_vals = k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY
     v_bits, v_vals = v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY
     c_hi = tl.minimum(hi, seq_len)
-    # Software pipeline, since the value gathers cannot be pipelined by the compiler: the bitmap
-    # words run two tiles ahead and the value gathers one tile ahead of the math.
     tok = lo + tl.arange(0, BLOCK_N)
     k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
     v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
-    k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-    v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-    k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
-    v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
     for start in range(lo, c_hi, BLOCK_N):
         tok = start + tl.arange(0, BLOCK_N)
-        nxt = tok + BLOCK_N
-        k_next = _expand_tile_t(k_words, k_vals, lut_ptr, nxt, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-        v_next = _expand_tile_t(v_words, v_vals, lut_ptr, nxt, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-        k_words = _load_words(k_bits, nxt + BLOCK_N, nxt + BLOCK_N < c_hi, HEAD_DIM)
-        v_words = _load_words(v_bits, nxt + BLOCK_N, nxt + BLOCK_N < c_hi, HEAD_DIM)
+        k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+        v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+        # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
+        k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+        v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
         m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
-        k_t = k_next
-        v_t = v_next
 
     if HAS_WINDOW:
         # Window tokens sit at virtual positions [tokens, tokens + window_len): splits are sized
