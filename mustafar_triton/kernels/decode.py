@@ -250,14 +250,18 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
 
 
 def decode_config_space(**bucket) -> list[dict]:
-    # Measured on the H100 (perf/results/decode_variants_*.json): 8 warps and the "lut" and "cumsum"
-    # expansions were slower everywhere we looked, so the space spends its time elsewhere.
-    space = [dict(BLOCK_N=64, num_warps=8, num_stages=2, num_splits=0, SLOTS="popc")]
-    for block_n in (32, 64, 128):
+    # Measured on the H100 (perf/results/decode_variants_h100.json): 8 warps, BLOCK_N=128, and the
+    # "lut" and "byte" expansions were slower at every shape we looked at, so the space spends its
+    # time on tile length, stages, splits and a register cap (fewer registers, more programs/SM).
+    space = []
+    for block_n in (32, 64):
         for stages in (1, 2):
             for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
-                space.append(dict(BLOCK_N=block_n, num_warps=4, num_stages=stages,
-                                  num_splits=splits, SLOTS="popc"))
+                for maxnreg in (None, 128):
+                    cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, num_splits=splits, SLOTS="popc")
+                    if maxnreg:
+                        cfg["maxnreg"] = maxnreg
+                    space.append(cfg)
     return space
 
 
