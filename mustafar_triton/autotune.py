@@ -171,12 +171,16 @@ def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
         return heuristic_config(kernel, device, **bucket)
     key = bucket_of(kernel, **bucket)
     memo = (kernel, str(device), tuple(sorted(key.items())))
-    if memo not in _resolved:  # decode runs every step: resolve a bucket once per process
-        _resolved[memo] = _lookup(kernel, device, key, run, bucket)
-    return _resolved[memo]
+    if memo in _resolved:  # decode runs every step: resolve a bucket once per process
+        return _resolved[memo]
+    found = _lookup(kernel, device, key, run, bucket)
+    if found is None:  # nothing tuned and no tuning now (capture, or no run): heuristic, not memoized
+        return heuristic_config(kernel, device, **bucket)
+    _resolved[memo] = found
+    return found
 
 
-def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> dict:
+def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> dict | None:
     name = normalised_device_name(device_name(device))
     found = nearest_entry(load_entries(shipped_dir() / f"{name}.json"), kernel, key)
     if found is not None:
@@ -187,7 +191,7 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
     if exact:
         return exact[0]["config"]
     if run is None or torch.cuda.is_current_stream_capturing():
-        return heuristic_config(kernel, device, **bucket)
+        return None
     best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
     write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
     return best

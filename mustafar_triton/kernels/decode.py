@@ -164,7 +164,7 @@ def _sparse_decode_kernel(
     hi = lo + tokens_per_split
     seq_len = tokens
     if HAS_SEQ_LENS:
-        seq_len = tl.load(seq_lens_ptr + b)
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b), tokens)  # never past the allocation
 
     # Pointers to this (batch, kv head) stream; token offsets inside it stay int32.
     stream = bh.to(tl.int64) * tokens
@@ -188,7 +188,7 @@ def _sparse_decode_kernel(
         # on allocated lengths, so a ragged compressed part only shifts work between splits.
         win_len = window
         if HAS_WINDOW_LENS:
-            win_len = tl.load(window_lens_ptr + b)
+            win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
         w_lo = tl.maximum(lo - tokens, 0)
         w_hi = tl.minimum(hi - tokens, win_len)
         base = b.to(tl.int64) * stride_wb + h * stride_wh
@@ -200,9 +200,9 @@ def _sparse_decode_kernel(
             v = tl.load(v_window_ptr + offs, mask=valid[:, None], other=0.0)
             m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
 
-    nonempty = l > 0
-    out = acc / tl.where(nonempty, l, 1.0)[:, None]
-    lse = tl.where(nonempty, m + tl.log2(tl.where(nonempty, l, 1.0)), float("-inf"))
+    empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l)))
     part = (bh.to(tl.int64) * tl.num_programs(0) + split) * GROUP + offs_h
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
     tl.store(part_lse_ptr + part, lse, mask=head_ok)
@@ -235,10 +235,10 @@ def _merge_splits_kernel(
                        mask=ok[:, None] & (weight > 0)[:, None], other=0.0)
         acc += tl.sum(weight[:, None] * part, axis=0)
         denom += tl.sum(weight, axis=0)
-    out = acc / tl.where(denom > 0, denom, 1.0)
+    empty = denom == 0  # every split empty; NaN must propagate, so test equality, not > 0
+    out = acc / tl.where(empty, 1.0, denom)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
-    lse = tl.where(denom > 0, (m_safe + tl.log2(tl.where(denom > 0, denom, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, denom))) * 0.6931471805599453)
     tl.store(lse_ptr + pid, lse)
 
 

@@ -1,0 +1,342 @@
+"""Config lookup of mustafar_triton.autotune: shipped files, nearest bucket, user cache, on-the-fly
+tuning, fallbacks. The GPU path is taken without a GPU by monkeypatching interpreting /
+device_name / num_sms, with a fake `run` and a deterministic `triton.testing.do_bench`."""
+import json
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+
+import mustafar_triton.autotune as at
+
+GPU_NAME = "NVIDIA Fake-GPU 80GB (HBM3)"
+FILE_NAME = "NVIDIA_Fake_GPU_80GB_HBM3.json"
+CUDA = torch.device("cuda")
+SELECT_BUCKET = dict(head_dim=128, dtype=torch.float16)
+DECODE_BUCKET = dict(head_dim=128, group=4, dtype=torch.float16, capacity=40)
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """Pretend to run on a GPU; shipped dir and user cache in tmp_path; fresh module caches."""
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    monkeypatch.setattr(at, "device_name", lambda device: GPU_NAME)
+    monkeypatch.setattr(at, "num_sms", lambda device: 132)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for name in _MODULE_CACHES:
+        if hasattr(at, name):
+            monkeypatch.setattr(at, name, type(getattr(at, name))())
+    shipped, user = tmp_path / "shipped", tmp_path / "user"
+    shipped.mkdir()
+    monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE_DIR", str(shipped))
+    monkeypatch.setenv("MUSTAFAR_TRITON_USER_CACHE", str(user))
+    monkeypatch.delenv("MUSTAFAR_TRITON_AUTOTUNE", raising=False)
+    return SimpleNamespace(shipped=shipped, user=user, user_file=user / FILE_NAME,
+                           shipped_file=shipped / FILE_NAME, monkeypatch=monkeypatch)
+
+
+_MODULE_CACHES = ("_warned", "_file_cache", "_resolved")  # per-process state of the lookup
+
+
+def fresh_process():
+    """Forget what this process has read / resolved, as a new process would (warnings stay)."""
+    for name in ("_file_cache", "_resolved"):
+        if hasattr(at, name):
+            getattr(at, name).clear()
+
+
+def key_of(cfg):
+    return json.dumps(cfg, sort_keys=True)
+
+
+def entry(kernel, config, **bucket):
+    return {"kernel": kernel, "bucket": at.bucket_of(kernel, **bucket), "config": config}
+
+
+def write_file(path, entries, version=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": GPU_NAME, "triton_version": version or triton.__version__,
+                                "entries": entries}))
+
+
+class FakeBench:
+    """A recording `run` plus triton.testing.do_bench / do_bench_cudagraph returning a fixed
+    time per config (the config of the run(config) call it times)."""
+
+    def __init__(self, monkeypatch, time_of):
+        self.calls = []
+        self.time_of = time_of
+        monkeypatch.setattr(triton.testing, "do_bench", self.do_bench)
+        monkeypatch.setattr(triton.testing, "do_bench_cudagraph", self.do_bench)
+
+    def run(self, cfg):
+        self.calls.append(dict(cfg))
+
+    def do_bench(self, fn, *args, **kwargs):
+        n = len(self.calls)
+        fn()
+        assert len(self.calls) == n + 1, "tune must time run(config)"
+        return self.time_of(self.calls[-1])
+
+    def configs_run(self):
+        return {key_of(c) for c in self.calls}
+
+
+def heuristic(kernel, **bucket):
+    return at.heuristic_config(kernel, CUDA, **bucket)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers
+# ------------------------------------------------------------------------------------------------
+def test_bucket_of_and_names():
+    assert at.bucket_of("select", head_dim=128, dtype=torch.bfloat16, rows=1000) == \
+        {"head_dim": "128", "dtype": "bfloat16", "rows": 1024}
+    assert at.bucket_of("decode", head_dim=64, group=3, dtype=torch.float32, capacity=40,
+                        batch_heads=0, context=4097) == \
+        {"head_dim": "64", "group": "3", "dtype": "float32", "capacity": "40", "batch_heads": 1, "context": 8192}
+    assert at.normalised_device_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"
+    assert at.normalised_device_name(GPU_NAME) + ".json" == FILE_NAME
+
+
+def test_nearest_entry_log2_distance():
+    entries = [entry("select", {"id": "small"}, rows=1024, **SELECT_BUCKET),
+               entry("select", {"id": "big"}, rows=65536, **SELECT_BUCKET),
+               entry("unpack", {"id": "unpack"}, rows=2048, **SELECT_BUCKET),
+               entry("select", {"id": "bf16"}, rows=2048, head_dim=128, dtype=torch.bfloat16)]
+    key = lambda rows, **kw: at.bucket_of("select", rows=rows, **{**SELECT_BUCKET, **kw})  # noqa: E731
+    assert at.nearest_entry(entries, "select", key(1024)) == {"id": "small"}      # exact
+    assert at.nearest_entry(entries, "select", key(3000)) == {"id": "small"}      # 4096: 2 vs 4
+    assert at.nearest_entry(entries, "select", key(20000)) == {"id": "big"}       # 32768: 5 vs 1
+    assert at.nearest_entry(entries, "select", key(10**7)) == {"id": "big"}
+    assert at.nearest_entry(entries, "select", key(1, dtype=torch.bfloat16)) == {"id": "bf16"}
+    assert at.nearest_entry(entries, "select", key(1024, head_dim=64)) is None   # categorical must match
+    assert at.nearest_entry(entries, "unpack", at.bucket_of("unpack", rows=1, **SELECT_BUCKET)) == {"id": "unpack"}
+    assert at.nearest_entry([], "select", key(1024)) is None
+
+
+def test_nearest_entry_sums_distances_over_numeric_keys():
+    entries = [entry("decode", {"id": "a"}, batch_heads=8, context=65536, **DECODE_BUCKET),
+               entry("decode", {"id": "b"}, batch_heads=512, context=4096, **DECODE_BUCKET),
+               entry("decode", {"id": "c"}, batch_heads=8, context=65536, **{**DECODE_BUCKET, "group": 8})]
+    key = lambda bh, ctx: at.bucket_of("decode", batch_heads=bh, context=ctx, **DECODE_BUCKET)  # noqa: E731
+    assert at.nearest_entry(entries, "decode", key(8, 65536)) == {"id": "a"}
+    assert at.nearest_entry(entries, "decode", key(16, 32768)) == {"id": "a"}    # 1+1 vs 5+3
+    assert at.nearest_entry(entries, "decode", key(256, 8192)) == {"id": "b"}    # 5+3 vs 1+1
+    assert at.nearest_entry(entries, "decode", key(128, 16384)) == {"id": "b"}   # 4+2 vs 2+2
+
+
+def test_config_space_respects_tile_limits():
+    small = at.config_space("select", head_dim=128)
+    big = at.config_space("select", head_dim=256)
+    assert len(small) == 12 and all(set(c) == {"BLOCK_T", "num_warps", "num_stages"} for c in small)
+    assert not any(c["BLOCK_T"] == 128 and c["num_warps"] < 4 for c in big) and len(big) < len(small)
+    dec = at.config_space("decode", **DECODE_BUCKET)
+    assert dec and all({"BLOCK_N", "num_warps", "num_stages", "num_splits", "SLOTS"} <= set(c) for c in dec)
+    with pytest.raises(KeyError):
+        at.config_space("nope")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped files
+# ------------------------------------------------------------------------------------------------
+def test_shipped_exact_and_nearest_bucket(gpu):
+    write_file(gpu.shipped_file, [
+        entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}, rows=1024, **SELECT_BUCKET),
+        entry("select", {"BLOCK_T": 128, "num_warps": 8, "num_stages": 1}, rows=65536, **SELECT_BUCKET),
+    ])
+    assert at.config_for("select", CUDA, rows=1000, **SELECT_BUCKET)["BLOCK_T"] == 16
+    assert at.config_for("select", CUDA, rows=65536, **SELECT_BUCKET)["BLOCK_T"] == 128
+    assert at.config_for("select", CUDA, rows=20000, **SELECT_BUCKET)["BLOCK_T"] == 128
+    assert at.config_for("select", CUDA, rows=3000, **SELECT_BUCKET)["BLOCK_T"] == 16
+    # no entry with matching categorical keys: heuristic (no run given, so no tuning)
+    other = dict(head_dim=64, dtype=torch.float16, rows=1024)
+    assert at.config_for("select", CUDA, **other) == heuristic("select", **other)
+
+
+def test_missing_file_falls_through_silently(gpu):
+    assert not gpu.shipped_file.exists()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+    assert cfg == heuristic("select", rows=1024, **SELECT_BUCKET)
+    assert [w for w in caught if "mustafar_triton" in str(w.message)] == []
+
+
+@pytest.mark.parametrize("content", [
+    "{not json",
+    json.dumps([1, 2, 3]),
+    json.dumps({"triton_version": triton.__version__, "entries": 5}),
+    json.dumps({"triton_version": triton.__version__}),
+], ids=["bad-json", "list", "entries-not-list", "no-entries"])
+def test_corrupt_file_warns_once_and_falls_back(gpu, content):
+    gpu.shipped_file.write_text(content)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+        second = at.config_for("select", CUDA, rows=4096, **SELECT_BUCKET)
+        fresh_process()  # even when the file is read again, the warning is not repeated
+        at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+    ours = [w for w in caught if "corrupt autotune file" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert str(gpu.shipped_file) in str(ours[0].message)
+    assert first == heuristic("select", rows=1024, **SELECT_BUCKET)
+    assert second == heuristic("select", rows=4096, **SELECT_BUCKET)
+
+
+def test_triton_version_mismatch_warns_and_falls_back(gpu):
+    write_file(gpu.shipped_file, [entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1},
+                                        rows=1024, **SELECT_BUCKET)], version="0.0.1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+        at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+    ours = [w for w in caught if "tuned with triton" in str(w.message)]
+    assert len(ours) == 1
+    assert "0.0.1" in str(ours[0].message) and triton.__version__ in str(ours[0].message)
+    assert cfg == heuristic("select", rows=1024, **SELECT_BUCKET)
+
+
+def test_override_folder_via_env(gpu, tmp_path):
+    other = tmp_path / "other"
+    write_file(gpu.shipped_file, [entry("unpack", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1},
+                                        rows=1024, **SELECT_BUCKET)])
+    write_file(other / FILE_NAME, [entry("unpack", {"BLOCK_T": 64, "num_warps": 8, "num_stages": 1},
+                                         rows=1024, **SELECT_BUCKET)])
+    assert at.config_for("unpack", CUDA, rows=1024, **SELECT_BUCKET)["BLOCK_T"] == 16
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE_DIR", str(other))
+    fresh_process()  # the folder is read when a bucket is first resolved in a process
+    assert at.shipped_dir() == other
+    assert at.config_for("unpack", CUDA, rows=1024, **SELECT_BUCKET)["BLOCK_T"] == 64
+    gpu.monkeypatch.delenv("MUSTAFAR_TRITON_AUTOTUNE_DIR")
+    assert at.shipped_dir() == at.REPO_CACHE_DIR
+
+
+# ------------------------------------------------------------------------------------------------
+# On-the-fly tuning and the user cache
+# ------------------------------------------------------------------------------------------------
+def _decode_time(cfg):
+    # a known best: BLOCK_N=32, 2 stages, splits -2 (all in the space)
+    return 1.0 + (cfg["BLOCK_N"] != 32) + 0.5 * (cfg["num_stages"] != 2) + 0.25 * (cfg["num_splits"] != -2)
+
+
+def test_tune_writes_and_reads_user_cache(gpu):
+    bench = FakeBench(gpu.monkeypatch, _decode_time)
+    bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
+    space = at.config_space("decode", **bucket)
+    best = at.config_for("decode", CUDA, run=bench.run, **bucket)
+    assert best == min(space, key=_decode_time)
+    assert best["BLOCK_N"] == 32 and best["num_stages"] == 2 and best["num_splits"] == -2
+    assert bench.configs_run() == {key_of(c) for c in space}, "every config of the space is timed"
+
+    data = json.loads(gpu.user_file.read_text())
+    assert data["triton_version"] == triton.__version__ and data["device"] == GPU_NAME
+    assert data["entries"] == [{"kernel": "decode", "bucket": at.bucket_of("decode", **bucket), "config": best}]
+
+    # same bucket again: from the cache, nothing is run
+    n = len(bench.calls)
+    assert at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 3000}) == best  # 4096 bucket
+    fresh_process()                                         # a new process reads the file from disk
+    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == best
+    assert len(bench.calls) == n
+
+    # another bucket is tuned and appended (the user cache matches exact buckets only)
+    bench.time_of = lambda cfg: 1.0 + (cfg["BLOCK_N"] != 32)
+    other = at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 100000})
+    assert other["BLOCK_N"] == 32 and len(bench.calls) >= n + len(space)
+    assert len(json.loads(gpu.user_file.read_text())["entries"]) == 2
+
+
+def test_tune_skips_failing_configs_and_raises_when_none_runs(gpu):
+    def time_of(cfg):
+        if cfg["BLOCK_T"] == 16:
+            raise RuntimeError("out of shared memory")
+        return cfg["BLOCK_T"] + cfg["num_warps"] / 10
+    bench = FakeBench(gpu.monkeypatch, time_of)
+    best = at.config_for("select", CUDA, run=bench.run, rows=1024, **SELECT_BUCKET)
+    assert best == {"BLOCK_T": 32, "num_warps": 2, "num_stages": 1}
+
+    best, timings = at.tune("select", bench.run, {}, [{"BLOCK_T": 64, "num_warps": 4}, {"BLOCK_T": 32, "num_warps": 8}])
+    assert best == {"BLOCK_T": 32, "num_warps": 8} and len(timings) == 2
+    with pytest.raises(RuntimeError, match="no config of select ran"):
+        at.tune("select", bench.run, {"rows": 1}, [{"BLOCK_T": 16, "num_warps": 4}])
+
+
+def test_shipped_file_beats_user_cache(gpu):
+    shipped_cfg = {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}
+    user_cfg = {"BLOCK_T": 128, "num_warps": 8, "num_stages": 1}
+    write_file(gpu.user_file, [entry("select", user_cfg, rows=1024, **SELECT_BUCKET)])
+    assert at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET) == user_cfg
+    write_file(gpu.shipped_file, [entry("select", shipped_cfg, rows=1 << 20, **SELECT_BUCKET)])
+    fresh_process()
+    assert at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET) == shipped_cfg  # even a far bucket
+
+
+def test_no_tuning_when_disabled_capturing_or_no_run(gpu):
+    bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0)
+    bucket = dict(rows=1024, **SELECT_BUCKET)
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "0")
+    write_file(gpu.shipped_file, [entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}, **bucket)])
+    assert at.config_for("select", CUDA, run=bench.run, **bucket) == heuristic("select", **bucket)
+    gpu.monkeypatch.delenv("MUSTAFAR_TRITON_AUTOTUNE")
+    gpu.shipped_file.unlink()
+    fresh_process()
+    gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert at.config_for("select", CUDA, run=bench.run, **bucket) == heuristic("select", **bucket)
+    gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    fresh_process()
+    assert at.config_for("select", CUDA, run=None, **bucket) == heuristic("select", **bucket)
+    assert bench.calls == [] and not gpu.user_file.exists()
+
+
+def test_heuristic_during_capture_is_not_final(gpu):
+    bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0 + (cfg["BLOCK_T"] != 128) + cfg["num_warps"] / 100)
+    bucket = dict(rows=1024, **SELECT_BUCKET)
+    gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert at.config_for("select", CUDA, run=bench.run, **bucket) == heuristic("select", **bucket)
+    gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    tuned = at.config_for("select", CUDA, run=bench.run, **bucket)  # first call outside capture
+    assert tuned == {"BLOCK_T": 128, "num_warps": 2, "num_stages": 1}
+    assert gpu.user_file.exists()
+
+
+def test_interpreter_and_cpu_always_use_heuristic(gpu):
+    bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0)
+    bucket = dict(rows=1024, **SELECT_BUCKET)
+    write_file(gpu.shipped_file, [entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}, **bucket)])
+    assert at.config_for("select", torch.device("cpu"), run=bench.run, **bucket) == \
+        at.heuristic_config("select", torch.device("cpu"), **bucket)
+    gpu.monkeypatch.setattr(at, "interpreting", lambda: True)
+    cfg = at.config_for("select", CUDA, run=bench.run, **bucket)
+    assert cfg == at.heuristic_config("select", CUDA, **bucket) and cfg["BLOCK_T"] != 16
+    assert bench.calls == []
+
+
+def test_user_cache_default_location(monkeypatch):
+    monkeypatch.delenv("MUSTAFAR_TRITON_USER_CACHE", raising=False)
+    monkeypatch.setattr(at, "device_name", lambda device: GPU_NAME)
+    path = at.user_cache_path(CUDA)
+    assert path.name == FILE_NAME and path.parent.name == "mustafar_triton" and ".cache" in path.parts
+
+
+# ------------------------------------------------------------------------------------------------
+# Files shipped in the repository
+# ------------------------------------------------------------------------------------------------
+_SHIPPED = sorted(at.REPO_CACHE_DIR.glob("*.json"))
+
+
+@pytest.mark.parametrize("path", _SHIPPED or [pytest.param(None, marks=pytest.mark.skip(reason="no tuned files shipped yet"))],
+                         ids=lambda p: getattr(p, "name", "none"))
+def test_shipped_files_are_valid(path):
+    data = json.loads(path.read_text())
+    assert data["triton_version"] == triton.__version__, "re-tune for the pinned triton"
+    assert data["entries"]
+    for e in data["entries"]:
+        exact, numeric = at.BUCKET_KEYS[e["kernel"]]
+        assert set(e["bucket"]) == set(exact) | set(numeric)
+        space = at.config_space(e["kernel"], head_dim=int(e["bucket"]["head_dim"]))
+        required = set.intersection(*(set(c) for c in space))
+        allowed = set.union(*(set(c) for c in space)) | {"maxnreg"}  # optional launch keys
+        assert required <= set(e["config"]) <= allowed, e

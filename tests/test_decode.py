@@ -1,0 +1,435 @@
+"""sparse_decode_attention against the float64 reference on the SAME pruned / packed cache.
+
+Accuracy rule (flash-attention's): with err(a) = ||a - ref64|| / ||ref64||, the kernel must satisfy
+    err(kernel) <= 2 * err(torch in q's dtype) + floor(dtype)
+where "torch in q's dtype" is reference.sparse_decode_attention(compute_dtype=q.dtype). The same
+rule with max-abs errors applies to the log-sum-exp (return_lse=True).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mustafar_triton as mt
+from mustafar_triton import autotune
+from mustafar_triton import reference as ref
+from mustafar_triton.kernels import decode as decode_kernels
+from conftest import INTERPRETING
+from mt_testutils import DTYPES, randn, rel_err, seed_of, sparse_values
+
+# Absolute floors of the accuracy rule. On the GPU the kernel's tl.dot runs fp32 inputs as tf32
+# (Triton's default input_precision), which is ~1e-3 relative: the fp32 floor reflects that there.
+FLOOR = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5 if INTERPRETING else 3e-3}
+FP32_TOL = FLOOR[torch.float32]  # for direct fp32 comparisons (exact fp32 dots in the interpreter)
+
+
+def make_case(device, *, b=2, hq=4, hkv=2, t=40, d=64, dtype=torch.float16, seed=0, sk=0.7, sv=0.5,
+              seq_lens=None, w=None, window_lens=None, q_scale=1.0):
+    """q [B, Hq, D] and K / V caches [B, Hkv, T, D] pruned + packed by the library kernels."""
+    k = randn((b, hkv, t, d), dtype, seed, device)
+    v = randn((b, hkv, t, d), dtype, seed + 1, device)
+    q = randn((b, hq, d), dtype, seed + 2, device, scale=q_scale)
+    sl = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32, device=device)
+    pk = mt.prune_and_pack(k, sk, seq_lens=sl)
+    pv = mt.prune_and_pack(v, sv, seq_lens=sl)
+    kw = {}
+    if w is not None:
+        kw["k_window"] = randn((b, hkv, w, d), dtype, seed + 3, device)
+        kw["v_window"] = randn((b, hkv, w, d), dtype, seed + 4, device)
+    if window_lens is not None:
+        kw["window_lens"] = torch.tensor(window_lens, dtype=torch.int32, device=device)
+    return q, pk, pv, kw
+
+
+def assert_same_result(a, b):
+    """Two launches doing the same arithmetic: bit-identical in the interpreter; on the GPU the
+    two specialisations (strides, constexprs) may contract FMAs differently."""
+    if INTERPRETING:
+        assert torch.equal(a, b)
+    else:
+        assert torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3)
+
+
+def reference64(q, pk, pv, **kw):
+    """Float64 reference; q upcast so the output is not rounded back to q's dtype."""
+    kw = {k: v for k, v in kw.items() if k != "num_splits"}
+    return ref.sparse_decode_attention(q.double(), pk, pv, return_lse=True, **kw)
+
+
+def check_decode(q, pk, pv, **kw):
+    """Run the kernel, compare with the float64 reference under the 2x rule; return (out, lse)."""
+    out, lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True, **kw)
+    b, hq, d = q.shape
+    assert out.shape == (b, hq, d) and out.dtype == q.dtype and out.device == q.device
+    assert lse.shape == (b, hq) and lse.dtype == torch.float32
+    want, want_lse = reference64(q, pk, pv, **kw)
+    kw_ref = {k: v for k, v in kw.items() if k != "num_splits"}
+    same, same_lse = ref.sparse_decode_attention(q, pk, pv, return_lse=True, compute_dtype=q.dtype, **kw_ref)
+
+    # empty sequences (no token at all): out exactly 0, lse -inf
+    empty = torch.isneginf(want_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "lse must be -inf exactly for empty sequences"
+    assert torch.all(out[empty] == 0)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "unwritten or NaN output"
+
+    floor = FLOOR[q.dtype]
+    err, err_torch = rel_err(out, want), rel_err(same, want)
+    assert err <= 2 * err_torch + floor, f"out: kernel err {err:.3g} vs torch {q.dtype} err {err_torch:.3g}"
+    if (~empty).any():
+        lerr = (lse[~empty].double() - want_lse[~empty].double()).abs().max().item()
+        lerr_torch = (same_lse[~empty].double() - want_lse[~empty].double()).abs().max().item()
+        assert lerr <= 2 * lerr_torch + floor, f"lse: kernel err {lerr:.3g} vs torch err {lerr_torch:.3g}"
+    return out, lse
+
+
+@pytest.fixture
+def decode_config(monkeypatch):
+    """Override keys of the decode launch config (BLOCK_N, SLOTS, ...) for one test."""
+    def override(**keys):
+        original = autotune.config_for
+
+        def config_for(kernel, device, run=None, **bucket):
+            cfg = dict(original(kernel, device, run=run, **bucket))
+            if kernel == "decode":
+                cfg.update(keys)
+            return cfg
+        monkeypatch.setattr(autotune, "config_for", config_for)
+    return override
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes: GQA groups, head dims, token counts, dtypes
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (8, 2), (16, 2), (8, 1), (3, 1), (24, 1)],
+                         ids=["mha-g1", "gqa-g3", "gqa-g4", "gqa-g8", "mqa-g8", "mqa-g3", "mqa-g24"])
+def test_gqa_groups(hq, hkv, dtype, device):
+    q, pk, pv, kw = make_case(device, b=2, hq=hq, hkv=hkv, t=45, d=64, dtype=dtype,
+                              seed=seed_of(hq, hkv, dtype), w=7)
+    check_decode(q, pk, pv, **kw)
+
+
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_head_dims(d, dtype, device):
+    q, pk, pv, kw = make_case(device, b=1, hq=4, hkv=2, t=37, d=d, dtype=dtype, seed=seed_of(d, dtype), w=3)
+    check_decode(q, pk, pv, **kw)
+
+
+@pytest.mark.parametrize("t", [1, 31, 32, 33, 63, 100, 257])
+def test_token_counts(t, device):
+    q, pk, pv, kw = make_case(device, b=1, hq=2, hkv=1, t=t, d=64, dtype=torch.float16, seed=seed_of(t))
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=3, **kw)
+
+
+def test_t1_equals_value_row(device):
+    """With a single token the softmax is 1: out is exactly that token's (pruned) value row."""
+    q, pk, pv, _ = make_case(device, b=2, hq=4, hkv=2, t=1, d=64, dtype=torch.float32, seed=5)
+    out, lse = check_decode(q, pk, pv)
+    v = mt.unpack(pv).repeat_interleave(2, dim=1)[:, :, 0]
+    assert torch.allclose(out, v, rtol=FP32_TOL / 10, atol=FP32_TOL / 10)
+    k = mt.unpack(pk).repeat_interleave(2, dim=1)[:, :, 0]
+    assert torch.allclose(lse, (q * k).sum(-1) / 8.0, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+def test_large_scores_are_stable(device):
+    """Scores of hundreds: the online softmax must subtract the running max."""
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=70, d=64, dtype=torch.float32, seed=6,
+                              q_scale=40.0, w=9)
+    out, lse = check_decode(q, pk, pv, num_splits=3, **kw)
+    assert lse.abs().max() > 50
+
+
+def test_custom_softmax_scale(device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=1, t=50, d=128, dtype=torch.float16, seed=7, w=4)
+    out_a, _ = check_decode(q, pk, pv, softmax_scale=0.3, **kw)
+    out_b, _ = check_decode(q, pk, pv, **kw)
+    assert rel_err(out_a, out_b) > 1e-2, "softmax_scale must change the result"
+
+
+def test_different_k_and_v_capacity(device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=40, d=64, sk=0.9, sv=0.0, seed=8, w=5)
+    assert pk.capacity == 8 and pv.capacity == 64
+    check_decode(q, pk, pv, **kw)
+
+
+def test_non_contiguous_q_and_window(device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=40, d=64, seed=9, w=6)
+    big = randn((2, 12, 64), torch.float16, 10, device)
+    q_strided = big[:, 3:7]                              # stride(-1) == 1, head stride 64, batch 768
+    q_t = randn((2, 64, 4), torch.float16, 11, device).transpose(1, 2)  # stride(-1) != 1
+    kw["k_window"] = kw["k_window"].transpose(2, 3).contiguous().transpose(2, 3)  # [B,H,W,D], D strided
+    for qq in (q_strided, q_t):
+        out, _ = check_decode(qq, pk, pv, **kw)
+        assert_same_result(out, mt.sparse_decode_attention(qq.contiguous(), pk, pv, **kw))
+
+
+# ------------------------------------------------------------------------------------------------
+# Ragged batches, windows, splits
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ragged_seq_lens(dtype, device):
+    seq_lens = [0, 45, 1, 17, 33]
+    q, pk, pv, kw = make_case(device, b=5, hq=6, hkv=2, t=45, d=64, dtype=dtype, seed=seed_of(dtype, 12),
+                              seq_lens=seq_lens, w=5)
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=4, **kw)
+    check_decode(q, pk, pv, num_splits=2)  # no window: sequence 0 is empty
+
+
+@pytest.mark.parametrize("w,window_lens", [(0, None), (0, [0, 0]), (1, None), (9, [9, 0]), (40, [3, 33])])
+def test_windows(w, window_lens, device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=39, d=64, seed=seed_of(w, window_lens),
+                              seq_lens=[39, 20], w=w, window_lens=window_lens)
+    out, _ = check_decode(q, pk, pv, **kw)
+    out3, _ = check_decode(q, pk, pv, num_splits=3, **kw)
+    if w == 0:  # an empty window changes nothing
+        assert_same_result(out, mt.sparse_decode_attention(q, pk, pv))
+
+
+@pytest.mark.parametrize("seq_lens", [None, [0, 0]], ids=["t0", "lens0"])
+def test_window_only(seq_lens, device):
+    t = 0 if seq_lens is None else 12
+    q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=t, d=64, dtype=torch.float32, seed=13,
+                              seq_lens=seq_lens, w=21, window_lens=[21, 5])
+    out, lse = check_decode(q, pk, pv, **kw)
+    # plain dense attention over the window tokens only
+    kwin, vwin = kw["k_window"].repeat_interleave(4, 1), kw["v_window"].repeat_interleave(4, 1)
+    for b, n in enumerate([21, 5]):
+        dense = F.scaled_dot_product_attention(q[b, :, None].double(), kwin[b, :, :n].double(),
+                                               vwin[b, :, :n].double())[:, 0]
+        assert torch.allclose(out[b].double(), dense, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 1000])
+def test_num_splits(num_splits, device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=150, d=64, dtype=torch.float32, seed=14,
+                              seq_lens=[150, 61], w=17, window_lens=[17, 2])
+    out, lse = check_decode(q, pk, pv, num_splits=num_splits, **kw)
+    base, base_lse = mt.sparse_decode_attention(q, pk, pv, num_splits=1, return_lse=True, **kw)
+    assert torch.allclose(out, base, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(lse, base_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_empty_sequence_gives_zero_and_neg_inf(device):
+    q, pk, pv, kw = make_case(device, b=3, hq=4, hkv=2, t=20, d=64, seed=15, seq_lens=[0, 20, 0],
+                              w=4, window_lens=[0, 4, 2])
+    out, lse = check_decode(q, pk, pv, num_splits=2, **kw)
+    assert torch.all(out[0] == 0) and torch.all(torch.isneginf(lse[0]))
+    assert torch.isfinite(lse[1:]).all() and (out[1:] != 0).any()
+    # no window at all and every sequence empty
+    q, pk, pv, _ = make_case(device, b=2, hq=2, hkv=2, t=8, d=32, seed=16, seq_lens=[0, 0])
+    out, lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    assert torch.all(mt.sparse_decode_attention(q, pk, pv) == 0)
+
+
+def test_empty_batch(device):
+    q, pk, pv, _ = make_case(device, b=0, hq=4, hkv=2, t=8, d=64, seed=17)
+    out, lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True)
+    assert out.shape == (0, 4, 64) and lse.shape == (0, 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparsity 0 is dense attention; arbitrary sparsity patterns
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_sparsity_zero_equals_dense_attention(dtype, device):
+    b, hq, hkv, t, d, w = 2, 8, 2, 50, 64, 6
+    k = randn((b, hkv, t, d), dtype, 18, device)
+    v = randn((b, hkv, t, d), dtype, 19, device)
+    q = randn((b, hq, d), dtype, 20, device)
+    kwin, vwin = randn((b, hkv, w, d), dtype, 21, device), randn((b, hkv, w, d), dtype, 22, device)
+    pk, pv = mt.prune_and_pack(k, 0.0), mt.prune_and_pack(v, 0.0)
+    out, lse = mt.sparse_decode_attention(q, pk, pv, k_window=kwin, v_window=vwin, return_lse=True, num_splits=2)
+
+    kd, vd = torch.cat([k, kwin], 2), torch.cat([v, vwin], 2)
+    dense64 = F.scaled_dot_product_attention(q[:, :, None].double(), kd.double(), vd.double(),
+                                             enable_gqa=True)[:, :, 0]
+    dense_same = F.scaled_dot_product_attention(q[:, :, None], kd, vd, enable_gqa=True)[:, :, 0]
+    err, err_torch = rel_err(out, dense64), rel_err(dense_same, dense64)
+    assert err <= 2 * err_torch + FLOOR[dtype], (err, err_torch)
+    lse64 = torch.logsumexp(torch.einsum("bhd,bhtd->bht", q.double(), kd.double().repeat_interleave(4, 1))
+                            / math.sqrt(d), -1)
+    lse_same = torch.logsumexp(torch.einsum("bhd,bhtd->bht", q, kd.repeat_interleave(4, 1)) / math.sqrt(d), -1)
+    lerr, lerr_torch = (lse.double() - lse64).abs().max().item(), (lse_same.double() - lse64).abs().max().item()
+    assert lerr <= 2 * lerr_torch + FLOOR[dtype], (lerr, lerr_torch)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_arbitrary_patterns_via_pack(dtype, device):
+    """Non top-k patterns: rows from empty to full, K and V with different patterns / capacities."""
+    b, hq, hkv, t, d = 2, 6, 2, 41, 64
+    k = sparse_values((b, hkv, t, d), dtype, 23, device)
+    v = sparse_values((b, hkv, t, d), dtype, 24, device, max_nnz=20)
+    q = randn((b, hq, d), dtype, 25, device)
+    seq_lens = torch.tensor([41, 30], dtype=torch.int32, device=device)
+    pk, pv = mt.pack(k, seq_lens=seq_lens), mt.pack(v, seq_lens=seq_lens)
+    assert pk.capacity == 64 and pv.capacity == 24
+    check_decode(q, pk, pv, num_splits=2)
+    # explicit, larger capacity: same attention
+    pv32 = mt.pack(v, capacity=32, seq_lens=seq_lens)
+    out_a = mt.sparse_decode_attention(q, pk, pv)
+    out_b = mt.sparse_decode_attention(q, pk, pv32)
+    assert torch.allclose(out_a.float(), out_b.float(), rtol=1e-3, atol=FLOOR[dtype])
+
+
+def test_sparse_attention_equals_dense_attention_on_pruned_cache(device):
+    b, hq, hkv, t, d = 2, 4, 1, 60, 128
+    k, v = randn((b, hkv, t, d), torch.float32, 26, device), randn((b, hkv, t, d), torch.float32, 27, device)
+    q = randn((b, hq, d), torch.float32, 28, device)
+    out = mt.sparse_decode_attention(q, mt.prune_and_pack(k, 0.7), mt.prune_and_pack(v, 0.5))
+    kp, vp = ref.prune_topk(k, 0.7), ref.prune_topk(v, 0.5)
+    dense = F.scaled_dot_product_attention(q[:, :, None].double(), kp.double(), vp.double(), enable_gqa=True)[:, :, 0]
+    assert rel_err(out, dense) <= 1e-5 + (0 if INTERPRETING else 3e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel variants, NaN isolation, garbage outside the valid ranges, malformed input
+# ------------------------------------------------------------------------------------------------
+# Slot-expansion modes of the decode kernel; libdevice popc does not run in the interpreter.
+SLOT_MODES = tuple(m for m in decode_kernels.SLOT_MODES if not (INTERPRETING and m == "popc"))
+_VARIANTS = [dict(SLOTS=s, BLOCK_N=bn) for s in SLOT_MODES for bn in (16, 32, 64)]
+if not INTERPRETING:
+    _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
+    _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
+                                                   capacity=40, batch_heads=16, context=1024)]
+
+
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
+def test_kernel_variants(variant, device, decode_config):
+    decode_config(**variant)
+    q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=75, d=128, dtype=torch.float16,
+                              seed=seed_of(variant), seq_lens=[75, 40], w=10, window_lens=[10, 3])
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=3, **kw)
+
+
+def _nan_case(device, num_splits):
+    b, hq, hkv, t, d = 3, 6, 2, 40, 64
+    q, pk, pv, kw = make_case(device, b=b, hq=hq, hkv=hkv, t=t, d=d, dtype=torch.float16, seed=29, w=4)
+    k = randn((b, hkv, t, d), torch.float16, 29, device)  # the same K as make_case's
+    k[1, 0, 13, 5] = float("nan")           # sequence 1, kv head 0 (query heads 0-2)
+    pk_nan = mt.prune_and_pack(k, 0.7)
+    assert torch.isnan(pk_nan.values).any()  # NaN is kept first
+    clean, clean_lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True, num_splits=num_splits, **kw)
+    out, lse = mt.sparse_decode_attention(q, pk_nan, pv, return_lse=True, num_splits=num_splits, **kw)
+    affected = torch.zeros(b, hq, dtype=torch.bool, device=device)
+    affected[1, :3] = True
+    want, want_lse = reference64(q, pk_nan, pv, **kw)
+    assert torch.isnan(want[affected]).all() and torch.isfinite(want[~affected]).all()
+    return out, lse, clean, clean_lse, affected
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_nan_in_one_sequence_does_not_leak(num_splits, device):
+    out, lse, clean, clean_lse, affected = _nan_case(device, num_splits)
+    assert torch.equal(out[~affected], clean[~affected]), "NaN leaked into other heads / sequences"
+    assert torch.equal(lse[~affected], clean_lse[~affected])
+
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_nan_in_cache_propagates_to_affected_heads(num_splits, device):
+    out, lse, clean, clean_lse, affected = _nan_case(device, num_splits)
+    assert torch.isnan(out[affected]).all(), "affected heads must be NaN"
+    assert torch.isnan(lse[affected]).all()
+
+
+def test_garbage_past_lengths_is_never_read(device):
+    """NaN in cache tokens past seq_lens and in window tokens past window_lens: output unaffected."""
+    b, hq, hkv, t, d, w = 2, 4, 2, 40, 64, 8
+    k, v = randn((b, hkv, t, d), torch.float16, 30, device), randn((b, hkv, t, d), torch.float16, 31, device)
+    q = randn((b, hq, d), torch.float16, 32, device)
+    kwin, vwin = randn((b, hkv, w, d), torch.float16, 33, device), randn((b, hkv, w, d), torch.float16, 34, device)
+    seq_lens = torch.tensor([25, 40], dtype=torch.int32, device=device)
+    wl = torch.tensor([8, 3], dtype=torch.int32, device=device)
+    k[0, :, 25:], v[0, :, 25:] = float("nan"), float("nan")
+    kwin[1, :, 3:], vwin[1, :, 3:] = float("nan"), float("inf")
+    pk, pv = mt.prune_and_pack(k, 0.5, seq_lens=seq_lens), mt.prune_and_pack(v, 0.5, seq_lens=seq_lens)
+    out, lse = check_decode(q, pk, pv, k_window=kwin, v_window=vwin, window_lens=wl, num_splits=3)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+
+
+def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
+    """A token with more set bits than capacity (malformed PackedKV) must not make the kernel read
+    outside its value row (checked by the out-of-bounds guard); the kernel reads it as all zeros."""
+    b, hq, hkv, t, d = 1, 2, 1, 8, 64
+    q, pk, pv, _ = make_case(device, b=b, hq=hq, hkv=hkv, t=t, d=d, dtype=torch.float32, seed=35, sk=0.9, sv=0.9)
+    bad_bitmap = pk.bitmap.clone()
+    bad_bitmap[0, 0, t - 1] = -1            # all 64 bits set, capacity is 8: last token, last row
+    bad = mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim)
+    zero_bitmap = pk.bitmap.clone()
+    zero_bitmap[0, 0, t - 1] = 0
+    zero = mt.PackedKV(zero_bitmap, pk.values, pk.capacity, pk.head_dim)
+    for slots in SLOT_MODES:
+        decode_config(SLOTS=slots)
+        out = mt.sparse_decode_attention(q, bad, pv)
+        assert_same_result(out, mt.sparse_decode_attention(q, zero, pv))
+
+
+
+@pytest.mark.parametrize("seq_lens", [
+    # last sequence overflows: reads past the end of bitmap / values (the interpreter's guard
+    # raises); not run on the GPU, where it could be an illegal address
+    pytest.param([40, 90], marks=pytest.mark.interpreter_only, id="past-end"),
+    # first sequence overflows into the rows of the next head / sequence: in bounds, wrong result
+    pytest.param([90, 40], id="into-neighbour"),
+])
+def test_seq_lens_beyond_allocated_tokens_are_clamped(seq_lens, device):
+    """prune_and_pack accepts seq_lens > T (every token valid) and the reference treats them as T.
+    The kernel must neither read outside the cache nor differ from the reference."""
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=40, d=64, dtype=torch.float32, seed=36,
+                              seq_lens=seq_lens, w=5)
+    check_decode(q, pk, pv, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Property-based fuzzing
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def decode_cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    d = draw(st.sampled_from([32, 64, 128, 256]))
+    b = draw(st.integers(1, 3))
+    hkv = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3, 4, 5, 8, 16]))
+    t = draw(st.integers(0, 80))
+    lens = draw(st.one_of(st.none(), st.lists(st.integers(0, t), min_size=b, max_size=b)))
+    w = draw(st.one_of(st.none(), st.integers(0, 20)))
+    wlens = None
+    if w is not None:
+        wlens = draw(st.one_of(st.none(), st.lists(st.integers(0, w), min_size=b, max_size=b)))
+    mode = draw(st.sampled_from(["topk", "pattern"]))
+    sk = draw(st.sampled_from([0.0, 0.5, 0.7, 0.9]))
+    sv = draw(st.sampled_from([0.0, 0.3, 0.5, 0.7]))
+    splits = draw(st.sampled_from([0, 1, 2, 5]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(dtype=dtype, d=d, b=b, hkv=hkv, group=group, t=t, lens=lens, w=w, wlens=wlens,
+                mode=mode, sk=sk, sv=sv, splits=splits, seed=seed)
+
+
+@settings(max_examples=20, deadline=None)
+@given(c=decode_cases())
+def test_property_decode_matches_reference(c, device):
+    dtype, b, hkv, t, d, seed = c["dtype"], c["b"], c["hkv"], c["t"], c["d"], c["seed"]
+    hq = hkv * c["group"]
+    seq_lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+    if c["mode"] == "topk":
+        pk = mt.prune_and_pack(randn((b, hkv, t, d), dtype, seed, device), c["sk"], seq_lens=seq_lens)
+        pv = mt.prune_and_pack(randn((b, hkv, t, d), dtype, seed + 1, device), c["sv"], seq_lens=seq_lens)
+    else:
+        pk = mt.pack(sparse_values((b, hkv, t, d), dtype, seed, device), seq_lens=seq_lens)
+        pv = mt.pack(sparse_values((b, hkv, t, d), dtype, seed + 1, device), seq_lens=seq_lens)
+    q = randn((b, hq, d), dtype, seed + 2, device)
+    kw = {}
+    if c["w"] is not None:
+        kw["k_window"] = randn((b, hkv, c["w"], d), dtype, seed + 3, device)
+        kw["v_window"] = randn((b, hkv, c["w"], d), dtype, seed + 4, device)
+        if c["wlens"] is not None:
+            kw["window_lens"] = torch.tensor(c["wlens"], dtype=torch.int32, device=device)
+    check_decode(q, pk, pv, num_splits=c["splits"], **kw)
