@@ -211,8 +211,9 @@ def test_num_splits(num_splits, device):
                               seq_lens=[150, 61], w=17, window_lens=[17, 2])
     out, lse = check_decode(q, pk, pv, num_splits=num_splits, **kw)
     base, base_lse = mt.sparse_decode_attention(q, pk, pv, num_splits=1, return_lse=True, **kw)
-    assert torch.allclose(out, base, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(lse, base_lse, rtol=1e-5, atol=1e-5)
+    # splits change the summation order; on a GPU the fp32 dots also run as tf32
+    assert torch.allclose(out, base, rtol=FP32_TOL, atol=FP32_TOL)
+    assert torch.allclose(lse, base_lse, rtol=FP32_TOL, atol=FP32_TOL)
 
 
 def test_empty_sequence_gives_zero_and_neg_inf(device):
