@@ -125,13 +125,19 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
-    s = tl.dot(q.to(k_t.dtype), k_t) * qk_scale  # qk_scale = softmax_scale * log2(e)
+    if k_t.dtype == tl.float32:  # fp32 caches get fp32 products, not the GPU's default tf32
+        s = tl.dot(q.to(tl.float32), k_t, input_precision="ieee") * qk_scale
+    else:
+        s = tl.dot(q.to(k_t.dtype), k_t) * qk_scale  # qk_scale = softmax_scale * log2(e)
     s = tl.where(valid[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    if v.dtype == tl.float32:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l, acc
 
 
