@@ -59,7 +59,10 @@ def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     if kernel in ("select", "unpack"):
         if interpreting():
             return dict(BLOCK_T=64, num_warps=4, num_stages=1)
-        return dict(BLOCK_T=32 if bucket["head_dim"] <= 128 else 16, num_warps=4, num_stages=1)
+        # the H100 tuning (perf/results/tune_h100_quick.json) preferred these at every measured bucket
+        if kernel == "select":
+            return dict(BLOCK_T=16, num_warps=4, num_stages=1)
+        return dict(BLOCK_T=64 if bucket["head_dim"] <= 128 else 32, num_warps=2, num_stages=1)
     if kernel == "decode":
         from .kernels.decode import decode_heuristic_config
         return decode_heuristic_config(num_sms(device), interpreting(), **bucket)
