@@ -6,12 +6,17 @@
     unpack(packed)                               exact inverse of packing
     sparse_decode_attention(q, packed_k, packed_v, ...)  fused decode attention
     reference                                    pure-torch versions of all of the above
+    sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
+                                                 torch.ops.mustafar_triton.sparse_decode_attention
+    SparseKVCache(...)                           per-layer cache: compressed store + dense window
 """
 from . import reference
 from .attention import sparse_decode_attention
+from .cache import SparseKVCache
 from .compress import pack, prune_and_pack, prune_topk, unpack
+from .custom_op import sparse_decode_attention_op
 from .format import PackedKV, default_capacity, kept_per_token
 
 __all__ = ["PackedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "sparse_decode_attention",
-           "reference", "kept_per_token", "default_capacity"]
+           "sparse_decode_attention_op", "SparseKVCache", "reference", "kept_per_token", "default_capacity"]
 __version__ = "0.1.0"

@@ -143,7 +143,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         _merge_splits_kernel[(batch * hq,)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
             GROUP=group, HEAD_DIM=d, BLOCK_S=_MERGE_BLOCK_S,
-            MAX_SPLITS_POW2=max(_MERGE_BLOCK_S, triton.next_power_of_2(splits)), num_warps=4,
+            MAX_SPLITS_POW2=max(_MERGE_BLOCK_S, triton.next_power_of_2(splits)),
+            num_warps=cfg.get("merge_warps", 4),
         )
 
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,

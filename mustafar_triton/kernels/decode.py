@@ -249,7 +249,9 @@ def _merge_splits_kernel(
 
 
 def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
-    """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'."""
+    """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'.
+    Optional keys: maxnreg (register cap of the decode kernel), merge_warps (warps of the
+    split-merge kernel, default 4)."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
@@ -264,10 +266,12 @@ def decode_config_space(**bucket) -> list[dict]:
         for stages in (1, 2):
             for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
                 for maxnreg in (None, 128):
-                    cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, num_splits=splits, SLOTS="popc")
-                    if maxnreg:
-                        cfg["maxnreg"] = maxnreg
-                    space.append(cfg)
+                    for merge_warps in (4, 1):  # the split-merge kernel is tuned jointly
+                        cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, num_splits=splits,
+                                   SLOTS="popc", merge_warps=merge_warps)
+                        if maxnreg:
+                            cfg["maxnreg"] = maxnreg
+                        space.append(cfg)
     return space
 
 

@@ -1,0 +1,248 @@
+"""`SparseKVCache`: one attention layer's KV cache, compressed store + dense window of recent tokens.
+
+State (all preallocated at construction; no buffer is ever reallocated or re-concatenated, so the
+addresses stay fixed for CUDA graphs):
+
+    packed_k, packed_v  PackedKV [B, Hkv, max_tokens, ...] sharing one int32 seq_lens [B]: the
+                        pruned + packed older tokens of every sequence, valid in [0, seq_lens[b])
+    k_window, v_window  [B, Hkv, window, D] dense recent tokens, valid in [0, window_lens[b])
+    window_lens         int32 [B]
+
+Sequence b is, in time order, its seq_lens[b] store tokens followed by its window_lens[b] window
+tokens; `attend` runs `sparse_decode_attention` over exactly these.
+
+Flush policy (when window tokens move to the store). Every `append` adds one token to every
+sequence, so the host can track, without reading the device, an upper bound `F` on the window
+fill of every sequence (exact for a sequence as long as the longest one prefilled). Before an
+append that would overflow that bound (F == window), the cache flushes: every sequence whose
+window holds more than `window - chunk` tokens moves its oldest min(fill, chunk) window tokens to
+the store (pruned + packed in one launch per K / V, O(chunk) work) and shifts the rest of its
+window down; the other sequences are left alone. Afterwards every window holds at most
+`window - chunk` tokens, so the next `chunk` appends fit. For a batch prefilled without `lens`
+(all sequences equally long) this is exactly "compress the oldest chunk tokens when the window is
+full". No step reads a device value on the host, and no step loops over batch or heads.
+
+Capacity: the host likewise tracks an upper bound on seq_lens (exact for the longest prefilled
+sequence): `prefill` and `append` raise ValueError, before changing any state, when that bound
+would exceed max_tokens. So capacity is checked against the largest possible length, and a
+ragged batch whose longest sequence is shorter than the padded prefill length T can be refused
+a little early.
+
+window == 0 is allowed: no dense tokens, every appended token is pruned + packed immediately.
+Forward only, no autograd.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._runtime import check_device, check_same_device
+from .attention import sparse_decode_attention
+from .compress import _check_sparsity, prune_and_pack
+from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+class SparseKVCache:
+    """Per-layer KV cache: pruned + packed store of older tokens, dense window of recent ones.
+
+    Args:
+        batch, num_kv_heads, head_dim: B, Hkv, D (D in 32 / 64 / 128 / 256).
+        max_tokens: store capacity per sequence, in compressed tokens (>= 0). A sequence holds at
+            most max_tokens + window tokens.
+        window: dense recent tokens per sequence (>= 0).
+        k_sparsity, v_sparsity: fraction of each token's channels pruned, in [0, 1).
+        dtype: fp16 / bf16 / fp32, of the cache and of the queries.
+        device: a CUDA device, or the CPU under the Triton interpreter.
+        chunk: window tokens moved to the store per flush, in [1, max(window, 1)]; default
+            max(1, window // 2).
+
+    See the module docstring for the flush policy and the capacity check.
+    """
+
+    def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_tokens: int, window: int,
+                 k_sparsity: float, v_sparsity: float, dtype: torch.dtype = torch.float16,
+                 device: torch.device | str = "cuda", chunk: int | None = None):
+        self.batch = _check_count("batch", batch, 1)
+        self.num_kv_heads = _check_count("num_kv_heads", num_kv_heads, 1)
+        self.max_tokens = _check_count("max_tokens", max_tokens, 0)
+        self.window = _check_count("window", window, 0)
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(f"head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS}")
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {dtype} not in {SUPPORTED_DTYPES}")
+        chunk = _check_count("chunk", max(1, window // 2) if chunk is None else chunk, 1)
+        if chunk > max(window, 1):
+            raise ValueError(f"chunk must be in [1, max(window, 1)] = [1, {max(window, 1)}], got {chunk}")
+        self.chunk = chunk
+        self.head_dim = head_dim
+        self.dtype = dtype
+        self.k_sparsity = _check_sparsity(k_sparsity)
+        self.v_sparsity = _check_sparsity(v_sparsity)
+
+        lead = (batch, num_kv_heads, max_tokens)
+        seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+
+        def store(sparsity):
+            cap = default_capacity(head_dim, sparsity)
+            return PackedKV(torch.zeros(lead + (head_dim // 32,), dtype=torch.int32, device=device),
+                            torch.zeros(lead + (cap,), dtype=dtype, device=device), cap, head_dim, seq_lens)
+
+        self.packed_k, self.packed_v = store(self.k_sparsity), store(self.v_sparsity)
+        self.k_window = torch.zeros((batch, num_kv_heads, window, head_dim), dtype=dtype, device=device)
+        self.v_window = torch.zeros_like(self.k_window)
+        self.window_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        check_device("SparseKVCache buffers", self.k_window)
+        self._max_store = 0   # host upper bound on seq_lens (exact for the longest sequence)
+        self._max_window = 0  # host upper bound on window_lens
+
+    @property
+    def seq_lens(self) -> torch.Tensor:
+        """int32 [B] compressed tokens per sequence (the store's seq_lens)."""
+        return self.packed_k.seq_lens
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer: both stores (one shared seq_lens), both windows, window_lens."""
+        return (self.packed_k.nbytes + self.packed_v.nbytes - self.seq_lens.numel() * 4
+                + 2 * self.k_window.numel() * self.k_window.element_size() + self.window_lens.numel() * 4)
+
+    def reset(self) -> None:
+        """Empty every sequence (zeroes the store, so tokens past seq_lens stay all-zero rows)."""
+        for buf in (self.packed_k.bitmap, self.packed_k.values, self.packed_v.bitmap,
+                    self.packed_v.values, self.seq_lens, self.window_lens):
+            buf.zero_()
+        self._max_store = self._max_window = 0
+
+    def _check_tokens(self, name: str, x: torch.Tensor, tokens: int | None = None) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype != self.dtype:
+            raise TypeError(f"{name} dtype {x.dtype} != cache dtype {self.dtype}")
+        b, h, d = self.batch, self.num_kv_heads, self.head_dim
+        if x.dim() != 4 or x.shape[:2] != (b, h) or x.shape[3] != d or (tokens is not None and x.shape[2] != tokens):
+            t = "T" if tokens is None else tokens
+            raise ValueError(f"{name} shape {tuple(x.shape)} must be [B={b}, Hkv={h}, {t}, D={d}]")
+        check_same_device(cache=self.k_window, **{name: x})
+
+    def _check_capacity(self, what: str, store_tokens: int) -> None:
+        if store_tokens > self.max_tokens:
+            raise ValueError(
+                f"SparseKVCache overflow: {what} needs up to {store_tokens} compressed tokens per "
+                f"sequence, but max_tokens={self.max_tokens} (window={self.window}); "
+                f"allocate a larger cache")
+
+    def _store(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor, n: torch.Tensor) -> None:
+        """Prune + pack the first n[b] tokens of k_chunk / v_chunk [B, Hkv, C, D] (int32 n [B])
+        and write them at store positions [seq_lens[b], seq_lens[b] + n[b]).
+
+        All C rows are written at [seq_lens[b], seq_lens[b] + C): rows past n[b] come out of
+        prune_and_pack as all-zero rows, which keeps the store zero past seq_lens. The caller
+        guarantees max(seq_lens) + C <= max_tokens (the host capacity check).
+        """
+        pk = prune_and_pack(k_chunk, self.k_sparsity, seq_lens=n)
+        pv = prune_and_pack(v_chunk, self.v_sparsity, seq_lens=n)
+        pos = self.seq_lens.long()[:, None] + torch.arange(k_chunk.shape[2], device=n.device)  # [B, C]
+        for dst, src in ((self.packed_k.bitmap, pk.bitmap), (self.packed_k.values, pk.values),
+                         (self.packed_v.bitmap, pv.bitmap), (self.packed_v.values, pv.values)):
+            dst.scatter_(2, pos[:, None, :, None].expand(src.shape), src)
+        self.seq_lens.add_(n)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None = None) -> None:
+        """Replace the cache contents with a prompt.
+
+        k, v: [B, Hkv, T, D] in the cache dtype (keys after RoPE). lens: int32 [B] valid tokens of
+        each sequence (the first lens[b] of k[b]; values are clamped to [0, T]); default all T.
+        Sequence b keeps its last min(lens[b], window) tokens dense in the window; the
+        max(lens[b] - window, 0) before them are pruned + packed into the store (one
+        prune_and_pack launch per K / V). Raises ValueError if T - window > max_tokens.
+        """
+        self._check_tokens("k", k)
+        self._check_tokens("v", v, k.shape[2])
+        b, h, t, d = k.shape
+        w = self.window
+        if lens is None:
+            lens = torch.full((b,), t, dtype=torch.int32, device=k.device)
+        if not isinstance(lens, torch.Tensor) or lens.dtype != torch.int32:
+            raise TypeError(f"lens must be an int32 tensor, got {getattr(lens, 'dtype', type(lens).__name__)}")
+        if tuple(lens.shape) != (b,):
+            raise ValueError(f"lens shape {tuple(lens.shape)} != [B] = [{b}]")
+        check_same_device(k=k, lens=lens)
+        self._check_capacity(f"prefill of T={t} tokens", max(t - w, 0))
+        self.reset()
+        lens = lens.clamp(0, t)
+        if t > w:
+            n = (lens - w).clamp_min(0)
+            self._store(k[:, :, :t - w], v[:, :, :t - w], n)
+        if min(t, w) > 0:
+            # window slot j holds token lens[b] - fill[b] + j; slots past fill[b] are zeroed
+            fill = lens.clamp_max(w)
+            slot = torch.arange(w, device=k.device)
+            src = (lens - fill).long()[:, None] + slot  # [B, W]
+            valid = (slot < fill[:, None])[:, None, :, None]
+            idx = src.clamp_max(t - 1)[:, None, :, None].expand(b, h, w, d)
+            zero = torch.zeros((), dtype=k.dtype, device=k.device)
+            self.k_window.copy_(torch.where(valid, k.gather(2, idx), zero))
+            self.v_window.copy_(torch.where(valid, v.gather(2, idx), zero))
+            self.window_lens.copy_(fill)
+        self._max_store = max(t - w, 0)
+        self._max_window = min(t, w)
+
+    def _flush(self) -> None:
+        """Move the oldest min(fill, chunk) window tokens of every sequence whose window holds
+        more than window - chunk tokens to the store, and shift its remaining window tokens down."""
+        w, c = self.window, self.chunk
+        fill = self.window_lens
+        n = torch.where(fill > w - c, fill.clamp_max(c), 0)  # int32 [B]
+        self._store(self.k_window[:, :, :c], self.v_window[:, :, :c], n)
+        # window slot j <- slot j + n[b] (slots that would read past the window keep stale data,
+        # they lie past the new fill and are never attended)
+        src = (torch.arange(w, device=n.device) + n.long()[:, None]).clamp_max(w - 1)  # [B, W]
+        idx = src[:, None, :, None].expand(self.k_window.shape)
+        self.k_window.copy_(self.k_window.gather(2, idx))
+        self.v_window.copy_(self.v_window.gather(2, idx))
+        self.window_lens.sub_(n)
+        self._max_store += c
+        self._max_window = w - c
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Add one decode token to every sequence. k_new, v_new: [B, Hkv, 1, D] (keys after RoPE).
+
+        The token goes into the window at slot window_lens[b]; a flush runs first when the window
+        could be full (see the module docstring). With window == 0 it is pruned + packed straight
+        into the store. No host sync. Raises ValueError, leaving the cache unchanged, if the
+        store could overflow.
+        """
+        self._check_tokens("k_new", k_new, 1)
+        self._check_tokens("v_new", v_new, 1)
+        if self.window == 0:
+            self._check_capacity("append", self._max_store + 1)
+            self._store(k_new, v_new, torch.ones_like(self.seq_lens))
+            self._max_store += 1
+            return
+        if self._max_window == self.window:
+            self._check_capacity("append (window flush)", self._max_store + self.chunk)
+            self._flush()
+        idx = self.window_lens.long()[:, None, None, None].expand(k_new.shape)
+        self.k_window.scatter_(2, idx, k_new)
+        self.v_window.scatter_(2, idx, v_new)
+        self.window_lens.add_(1)
+        self._max_window += 1
+
+    def attend(self, q: torch.Tensor, softmax_scale: float | None = None, return_lse: bool = False):
+        """Decode attention of q [B, Hq, D] over every cached token (store, then window).
+
+        GQA: query head h reads kv head h // (Hq // Hkv). softmax_scale default 1 / sqrt(D).
+        Returns out [B, Hq, D] in the cache dtype, and lse [B, Hq] float32 if return_lse.
+        """
+        window = {}
+        if self.window > 0:
+            window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
+        return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
+                                       return_lse=return_lse, **window)
