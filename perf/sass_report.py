@@ -1,0 +1,88 @@
+"""Compile the decode kernel for an H100 (sm_90) on a machine WITHOUT a GPU and report what the
+hardware will execute: registers, spills, shared memory, and SASS instruction counts.
+
+    python perf/sass_report.py [--slots popc] [--block-n 64] [--warps 4] [--stages 2]
+                               [--capacity 40] [--head-dim 128] [--group 4] [--dtype fp16] [--dump DIR]
+
+Costs no device time: use it to check an idea's instruction count before spending a GPU run.
+The counts are for the whole kernel; the loop body dominates (it is what repeats per tile).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from mustafar_triton.kernels import decode
+
+NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+POINTER_ARGS = {"k_bitmap_ptr": "*i32", "v_bitmap_ptr": "*i32", "seq_lens_ptr": "*i32", "lut_ptr": "*i32",
+                "window_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+
+
+def compile_decode(args):
+    kernel = decode._sparse_decode_kernel
+    names = kernel.arg_names
+    constexprs = dict(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
+                      HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
+                      BLOCK_N=args.block_n, HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False,
+                      SLOTS=args.slots, FP32_MATH=False)
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = POINTER_ARGS.get(name, f"*{args.dtype}")
+        elif name == "qk_scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn=kernel, signature=signature,
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    options = dict(num_warps=args.warps, num_stages=args.stages)
+    if args.maxnreg:
+        options["maxnreg"] = args.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--warps", type=int, default=4)
+    ap.add_argument("--stages", type=int, default=2)
+    ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--capacity", type=int, default=40)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--dump", help="write ttgir, ptx and sass here")
+    args = ap.parse_args()
+    compiled = compile_decode(args)
+    cubin = Path("/tmp") / "mustafar_decode_report.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([NVIDIA_BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
+    usage = subprocess.run([NVIDIA_BIN / "cuobjdump", "--dump-resource-usage", cubin],
+                           capture_output=True, text=True, check=True).stdout
+    if args.dump:
+        out = Path(args.dump)
+        out.mkdir(parents=True, exist_ok=True)
+        for kind in ("ttgir", "ptx"):
+            (out / f"decode.{kind}").write_text(compiled.asm[kind])
+        (out / "decode.sass").write_text(sass)
+    ops = collections.Counter(m.group(1) for m in re.finditer(
+        r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
+    print(re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage).group(0))
+    print(f"{sum(ops.values())} SASS instructions; most frequent:")
+    for op, n in ops.most_common(24):
+        print(f"  {op:8s} {n}")
+
+
+if __name__ == "__main__":
+    main()
