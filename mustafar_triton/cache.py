@@ -243,6 +243,6 @@ class SparseKVCache:
         """
         window = {}
         if self.window > 0:
-            window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
+            window = dict(k_window=self.k_window, v_window=self.v_window)
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
                                        return_lse=return_lse, **window)

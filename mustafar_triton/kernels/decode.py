@@ -8,9 +8,12 @@ tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to
 `_merge_splits_kernel` combines the splits by log-sum-exp.
 
 Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
-  "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only)
-  "lut"    a 256-entry table per bitmap byte (slot offsets and keep bits as nibbles), so the
-           per-element work is a shift, two masks and an add; runs everywhere (interpreter too)
+  "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only; fastest
+           measured on the H100)
+  "lut"    a 256-entry table per bitmap byte (slot offsets and keep bits as nibbles); runs in the
+           interpreter too (slower on the H100: 640-704 us vs 466-545 us, see perf/NOTES.md)
+The bitmap words of the next tile are loaded one tile ahead; the value gathers cannot be
+pipelined by Triton and pipelining them by hand spilled registers (perf/NOTES.md).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ try:  # libdevice popc: GPU only (the interpreter cannot run it)
 except ImportError:  # pragma: no cover
     libdevice = None
 
-SLOT_MODES = ("popc", "lut", "byte")
+SLOT_MODES = ("popc", "lut")
 
 
 def byte_slot_table():
@@ -35,14 +38,6 @@ def byte_slot_table():
             entry |= nibble << (4 * i)
         table.append(entry - (1 << 32) if entry >= 1 << 31 else entry)  # as int32
     return table
-
-
-@triton.jit
-def _gather_channel(values_ptr, byte, offset, BIT: tl.constexpr):
-    """Values of channel 8a+BIT for every byte a and token (0 where the bit is clear), and the
-    offsets of channel 8a+BIT+1."""
-    bit = ((byte >> BIT) & 1).to(tl.int32)
-    return tl.load(values_ptr + offset, mask=bit != 0, other=0.0), offset + bit
 
 
 @triton.jit
@@ -66,31 +61,7 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
     A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
     so no load ever leaves its own value row.
     """
-    if SLOTS == "byte":
-        # Per bitmap byte (8 channels): its first slot from a popcount of the bytes before it;
-        # then for channel 8a+i the slot is that base plus the running count of bits 0..i-1,
-        # one add per element and no per-element popcount. The 8 channel tiles are joined back
-        # into channel order in registers.
-        NUM_BYTES: tl.constexpr = HEAD_DIM // 8
-        byte_shift = (tl.arange(0, 4) * 8).to(tl.uint32)
-        byte = tl.reshape((words[:, None, :] >> byte_shift[None, :, None]) & 0xFF, [NUM_BYTES, BLOCK_N])
-        count = byte - ((byte >> 1) & 0x55)
-        count = (count & 0x33) + ((count >> 2) & 0x33)
-        count = ((count + (count >> 4)) & 0x0F).to(tl.int32)                     # popcount of the byte
-        byte = tl.where(tl.sum(count, axis=0)[None, :] <= CAPACITY, byte, 0)
-        offset = tl.cumsum(count, axis=0) - count + tok[None, :] * CAPACITY      # [NB, BN]
-        v0, offset = _gather_channel(values_ptr, byte, offset, 0)
-        v1, offset = _gather_channel(values_ptr, byte, offset, 1)
-        v2, offset = _gather_channel(values_ptr, byte, offset, 2)
-        v3, offset = _gather_channel(values_ptr, byte, offset, 3)
-        v4, offset = _gather_channel(values_ptr, byte, offset, 4)
-        v5, offset = _gather_channel(values_ptr, byte, offset, 5)
-        v6, offset = _gather_channel(values_ptr, byte, offset, 6)
-        v7, offset = _gather_channel(values_ptr, byte, offset, 7)
-        x = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-        # x[a, t, j0, j1, j2] holds channel 8a + 4*j0 + 2*j1 + j2 (tl.join adds a minor dim)
-        tile = tl.reshape(tl.permute(x, (0, 2, 3, 4, 1)), [HEAD_DIM, BLOCK_N])
-    elif SLOTS == "lut":
+    if SLOTS == "lut":
         # Per bitmap byte, lut[byte] holds 8 nibbles: bit 3 = channel kept, bits 0-2 = its slot
         # offset within the byte's run of values. Per element: one shift, two masks, one add.
         NUM_BYTES: tl.constexpr = HEAD_DIM // 8
