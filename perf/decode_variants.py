@@ -61,7 +61,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--sparsity", type=float, default=0.7)
-    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:1,popc:64:4:2:128,popc:64:4:2:96,popc:128:4:2,popc:128:8:2,popc:32:4:2,lut:64:4:2,byte:64:4:2")
+    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
