@@ -13,8 +13,8 @@ tokens; `attend` runs `sparse_decode_attention` over exactly these.
 
 Flush policy (when window tokens move to the store). Every `append` adds one token to every
 sequence, so the host can track, without reading the device, an upper bound `F` on the window
-fill of every sequence (exact for a sequence as long as the longest one prefilled). Before an
-append that would overflow that bound (F == window), the cache flushes: every sequence whose
+fill of every sequence (exact for sequences prefilled with all T tokens). Before an append with
+F == window (some window may be full), the cache flushes: every sequence whose
 window holds more than `window - chunk` tokens moves its oldest min(fill, chunk) window tokens to
 the store (pruned + packed in one launch per K / V, O(chunk) work) and shifts the rest of its
 window down; the other sequences are left alone. Afterwards every window holds at most
@@ -22,14 +22,17 @@ window down; the other sequences are left alone. Afterwards every window holds a
 (all sequences equally long) this is exactly "compress the oldest chunk tokens when the window is
 full". No step reads a device value on the host, and no step loops over batch or heads.
 
-Capacity: the host likewise tracks an upper bound on seq_lens (exact for the longest prefilled
-sequence): `prefill` and `append` raise ValueError, before changing any state, when that bound
+Capacity: the host likewise tracks an upper bound on seq_lens (exact for sequences prefilled with
+all T tokens): `prefill` and `append` raise ValueError, before changing any state, when that bound
 would exceed max_tokens. So capacity is checked against the largest possible length, and a
 ragged batch whose longest sequence is shorter than the padded prefill length T can be refused
 a little early.
 
 window == 0 is allowed: no dense tokens, every appended token is pruned + packed immediately.
-Forward only, no autograd.
+
+CUDA graphs: a graph of `attend` captured once replays over the cache as it grows (fixed buffers,
+lengths read on the device). `append` updates the host-side bounds, so run it eagerly (a captured
+append would replay without them). Forward only, no autograd.
 """
 from __future__ import annotations
 
@@ -126,9 +129,9 @@ class SparseKVCache:
         if x.dtype != self.dtype:
             raise TypeError(f"{name} dtype {x.dtype} != cache dtype {self.dtype}")
         b, h, d = self.batch, self.num_kv_heads, self.head_dim
-        if x.dim() != 4 or x.shape[:2] != (b, h) or x.shape[3] != d or (tokens is not None and x.shape[2] != tokens):
-            t = "T" if tokens is None else tokens
-            raise ValueError(f"{name} shape {tuple(x.shape)} must be [B={b}, Hkv={h}, {t}, D={d}]")
+        t = x.shape[2] if tokens is None and x.dim() == 4 else tokens
+        if tuple(x.shape) != (b, h, t, d):
+            raise ValueError(f"{name} shape {tuple(x.shape)} must be [B={b}, Hkv={h}, {t or 'T'}, D={d}]")
         check_same_device(cache=self.k_window, **{name: x})
 
     def _check_capacity(self, what: str, store_tokens: int) -> None:
@@ -243,6 +246,6 @@ class SparseKVCache:
         """
         window = {}
         if self.window > 0:
-            window = dict(k_window=self.k_window, v_window=self.v_window)
+            window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
                                        return_lse=return_lse, **window)

@@ -1,0 +1,337 @@
+"""SparseKVCache against a dense model of the same cache.
+
+`DenseModel` keeps every token dense in Python lists, one per sequence, and applies the flush
+policy of the SparseKVCache docstring on the host. After every step the cache state must equal
+the model exactly (lengths, window tokens bit for bit, the store equal to reference.prune_topk of
+the model's store tokens, all-zero rows past seq_lens); attend() is compared with a float64
+attention over [pruned store tokens | window tokens] built from the model alone.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mustafar_triton as mt
+from mustafar_triton import reference as ref
+from conftest import INTERPRETING
+from mt_testutils import bit_equal, randn, rel_err, seed_of
+
+SK, SV = 0.7, 0.5
+HQ, HKV, D = 4, 2, 64
+# rel. error floors of attend() vs float64 (the interpreter's dots are exact fp32; GPU fp32 is tf32)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5 if INTERPRETING else 3e-3}
+
+
+class DenseModel:
+    """Host model of a SparseKVCache: dense [Hkv, D] tokens per sequence, store and window lists."""
+
+    def __init__(self, batch, window, chunk):
+        self.window, self.chunk = window, chunk
+        self.store_k = [[] for _ in range(batch)]
+        self.store_v = [[] for _ in range(batch)]
+        self.win_k = [[] for _ in range(batch)]
+        self.win_v = [[] for _ in range(batch)]
+        self.max_window = 0  # the cache's host bound on the window fill
+
+    def prefill(self, k, v, lens):
+        w = self.window
+        t = k.shape[2]
+        for b, n in enumerate(lens):
+            split = max(n - w, 0)
+            self.store_k[b] = [k[b, :, i] for i in range(split)]
+            self.store_v[b] = [v[b, :, i] for i in range(split)]
+            self.win_k[b] = [k[b, :, i] for i in range(split, n)]
+            self.win_v[b] = [v[b, :, i] for i in range(split, n)]
+        self.max_window = min(t, w)
+
+    def append(self, k_new, v_new):
+        w, c = self.window, self.chunk
+        for b in range(len(self.win_k)):
+            if w == 0:
+                self.store_k[b].append(k_new[b, :, 0])
+                self.store_v[b].append(v_new[b, :, 0])
+                continue
+            if self.max_window == w and len(self.win_k[b]) > w - c:
+                n = min(len(self.win_k[b]), c)
+                self.store_k[b] += self.win_k[b][:n]
+                self.store_v[b] += self.win_v[b][:n]
+                del self.win_k[b][:n], self.win_v[b][:n]
+            self.win_k[b].append(k_new[b, :, 0])
+            self.win_v[b].append(v_new[b, :, 0])
+        if w > 0:
+            self.max_window = (w - c if self.max_window == w else self.max_window) + 1
+
+    def seq_lens(self):
+        return [len(s) for s in self.store_k]
+
+    def window_lens(self):
+        return [len(s) for s in self.win_k]
+
+    def attention64(self, q):
+        """float64 attention of q [B, Hq, D] over each sequence's [pruned store | window] tokens."""
+        out = torch.zeros(q.shape, dtype=torch.float64)
+        group = q.shape[1] // HKV
+        for b in range(q.shape[0]):
+            parts = []
+            for store, win, s in ((self.store_k[b], self.win_k[b], SK), (self.store_v[b], self.win_v[b], SV)):
+                pruned = ref.prune_topk(torch.stack(store, 1), s) if store else q.new_empty(HKV, 0, D)
+                dense = torch.stack(win, 1) if win else q.new_empty(HKV, 0, D)
+                parts.append(torch.cat([pruned, dense], 1).cpu().double().repeat_interleave(group, 0))
+            k, v = parts
+            if k.shape[1] == 0:
+                continue
+            scores = torch.einsum("hd,htd->ht", q[b].cpu().double(), k) / math.sqrt(D)
+            out[b] = torch.einsum("ht,htd->hd", scores.softmax(-1), v)
+        return out
+
+
+def tokens(b, t, dtype, seed, device):
+    return randn((b, HKV, t, D), dtype, seed, device), randn((b, HKV, t, D), dtype, seed + 1, device)
+
+
+def check_state(cache, model):
+    """Lengths, window tokens and store rows equal the model's, bit for bit."""
+    assert cache.seq_lens.tolist() == model.seq_lens()
+    assert cache.window_lens.tolist() == model.window_lens()
+    assert max(model.window_lens(), default=0) <= cache.window
+    store_k, store_v = ref.unpack(cache.packed_k), ref.unpack(cache.packed_v)
+    for b, (n, w) in enumerate(zip(model.seq_lens(), model.window_lens())):
+        for dense, got, s in ((model.store_k[b], store_k[b], SK), (model.store_v[b], store_v[b], SV)):
+            if n:
+                assert bit_equal(got[:, :n], ref.prune_topk(torch.stack(dense, 1), s))
+        for dense, got in ((model.win_k[b], cache.k_window[b]), (model.win_v[b], cache.v_window[b])):
+            if w:
+                assert bit_equal(got[:, :w], torch.stack(dense, 1))
+        for p in (cache.packed_k, cache.packed_v):  # the store stays zero past seq_lens
+            assert not p.bitmap[b, :, n:].any() and not p.values[b, :, n:].any()
+
+
+def check_attend(cache, model, seed, device):
+    q = randn((cache.batch, HQ, D), cache.dtype, seed, device)
+    out, lse = cache.attend(q, return_lse=True)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (cache.batch, HQ)
+    assert not out.isnan().any()
+    assert rel_err(out.cpu(), model.attention64(q)) <= TOL[cache.dtype]
+
+
+def make(device, b=2, max_tokens=48, window=8, chunk=None, dtype=torch.float16):
+    cache = mt.SparseKVCache(b, HKV, D, max_tokens, window, SK, SV, dtype=dtype, device=device, chunk=chunk)
+    return cache, DenseModel(b, window, cache.chunk)
+
+
+def run_steps(cache, model, device, n_appends, seed, attend_every=None):
+    """n_appends decode steps, state checked after each, attend() every attend_every steps."""
+    for i in range(n_appends):
+        k_new, v_new = tokens(cache.batch, 1, cache.dtype, seed + 10 * i, device)
+        cache.append(k_new, v_new)
+        model.append(k_new, v_new)
+        check_state(cache, model)
+        if attend_every and (i + 1) % attend_every == 0:
+            check_attend(cache, model, seed + 10 * i + 5, device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_prefill_and_appends_across_flushes(dtype, device):
+    """B=2, T=20, window 8, chunk 4: 14 appends cross four flushes."""
+    seed = seed_of("flushes", dtype)
+    cache, model = make(device, dtype=dtype)
+    k, v = tokens(2, 20, dtype, seed, device)
+    cache.prefill(k, v)
+    model.prefill(k, v, [20, 20])
+    check_state(cache, model)
+    check_attend(cache, model, seed + 2, device)
+    run_steps(cache, model, device, 14, seed + 3, attend_every=7)
+
+
+def test_uniform_batch_flushes_when_full(device):
+    """Without lens every window is compressed exactly when full: fills 8 -> 5, 6, 7, 8 -> 5."""
+    cache, _ = make(device, b=3, window=8, chunk=3)
+    k, v = tokens(3, 11, torch.float16, 1, device)
+    cache.prefill(k, v)
+    fills, stored = [], []
+    for i in range(8):
+        cache.append(*tokens(3, 1, torch.float16, 100 + i, device))
+        fills.append(cache.window_lens.tolist())
+        stored.append(cache.seq_lens.tolist())
+    assert [f[0] for f in fills] == [6, 7, 8, 6, 7, 8, 6, 7]
+    assert [s[0] for s in stored] == [6, 6, 6, 9, 9, 9, 12, 12]
+    assert all(len(set(f)) == 1 for f in fills + stored)
+
+
+def test_ragged_prefill(device):
+    """lens 0, 3 (< window), 8 (== window), 20: windows fill at different steps."""
+    seed = seed_of("ragged")
+    cache, model = make(device, b=4)
+    k, v = tokens(4, 20, torch.float16, seed, device)
+    lens = [0, 3, 8, 20]
+    cache.prefill(k, v, torch.tensor(lens, dtype=torch.int32, device=device))
+    model.prefill(k, v, lens)
+    check_state(cache, model)
+    check_attend(cache, model, seed + 2, device)
+    run_steps(cache, model, device, 10, seed + 3, attend_every=5)
+
+
+def test_prefill_lens_are_clamped_and_short_prompt(device):
+    """lens past T count as T; a prompt shorter than the window leaves the store empty."""
+    cache, model = make(device)
+    k, v = tokens(2, 5, torch.float16, 7, device)
+    cache.prefill(k, v, torch.tensor([9, -1], dtype=torch.int32, device=device))
+    model.prefill(k, v, [5, 0])
+    check_state(cache, model)
+    run_steps(cache, model, device, 4, 8)
+
+
+def test_appends_without_prefill(device):
+    """A fresh cache is empty (attend gives 0 and lse -inf); appends alone fill it."""
+    cache, model = make(device, window=4, chunk=2)
+    q = randn((2, HQ, D), torch.float16, 3, device)
+    out, lse = cache.attend(q, return_lse=True)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+    run_steps(cache, model, device, 9, 4, attend_every=9)
+
+
+@pytest.mark.parametrize("window,chunk", [(0, None), (1, None), (5, 5), (5, 1), (6, 3)],
+                         ids=["w0", "w1", "w5-c5", "w5-c1", "w6-c3"])
+def test_window_and_chunk_edge_cases(window, chunk, device):
+    """window 0 (every token compressed at once), window 1, whole-window and one-token flushes."""
+    seed = seed_of("edges", window, chunk)
+    cache, model = make(device, window=window, chunk=chunk, max_tokens=24)
+    k, v = tokens(2, 9, torch.float16, seed, device)
+    lens = [9, 4]
+    cache.prefill(k, v, torch.tensor(lens, dtype=torch.int32, device=device))
+    model.prefill(k, v, lens)
+    check_state(cache, model)
+    run_steps(cache, model, device, 8, seed + 3, attend_every=8)
+
+
+def test_second_prefill_replaces_contents(device):
+    cache, model = make(device)
+    cache.prefill(*tokens(2, 30, torch.float16, 1, device))
+    for i in range(5):
+        cache.append(*tokens(2, 1, torch.float16, 10 + i, device))
+    k, v = tokens(2, 12, torch.float16, 2, device)
+    cache.prefill(k, v, torch.tensor([12, 2], dtype=torch.int32, device=device))
+    model.prefill(k, v, [12, 2])
+    check_state(cache, model)
+    check_attend(cache, model, 3, device)
+
+
+def test_prefill_overflow(device):
+    cache, _ = make(device, max_tokens=10, window=4)
+    cache.prefill(*tokens(2, 14, torch.float16, 1, device))  # 10 compressed + 4 dense: fits
+    assert cache.seq_lens.tolist() == [10, 10]
+    with pytest.raises(ValueError, match="overflow.*max_tokens=10"):
+        cache.prefill(*tokens(2, 15, torch.float16, 1, device))
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_append_overflow_leaves_cache_unchanged(window, device):
+    """Capacity is max_tokens + window tokens; the append that could overflow raises first."""
+    cache, model = make(device, max_tokens=6, window=window, chunk=2 if window else None)
+    k, v = tokens(2, 3, torch.float16, 1, device)
+    cache.prefill(k, v, torch.tensor([3, 1], dtype=torch.int32, device=device))
+    model.prefill(k, v, [3, 1])
+    steps = 6 + window - 3  # the longest sequence fills the cache exactly
+    for i in range(steps):
+        k_new, v_new = tokens(2, 1, torch.float16, 10 + i, device)
+        cache.append(k_new, v_new)
+        model.append(k_new, v_new)
+    check_state(cache, model)
+    before = [t.clone() for t in (cache.packed_k.values, cache.packed_v.values, cache.k_window,
+                                  cache.seq_lens, cache.window_lens)]
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(*tokens(2, 1, torch.float16, 99, device))
+    after = (cache.packed_k.values, cache.packed_v.values, cache.k_window, cache.seq_lens, cache.window_lens)
+    assert all(bit_equal(a, b) for a, b in zip(before, after))
+
+
+def test_nbytes(device):
+    cache, _ = make(device, b=2, max_tokens=10, window=4)
+    k_row = D // 8 + mt.default_capacity(D, SK) * 2
+    v_row = D // 8 + mt.default_capacity(D, SV) * 2
+    want = 2 * HKV * 10 * (k_row + v_row) + 2 * 4 + 2 * (2 * HKV * 4 * D * 2) + 2 * 4
+    assert cache.nbytes == want
+
+
+def test_validation(device):
+    cache, _ = make(device)
+    k, v = tokens(2, 4, torch.float16, 0, device)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        mt.SparseKVCache(2, HKV, D, 8, -1, SK, SV, device=device)
+    with pytest.raises(ValueError, match="chunk must be in"):
+        mt.SparseKVCache(2, HKV, D, 8, 4, SK, SV, device=device, chunk=5)
+    with pytest.raises(ValueError, match="head_dim"):
+        mt.SparseKVCache(2, HKV, 48, 8, 4, SK, SV, device=device)
+    with pytest.raises(ValueError, match="sparsity"):
+        mt.SparseKVCache(2, HKV, D, 8, 4, 1.0, SV, device=device)
+    with pytest.raises(TypeError, match="dtype"):
+        cache.prefill(k.float(), v.float())
+    with pytest.raises(ValueError, match="shape"):
+        cache.prefill(k[:1], v[:1])
+    with pytest.raises(ValueError, match="shape"):
+        cache.prefill(k, v[:, :, :3])
+    with pytest.raises(TypeError, match="lens must be an int32"):
+        cache.prefill(k, v, torch.tensor([4, 4], device=device))
+    with pytest.raises(ValueError, match="lens shape"):
+        cache.prefill(k, v, torch.tensor([4], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="shape"):
+        cache.append(k, v)  # 4 tokens, not 1
+
+
+@settings(max_examples=8)
+@given(lens=st.lists(st.integers(0, 14), min_size=1, max_size=3),
+       window=st.sampled_from([0, 1, 3, 6]), chunk_frac=st.floats(0.0, 1.0),
+       appends=st.integers(0, 10), seed=st.integers(0, 2**16))
+def test_fuzz_prefill_and_appends(lens, window, chunk_frac, appends, seed, device):
+    chunk = max(1, round(chunk_frac * window))
+    b, t = len(lens), max(max(lens), 1)
+    cache, model = make(device, b=b, max_tokens=24, window=window, chunk=chunk)
+    k, v = tokens(b, t, torch.float16, seed, device)
+    cache.prefill(k, v, torch.tensor(lens, dtype=torch.int32, device=device))
+    model.prefill(k, v, lens)
+    for i in range(appends):
+        k_new, v_new = tokens(b, 1, torch.float16, seed + 10 + i, device)
+        cache.append(k_new, v_new)
+        model.append(k_new, v_new)
+    check_state(cache, model)
+    check_attend(cache, model, seed + 5, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: no host sync on the decode path; a captured attend() sees later appends
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.cuda_only
+def test_append_and_attend_do_not_sync(device):
+    cache, _ = make(device, window=4, chunk=2)
+    cache.prefill(*tokens(2, 10, torch.float16, 1, device))
+    q = randn((2, HQ, D), torch.float16, 2, device)
+    steps = [tokens(2, 1, torch.float16, 10 + i, device) for i in range(6)]
+    cache.attend(q)  # compile outside the check
+    cache.append(*steps[0])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k_new, v_new in steps[1:]:  # crosses flushes
+            cache.append(k_new, v_new)
+            cache.attend(q)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda_only
+def test_cuda_graph_of_attend_follows_appends(device):
+    """The buffers never move, so a graph captured once replays over the cache as it grows."""
+    cache, _ = make(device, window=4, chunk=2)
+    cache.prefill(*tokens(2, 10, torch.float16, 1, device))
+    q = randn((2, HQ, D), torch.float16, 2, device)
+    cache.attend(q)  # compile before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = cache.attend(q)
+    for i in range(5):
+        cache.append(*tokens(2, 1, torch.float16, 10 + i, device))
+        graph.replay()
+        torch.testing.assert_close(static_out, cache.attend(q), rtol=1e-3, atol=1e-3)

@@ -1,0 +1,125 @@
+"""The torch.library custom op torch.ops.mustafar_triton.sparse_decode_attention.
+
+It must give exactly the direct call's results, pass torch.library.opcheck (schema, fake tensor,
+autograd registration, AOT dispatch with dynamic shapes), and trace under
+torch.compile(fullgraph=True) with the real inductor backend (on the CPU too, where the op itself
+runs the kernels through the Triton interpreter).
+"""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import mustafar_triton as mt
+from mt_testutils import randn
+
+OP = torch.ops.mustafar_triton.sparse_decode_attention.default
+
+
+def make_case(device, *, b=2, hq=4, hkv=2, t=20, w=4, d=64, dtype=torch.float16, seed=0):
+    """q [B, Hq, D], ragged packed K / V [B, Hkv, T, D] and a ragged dense window [B, Hkv, W, D]."""
+    seq_lens = torch.tensor([t, t // 3][:b], dtype=torch.int32, device=device)
+    pk = mt.prune_and_pack(randn((b, hkv, t, d), dtype, seed, device), 0.7, seq_lens=seq_lens)
+    pv = mt.prune_and_pack(randn((b, hkv, t, d), dtype, seed + 1, device), 0.5, seq_lens=seq_lens)
+    q = randn((b, hq, d), dtype, seed + 2, device)
+    window = dict(k_window=randn((b, hkv, w, d), dtype, seed + 3, device),
+                  v_window=randn((b, hkv, w, d), dtype, seed + 4, device),
+                  window_lens=torch.tensor([w, 1][:b], dtype=torch.int32, device=device))
+    return q, pk, pv, window
+
+
+def op_args(q, pk, pv, window, softmax_scale=None, num_splits=0):
+    return (q, pk.bitmap, pk.values, pv.bitmap, pv.values, pk.seq_lens, window.get("k_window"),
+            window.get("v_window"), window.get("window_lens"), softmax_scale, num_splits)
+
+
+def test_schema():
+    assert str(OP._schema) == (
+        "mustafar_triton::sparse_decode_attention(Tensor q, Tensor k_bitmap, Tensor k_values, "
+        "Tensor v_bitmap, Tensor v_values, Tensor? seq_lens=None, Tensor? k_window=None, "
+        "Tensor? v_window=None, Tensor? window_lens=None, float? softmax_scale=None, "
+        "SymInt num_splits=0) -> (Tensor, Tensor)")
+
+
+@pytest.mark.parametrize("with_window", [True, False], ids=["window", "no-window"])
+@pytest.mark.parametrize("scale,splits", [(None, 0), (0.3, 1), (None, 2)])
+def test_op_equals_direct_call(with_window, scale, splits, device):
+    q, pk, pv, window = make_case(device, seed=3)
+    window = window if with_window else {}
+    want, want_lse = mt.sparse_decode_attention(q, pk, pv, softmax_scale=scale, num_splits=splits,
+                                                return_lse=True, **window)
+    out, lse = OP(*op_args(q, pk, pv, window, scale, splits))
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    out2 = mt.sparse_decode_attention_op(q, pk, pv, softmax_scale=scale, num_splits=splits, **window)
+    assert torch.equal(out2, want)
+
+
+def test_op_without_seq_lens(device):
+    q, _, _, window = make_case(device, seed=4)
+    k, v = randn((2, 2, 9, 64), torch.float16, 5, device), randn((2, 2, 9, 64), torch.float16, 6, device)
+    pk, pv = mt.prune_and_pack(k, 0.7), mt.prune_and_pack(v, 0.7)
+    want = mt.sparse_decode_attention(q, pk, pv, **window)
+    assert torch.equal(mt.sparse_decode_attention_op(q, pk, pv, **window), want)
+
+
+def test_fake_shapes():
+    """The fake implementation: out like q (contiguous), lse float32 [B, Hq]; no kernel runs."""
+    with FakeTensorMode():
+        q = torch.empty(3, 8, 128, dtype=torch.bfloat16)
+        kb, vb = torch.empty(3, 2, 50, 4, dtype=torch.int32), torch.empty(3, 2, 50, 4, dtype=torch.int32)
+        kv, vv = torch.empty(3, 2, 50, 40, dtype=torch.bfloat16), torch.empty(3, 2, 50, 64, dtype=torch.bfloat16)
+        out, lse = OP(q, kb, kv, vb, vv)
+    assert out.shape == (3, 8, 128) and out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert lse.shape == (3, 8) and lse.dtype == torch.float32
+
+
+def test_opcheck(device):
+    """Schema, fake tensor, autograd registration and AOT dispatch checks of torch.library."""
+    q, pk, pv, window = make_case(device, seed=7)
+    torch.library.opcheck(OP, op_args(q, pk, pv, window, softmax_scale=0.3))
+    # no optional tensors; q a non-contiguous view (the output is contiguous, as the fake says)
+    q_wide = randn((2, 8, 64), torch.float16, 8, device)
+    t_pk, t_pv = mt.prune_and_pack(q_wide[:, None, :5].expand(2, 2, 5, 64), 0.5), mt.prune_and_pack(
+        q_wide[:, None, 3:].expand(2, 2, 5, 64), 0.5)
+    torch.library.opcheck(OP, op_args(q_wide[:, ::2], t_pk, t_pv, {}))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_compile_fullgraph(device):
+    """torch.compile(fullgraph=True, inductor) of a function around the op: PackedKV arguments,
+    arithmetic before and after it. Inductor compiles the surrounding graph (C++ on the CPU)."""
+    q, pk, pv, window = make_case(device, seed=9)
+
+    def step(q, pk, pv, window):
+        out, lse = mt.sparse_decode_attention_op(q * 2, pk, pv, return_lse=True, **window)
+        return out.float() + 1, lse.exp()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    got, want = compiled(q, pk, pv, window), step(q, pk, pv, window)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_wrapper_validation(device):
+    q, pk, pv, window = make_case(device, seed=1)
+    with pytest.raises(TypeError, match="PackedKV"):
+        mt.sparse_decode_attention_op(q, pk.values, pv)
+    no_lens = mt.PackedKV(pv.bitmap, pv.values, pv.capacity, pv.head_dim)
+    with pytest.raises(ValueError, match="both have seq_lens"):
+        mt.sparse_decode_attention_op(q, pk, no_lens)
+    with pytest.raises(ValueError, match="head_dim"):  # raised by the op's implementation
+        mt.sparse_decode_attention_op(q[..., :32], pk, pv)
+
+
+@pytest.mark.cuda_only
+def test_cuda_graph_capture(device):
+    q, pk, pv, window = make_case(device, seed=11)
+    want = mt.sparse_decode_attention_op(q, pk, pv, **window)  # compiles before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mt.sparse_decode_attention_op(q, pk, pv, **window)
+    q.copy_(randn(tuple(q.shape), q.dtype, 12, device))
+    graph.replay()
+    torch.testing.assert_close(out, mt.sparse_decode_attention(q, pk, pv, **window), rtol=1e-3, atol=1e-3)
+    assert not torch.equal(out, want)
