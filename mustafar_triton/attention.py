@@ -73,7 +73,7 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
 def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: PackedKV, *,
                             k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
                             window_lens: torch.Tensor | None = None, softmax_scale: float | None = None,
-                            return_lse: bool = False, num_splits: int = 0):
+                            return_lse: bool = False, num_splits: int = 0, max_seq_len: int | None = None):
     """One decode step of attention over a compressed cache plus a dense window of recent tokens.
 
     q:        [B, Hq, D] fp16 / bf16 / fp32, one query token per sequence.
@@ -84,6 +84,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
               compressed token; window_lens int32 [B] valid window tokens (default all W).
     softmax_scale: default 1 / sqrt(D).
     num_splits: sequence splits (flash-decoding); 0 picks from tuning / the grid size.
+    max_seq_len: a host-side upper bound of packed_k.seq_lens (default T). Splits are sized on it,
+              so a cache allocated far beyond its contents still spreads its work over the GPU;
+              compressed tokens at or past it are not attended.
     GQA: query head h reads kv head h // (Hq // Hkv); MQA (Hkv=1) and MHA work.
     Returns out [B, Hq, D] in q's dtype, and lse [B, Hq] float32 (natural log) if return_lse.
     A sequence with no token at all gets out = 0 and lse = -inf. NaN / inf in q or the caches
@@ -105,13 +108,19 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         raise ValueError("packed_k and packed_v must both have seq_lens or both not")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+    tokens = packed_k.shape[2]
+    if max_seq_len is None:
+        max_seq_len = tokens
+    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 0 <= max_seq_len <= tokens:
+        raise ValueError(f"max_seq_len must be an int in [0, T={tokens}], got {max_seq_len!r}")
     k_window, v_window, window_lens = _check_window(k_window, v_window, window_lens, packed_k, q)
     if q.stride(-1) != 1:
         q = q.contiguous()
 
     batch, hq, d = q.shape
-    hkv, tokens = packed_k.shape[1], packed_k.shape[2]
+    hkv = packed_k.shape[1]
     window = 0 if k_window is None else k_window.shape[2]
+    context = max_seq_len + window  # the virtual sequence the splits divide
     group = hq // hkv
     scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
     out = torch.empty_like(q)
@@ -121,9 +130,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
 
     def run(cfg):
         splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device),
-                                   batch * hkv, tokens + window, cfg["BLOCK_N"])
-        per_split = max(1, triton.cdiv(triton.cdiv(tokens + window, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
-        splits = max(1, triton.cdiv(tokens + window, per_split))
+                                   batch * hkv, context, cfg["BLOCK_N"])
+        per_split = max(1, triton.cdiv(triton.cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
+        splits = max(1, triton.cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * hkv, splits, group), dtype=torch.float32, device=q.device)
         wstride = k_window.stride() if k_window is not None else (0, 0, 0, 1)
@@ -132,7 +141,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             _slot_table(q.device),
             k_window, v_window, window_lens, part_out, part_lse,
             q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
-            hkv, tokens, window, per_split, scale * 1.4426950408889634,
+            hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634,
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
             K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity, BLOCK_N=cfg["BLOCK_N"],
             HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
@@ -149,6 +158,6 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
 
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
                               capacity=max(packed_k.capacity, packed_v.capacity),
-                              batch_heads=batch * hkv, context=tokens + window)
+                              batch_heads=batch * hkv, context=context)
     run(cfg)
     return (out, lse) if return_lse else out

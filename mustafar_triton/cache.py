@@ -238,14 +238,19 @@ class SparseKVCache:
         self.window_lens.add_(1)
         self._max_window += 1
 
-    def attend(self, q: torch.Tensor, softmax_scale: float | None = None, return_lse: bool = False):
+    def attend(self, q: torch.Tensor, softmax_scale: float | None = None, return_lse: bool = False,
+               for_graph: bool = False):
         """Decode attention of q [B, Hq, D] over every cached token (store, then window).
 
         GQA: query head h reads kv head h // (Hq // Hkv). softmax_scale default 1 / sqrt(D).
         Returns out [B, Hq, D] in the cache dtype, and lse [B, Hq] float32 if return_lse.
+        The kernel's splits are sized on the host's bound of the stored length, so a cache
+        allocated far beyond its contents still uses the whole GPU. A CUDA graph captured now
+        would keep that bound; capture with for_graph=True, which sizes on max_tokens instead.
         """
         window = {}
         if self.window > 0:
             window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
+        bound = self.max_tokens if for_graph else self._max_store
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
-                                       return_lse=return_lse, **window)
+                                       return_lse=return_lse, max_seq_len=bound, **window)

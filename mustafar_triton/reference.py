@@ -94,7 +94,7 @@ def unpack(packed: PackedKV) -> torch.Tensor:
 
 
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
-                            softmax_scale=None, return_lse=False, num_splits=0,
+                            softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64):
     """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
     [0, window_len), computed in `compute_dtype`. Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]]."""
@@ -102,8 +102,8 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
     k, v = unpack(packed_k), unpack(packed_v)
     hkv, t = k.shape[1], k.shape[2]
     dev = q.device
-    valid = torch.arange(t, device=dev)[None, :] < (
-        packed_k.seq_lens.to(dev)[:, None] if packed_k.seq_lens is not None else torch.full((b, 1), t, device=dev))
+    lens = packed_k.seq_lens.to(dev)[:, None] if packed_k.seq_lens is not None else torch.full((b, 1), t, device=dev)
+    valid = torch.arange(t, device=dev)[None, :] < lens.clamp(max=t if max_seq_len is None else max_seq_len)
     if k_window is not None:
         w = k_window.shape[2]
         wl = window_lens.to(dev) if window_lens is not None else torch.full((b,), w, device=dev)

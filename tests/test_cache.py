@@ -326,11 +326,11 @@ def test_cuda_graph_of_attend_follows_appends(device):
     cache, _ = make(device, window=4, chunk=2)
     cache.prefill(*tokens(2, 10, torch.float16, 1, device))
     q = randn((2, HQ, D), torch.float16, 2, device)
-    cache.attend(q)  # compile before capture
+    cache.attend(q, for_graph=True)  # compile before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_out = cache.attend(q)
+        static_out = cache.attend(q, for_graph=True)
     for i in range(5):
         cache.append(*tokens(2, 1, torch.float16, 10 + i, device))
         graph.replay()

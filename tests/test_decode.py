@@ -434,3 +434,31 @@ def test_property_decode_matches_reference(c, device):
         if c["wlens"] is not None:
             kw["window_lens"] = torch.tensor(c["wlens"], dtype=torch.int32, device=device)
     check_decode(q, pk, pv, num_splits=c["splits"], **kw)
+
+
+@pytest.mark.parametrize("num_splits", [0, 3])
+def test_max_seq_len_hint_sizes_splits_without_changing_the_result(num_splits, device):
+    """A cache allocated for 300 tokens holding at most 45: the hint only moves work between splits."""
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=300, d=64, dtype=torch.float32, seed=41,
+                              seq_lens=[45, 17], w=6, window_lens=[6, 3])
+    full, full_lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True, num_splits=num_splits, **kw)
+    hinted, hinted_lse = check_decode(q, pk, pv, num_splits=num_splits, max_seq_len=45, **kw)
+    assert torch.allclose(hinted, full, rtol=FP32_TOL, atol=FP32_TOL)
+    assert torch.allclose(hinted_lse, full_lse, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+def test_tokens_past_max_seq_len_are_not_attended(device):
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=50, d=64, dtype=torch.float32, seed=42,
+                              seq_lens=[50, 20], w=4)
+    hinted = mt.sparse_decode_attention(q, pk, pv, max_seq_len=20, **kw)
+    short_k = mt.PackedKV(pk.bitmap, pk.values, pk.capacity, pk.head_dim, torch.full_like(pk.seq_lens, 20))
+    short_v = mt.PackedKV(pv.bitmap, pv.values, pv.capacity, pv.head_dim, short_k.seq_lens)
+    want = reference64(q, short_k, short_v, **kw)[0]
+    assert rel_err(hinted, want) <= 1e-5 + (0 if INTERPRETING else 3e-3)
+
+
+@pytest.mark.parametrize("bad", [-1, 51, 2.0, True])
+def test_max_seq_len_must_fit_the_allocation(bad, device):
+    q, pk, pv, _ = make_case(device, t=50)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        mt.sparse_decode_attention(q, pk, pv, max_seq_len=bad)

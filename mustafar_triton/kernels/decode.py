@@ -117,7 +117,7 @@ def _sparse_decode_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, lut_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
-    num_kv_heads, tokens, window, tokens_per_split, qk_scale,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
@@ -136,12 +136,14 @@ def _sparse_decode_kernel(
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
 
-    # This split's range of the virtual sequence [compressed tokens | window tokens].
+    # This split's range of the virtual sequence [compressed tokens | window tokens], where the
+    # window starts at seq_bound: the host's upper bound of every sequence's compressed length
+    # (at most the allocation `tokens`), so splits cover what is there, not what is allocated.
     lo = split * tokens_per_split
     hi = lo + tokens_per_split
-    seq_len = tokens
+    seq_len = seq_bound
     if HAS_SEQ_LENS:
-        seq_len = tl.minimum(tl.load(seq_lens_ptr + b), tokens)  # never past the allocation
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + b), seq_bound)
 
     # Pointers to this (batch, kv head) stream; token offsets inside it stay int32.
     stream = bh.to(tl.int64) * tokens
@@ -161,13 +163,12 @@ def _sparse_decode_kernel(
         m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
-        # Window tokens sit at virtual positions [tokens, tokens + window_len): splits are sized
-        # on allocated lengths, so a ragged compressed part only shifts work between splits.
+        # Window tokens sit at virtual positions [seq_bound, seq_bound + window_len).
         win_len = window
         if HAS_WINDOW_LENS:
             win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
-        w_lo = tl.maximum(lo - tokens, 0)
-        w_hi = tl.minimum(hi - tokens, win_len)
+        w_lo = tl.maximum(lo - seq_bound, 0)
+        w_hi = tl.minimum(hi - seq_bound, win_len)
         base = b.to(tl.int64) * stride_wb + h * stride_wh
         for start in range(w_lo, w_hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
