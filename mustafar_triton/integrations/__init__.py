@@ -1,0 +1,1 @@
+"""Adapters for model libraries (optional dependencies, imported on demand)."""
