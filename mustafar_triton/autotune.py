@@ -16,10 +16,12 @@ falls through with one warning.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -198,3 +200,19 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
     best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
     write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
     return best
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, cfg: dict):
+    """Within the block, launches of `kernel` use cfg instead of the looked-up config (other
+    kernels are unaffected). For tuning and experiments, not for production code."""
+    module = sys.modules[__name__]
+    original = module.config_for
+
+    def config_for(name, device, run=None, **bucket):
+        return dict(cfg) if name == kernel else original(name, device, run=run, **bucket)
+    module.config_for = config_for
+    try:
+        yield
+    finally:
+        module.config_for = original

@@ -42,23 +42,10 @@ def select_buckets(quick: bool):
                 yield dict(d=d, dtype=dtype, rows=rows)
 
 
-def _forcing(kernel_name: str, cfg: dict):
-    """A config_for that returns cfg for kernel_name and defers for every other kernel."""
-    original = autotune.config_for
-
-    def config_for(kernel, device, run=None, **bucket):
-        return dict(cfg) if kernel == kernel_name else original(kernel, device, run=run, **bucket)
-    return config_for
-
-
 def run_with(kernel: str, cfg: dict, fn) -> None:
     """Call fn with `kernel` launched under cfg."""
-    original = autotune.config_for
-    autotune.config_for = _forcing(kernel, cfg)
-    try:
+    with autotune.forced_config(kernel, cfg):
         fn()
-    finally:
-        autotune.config_for = original
 
 
 def tune_bucket(kernel: str, bucket: dict, fn, device) -> dict:

@@ -3,56 +3,21 @@ SDPA, in one run on the same data. Writes JSON (meta + rows) and prints a table.
 
     python perf/decode_variants.py --out perf/results/decode_variants_h100.json
 
-Variants are forced by replacing the config lookup, so the public API stays as users see it.
+Variants are forced with autotune.forced_config, so the public API stays as users see it.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import subprocess
+from pathlib import Path
 
 import torch
-import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import mustafar_triton as mt
-from mustafar_triton import attention as attention_mod
-from mustafar_triton import reference
-from mustafar_triton.kernels.decode import SLOT_MODES
+from common import bench_us, copy_bandwidth, environment, write_results  # noqa: E402 (puts the repo first)
 
-
-def meta() -> dict:
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-    except Exception:
-        commit = os.environ.get("MUSTAFAR_COMMIT", "unknown")
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
-
-
-def bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2**30 // 2, dtype=torch.float16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    us = bench(lambda: y.copy_(x))
-    return 2 * x.numel() * 2 / (us * 1e-6)
-
-
-ORIGINAL_CONFIG_FOR = attention_mod.autotune.config_for
-
-
-def forced(cfg, kernel_name="decode"):
-    """Launch `kernel_name` with `cfg` instead of the tuned config (other kernels unchanged)."""
-    def config_for(kernel, device, run=None, **bucket):
-        if kernel == kernel_name:
-            return dict(cfg)
-        return ORIGINAL_CONFIG_FOR(kernel, device, run=run, **bucket)
-    return config_for
+import mustafar_triton as mt  # noqa: E402
+from mustafar_triton import autotune, reference  # noqa: E402
+from mustafar_triton.kernels.decode import SLOT_MODES  # noqa: E402
 
 
 def main():
@@ -66,7 +31,10 @@ def main():
     torch.manual_seed(0)
     dev = torch.device("cuda")
     rows = []
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(dev, 2**30)
+
+    def bench(fn) -> float:
+        return bench_us(fn, dev)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
 
     # Correctness of every slot mode on the GPU first (fp16 and bf16, GQA, ragged, window).
@@ -83,9 +51,9 @@ def main():
                                                  compute_dtype=dt)
         same_err = ((same.double() - ref.double()).norm() / ref.double().norm()).item()
         for slots in SLOT_MODES:
-            attention_mod.autotune.config_for = forced(dict(BLOCK_N=64, num_warps=4, num_stages=2,
-                                                            num_splits=0, SLOTS=slots))
-            out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
+            with autotune.forced_config("decode", dict(BLOCK_N=64, num_warps=4, num_stages=2,
+                                                       num_splits=0, SLOTS=slots)):
+                out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
             rows.append(dict(kind="check", dtype=str(dt), slots=slots, rel_err=err, same_dtype_torch_err=same_err))
             print(f"check {dt} {slots}: rel err {err:.2e} (same-dtype torch {same_err:.2e})", flush=True)
@@ -111,12 +79,11 @@ def main():
         best_dense = min(best_dense, us)
         rows.append(dict(kind="dense_sdpa", backend=name, us=us, bytes=dense_bytes,
                          bw_frac=dense_bytes / (us * 1e-6) / bw, **shape))
-    attention_mod.autotune.config_for = forced(dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="lut"))
     empty = mt.prune_and_pack(k[:, :, :0], 0.7)
     for bn, warps in ((64, 4), (128, 8)):
-        attention_mod.autotune.config_for = forced(dict(BLOCK_N=bn, num_warps=warps, num_stages=2,
-                                                        num_splits=0, SLOTS="lut"))
-        us = bench(lambda: mt.sparse_decode_attention(q, empty, empty, k_window=k, v_window=v))
+        with autotune.forced_config("decode", dict(BLOCK_N=bn, num_warps=warps, num_stages=2,
+                                                   num_splits=0, SLOTS="lut")):
+            us = bench(lambda: mt.sparse_decode_attention(q, empty, empty, k_window=k, v_window=v))
         rows.append(dict(kind="dense_triton_window", config=f"{bn}:{warps}", us=us, bytes=dense_bytes,
                          bw_frac=dense_bytes / (us * 1e-6) / bw, **shape))
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
@@ -126,27 +93,25 @@ def main():
         cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=0, SLOTS=slots)
         if maxnreg:
             cfg["maxnreg"] = int(maxnreg[0])
-        attention_mod.autotune.config_for = forced(cfg)
         try:
-            us = bench(lambda: mt.sparse_decode_attention(q, pk, pv))
-        except Exception as err:
+            with autotune.forced_config("decode", cfg):
+                us = bench(lambda: mt.sparse_decode_attention(q, pk, pv))
+        except Exception as err:  # a config the GPU cannot hold
             print(f"{spec}: {type(err).__name__}: {str(err)[:100]}", flush=True)
             continue
         rows.append(dict(kind="sparse", config=spec, us=us, bytes=sparse_bytes,
                          bw_frac=sparse_bytes / (us * 1e-6) / bw, speedup_vs_dense=best_dense / us, **shape))
         print(f"{spec}: {us:.1f} us", flush=True)
-    attention_mod.autotune.config_for = ORIGINAL_CONFIG_FOR
 
     # prune_and_pack throughput (K only, [B, Hkv, T, D]).
     for bt, warps in ((16, 4), (32, 4), (64, 4), (32, 8), (64, 8)):
-        attention_mod.autotune.config_for = forced(dict(BLOCK_T=bt, num_warps=warps, num_stages=1), "select")
-        us = bench(lambda: mt.prune_and_pack(k, args.sparsity))
+        with autotune.forced_config("select", dict(BLOCK_T=bt, num_warps=warps, num_stages=1)):
+            us = bench(lambda: mt.prune_and_pack(k, args.sparsity))
         moved = k.numel() * 2 + pk.nbytes
         rows.append(dict(kind="prune_and_pack", config=f"{bt}:{warps}", us=us, bytes=moved,
                          bw_frac=moved / (us * 1e-6) / bw, **shape))
 
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=dict(meta(), copy_bandwidth_Bps=bw), rows=rows), f, indent=1)
+    write_results(Path(args.out), dict(environment(dev), copy_bandwidth_Bps=bw), rows)
     print(f"\n{'kind':22s} {'config':16s} {'us':>9s} {'bw frac':>8s} {'vs dense':>8s}")
     for r in rows:
         if r["kind"] != "check":
