@@ -341,3 +341,13 @@ def test_shipped_files_are_valid(path):
         required = set.intersection(*(set(c) for c in space)) - optional
         allowed = set.union(*(set(c) for c in space)) | optional
         assert required <= set(e["config"]) <= allowed, e
+
+
+def test_forced_config_applies_to_one_kernel_and_is_restored():
+    cpu = torch.device("cpu")
+    forced = dict(BLOCK_N=16, num_warps=2, num_stages=1, num_splits=3, SLOTS="lut")
+    select_before = at.config_for("select", cpu, rows=64, **SELECT_BUCKET)
+    with at.forced_config("decode", forced):
+        assert at.config_for("decode", cpu, batch_heads=8, context=100, **DECODE_BUCKET) == forced
+        assert at.config_for("select", cpu, rows=64, **SELECT_BUCKET) == select_before
+    assert at.config_for("decode", cpu, batch_heads=8, context=100, **DECODE_BUCKET) != forced
