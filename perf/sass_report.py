@@ -43,8 +43,10 @@ def compile_decode(args):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
+    # pointers 16-byte aligned, as the launcher specializes torch allocations
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr")}
     src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+                    constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     options = dict(num_warps=args.warps, num_stages=args.stages)
     if args.maxnreg:
         options["maxnreg"] = args.maxnreg
