@@ -21,7 +21,6 @@ import json
 import math
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 
@@ -206,13 +205,13 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
 def forced_config(kernel: str, cfg: dict):
     """Within the block, launches of `kernel` use cfg instead of the looked-up config (other
     kernels are unaffected). For tuning and experiments, not for production code."""
-    module = sys.modules[__name__]
-    original = module.config_for
+    global config_for
+    original = config_for
 
-    def config_for(name, device, run=None, **bucket):
+    def forced(name, device, run=None, **bucket):
         return dict(cfg) if name == kernel else original(name, device, run=run, **bucket)
-    module.config_for = config_for
+    config_for = forced
     try:
         yield
     finally:
-        module.config_for = original
+        config_for = original

@@ -12,8 +12,8 @@ Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
            measured on the H100)
   "lut"    a 256-entry table per bitmap byte (slot offsets and keep bits as nibbles); runs in the
            interpreter too (slower on the H100: 640-704 us vs 466-545 us, see perf/NOTES.md)
-The bitmap words of the next tile are loaded one tile ahead; the value gathers cannot be
-pipelined by Triton and pipelining them by hand spilled registers (perf/NOTES.md).
+The bitmap words of the next tile are loaded one tile ahead. Triton does not pipeline the value
+gathers, and pipelining them by hand measured slower (645 us vs 466 us; perf/NOTES.md).
 """
 from __future__ import annotations
 
@@ -75,7 +75,6 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         nibble = ((entry[:, None, :] >> nibble_shift[None, :, None]) & 0xF).to(tl.int32)  # [NB, 8, BN]
         offset = tl.reshape(byte_base[:, None, :] + (nibble & 7), [HEAD_DIM, BLOCK_N])
         keep = tl.reshape(nibble >= 8, [HEAD_DIM, BLOCK_N])
-        tile = tl.load(values_ptr + offset, mask=keep, other=0.0)
     else:
         counts = libdevice.popc(words.to(tl.int32, bitcast=True))                # [NW, BN]
         words = tl.where(tl.sum(counts, axis=0)[None, :] <= CAPACITY, words, 0)
@@ -85,9 +84,8 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         in_word = libdevice.popc((words[:, None, :] & below[None, :, None]).to(tl.int32, bitcast=True))
         offset = tl.reshape(word_base[:, None, :] + in_word, [HEAD_DIM, BLOCK_N])
         keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [HEAD_DIM, BLOCK_N])
-        tile = tl.load(values_ptr + offset, mask=keep, other=0.0)
     # offsets are token * CAPACITY + slot, formed in int32 so each element needs one 64-bit add
-    return tile
+    return tl.load(values_ptr + offset, mask=keep, other=0.0)
 
 
 @triton.jit
@@ -230,9 +228,9 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
 
 
 def decode_config_space(**bucket) -> list[dict]:
-    # Measured on the H100 (perf/results/decode_variants_h100.json): 8 warps, BLOCK_N=128, and the
-    # "lut" and "byte" expansions were slower at every shape we looked at, so the space spends its
-    # time on tile length, stages, splits and a register cap (fewer registers, more programs/SM).
+    # Measured on the H100 (perf/results/decode_variants_h100_*.json): 8 warps, BLOCK_N=128 and the
+    # "lut" expansion were slower at every shape we looked at, so the space spends its time on
+    # tile length, stages, splits, a register cap and the split-merge kernel's warps.
     space = []
     for block_n in (32, 64):
         for stages in (1, 2):
