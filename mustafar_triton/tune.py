@@ -1,9 +1,12 @@
 """Tune every kernel on the current GPU and write autotune_cache/<device>.json.
 
-    python -m mustafar_triton.tune [--out-dir autotune_cache] [--quick] [--report perf/results/tune.json]
+    python -m mustafar_triton.tune [--out-dir autotune_cache] [--quick] [--kernels decode,select,unpack]
+                                   [--report perf/results/tune.json]
 
 For each shape bucket it times the kernel's whole config space (median of do_bench), keeps the
 fastest, and reports the fastest against the heuristic default so a tuned file can be judged.
+Entries already in the device's file for buckets this run does not tune are kept, so the kernel
+families can be tuned in separate runs.
 """
 from __future__ import annotations
 
@@ -66,16 +69,18 @@ def main():
     ap.add_argument("--out-dir", default=str(autotune.REPO_CACHE_DIR))
     ap.add_argument("--report", default=None, help="also write every timing here (JSON)")
     ap.add_argument("--quick", action="store_true", help="one bucket per kernel family")
+    ap.add_argument("--kernels", default="decode,select,unpack", help="comma-separated kernel families")
     args = ap.parse_args()
+    kernels = set(args.kernels.split(","))
+    if not kernels <= {"decode", "select", "unpack"}:
+        ap.error(f"--kernels takes decode, select, unpack; got {args.kernels}")
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     results = []
     jobs = []
-    for b in decode_buckets(args.quick):
-        jobs.append(("decode", b))
-    for b in select_buckets(args.quick):
-        jobs.append(("select", b))
-        jobs.append(("unpack", b))
+    jobs += [("decode", b) for b in decode_buckets(args.quick)]
+    jobs += [(k, b) for b in select_buckets(args.quick) for k in ("select", "unpack")]
+    jobs = [(k, b) for k, b in jobs if k in kernels]
     start = time.time()
     for i, (kernel, b) in enumerate(jobs):
         if kernel == "decode":
@@ -101,12 +106,15 @@ def main():
         torch.cuda.empty_cache()
     entries = [dict(kernel=r["kernel"], bucket=r["bucket"], config=r["config"]) for r in results]
     name = autotune.normalised_device_name(torch.cuda.get_device_name(device))
-    autotune.write_entries(Path(args.out_dir) / f"{name}.json", entries, device)
+    path = Path(args.out_dir) / f"{name}.json"
+    tuned = [(e["kernel"], e["bucket"]) for e in entries]
+    entries += [e for e in autotune.load_entries(path) if (e["kernel"], e["bucket"]) not in tuned]
+    autotune.write_entries(path, entries, device)
     if args.report:
         meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
                     triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
         Path(args.report).write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str))
-    print(f"wrote {Path(args.out_dir) / f'{name}.json'} ({len(entries)} entries)")
+    print(f"wrote {path} ({len(entries)} entries, {len(results)} tuned now)")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--sparsity", type=float, default=0.7)
-    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2")
+    ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
+                    help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits]] "
+                         "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -89,10 +91,12 @@ def main():
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
-        slots, bn, warps, stages, *maxnreg = spec.split(":")
-        cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=0, SLOTS=slots)
-        if maxnreg:
-            cfg["maxnreg"] = int(maxnreg[0])
+        slots, bn, warps, stages, *extra = spec.split(":")
+        maxnreg, splits = extra + ["0", "0"][len(extra):]
+        cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=int(splits),
+                   SLOTS=slots)
+        if int(maxnreg):
+            cfg["maxnreg"] = int(maxnreg)
         try:
             with autotune.forced_config("decode", cfg):
                 us = bench(lambda: mt.sparse_decode_attention(q, pk, pv))

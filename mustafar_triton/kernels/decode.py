@@ -229,19 +229,16 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
 
 def decode_config_space(**bucket) -> list[dict]:
     # Measured on the H100 (perf/results/decode_variants_h100_*.json): 8 warps, BLOCK_N=128 and the
-    # "lut" expansion were slower at every shape we looked at, so the space spends its time on
-    # tile length, stages, splits, a register cap and the split-merge kernel's warps.
+    # "lut" expansion were slower at every shape we looked at, and stages 1 vs 2 made no difference,
+    # so the space spends its time on tile length, splits and a register cap.
     space = []
     for block_n in (32, 64):
-        for stages in (1, 2):
-            for splits in (0, -2):  # 0: fill ~2 waves; -2: fill ~4 waves (see choose_num_splits)
-                for maxnreg in (None, 128):
-                    for merge_warps in (4, 1):  # the split-merge kernel is tuned jointly
-                        cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=stages, num_splits=splits,
-                                   SLOTS="popc", merge_warps=merge_warps)
-                        if maxnreg:
-                            cfg["maxnreg"] = maxnreg
-                        space.append(cfg)
+        for splits in (0, -2, -4):  # fill ~2, ~4 or ~8 waves of programs (see choose_num_splits)
+            for maxnreg in (None, 128):
+                cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=2, num_splits=splits, SLOTS="popc")
+                if maxnreg:
+                    cfg["maxnreg"] = maxnreg
+                space.append(cfg)
     return space
 
 
