@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
-# Everything a GPU session should re-run after a kernel change, in one device call (~9 minutes
-# on an H100, cold). Writes logs and result files under $OUT; copy them into perf/results/.
-#   bash perf/gpu_session.sh            (set OUT to a folder; default /tmp/mustafar_out)
+# What a GPU session re-runs after a change, as stages that fit in one device call each
+# (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
+# perf/results/ and autotune_cache/.
+#   OUT=/tmp/out bash perf/gpu_session.sh tests generation     (~7 minutes on an H100)
+#   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~9 minutes)
+# Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
+# index by lengths), tune (full decode tuning; prune/pack and unpack stay as tuned), tune-quick,
+# sweep (quick sweep), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
-MUSTAFAR_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests -k "not property" \
-    > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
-echo "== memcheck on the decode and compress paths that index by lengths"
-MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 120 compute-sanitizer --tool memcheck \
-    python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py \
-    -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan" \
-    > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log"
-echo "== tuning (writes autotune_cache/; copy it back)"
-timeout 150 python3 -m mustafar_triton.tune --quick --report "$OUT/tune.json" > "$OUT/tune.log" 2>&1
-cp autotune_cache/*.json "$OUT/"; tail -2 "$OUT/tune.log"
-echo "== sweep"
-timeout 100 python3 perf/sweep.py --quick --max-seconds 80 --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
-tail -12 "$OUT/sweep.log"
+for stage in "$@"; do
+  case $stage in
+    tests)
+      echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
+      MUSTAFAR_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests -k "not property" \
+          > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+      echo "== memcheck on the decode and compress paths that index by lengths"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
+          python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py tests/test_cache.py \
+          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush" \
+          > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
+    tune|tune-quick)
+      echo "== tuning (writes autotune_cache/; copy it back)"
+      flags="--kernels decode"; [ "$stage" = tune-quick ] && flags="--quick"
+      timeout 420 python3 -m mustafar_triton.tune $flags --report "$OUT/tune.json" > "$OUT/tune.log" 2>&1
+      cp autotune_cache/*.json "$OUT/"; tail -2 "$OUT/tune.log" ;;
+    sweep)
+      echo "== sweep"
+      timeout 150 python3 perf/sweep.py --quick --max-seconds 120 --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+      tail -12 "$OUT/sweep.log" ;;
+    generation)
+      echo "== SmolLM2 generation"
+      timeout 240 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
+      tail -8 "$OUT/generation.log" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

