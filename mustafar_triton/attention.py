@@ -145,7 +145,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
             K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity, BLOCK_N=cfg["BLOCK_N"],
             HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
-            HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"], FP32_MATH=interpreting(),
+            HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"],
+            PREFETCH=0 if interpreting() else cfg.get("prefetch", 0), FP32_MATH=interpreting(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )

@@ -27,8 +27,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--sparsity", type=float, default=0.7)
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
-                    help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits]] "
-                         "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count)")
+                    help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
+                         "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
+                         "prefetch: value rows this many tiles ahead)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -52,13 +53,14 @@ def main():
         same = reference.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl,
                                                  compute_dtype=dt)
         same_err = ((same.double() - ref.double()).norm() / ref.double().norm()).item()
-        for slots in SLOT_MODES:
+        for slots, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]:
             with autotune.forced_config("decode", dict(BLOCK_N=64, num_warps=4, num_stages=2,
-                                                       num_splits=0, SLOTS=slots)):
+                                                       num_splits=0, SLOTS=slots, prefetch=prefetch)):
                 out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            rows.append(dict(kind="check", dtype=str(dt), slots=slots, rel_err=err, same_dtype_torch_err=same_err))
-            print(f"check {dt} {slots}: rel err {err:.2e} (same-dtype torch {same_err:.2e})", flush=True)
+            rows.append(dict(kind="check", dtype=str(dt), slots=slots, prefetch=prefetch, rel_err=err,
+                             same_dtype_torch_err=same_err))
+            print(f"check {dt} {slots} prefetch {prefetch}: rel err {err:.2e} (same-dtype torch {same_err:.2e})", flush=True)
 
     # Timing at the target shape.
     b, hq, hkv, t, d, dt = args.batch, 32, 8, args.tokens, 128, torch.float16
@@ -92,9 +94,9 @@ def main():
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
         slots, bn, warps, stages, *extra = spec.split(":")
-        maxnreg, splits = extra + ["0", "0"][len(extra):]
+        maxnreg, splits, prefetch = extra + ["0", "0", "0"][len(extra):]
         cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=int(splits),
-                   SLOTS=slots)
+                   SLOTS=slots, prefetch=int(prefetch))
         if int(maxnreg):
             cfg["maxnreg"] = int(maxnreg)
         try:

@@ -2,7 +2,7 @@
 hardware will execute: registers, spills, shared memory, and SASS instruction counts.
 
     python perf/sass_report.py [--slots popc] [--block-n 64] [--warps 4] [--stages 2]
-                               [--capacity 40] [--head-dim 128] [--group 4] [--dtype fp16] [--dump DIR]
+                               [--prefetch 2] [--capacity 40] [--head-dim 128] [--group 4] [--dtype fp16] [--dump DIR]
 
 Costs no device time: use it to check an idea's instruction count before spending a GPU run.
 The counts are for the whole kernel; the loop body dominates (it is what repeats per tile).
@@ -32,7 +32,7 @@ def compile_decode(args):
     constexprs = dict(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
                       HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
                       BLOCK_N=args.block_n, HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False,
-                      SLOTS=args.slots, FP32_MATH=False)
+                      SLOTS=args.slots, PREFETCH=args.prefetch, FP32_MATH=False)
     signature = {}
     for name in names:
         if name in constexprs:
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=None)
+    ap.add_argument("--prefetch", type=int, default=0, help="value rows prefetched this many tiles ahead")
     ap.add_argument("--capacity", type=int, default=40)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=4)

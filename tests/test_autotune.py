@@ -337,7 +337,7 @@ def test_shipped_files_are_valid(path):
         exact, numeric = at.BUCKET_KEYS[e["kernel"]]
         assert set(e["bucket"]) == set(exact) | set(numeric)
         space = at.config_space(e["kernel"], head_dim=int(e["bucket"]["head_dim"]))
-        optional = {"maxnreg", "merge_warps"}  # launch keys with defaults (older files lack them)
+        optional = {"maxnreg", "merge_warps", "prefetch"}  # launch keys with defaults (older files lack them)
         required = set.intersection(*(set(c) for c in space)) - optional
         allowed = set.union(*(set(c) for c in space)) | optional
         assert required <= set(e["config"]) <= allowed, e

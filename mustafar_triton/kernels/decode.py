@@ -89,6 +89,22 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
 
 
 @triton.jit
+def _prefetch_rows(values_ptr, first_tok, end_tok, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Ask L2 for the value rows of tokens [first_tok, min(first_tok + BLOCK_N, end_tok)): one
+    `prefetch.global.L2` per 128-byte line (GPU only: inline PTX), so their gathers, tiles later,
+    do not wait on DRAM, and no registers are held meanwhile. Lines outside the range are skipped."""
+    LINE: tl.constexpr = 128 // (values_ptr.dtype.element_ty.primitive_bitwidth // 8)  # elements
+    LINES: tl.constexpr = triton.next_power_of_2(triton.cdiv(BLOCK_N * CAPACITY, LINE) + 1)
+    first = first_tok * CAPACITY
+    offs = first - first % LINE + tl.arange(0, LINES) * LINE
+    inside = (offs < end_tok * CAPACITY) & (offs + LINE > first)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+        "=r,l,r", [values_ptr + tl.maximum(offs, first), inside.to(tl.int32)],
+        dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
     """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
@@ -119,7 +135,7 @@ def _sparse_decode_kernel(
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
-    SLOTS: tl.constexpr, FP32_MATH: tl.constexpr,
+    SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr,
 ):
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -158,6 +174,9 @@ def _sparse_decode_kernel(
         # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
         k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
         v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+        if PREFETCH > 0:  # and the value rows PREFETCH tiles ahead
+            _prefetch_rows(k_vals, start + PREFETCH * BLOCK_N, c_hi, K_CAPACITY, BLOCK_N)
+            _prefetch_rows(v_vals, start + PREFETCH * BLOCK_N, c_hi, V_CAPACITY, BLOCK_N)
         m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
@@ -220,7 +239,8 @@ def _merge_splits_kernel(
 
 def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'.
-    Optional keys: maxnreg (register cap of the decode kernel), merge_warps (warps of the
+    Optional keys: maxnreg (register cap of the decode kernel), prefetch (value rows prefetched
+    this many tiles ahead, GPU only; default 0), merge_warps (warps of the
     split-merge kernel, default 4)."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
@@ -230,15 +250,17 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
 def decode_config_space(**bucket) -> list[dict]:
     # Measured on the H100 (perf/results/decode_variants_h100_*.json): 8 warps, BLOCK_N=128 and the
     # "lut" expansion were slower at every shape we looked at, and stages 1 vs 2 made no difference,
-    # so the space spends its time on tile length, splits and a register cap.
+    # so the space spends its time on tile length, splits, a register cap and the value prefetch.
     space = []
     for block_n in (32, 64):
         for splits in (0, -2, -4):  # fill ~2, ~4 or ~8 waves of programs (see choose_num_splits)
             for maxnreg in (None, 128):
-                cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=2, num_splits=splits, SLOTS="popc")
-                if maxnreg:
-                    cfg["maxnreg"] = maxnreg
-                space.append(cfg)
+                for prefetch in (0, 2):
+                    cfg = dict(BLOCK_N=block_n, num_warps=4, num_stages=2, num_splits=splits, SLOTS="popc",
+                               prefetch=prefetch)
+                    if maxnreg:
+                        cfg["maxnreg"] = maxnreg
+                    space.append(cfg)
     return space
 
 
