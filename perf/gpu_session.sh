@@ -16,7 +16,7 @@ for stage in "$@"; do
   case $stage in
     tests)
       echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
-      MUSTAFAR_TEST_DEVICE=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests -k "not property" \
+      MUSTAFAR_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "not property" \
           > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
       echo "== memcheck on the decode and compress paths that index by lengths"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
