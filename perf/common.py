@@ -50,11 +50,14 @@ MODELS = {m.name: m for m in (LLAMA3_8B, SMOLLM2_135M)}
 
 
 def git_commit() -> str:
+    """MUSTAFAR_COMMIT if set (a copy of the tree without its real .git, as on a lent GPU), else git's HEAD."""
+    if os.environ.get("MUSTAFAR_COMMIT"):
+        return os.environ["MUSTAFAR_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
                               text=True, check=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("MUSTAFAR_COMMIT", "unknown")
+        return "unknown"
 
 
 def git_dirty() -> bool | None:

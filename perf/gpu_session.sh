@@ -2,6 +2,7 @@
 # What a GPU session re-runs after a change, as stages that fit in one device call each
 # (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
 # perf/results/ and autotune_cache/.
+# Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
 #   OUT=/tmp/out bash perf/gpu_session.sh tests generation     (~7 minutes on an H100)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~9 minutes)
 # Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
