@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -71,6 +72,19 @@ def tune_bucket(kernel: str, bucket: dict, fn, device) -> dict:
                 timings=[(c, ms) for c, ms in timings])
 
 
+def save(results: list[dict], path: Path, device, report: str | None) -> None:
+    """Merge the tuned entries into the device's file (other buckets kept) and write the report."""
+    entries = [dict(kernel=r["kernel"], bucket=r["bucket"], config=r["config"]) for r in results]
+    tuned = [(e["kernel"], e["bucket"]) for e in entries]
+    entries += [e for e in autotune.load_entries(path) if (e["kernel"], e["bucket"]) not in tuned]
+    autotune.write_entries(path, entries, device)
+    if report:
+        meta = dict(gpu=autotune.device_name(device), torch=torch.__version__,
+                    triton=triton.__version__, commit=os.environ.get("MUSTAFAR_COMMIT"),
+                    date=datetime.datetime.now(datetime.timezone.utc).isoformat())
+        Path(report).write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out-dir", default=str(autotune.REPO_CACHE_DIR))
@@ -88,6 +102,8 @@ def main():
     jobs += [("decode", b) for b in decode_buckets(args.quick)]
     jobs += [(k, b) for b in select_buckets(args.quick) for k in ("select", "unpack")]
     jobs = [(k, b) for k, b in jobs if k in kernels]
+    name = autotune.normalised_device_name(torch.cuda.get_device_name(device))
+    path = Path(args.out_dir) / f"{name}.json"
     start = time.time()
     for i, (kernel, b) in enumerate(jobs):
         if kernel == "decode":
@@ -110,18 +126,9 @@ def main():
         print(f"[{i + 1}/{len(jobs)}] {time.time() - start:6.0f}s {kernel:7s} {r['bucket']} "
               f"best {r['best_ms'] * 1e3:9.1f} us  default {r['default_ms'] * 1e3:9.1f} us  {r['config']}",
               flush=True)
+        save(results, path, device, args.report)  # after every bucket: a run cut short keeps its work
         torch.cuda.empty_cache()
-    entries = [dict(kernel=r["kernel"], bucket=r["bucket"], config=r["config"]) for r in results]
-    name = autotune.normalised_device_name(torch.cuda.get_device_name(device))
-    path = Path(args.out_dir) / f"{name}.json"
-    tuned = [(e["kernel"], e["bucket"]) for e in entries]
-    entries += [e for e in autotune.load_entries(path) if (e["kernel"], e["bucket"]) not in tuned]
-    autotune.write_entries(path, entries, device)
-    if args.report:
-        meta = dict(gpu=torch.cuda.get_device_name(device), torch=torch.__version__,
-                    triton=triton.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat())
-        Path(args.report).write_text(json.dumps(dict(meta=meta, rows=results), indent=1, default=str))
-    print(f"wrote {path} ({len(entries)} entries, {len(results)} tuned now)")
+    print(f"wrote {path} ({len(results)} buckets tuned now)")
 
 
 if __name__ == "__main__":
