@@ -6,6 +6,16 @@ import os
 import torch
 
 
+def cdiv(a: int, b: int) -> int:
+    """Host-side ceil(a / b). triton.cdiv and triton.next_power_of_2 are constexpr functions in
+    triton 3.6 and cost microseconds per call, which the decode step pays on every call."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (read at import time by Triton)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
 
 from . import autotune
-from ._runtime import check_device, interpreting, num_sms
+from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms
 from .format import PackedKV
 from .kernels.decode import _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
 
@@ -131,8 +130,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     def run(cfg):
         splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device),
                                    batch * hkv, context, cfg["BLOCK_N"])
-        per_split = max(1, triton.cdiv(triton.cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
-        splits = max(1, triton.cdiv(context, per_split))
+        per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
+        splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * hkv, splits, group), dtype=torch.float32, device=q.device)
         wstride = k_window.stride() if k_window is not None else (0, 0, 0, 1)
@@ -142,7 +141,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             k_window, v_window, window_lens, part_out, part_lse,
             q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
             hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634,
-            GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=d,
+            GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d,
             K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity, BLOCK_N=cfg["BLOCK_N"],
             HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
             HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"],
@@ -153,7 +152,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         _merge_splits_kernel[(batch * hq,)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
             GROUP=group, HEAD_DIM=d, BLOCK_S=_MERGE_BLOCK_S,
-            MAX_SPLITS_POW2=max(_MERGE_BLOCK_S, triton.next_power_of_2(splits)),
+            MAX_SPLITS_POW2=max(_MERGE_BLOCK_S, next_pow2(splits)),
             num_warps=cfg.get("merge_warps", 4),
         )
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
-from ._runtime import device_name, interpreting, num_sms
+from ._runtime import device_name, interpreting, next_pow2, num_sms
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
@@ -75,7 +75,7 @@ def bucket_of(kernel: str, **bucket) -> dict:
     exact, numeric = BUCKET_KEYS[kernel]
     out = {k: str(bucket[k]).replace("torch.", "") for k in exact}
     for k in numeric:
-        out[k] = triton.next_power_of_2(max(1, int(bucket[k])))
+        out[k] = next_pow2(max(1, int(bucket[k])))
     return out
 
 

@@ -9,10 +9,9 @@ treats it as zero (it unpacks to +0.0); top-k may keep it when a row has fewer n
 from __future__ import annotations
 
 import torch
-import triton
 
 from . import autotune
-from ._runtime import check_device, check_same_device
+from ._runtime import cdiv, check_device, check_same_device, next_pow2
 from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity, kept_per_token, round_up
 from .kernels.prune_pack import _select_kernel, _unpack_kernel
 
@@ -67,11 +66,11 @@ def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
     cfg = autotune.config_for("select", x.device, head_dim=head_dim, dtype=x.dtype, rows=n_rows)
     block_t = cfg["BLOCK_T"]
     if n_rows > 0:
-        _select_kernel[(triton.cdiv(n_rows, block_t),)](
+        _select_kernel[(cdiv(n_rows, block_t),)](
             x, out, bitmap, values, seq_lens,
             n_rows, tokens, rows_per_batch, keep,
             HEAD_DIM=head_dim, CAPACITY=capacity,
-            CAPACITY_POW2=triton.next_power_of_2(capacity),
+            CAPACITY_POW2=next_pow2(capacity),
             MAG_BITS=31 if x.dtype == torch.float32 else 15,
             BLOCK_T=block_t, SELECT_TOPK=select_topk, WRITE_PACKED=write_packed,
             HAS_SEQ_LENS=seq_lens is not None,
@@ -149,7 +148,7 @@ def unpack(packed: PackedKV) -> torch.Tensor:
     n_rows = out.numel() // packed.head_dim
     cfg = autotune.config_for("unpack", packed.device, head_dim=packed.head_dim, dtype=packed.dtype, rows=n_rows)
     if n_rows > 0:
-        _unpack_kernel[(triton.cdiv(n_rows, cfg["BLOCK_T"]),)](
+        _unpack_kernel[(cdiv(n_rows, cfg["BLOCK_T"]),)](
             packed.bitmap, packed.values, out, n_rows,
             HEAD_DIM=packed.head_dim, CAPACITY=packed.capacity, BLOCK_T=cfg["BLOCK_T"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],

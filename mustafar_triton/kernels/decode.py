@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .._runtime import cdiv
+
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover
@@ -267,8 +269,8 @@ def decode_config_space(**bucket) -> list[dict]:
 def choose_num_splits(requested: int, n_sms: int, batch_heads: int, context: int, block_n: int) -> int:
     """requested > 0: use it. 0 / -k: enough splits for ~2 / ~2k programs per SM."""
     if requested > 0:
-        return max(1, min(requested, triton.cdiv(max(context, 1), block_n)))
+        return max(1, min(requested, cdiv(max(context, 1), block_n)))
     waves = 2 if requested == 0 else -2 * requested
-    want = triton.cdiv(waves * n_sms, batch_heads)
-    most = max(1, triton.cdiv(context, 4 * block_n))  # keep >= 4 tiles per split
+    want = cdiv(waves * n_sms, batch_heads)
+    most = max(1, cdiv(context, 4 * block_n))  # keep >= 4 tiles per split
     return max(1, min(want, most, 512))
