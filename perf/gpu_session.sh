@@ -3,7 +3,8 @@
 # (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
 # perf/results/ and autotune_cache/.
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
-#   OUT=/tmp/out bash perf/gpu_session.sh tests generation     (~7 minutes on an H100)
+#   OUT=/tmp/out bash perf/gpu_session.sh tests                (~3 minutes on an H100)
+#   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~9 minutes)
 # Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
@@ -39,7 +40,7 @@ for stage in "$@"; do
       tail -14 "$OUT/sweep.log" ;;
     generation)
       echo "== SmolLM2 generation"
-      timeout 240 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
+      timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
       tail -8 "$OUT/generation.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
