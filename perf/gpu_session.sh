@@ -5,7 +5,7 @@
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
 #   OUT=/tmp/out bash perf/gpu_session.sh tests                (~3 minutes on an H100)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
-#   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~9 minutes)
+#   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 # Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-quick, sweep (quick), sweep-full (stops after 200 s),
@@ -40,7 +40,7 @@ for stage in "$@"; do
       tail -14 "$OUT/sweep.log" ;;
     generation)
       echo "== SmolLM2 generation"
-      timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
+      PYTHONPATH=$PWD:$PWD/.gen timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
       tail -8 "$OUT/generation.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
