@@ -127,6 +127,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     if batch == 0 or hq == 0:
         return (out, lse) if return_lse else out
 
+    on_interpreter = interpreting()
+
     def run(cfg):
         splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device),
                                    batch * hkv, context, cfg["BLOCK_N"])
@@ -145,7 +147,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity, BLOCK_N=cfg["BLOCK_N"],
             HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
             HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"],
-            PREFETCH=0 if interpreting() else cfg.get("prefetch", 0), FP32_MATH=interpreting(),
+            PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
             **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
         )

@@ -361,10 +361,15 @@ def test_tune_bucket_keeps_the_default_unless_the_tuned_config_beats_it(gpu):
     bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
     default = heuristic("decode", **bucket)
     rival = next(c for c in at.config_space("decode", **bucket) if c != default)
-    # the rival wins the first pass once, then times slower in the interleaved re-timing
-    first_pass = {key_of(rival): [1.0]}
-    bench = FakeBench(gpu.monkeypatch, lambda cfg: (first_pass.get(key_of(cfg)) or [None]).pop() or
-                      (2.0 if cfg == rival else 1.5))
+    # the rival's first timing is lucky (1.0); every later one is slower than the default's
+    timed_rival = []
+
+    def time_of(cfg):
+        if cfg != rival:
+            return 1.5
+        timed_rival.append(cfg)
+        return 1.0 if len(timed_rival) == 1 else 2.0
+    bench = FakeBench(gpu.monkeypatch, time_of)
     call = lambda: bench.run(at.config_for("decode", CUDA, **bucket))  # what a launch under tuning does
     r = tune.tune_bucket("decode", bucket, call, CUDA)
     assert r["config"] == default and r["best_ms"] == r["default_ms"] == 1.5
