@@ -2,6 +2,7 @@
 Mustafar (MustafarCache: the Triton prune/pack and fused sparse decode kernels), on real text.
 
     python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
+                              [--runs dense,K0.5V0.5,K0.7V0.7] [--profile DIR]
                               [--out perf/results/generation_smollm2_h100.json]
 
 Every sequence of a batch is a different slice of the Python language reference. After the
@@ -10,6 +11,7 @@ see the same inputs and their logits compare position by position. Reported per 
   - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
     end) and prefill time;
   - perplexity of the continuation and top-1 agreement with dense;
+  - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
   - for the compressed caches, the same run once more with the decode attention AND the
     prune/pack swapped for mustafar_triton.reference (float64 torch): the kernel path and the
     reference path must give the same perplexity within floating-point tolerance.
@@ -17,9 +19,12 @@ see the same inputs and their logits compare position by position. Reported per 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import datetime
+import io
 import json
 import math
+import pstats
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,6 +98,8 @@ def main():
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test through the Triton interpreter")
+    ap.add_argument("--runs", default=",".join(name for name, _ in RUNS))
+    ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -104,10 +111,21 @@ def main():
         ids = text_batch(tokenizer, batch, args.prompt + args.steps + 1).to(dev)
         targets = ids[:, args.prompt + 1:]
         for name, sparsity in RUNS:
+            if name not in args.runs.split(","):
+                continue
             # Warm up with the identical run: Triton specializes on integer arguments (the cache's
             # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
             run(model, ids, args.prompt, sparsity, args.window)
+            profiler = cProfile.Profile() if args.profile else None
+            if profiler:
+                profiler.enable()
             logits, prefill_s, decode_s = run(model, ids, args.prompt, sparsity, args.window)
+            if profiler:
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+                Path(args.profile).mkdir(parents=True, exist_ok=True)
+                (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
             nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
             row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps, window=args.window,
                        dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
