@@ -8,17 +8,24 @@ import torch
 from . import autotune
 from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms
 from .format import PackedKV
-from .kernels.decode import _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
+from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
+                             gluon_decode_supports)
 
 _MERGE_BLOCK_S = 16
-_slot_tables: dict[torch.device, torch.Tensor] = {}
+_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def _slot_table(device: torch.device) -> torch.Tensor:
-    """The 1 KB byte -> slot-offset table of the "lut" expansion, one copy per device."""
-    if device not in _slot_tables:
-        _slot_tables[device] = torch.tensor(byte_slot_table(), dtype=torch.int32, device=device)
-    return _slot_tables[device]
+def _table(name: str, device: torch.device) -> torch.Tensor:
+    """A per-byte lookup table of an expansion, one int32 copy per device: "slots" (1 KB, the
+    "lut" expansion of decode.py) or "pairs" (4 KB, the Gluon kernel)."""
+    if (name, device) not in _tables:
+        if name == "slots":
+            values = byte_slot_table()
+        else:
+            from .kernels.decode_gluon import pair_table
+            values = pair_table()
+        _tables[name, device] = torch.tensor(values, dtype=torch.int32, device=device)
+    return _tables[name, device]
 
 
 def _check_packed(name: str, p, q: torch.Tensor) -> None:
@@ -67,6 +74,11 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
             raise ValueError(f"window_lens is on {window_lens.device} but q is on {q.device}")
         window_lens = window_lens.contiguous()
     return k_window, v_window, window_lens
+
+
+def _sparse_decode_gluon_kernel():
+    from .kernels.decode_gluon import _sparse_decode_gluon_kernel  # imports Gluon on first use
+    return _sparse_decode_gluon_kernel
 
 
 def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: PackedKV, *,
@@ -137,20 +149,26 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((batch * hkv, splits, group), dtype=torch.float32, device=q.device)
         wstride = k_window.stride() if k_window is not None else (0, 0, 0, 1)
-        _sparse_decode_kernel[(splits, batch * hkv)](
-            q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens,
-            _slot_table(q.device),
-            k_window, v_window, window_lens, part_out, part_lse,
-            q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
-            hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634,
-            GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d,
-            K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity, BLOCK_N=cfg["BLOCK_N"],
-            HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
-            HAS_WINDOW_LENS=window_lens is not None, SLOTS=cfg["SLOTS"],
-            PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-            **({"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}),
-        )
+        common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
+        rest = (k_window, v_window, window_lens, part_out, part_lse,
+                q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
+                hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634)
+        flags = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d,
+                     K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity,
+                     HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
+                     HAS_WINDOW_LENS=window_lens is not None)
+        extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+        if cfg.get("kernel") == "gluon":
+            _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
+                *common, _table("pairs", q.device), *rest, **flags,
+                K_CAPP=next_pow2(packed_k.capacity), V_CAPP=next_pow2(packed_v.capacity),
+                NUM_WARPS=cfg["num_warps"], num_warps=cfg["num_warps"], **extra)
+        else:
+            _sparse_decode_kernel[(splits, batch * hkv)](
+                *common, _table("slots", q.device), *rest, **flags,
+                BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
+                PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
         _merge_splits_kernel[(batch * hq,)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
             GROUP=group, HEAD_DIM=d, BLOCK_S=_MERGE_BLOCK_S,
@@ -161,5 +179,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
                               capacity=max(packed_k.capacity, packed_v.capacity),
                               batch_heads=batch * hkv, context=context)
+    if cfg.get("kernel") == "gluon" and not gluon_decode_supports(q.dtype, d, group, packed_k.capacity,
+                                                                  packed_v.capacity, on_interpreter):
+        cfg = autotune.heuristic_config("decode", q.device)  # a neighbouring bucket's Gluon config
     run(cfg)
     return (out, lse) if return_lse else out

@@ -20,6 +20,10 @@ from mustafar_triton import autotune, reference  # noqa: E402
 from mustafar_triton.kernels.decode import SLOT_MODES  # noqa: E402
 
 
+def gluon_config(warps: int, splits: int) -> dict:
+    return dict(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=splits)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="decode_variants.json")
@@ -29,7 +33,8 @@ def main():
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
                     help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
                          "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
-                         "prefetch: value rows this many tiles ahead)")
+                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits] for "
+                         "the Gluon kernel (decode_gluon.py, BLOCK_N = 32 * warps)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -53,14 +58,16 @@ def main():
         same = reference.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl,
                                                  compute_dtype=dt)
         same_err = ((same.double() - ref.double()).norm() / ref.double().norm()).item()
-        for slots, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]:
-            with autotune.forced_config("decode", dict(BLOCK_N=64, num_warps=4, num_stages=2,
-                                                       num_splits=0, SLOTS=slots, prefetch=prefetch)):
+        checks = [(f"{mode} prefetch {prefetch}", dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0,
+                                                       SLOTS=mode, prefetch=prefetch))
+                  for mode, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]]
+        checks += [(f"gluon {w} warps", gluon_config(w, 0)) for w in (2, 4, 8)]
+        for slots, cfg in checks:
+            with autotune.forced_config("decode", cfg):
                 out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
             err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
-            rows.append(dict(kind="check", dtype=str(dt), slots=slots, prefetch=prefetch, rel_err=err,
-                             same_dtype_torch_err=same_err))
-            print(f"check {dt} {slots} prefetch {prefetch}: rel err {err:.2e} (same-dtype torch {same_err:.2e})", flush=True)
+            rows.append(dict(kind="check", dtype=str(dt), variant=slots, rel_err=err, same_dtype_torch_err=same_err))
+            print(f"check {dt} {slots}: rel err {err:.2e} (same-dtype torch {same_err:.2e})", flush=True)
 
     # Timing at the target shape.
     b, hq, hkv, t, d, dt = args.batch, 32, 8, args.tokens, 128, torch.float16
@@ -93,12 +100,16 @@ def main():
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
-        slots, bn, warps, stages, *extra = spec.split(":")
-        maxnreg, splits, prefetch = extra + ["0", "0", "0"][len(extra):]
-        cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=int(splits),
-                   SLOTS=slots, prefetch=int(prefetch))
-        if int(maxnreg):
-            cfg["maxnreg"] = int(maxnreg)
+        if spec.startswith("gluon:"):
+            _, warps, *splits = spec.split(":")
+            cfg = gluon_config(int(warps), int((splits or ["0"])[0]))
+        else:
+            slots, bn, warps, stages, *extra = spec.split(":")
+            maxnreg, splits, prefetch = extra + ["0", "0", "0"][len(extra):]
+            cfg = dict(BLOCK_N=int(bn), num_warps=int(warps), num_stages=int(stages), num_splits=int(splits),
+                       SLOTS=slots, prefetch=int(prefetch))
+            if int(maxnreg):
+                cfg["maxnreg"] = int(maxnreg)
         try:
             with autotune.forced_config("decode", cfg):
                 us = bench(lambda: mt.sparse_decode_attention(q, pk, pv))

@@ -303,6 +303,8 @@ if not INTERPRETING:
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_kernel_variants(variant, device, decode_config):
+    if variant.get("kernel") == "gluon" and device.type != "cuda":
+        pytest.skip("the Gluon kernel runs on a GPU only (no interpreter)")
     decode_config(**variant)
     q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=75, d=128, dtype=torch.float16,
                               seed=seed_of(variant), seq_lens=[75, 40], w=10, window_lens=[10, 3])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv
+from .._runtime import cdiv, next_pow2
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -249,6 +249,16 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
 
 
+def gluon_decode_supports(dtype, head_dim: int, group: int, k_capacity: int, v_capacity: int,
+                          interpreting: bool, num_warps: int = 4) -> bool:
+    """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
+    fp16 / bf16, GQA group <= 16, every slot index fits a byte, and each warp owns at least one
+    word of a value row."""
+    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
+            and head_dim % 32 == 0 and group <= 16 and max(k_capacity, v_capacity) <= 248
+            and next_pow2(min(k_capacity, v_capacity)) >= 2 * num_warps)
+
+
 def decode_config_space(**bucket) -> list[dict]:
     # Measured on the H100 (perf/results/decode_variants_h100_*.json): 8 warps, BLOCK_N=128 and the
     # "lut" expansion were slower at every shape we looked at, and stages 1 vs 2 made no difference,
@@ -263,6 +273,11 @@ def decode_config_space(**bucket) -> list[dict]:
                     if maxnreg:
                         cfg["maxnreg"] = maxnreg
                     space.append(cfg)
+    for warps in (2, 4, 8):  # the Gluon kernel: one token per thread, BLOCK_N = 32 * warps
+        if gluon_decode_supports(bucket.get("dtype"), bucket.get("head_dim", 0), bucket.get("group", 0),
+                                 bucket.get("capacity", 0), bucket.get("capacity", 0), False, warps):
+            space += [dict(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=splits)
+                      for splits in (0, -2, -4)]
     return space
 
 
