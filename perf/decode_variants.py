@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
                     help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
                          "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
-                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits] for "
-                         "the Gluon kernel (decode_gluon.py, BLOCK_N = 32 * warps)")
+                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits[:maxnreg]] for "
+                         "the Gluon kernel (decode_gluon.py, BLOCK_N = 32 * warps)[:maxnreg]")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -101,8 +101,11 @@ def main():
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
         if spec.startswith("gluon:"):
-            _, warps, *splits = spec.split(":")
-            cfg = gluon_config(int(warps), int((splits or ["0"])[0]))
+            _, warps, *extra = spec.split(":")
+            splits, maxnreg = (extra + ["0", "0"][len(extra):])
+            cfg = gluon_config(int(warps), int(splits))
+            if int(maxnreg):
+                cfg["maxnreg"] = int(maxnreg)
         else:
             slots, bn, warps, stages, *extra = spec.split(":")
             maxnreg, splits, prefetch = extra + ["0", "0", "0"][len(extra):]

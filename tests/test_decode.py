@@ -297,14 +297,13 @@ SLOT_MODES = tuple(m for m in decode_kernels.SLOT_MODES if not (INTERPRETING and
 _VARIANTS = [dict(SLOTS=s, BLOCK_N=bn) for s in SLOT_MODES for bn in (16, 32, 64)]
 if not INTERPRETING:
     _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
+    # every config the tuner may pick, the Gluon kernel's (decode_gluon.py, GPU only) included
     _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
                                                    capacity=40, batch_heads=16, context=1024)]
 
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_kernel_variants(variant, device, decode_config):
-    if variant.get("kernel") == "gluon" and device.type != "cuda":
-        pytest.skip("the Gluon kernel runs on a GPU only (no interpreter)")
     decode_config(**variant)
     q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=75, d=128, dtype=torch.float16,
                               seed=seed_of(variant), seq_lens=[75, 40], w=10, window_lens=[10, 3])
@@ -374,6 +373,37 @@ def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
         out = mt.sparse_decode_attention(q, bad, pv)
         assert_same_result(out, mt.sparse_decode_attention(q, zero, pv))
 
+
+
+# The Gluon kernel (decode_gluon.py) runs on a GPU only; attention falls back to decode.py's
+# kernel for shapes it does not support, so every case asserts that it is supported.
+@pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
+@pytest.mark.parametrize("d,hq,hkv,sk,sv,dtype,warps", [
+    (64, 9, 3, 0.5, 0.7, torch.bfloat16, 2),    # SmolLM2's heads; capacities 32 and 24
+    (128, 8, 2, 0.5, 0.5, torch.float16, 4),    # capacity 64: the staged row is a full tile
+    (128, 32, 8, 0.0, 0.7, torch.float16, 8),   # nothing pruned in K: capacity 128
+    (256, 4, 4, 0.7, 0.9, torch.bfloat16, 2),   # D=256, capacities 80 and 32
+])
+def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, warps, device, decode_config):
+    q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=d, dtype=dtype, seed=41 + d + warps,
+                              sk=sk, sv=sv, seq_lens=[150, 77, 0], w=9, window_lens=[9, 0, 4])
+    assert decode_kernels.gluon_decode_supports(dtype, d, hq // hkv, pk.capacity, pv.capacity, False, warps)
+    decode_config(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=0)
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=4, **kw)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
+def test_gluon_malformed_bitmap_reads_as_zero_token(device, decode_config):
+    """As test_malformed_bitmap_reads_as_zero_token, for the Gluon kernel (fp16: it has no fp32)."""
+    q, pk, pv, _ = make_case(device, b=1, hq=2, hkv=1, t=8, d=64, dtype=torch.float16, seed=35, sk=0.8, sv=0.8)
+    bad_bitmap, zero_bitmap = pk.bitmap.clone(), pk.bitmap.clone()
+    bad_bitmap[0, 0, -1] = -1                # all 64 bits set, capacity 16: last token, last row
+    zero_bitmap[0, 0, -1] = 0
+    decode_config(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0)
+    out = mt.sparse_decode_attention(q, mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim), pv)
+    assert_same_result(out, mt.sparse_decode_attention(
+        q, mt.PackedKV(zero_bitmap, pk.values, pk.capacity, pk.head_dim), pv))
 
 
 @pytest.mark.parametrize("seq_lens", [

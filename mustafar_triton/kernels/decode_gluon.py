@@ -1,21 +1,29 @@
 """Fused sparse decode attention in Gluon (GPU only): value gathers from shared memory.
+EXPERIMENTAL: correct (GPU tests, memcheck) but slower than decode.py's kernel on the H100
+(B=16 T=16384 K0.7V0.7: 524 us at 4 warps vs 447 us; perf/NOTES.md), so tuning only picks it
+where it measures faster.
 
 Same grid, arguments and partial outputs as `_sparse_decode_kernel` (decode.py), whose split
-merge it reuses; Gluon has no interpreter, so decode.py's kernel is the reference implementation
-and the one CI runs. Why a second kernel: in Triton's tl the per-channel slot arithmetic plus a
-64-bit gathered global load cost ~6-7 integer instructions per dense element, and the decode is
-bound by exactly that (perf/NOTES.md). Gluon lets us pick every layout, so here:
+merge it reuses; Gluon has no interpreter, so decode.py's kernel is the reference and the one
+CI runs. Why a second kernel: in Triton's tl the per-channel slot arithmetic plus a 64-bit
+gathered global load cost ~6-7 integer instructions per dense element, and the decode is bound
+by that (perf/NOTES.md). Gluon lets us pick every layout, so here:
 
   * one thread owns one token of the tile (BLOCK_N = 32 * num_warps tokens), so slot prefix sums
     run in registers and per-byte work is shared by the byte's 4 channel pairs;
   * the token's value row is staged, as 32-bit words holding the PAIR of values starting at each
-    slot, in a [CAPP, BLOCK_N] shared-memory tile (`gl.gather` along a warp-spanning axis lowers
-    to "store, barrier, one LDS per element"); slot-major with one token per lane, so the 32 lanes
-    of a gather hit 32 different banks;
+    slot, in a [BLOCK_N, CAPP] tile that `gl.gather` stores to shared memory (the gather axis
+    spans warps, so it lowers to "store, barrier, one LDS per element" rather than shuffles); the
+    store is slot-major (dim 0 fastest), so the 32 lanes of one gather hit 32 different banks;
   * a channel pair (2c, 2c + 1) then costs one 32-bit LDS at its first slot and one `prmt` that
     keeps, moves or zeroes the two halves, its selector read from a 256-entry table per bitmap byte.
+The loop has about half the integer instructions of decode.py's per token, but needs ~243
+registers (one token's 64 pairs, their slots and selectors, the staged words), so only 8 warps
+fit per SM and the loop is latency-bound (Nsight Compute: 1.1 instructions per cycle per SM vs
+2.05 for decode.py's kernel); capping registers spills and is slower still.
 
-Shapes: fp16 / bf16, HEAD_DIM a multiple of 32, capacity at most 248 (slots fit a byte), GROUP <= 16.
+Shapes: fp16 / bf16, HEAD_DIM a multiple of 32, capacity at most 248 (slots fit a byte), GROUP <= 16
+(decode.gluon_decode_supports).
 """
 from __future__ import annotations
 

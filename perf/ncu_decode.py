@@ -1,0 +1,38 @@
+"""One decode call per variant, for Nsight Compute: run it under ncu to see each kernel's stall
+reasons, occupancy and pipe use (the sweep only gives times).
+
+    ncu --kernel-name regex:sparse_decode --section WarpStateStats --section Occupancy \\
+        --section ComputeWorkloadAnalysis python perf/ncu_decode.py [--batch 16 --tokens 4096]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import mustafar_triton as mt
+from mustafar_triton import autotune
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--sparsity", type=float, default=0.7)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    q = torch.randn(args.batch, 32, 128, device="cuda", dtype=torch.float16)
+    k, v = (torch.randn(args.batch, 8, args.tokens, 128, device="cuda", dtype=torch.float16) for _ in range(2))
+    pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
+    variants = {"tl popc": dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc", maxnreg=128),
+                "gluon 2 warps": dict(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0),
+                "gluon 4 warps": dict(kernel="gluon", BLOCK_N=128, num_warps=4, num_splits=0)}
+    for name, cfg in variants.items():
+        with autotune.forced_config("decode", cfg):
+            mt.sparse_decode_attention(q, pk, pv)
+        torch.cuda.synchronize()
+        print(name, "done", flush=True)
+
+
+if __name__ == "__main__":
+    main()
