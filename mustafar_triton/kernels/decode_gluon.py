@@ -105,7 +105,9 @@ def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
     ok_tok = gl.sum(count, axis=1)[:, None] <= CAPACITY   # a malformed token (too many bits) reads zeros
     sel01 = gl.where(ok_tok, sel01, 0x44444444)
     sel23 = gl.where(ok_tok, sel23, 0x44444444)
-    slots = ((first * 0x01010101) & reads) + offs        # byte i: first slot of pair i
+    # byte i: first slot of pair i (0 for pairs that keep nothing and for malformed tokens, whose
+    # slots could point past the staged row)
+    slots = gl.where(ok_tok, ((first * 0x01010101) & reads) + offs, 0)
     i = f                                                 # axis 2 now indexes the byte's 4 pairs
     # byte i of slots (prmt keeps ptxas from folding the gather's address scale into the extract)
     slot = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r",
