@@ -162,7 +162,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
                 *common, _table("pairs", q.device), *rest, **flags,
                 K_CAPP=next_pow2(packed_k.capacity), V_CAPP=next_pow2(packed_v.capacity),
-                NUM_WARPS=cfg["num_warps"], LANES=cfg.get("lanes", 1), num_warps=cfg["num_warps"], **extra)
+                NUM_WARPS=cfg["num_warps"], num_warps=cfg["num_warps"], **extra)
         else:
             _sparse_decode_kernel[(splits, batch * hkv)](
                 *common, _table("slots", q.device), *rest, **flags,

@@ -20,8 +20,8 @@ from mustafar_triton import autotune, reference  # noqa: E402
 from mustafar_triton.kernels.decode import SLOT_MODES  # noqa: E402
 
 
-def gluon_config(warps: int, splits: int, lanes: int = 1) -> dict:
-    return dict(kernel="gluon", BLOCK_N=32 * warps // lanes, num_warps=warps, num_splits=splits, lanes=lanes)
+def gluon_config(warps: int, splits: int) -> dict:
+    return dict(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=splits)
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
                     help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
                          "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
-                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits[:maxnreg[:lanes]]] for "
+                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits[:maxnreg]] for "
                          "the Gluon kernel (decode_gluon.py, BLOCK_N = 32 * warps)[:maxnreg]")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -61,8 +61,7 @@ def main():
         checks = [(f"{mode} prefetch {prefetch}", dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0,
                                                        SLOTS=mode, prefetch=prefetch))
                   for mode, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]]
-        checks += [(f"gluon {w} warps, {lanes} lanes per token", gluon_config(w, 0, lanes))
-                   for w, lanes in ((2, 1), (4, 1), (4, 2), (4, 4), (8, 4))]
+        checks += [(f"gluon {w} warps", gluon_config(w, 0)) for w in (2, 4, 8)]
         for slots, cfg in checks:
             with autotune.forced_config("decode", cfg):
                 out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
@@ -103,8 +102,8 @@ def main():
     for spec in args.configs.split(","):
         if spec.startswith("gluon:"):
             _, warps, *extra = spec.split(":")
-            splits, maxnreg, lanes = (extra + ["0", "0", "1"][len(extra):])
-            cfg = gluon_config(int(warps), int(splits), int(lanes))
+            splits, maxnreg = (extra + ["0", "0"][len(extra):])
+            cfg = gluon_config(int(warps), int(splits))
             if int(maxnreg):
                 cfg["maxnreg"] = int(maxnreg)
         else:

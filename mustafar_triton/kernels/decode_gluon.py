@@ -58,11 +58,11 @@ def pair_table() -> list[int]:
 
 
 @gluon.jit
-def _pair_words(values_ptr, start, end, CAPACITY: gl.constexpr, CAPP: gl.constexpr, BLOCK_N: gl.constexpr,
-                NUM_WARPS: gl.constexpr):
+def _pair_words(values_ptr, start, end, CAPACITY: gl.constexpr, CAPP: gl.constexpr, NUM_WARPS: gl.constexpr):
     """[BLOCK_N, CAPP] int32, slots split over the warps: word s of token t = (value[t, s],
     value[t, s + 1]) as two 16-bit halves (0 past the row), from the row's aligned words
     w[k] = (value[2k], value[2k + 1]): word 2k = w[k], word 2k + 1 = prmt(w[k], w[k + 1])."""
+    BLOCK_N: gl.constexpr = 32 * NUM_WARPS
     HALF: gl.constexpr = CAPP // 2
     W2: gl.constexpr = gl.BlockedLayout([1, HALF // NUM_WARPS], [32, 1], [1, NUM_WARPS], [1, 0])
     SRC: gl.constexpr = gl.BlockedLayout([1, CAPP // NUM_WARPS], [32, 1], [1, NUM_WARPS], [1, 0])
@@ -79,13 +79,13 @@ def _pair_words(values_ptr, start, end, CAPACITY: gl.constexpr, CAPP: gl.constex
 @gluon.jit
 def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
                   HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, CAPP: gl.constexpr,
-                  NUM_WARPS: gl.constexpr, LANES: gl.constexpr):
+                  NUM_WARPS: gl.constexpr):
     """Dense tile [BLOCK_N, HEAD_DIM] of tokens [start, start + BLOCK_N) (0 at and past `end`),
-    each token's row spread over LANES neighbouring lanes (layout _row_layout)."""
-    BLOCK_N: gl.constexpr = 32 * NUM_WARPS // LANES
+    one token's row per thread (layout _row_layout)."""
+    BLOCK_N: gl.constexpr = 32 * NUM_WARPS
     NB: gl.constexpr = HEAD_DIM // 8
-    # LANES lanes own one token: [its bitmap bytes] x [4 table fields, or the byte's 4 channel pairs]
-    P3: gl.constexpr = gl.BlockedLayout([1, NB // LANES, 4], [32 // LANES, LANES, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
+    # a thread owns one token: [its bitmap bytes] x [4 table fields, or the byte's 4 channel pairs]
+    P3: gl.constexpr = gl.BlockedLayout([1, NB, 4], [32, 1, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
     LB: gl.constexpr = gl.SliceLayout(2, P3)            # [BLOCK_N, NB]
     t = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LB))[:, None]
     b_idx = gl.arange(0, NB, layout=gl.SliceLayout(0, LB))[None, :]
@@ -99,7 +99,7 @@ def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
     reads = gl.sum(gl.where(f == 3, entry, 0), axis=2)
     count = gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [byte], dtype=gl.int32, is_pure=True, pack=1)
     # slots before each byte (the scan needs a plain blocked layout: the same registers)
-    SCAN: gl.constexpr = gl.BlockedLayout([1, NB // LANES], [32 // LANES, LANES], [NUM_WARPS, 1], [1, 0])
+    SCAN: gl.constexpr = gl.BlockedLayout([1, NB], [32, 1], [NUM_WARPS, 1], [1, 0])
     count_b = gl.convert_layout(count, SCAN)
     first = gl.convert_layout(gl.associative_scan(count_b, 1, _add) - count_b, LB)
     ok_tok = gl.sum(count, axis=1)[:, None] <= CAPACITY   # a malformed token (too many bits) reads zeros
@@ -113,22 +113,21 @@ def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
     slot = gl.inline_asm_elementwise("prmt.b32 $0, $1, 0, $2;", "=r,r,r",
                                      [slots[:, :, None] + 0 * i, 0x4440 + i + 0 * slots[:, :, None]],
                                      dtype=gl.int32, is_pure=True, pack=1)          # [BN, NB, 4]
-    P2: gl.constexpr = gl.BlockedLayout([1, HEAD_DIM // 2 // LANES], [32 // LANES, LANES], [NUM_WARPS, 1], [1, 0])
-    slot = gl.convert_layout(gl.reshape(slot, [BLOCK_N, HEAD_DIM // 2]), P2)
-    words = gl.gather(_pair_words(values_ptr, start, end, CAPACITY, CAPP, BLOCK_N, NUM_WARPS), slot, 1)
     sel = gl.where(i < 2, sel01[:, :, None], sel23[:, :, None]) >> (16 * (i % 2))
+    P2: gl.constexpr = gl.BlockedLayout([1, HEAD_DIM // 2], [32, 1], [NUM_WARPS, 1], [1, 0])
+    slot = gl.convert_layout(gl.reshape(slot, [BLOCK_N, HEAD_DIM // 2]), P2)
     sel = gl.convert_layout(gl.reshape(sel, [BLOCK_N, HEAD_DIM // 2]), P2)
+    words = gl.gather(_pair_words(values_ptr, start, end, CAPACITY, CAPP, NUM_WARPS), slot, 1)
     lo, hi = gl.inline_asm_elementwise(
         "{ .reg .b32 t; prmt.b32 t, $2, 0, $3; mov.b32 {$0, $1}, t; }", "=h,=h,r,r", [words, sel],
         dtype=(values_ptr.dtype.element_ty, values_ptr.dtype.element_ty), is_pure=True, pack=1)
-    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, HEAD_DIM]),
-                             _row_layout(HEAD_DIM, NUM_WARPS, LANES))
+    return gl.convert_layout(gl.reshape(gl.join(lo, hi), [BLOCK_N, HEAD_DIM]), _row_layout(HEAD_DIM, NUM_WARPS))
 
 
 @gluon.constexpr_function
-def _row_layout(head_dim, num_warps, lanes):
-    """[BLOCK_N, HEAD_DIM] with each token's row spread over `lanes` neighbouring lanes."""
-    return gl.BlockedLayout([1, head_dim // lanes], [32 // lanes, lanes], [num_warps, 1], [1, 0])
+def _row_layout(head_dim, num_warps):
+    """[BLOCK_N, HEAD_DIM] with one token's row per thread."""
+    return gl.BlockedLayout([1, head_dim], [32, 1], [num_warps, 1], [1, 0])
 
 
 @gluon.jit
@@ -165,10 +164,10 @@ def _sparse_decode_gluon_kernel(
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
     K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, K_CAPP: gl.constexpr, V_CAPP: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
-    NUM_WARPS: gl.constexpr, LANES: gl.constexpr,
+    NUM_WARPS: gl.constexpr,
 ):
-    BLOCK_N: gl.constexpr = 32 * NUM_WARPS // LANES
-    DR: gl.constexpr = _row_layout(HEAD_DIM, NUM_WARPS, LANES)
+    BLOCK_N: gl.constexpr = 32 * NUM_WARPS
+    DR: gl.constexpr = _row_layout(HEAD_DIM, NUM_WARPS)
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NUM_WARPS], instr_shape=[16, 8])
     TOK: gl.constexpr = gl.SliceLayout(1, DR)
 
@@ -198,9 +197,9 @@ def _sparse_decode_gluon_kernel(
     c_hi = gl.minimum(hi, seq_len)
     for start in range(lo, c_hi, BLOCK_N):
         valid = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA)) < c_hi
-        k = _expand_pairs(k_bits, k_vals, table_ptr, start, c_hi, HEAD_DIM, K_CAPACITY, K_CAPP, NUM_WARPS, LANES)
+        k = _expand_pairs(k_bits, k_vals, table_ptr, start, c_hi, HEAD_DIM, K_CAPACITY, K_CAPP, NUM_WARPS)
         p_op, m, l, alpha = _scores(q_op, k, valid, m, l, qk_scale, MMA)
-        v = _expand_pairs(v_bits, v_vals, table_ptr, start, c_hi, HEAD_DIM, V_CAPACITY, V_CAPP, NUM_WARPS, LANES)
+        v = _expand_pairs(v_bits, v_vals, table_ptr, start, c_hi, HEAD_DIM, V_CAPACITY, V_CAPP, NUM_WARPS)
         acc = _accumulate(p_op, v, acc, alpha, MMA)
 
     if HAS_WINDOW:
