@@ -297,9 +297,10 @@ SLOT_MODES = tuple(m for m in decode_kernels.SLOT_MODES if not (INTERPRETING and
 _VARIANTS = [dict(SLOTS=s, BLOCK_N=bn) for s in SLOT_MODES for bn in (16, 32, 64)]
 if not INTERPRETING:
     _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
-    # every config the tuner may pick, the Gluon kernel's (decode_gluon.py, GPU only) included
     _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
                                                    capacity=40, batch_heads=16, context=1024)]
+    # the Gluon kernel (decode_gluon.py, GPU only; not in the tuner's space)
+    _VARIANTS += [dict(kernel="gluon", BLOCK_N=32 * w, num_warps=w, num_splits=s) for w in (2, 4, 8) for s in (0, -4)]
 
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -391,6 +392,13 @@ def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, warps, device, decode_co
     decode_config(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=0)
     check_decode(q, pk, pv, **kw)
     check_decode(q, pk, pv, num_splits=4, **kw)
+
+
+def test_gluon_config_falls_back_where_unsupported(device, decode_config):
+    """fp32 has no Gluon kernel (nor has the interpreter): a Gluon config runs decode.py's kernel."""
+    decode_config(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0)
+    q, pk, pv, kw = make_case(device, b=2, hq=6, hkv=2, t=50, d=64, dtype=torch.float32, seed=43, w=3)
+    check_decode(q, pk, pv, **kw)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")

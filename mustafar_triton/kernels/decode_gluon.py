@@ -1,7 +1,8 @@
 """Fused sparse decode attention in Gluon (GPU only): value gathers from shared memory.
 EXPERIMENTAL: correct (GPU tests, memcheck) but slower than decode.py's kernel on the H100
-(B=16 T=16384 K0.7V0.7: 524 us at 4 warps vs 447 us; perf/NOTES.md), so tuning only picks it
-where it measures faster.
+(B=16 T=16384 K0.7V0.7: 524 us at 4 warps vs 447 us; perf/NOTES.md), so it is not in the
+tuner's space; a config dict(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps,
+num_splits=...) in a tuned file or autotune.forced_config selects it.
 
 Same grid, arguments and partial outputs as `_sparse_decode_kernel` (decode.py), whose split
 merge it reuses; Gluon has no interpreter, so decode.py's kernel is the reference and the one
