@@ -179,8 +179,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
                               capacity=max(packed_k.capacity, packed_v.capacity),
                               batch_heads=batch * hkv, context=context)
-    if cfg.get("kernel") == "gluon" and not gluon_decode_supports(q.dtype, d, group, packed_k.capacity,
-                                                                  packed_v.capacity, on_interpreter):
-        cfg = autotune.heuristic_config("decode", q.device)  # a neighbouring bucket's Gluon config
+    if cfg.get("kernel") == "gluon" and not gluon_decode_supports(
+            q.dtype, d, group, packed_k.capacity, packed_v.capacity, on_interpreter, cfg["num_warps"]):
+        cfg = autotune.heuristic_config("decode", q.device)  # e.g. the interpreter, or an fp32 cache
     run(cfg)
     return (out, lse) if return_lse else out
