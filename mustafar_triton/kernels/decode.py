@@ -107,6 +107,37 @@ def _prefetch_rows(values_ptr, first_tok, end_tok, CAPACITY: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _split_ranges(split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
+                  k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr,
+                  HEAD_DIM: tl.constexpr, K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr,
+                  HAS_SEQ_LENS: tl.constexpr):
+    """Scalar set-up shared by the decode kernels (this one and decode_gluon.py's).
+
+    A split covers [lo, lo + tokens_per_split) of the virtual sequence [compressed tokens | window
+    tokens], where the window starts at seq_bound: the host's upper bound of every sequence's
+    compressed length (at most the allocation `tokens`), so splits cover what is there, not what
+    is allocated. Returns the split's compressed tokens [lo, c_hi) and the (batch, kv head)
+    stream's bitmap / value pointers (token offsets inside a stream stay int32)."""
+    lo = split * tokens_per_split
+    seq_len = seq_bound
+    if HAS_SEQ_LENS:
+        seq_len = tl.minimum(tl.load(seq_lens_ptr + bh // num_kv_heads), seq_bound)
+    stream = bh.to(tl.int64) * tokens
+    return (lo, tl.minimum(lo + tokens_per_split, seq_len),
+            k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY,
+            v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY)
+
+
+@triton.jit
+def _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS: tl.constexpr):
+    """The split's window tokens [w_lo, w_hi): window token j sits at virtual position seq_bound + j."""
+    win_len = window
+    if HAS_WINDOW_LENS:
+        win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
+    return tl.maximum(lo - seq_bound, 0), tl.minimum(lo + tokens_per_split - seq_bound, win_len)
+
+
+@triton.jit
 def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
     """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
@@ -152,20 +183,9 @@ def _sparse_decode_kernel(
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
 
-    # This split's range of the virtual sequence [compressed tokens | window tokens], where the
-    # window starts at seq_bound: the host's upper bound of every sequence's compressed length
-    # (at most the allocation `tokens`), so splits cover what is there, not what is allocated.
-    lo = split * tokens_per_split
-    hi = lo + tokens_per_split
-    seq_len = seq_bound
-    if HAS_SEQ_LENS:
-        seq_len = tl.minimum(tl.load(seq_lens_ptr + b), seq_bound)
-
-    # Pointers to this (batch, kv head) stream; token offsets inside it stay int32.
-    stream = bh.to(tl.int64) * tokens
-    k_bits, k_vals = k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY
-    v_bits, v_vals = v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY
-    c_hi = tl.minimum(hi, seq_len)
+    lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
+        split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
+        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     tok = lo + tl.arange(0, BLOCK_N)
     k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
     v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
@@ -182,12 +202,7 @@ def _sparse_decode_kernel(
         m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
-        # Window tokens sit at virtual positions [seq_bound, seq_bound + window_len).
-        win_len = window
-        if HAS_WINDOW_LENS:
-            win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
-        w_lo = tl.maximum(lo - seq_bound, 0)
-        w_hi = tl.minimum(hi - seq_bound, win_len)
+        w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(tl.int64) * stride_wb + h * stride_wh
         for start in range(w_lo, w_hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)

@@ -32,6 +32,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .decode import _split_ranges, _window_range
+
 # prmt selectors of a channel pair from the word (value[s], value[s + 1]) at its first slot s:
 # both kept, only the low channel, only the high one (its value is at s too), none.
 _KEEP_BOTH, _KEEP_LO, _KEEP_HI, _KEEP_NONE = 0x3210, 0x4410, 0x1044, 0x4444
@@ -187,15 +189,9 @@ def _sparse_decode_gluon_kernel(
     l = gl.zeros([BLOCK_H], gl.float32, ROW)
     acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, MMA)
 
-    lo = split * tokens_per_split
-    hi = lo + tokens_per_split
-    seq_len = seq_bound
-    if HAS_SEQ_LENS:
-        seq_len = gl.minimum(gl.load(seq_lens_ptr + b), seq_bound)
-    stream = bh.to(gl.int64) * tokens
-    k_bits, k_vals = k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY
-    v_bits, v_vals = v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY
-    c_hi = gl.minimum(hi, seq_len)
+    lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
+        split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
+        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     for start in range(lo, c_hi, BLOCK_N):
         valid = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA)) < c_hi
         k = _expand_pairs(k_bits, k_vals, table_ptr, start, c_hi, HEAD_DIM, K_CAPACITY, K_CAPP, NUM_WARPS)
@@ -204,11 +200,7 @@ def _sparse_decode_gluon_kernel(
         acc = _accumulate(p_op, v, acc, alpha, MMA)
 
     if HAS_WINDOW:
-        win_len = window
-        if HAS_WINDOW_LENS:
-            win_len = gl.minimum(gl.load(window_lens_ptr + b), window)
-        w_lo = gl.maximum(lo - seq_bound, 0)
-        w_hi = gl.minimum(hi - seq_bound, win_len)
+        w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(gl.int64) * stride_wb + h * stride_wh
         d_row = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, DR))[None, :]
         for start in range(w_lo, w_hi, BLOCK_N):
