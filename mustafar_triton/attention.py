@@ -161,7 +161,6 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         if cfg.get("kernel") == "gluon":
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
                 *common, _table("pairs", q.device), *rest, **flags,
-                K_CAPP=next_pow2(packed_k.capacity), V_CAPP=next_pow2(packed_v.capacity),
                 NUM_WARPS=cfg["num_warps"], num_warps=cfg["num_warps"], **extra)
         else:
             _sparse_decode_kernel[(splits, batch * hkv)](

@@ -28,6 +28,7 @@ Shapes: fp16 / bf16, HEAD_DIM a multiple of 32, capacity at most 248 (slots fit 
 """
 from __future__ import annotations
 
+import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
@@ -37,6 +38,7 @@ from .decode import _split_ranges, _window_range
 # prmt selectors of a channel pair from the word (value[s], value[s + 1]) at its first slot s:
 # both kept, only the low channel, only the high one (its value is at s too), none.
 _KEEP_BOTH, _KEEP_LO, _KEEP_HI, _KEEP_NONE = 0x3210, 0x4410, 0x1044, 0x4444
+_KEEP_NONE_2 = gl.constexpr(_KEEP_NONE * 0x10001)  # two pairs' worth, as in table fields 1 and 2
 
 
 def pair_table() -> list[int]:
@@ -81,11 +83,11 @@ def _pair_words(values_ptr, start, end, CAPACITY: gl.constexpr, CAPP: gl.constex
 
 @gluon.jit
 def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
-                  HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, CAPP: gl.constexpr,
-                  NUM_WARPS: gl.constexpr):
+                  HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, NUM_WARPS: gl.constexpr):
     """Dense tile [BLOCK_N, HEAD_DIM] of tokens [start, start + BLOCK_N) (0 at and past `end`),
     one token's row per thread (layout _row_layout)."""
     BLOCK_N: gl.constexpr = 32 * NUM_WARPS
+    CAPP: gl.constexpr = triton.next_power_of_2(CAPACITY)  # staged slots per token
     NB: gl.constexpr = HEAD_DIM // 8
     # a thread owns one token: [its bitmap bytes] x [4 table fields, or the byte's 4 channel pairs]
     P3: gl.constexpr = gl.BlockedLayout([1, NB, 4], [32, 1, 1], [NUM_WARPS, 1, 1], [2, 1, 0])
@@ -106,8 +108,8 @@ def _expand_pairs(bitmap_ptr, values_ptr, table_ptr, start, end,
     count_b = gl.convert_layout(count, SCAN)
     first = gl.convert_layout(gl.associative_scan(count_b, 1, _add) - count_b, LB)
     ok_tok = gl.sum(count, axis=1)[:, None] <= CAPACITY   # a malformed token (too many bits) reads zeros
-    sel01 = gl.where(ok_tok, sel01, 0x44444444)
-    sel23 = gl.where(ok_tok, sel23, 0x44444444)
+    sel01 = gl.where(ok_tok, sel01, _KEEP_NONE_2)
+    sel23 = gl.where(ok_tok, sel23, _KEEP_NONE_2)
     # byte i: first slot of pair i (0 for pairs that keep nothing and for malformed tokens, whose
     # slots could point past the staged row)
     slots = gl.where(ok_tok, ((first * 0x01010101) & reads) + offs, 0)
@@ -165,7 +167,7 @@ def _sparse_decode_gluon_kernel(
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
     num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
-    K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, K_CAPP: gl.constexpr, V_CAPP: gl.constexpr,
+    K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
     NUM_WARPS: gl.constexpr,
 ):
@@ -194,9 +196,9 @@ def _sparse_decode_gluon_kernel(
         k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     for start in range(lo, c_hi, BLOCK_N):
         valid = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA)) < c_hi
-        k = _expand_pairs(k_bits, k_vals, table_ptr, start, c_hi, HEAD_DIM, K_CAPACITY, K_CAPP, NUM_WARPS)
+        k = _expand_pairs(k_bits, k_vals, table_ptr, start, c_hi, HEAD_DIM, K_CAPACITY, NUM_WARPS)
         p_op, m, l, alpha = _scores(q_op, k, valid, m, l, qk_scale, MMA)
-        v = _expand_pairs(v_bits, v_vals, table_ptr, start, c_hi, HEAD_DIM, V_CAPACITY, V_CAPP, NUM_WARPS)
+        v = _expand_pairs(v_bits, v_vals, table_ptr, start, c_hi, HEAD_DIM, V_CAPACITY, NUM_WARPS)
         acc = _accumulate(p_op, v, acc, alpha, MMA)
 
     if HAS_WINDOW:
