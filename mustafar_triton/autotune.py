@@ -6,8 +6,8 @@ Lookup order for a launch on a GPU:
      the nearest shape bucket (categorical keys must match, numeric keys nearest in log2);
   2. the user's cache, `~/.cache/mustafar_triton/<name>.json` ($MUSTAFAR_TRITON_USER_CACHE),
      filled by on-the-fly tuning: the first launch of an unseen bucket times every config of the
-     kernel's space with `triton.testing.do_bench` and stores the fastest (we time whole
-     launches ourselves rather than use `triton.autotune`, because the decode split count changes
+     kernel's space (GPU time, L2 flushed: `_timing.gpu_time_ms`) and stores the fastest (we
+     time whole launches ourselves rather than use `triton.autotune`, because the decode split count changes
      the grid and the split buffers, which `triton.autotune` cannot vary);
   3. a heuristic default (also used under the interpreter, during CUDA-graph capture, and when
      $MUSTAFAR_TRITON_AUTOTUNE=0).
@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
+from ._timing import gpu_time_ms
 from ._runtime import device_name, interpreting, next_pow2, num_sms
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
@@ -142,12 +143,13 @@ def write_entries(path: Path, entries: list[dict], device: torch.device) -> None
 
 
 def time_config(run, cfg: dict) -> float:
-    """Median ms of run(cfg), timed as perf/sweep.py times: `triton.testing.do_bench`, which
-    flushes L2 before every repetition. A decode step finds its layer's cache evicted by the
-    other layers; timing warm (CUDA-graph replays without a flush) favoured configs that only win
-    while a small cache stays in the 50 MB L2 (measured: 61 us warm vs 156 us cold at B=1)."""
+    """Median GPU ms of run(cfg), L2 flushed before each call, host cost excluded (_timing.py: the
+    same timing as perf/sweep.py). A decode step finds its layer's cache evicted by the other
+    layers; timing warm (CUDA-graph replays without a flush) favoured configs that only win
+    while a small cache stays in the 50 MB L2 (measured: 61 us warm vs 156 us cold at B=1), and
+    do_bench's host-side events timed the host at B=1 (151-207 us for ~67 us of GPU work)."""
     run(cfg)  # compile first
-    return triton.testing.do_bench(lambda: run(cfg), warmup=25, rep=100, return_mode="median")
+    return gpu_time_ms(lambda: run(cfg))
 
 
 def tune(kernel: str, run, bucket: dict, space: list[dict]) -> tuple[dict, list[tuple[dict, float]]]:

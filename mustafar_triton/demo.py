@@ -18,10 +18,9 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
     os.execv(sys.executable, [sys.executable, "-m", "mustafar_triton.demo", *sys.argv[1:]])
 
-import triton  # noqa: E402
-
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import reference  # noqa: E402
+from mustafar_triton._timing import gpu_time_ms  # noqa: E402
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -74,13 +73,12 @@ def main():
           f"{rel_err(out, dense_out):.2e}; on a real model see the README accuracy table")
 
     if gpu:
-        sparse_us = triton.testing.do_bench(
-            lambda: mt.sparse_decode_attention(q, packed_k, packed_v, k_window=k_win, v_window=v_win),
-            return_mode="median") * 1e3
+        # GPU time per call, L2 flushed before each call, host excluded (_timing.py)
+        sparse_us = gpu_time_ms(
+            lambda: mt.sparse_decode_attention(q, packed_k, packed_v, k_window=k_win, v_window=v_win)) * 1e3
         kk, vv = torch.cat([k, k_win], 2), torch.cat([v, v_win], 2)
-        dense_us = triton.testing.do_bench(
-            lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True),
-            return_mode="median") * 1e3
+        dense_us = gpu_time_ms(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)) * 1e3
         print(f"decode step: sparse {sparse_us:.1f} us, dense SDPA {dense_us:.1f} us "
               f"(speedup {dense_us / sparse_us:.2f}x)")
     else:

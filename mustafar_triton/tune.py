@@ -3,8 +3,8 @@
     python -m mustafar_triton.tune [--out-dir autotune_cache] [--quick] [--kernels decode,select,unpack]
                                    [--report perf/results/tune.json]
 
-For each shape bucket it times the kernel's whole config space (median of do_bench), keeps the
-fastest, and reports the fastest against the heuristic default so a tuned file can be judged.
+For each shape bucket it times the kernel's whole config space (autotune.time_config: GPU time,
+L2 flushed, host excluded), keeps the fastest, and reports the fastest against the heuristic default so a tuned file can be judged.
 Entries already in the device's file for buckets this run does not tune are kept, so the kernel
 families can be tuned in separate runs.
 """

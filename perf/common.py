@@ -1,15 +1,14 @@
 """Helpers shared by perf/sweep.py and perf/plot.py: model shapes, environment metadata, timing,
 copy bandwidth and result files.
 
-Timing (`bench_us`): on CUDA, `triton.testing.do_bench(fn, warmup=25, rep=100,
-return_mode="median")`. do_bench clears the L2 cache (a 256 MB memset) before every repetition,
-so every call starts with a cold cache, as a decode step does when the previous layers have
-evicted this layer's KV cache. CUDA-graph replay (`do_bench_cudagraph`) was not chosen: it does
-not flush, so caches up to the H100's 50 MB L2 would stay resident across replays and small
-shapes would look faster than they are in a model. The host cost of a call (argument checks, the
-two launches of sparse_decode_attention) is queued behind the flush, so it does not show in the
-time unless it exceeds flush + kernel (~0.1 ms). On CPU (the interpreter smoke mode) the time is
-the median of a few `time.perf_counter` measurements.
+Timing (`bench_us`): on CUDA, GPU time of one call with the L2 flushed before it and the host's
+share excluded (`mustafar_triton._timing.gpu_time_ms`: CUDA-graph replays of flush + call minus
+flush alone; the tuner times the same way). Cold L2, because a decode step finds its layer's KV
+cache evicted by the other layers. Until session 4 this was `triton.testing.do_bench`, which
+times from the host: at B=1 T=32768 it measured 151-207 us for ~67 us of GPU work (the host took
+longer per call than flush + kernel), so small-shape results older than that include host time.
+On CPU (the interpreter smoke mode) the time is the median of a few `time.perf_counter`
+measurements.
 
 Result files are JSON: {"meta": {...}, "rows": [{...}, ...]}; see perf/sweep.py for the fields.
 """
@@ -101,9 +100,10 @@ def synchronize(device: torch.device) -> None:
 def bench_us(fn, device: torch.device, cpu_reps: int = 3) -> float:
     """Median time of one call of fn in microseconds (method in the module docstring)."""
     if device.type == "cuda":
-        import triton.testing
+        from mustafar_triton._timing import gpu_time_ms
 
-        return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        fn()  # warm-up: compiles, tunes, allocates
+        return 1e3 * gpu_time_ms(fn)
     fn()  # warm-up: compiles / traces
     times = []
     for _ in range(cpu_reps):

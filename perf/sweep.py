@@ -389,8 +389,9 @@ def main(args: argparse.Namespace) -> None:
         script="perf/sweep.py", mode=mode, argv=sys.argv[1:], copy_bandwidth_bytes_per_s=rig.copy_bw,
         sparsities=list(SPARSITIES),
         window=0, window_note="no dense recent window: every token of the cache is compressed",
-        timing=("triton.testing.do_bench(warmup=25, rep=100, return_mode='median'), L2 flushed before "
-                "each repetition" if device.type == "cuda" else "median of time.perf_counter, Triton interpreter"),
+        timing=("GPU time per call, L2 flushed before each call, host excluded (mustafar_triton._timing."
+                "gpu_time_ms: CUDA-graph replays)" if device.type == "cuda"
+                else "median of time.perf_counter, Triton interpreter"),
         autotune=args.autotune, max_seconds=max_seconds, other_libraries=importable,
         skipped_memory=skipped, skipped_memory_rule=f"dense K+V > {MAX_DENSE_FRACTION:.0%} of device memory")
     print(f"{meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit'][:12]} | "

@@ -1,6 +1,6 @@
 """Config lookup of mustafar_triton.autotune: shipped files, nearest bucket, user cache, on-the-fly
 tuning, fallbacks. The GPU path is taken without a GPU by monkeypatching interpreting /
-device_name / num_sms, with a fake `run` and a deterministic `triton.testing.do_bench`."""
+device_name / num_sms, with a fake `run` and a deterministic timer in place of `gpu_time_ms`."""
 import json
 import warnings
 from types import SimpleNamespace
@@ -62,19 +62,18 @@ def write_file(path, entries, version=None):
 
 
 class FakeBench:
-    """A recording `run` plus triton.testing.do_bench / do_bench_cudagraph returning a fixed
-    time per config (the config of the run(config) call it times)."""
+    """A recording `run` plus a stand-in for autotune's timer (_timing.gpu_time_ms) returning a
+    fixed time per config (the config of the run(config) call it times)."""
 
     def __init__(self, monkeypatch, time_of):
         self.calls = []
         self.time_of = time_of
-        monkeypatch.setattr(triton.testing, "do_bench", self.do_bench)
-        monkeypatch.setattr(triton.testing, "do_bench_cudagraph", self.do_bench)
+        monkeypatch.setattr(at, "gpu_time_ms", self.time)
 
     def run(self, cfg):
         self.calls.append(dict(cfg))
 
-    def do_bench(self, fn, *args, **kwargs):
+    def time(self, fn, *args, **kwargs):
         n = len(self.calls)
         fn()
         assert len(self.calls) == n + 1, "tune must time run(config)"

@@ -1,0 +1,102 @@
+"""Is the B=1 decode time bimodal, and is it the kernel or the state it runs in? (perf/NOTES.md,
+"B=1 decode timings are bimodal".) Repeats, in one process and interleaved, for one decode config
+and for dense cuDNN SDPA: the do_bench median (L2 flushed, events recorded from the host), the
+GPU time of _timing.gpu_time_ms (L2 flushed, host excluded), a CUDA-graph replay of the decode
+call (warm L2), and the decode's per-kernel GPU times from torch.profiler (back to back, warm).
+Writes JSON and prints one line per repeat.
+
+    python perf/b1_repeat.py --out perf/results/b1_repeat_h100.json
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import triton.testing
+
+from common import environment, synchronize, write_results  # noqa: E402 (puts the repo first)
+
+import mustafar_triton as mt  # noqa: E402
+from mustafar_triton import autotune  # noqa: E402
+from mustafar_triton._timing import gpu_time_ms  # noqa: E402
+
+
+def do_bench_us(fn) -> float:
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_us(fn, dev, calls: int = 20) -> float:
+    """Microseconds per call of fn replayed from one CUDA graph of `calls` calls (warm L2)."""
+    stream = torch.cuda.Stream(dev)
+    with torch.cuda.stream(stream):
+        fn()
+    synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    synchronize(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def kernel_times_us(fn, calls: int = 20) -> dict:
+    """Mean GPU time per call of each kernel fn launches, from torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:60]: e.device_time_total / calls for e in prof.key_averages() if e.device_time_total > 0}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="b1_repeat.json")
+    ap.add_argument("--tokens", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--config", default="BLOCK_N=64,num_warps=4,num_stages=2,num_splits=-4,SLOTS=popc,maxnreg=128")
+    args = ap.parse_args()
+    cfg = {k: (v if v.isalpha() else int(v)) for k, v in (kv.split("=") for kv in args.config.split(","))}
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    q = torch.randn(1, 32, 128, device=dev, dtype=torch.float16)
+    k, v = (torch.randn(1, 8, args.tokens, 128, device=dev, dtype=torch.float16) for _ in range(2))
+    pk, pv = mt.prune_and_pack(k, 0.7), mt.prune_and_pack(v, 0.7)
+    q4 = q[:, :, None, :]
+
+    def sparse():
+        with autotune.forced_config("decode", cfg):
+            return mt.sparse_decode_attention(q, pk, pv)
+
+    def dense():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q4, k, v, enable_gqa=True)
+
+    rows = []
+    for rep in range(args.repeats):
+        row = dict(rep=rep, sparse_do_bench_us=do_bench_us(sparse), dense_do_bench_us=do_bench_us(dense),
+                   sparse_gpu_us=1e3 * gpu_time_ms(sparse), dense_gpu_us=1e3 * gpu_time_ms(dense),
+                   sparse_warm_graph_us=graph_us(sparse, dev))
+        row["sparse_kernels_us"] = kernel_times_us(sparse)
+        rows.append(row)
+        kernels = ", ".join(f"{name[:28]} {us:.1f}" for name, us in row["sparse_kernels_us"].items())
+        print(f"rep {rep}: do_bench sparse {row['sparse_do_bench_us']:.1f} dense {row['dense_do_bench_us']:.1f} | "
+              f"gpu_time sparse {row['sparse_gpu_us']:.1f} dense {row['dense_gpu_us']:.1f} | "
+              f"warm graph sparse {row['sparse_warm_graph_us']:.1f} | {kernels} (us)", flush=True)
+    write_results(Path(args.out), dict(environment(dev), config=cfg, tokens=args.tokens, sparsity=0.7), rows)
+
+
+if __name__ == "__main__":
+    main()
