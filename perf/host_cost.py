@@ -1,7 +1,9 @@
-"""Host-side cost of one `sparse_decode_attention` call with its two kernel launches stubbed out:
-argument checks, config lookup, split sizing and allocations. No GPU needed (CPU tensors).
+"""Host-side cost of one `sparse_decode_attention` call: by default with its two kernel launches
+stubbed out (argument checks, config lookup, split sizing and allocations; no GPU needed, CPU
+tensors); with --gpu, on a GPU with the real launches, at a shape whose kernels take a few
+microseconds, so the loop measures the host (the GPU never makes it wait).
 
-    python perf/host_cost.py [--calls 2000] [--profile]
+    python perf/host_cost.py [--calls 2000] [--profile] [--gpu]
 
 At small shapes this cost, plus two Triton launches, is the whole step (perf/NOTES.md).
 """
@@ -13,7 +15,10 @@ import os
 import pstats
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the device checks
+import sys
+
+if "--gpu" not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the device checks
 
 import torch  # noqa: E402
 
@@ -30,20 +35,40 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--profile", action="store_true", help="also print the top functions by own time")
+    ap.add_argument("--gpu", action="store_true", help="real launches on the GPU instead of stubs")
     args = ap.parse_args()
-    attention._sparse_decode_kernel = attention._merge_splits_kernel = _NoLaunch()
-    q = torch.randn(1, 9, 64)
-    k, v = torch.randn(2, 1, 3, 256, 64)
+    dev = torch.device("cuda" if args.gpu else "cpu")
+    if not args.gpu:
+        attention._sparse_decode_kernel = attention._merge_splits_kernel = _NoLaunch()
+    q = torch.randn(1, 9, 64, device=dev)
+    k, v = torch.randn(2, 1, 3, 256, 64, device=dev)
     pk, pv = mt.prune_and_pack(k, 0.5), mt.prune_and_pack(v, 0.5)
-    kw, vw = torch.randn(2, 1, 3, 32, 64)
-    window_lens = torch.tensor([5], dtype=torch.int32)
+    kw, vw = torch.randn(2, 1, 3, 32, 64, device=dev)
+    window_lens = torch.tensor([5], dtype=torch.int32, device=dev)
     call = lambda: mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=window_lens)
     for _ in range(10):
         call()
+    if args.gpu:
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.calls):
         call()
-    print(f"sparse_decode_attention without launches: {(time.perf_counter() - start) / args.calls * 1e6:.1f} us per call")
+    host = time.perf_counter() - start
+    if args.gpu:
+        torch.cuda.synchronize()
+    what = "with its two launches (GPU)" if args.gpu else "without launches"
+    print(f"sparse_decode_attention {what}: {host / args.calls * 1e6:.1f} us of host time per call")
+    if args.gpu:  # for scale: dense SDPA over the same tokens, unpruned
+        kk, vv = torch.cat([k, kw], 2), torch.cat([v, vw], 2)
+        dense = lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)
+        dense()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            dense()
+        host = time.perf_counter() - start
+        torch.cuda.synchronize()
+        print(f"dense SDPA (same tokens): {host / args.calls * 1e6:.1f} us of host time per call")
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(lambda: [call() for _ in range(args.calls)])
