@@ -11,7 +11,6 @@ from .format import PackedKV
 from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
                              gluon_decode_supports)
 
-_MERGE_BLOCK_S = 16
 _tables: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -168,10 +167,11 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                 BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+        # splits merged per step: all of them in one step up to 64 (a merge is latency-bound)
+        block_s = cfg.get("merge_block", min(64, max(16, next_pow2(splits))))
         _merge_splits_kernel[(batch * hq,)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
-            GROUP=group, HEAD_DIM=d, BLOCK_S=_MERGE_BLOCK_S,
-            MAX_SPLITS_POW2=max(_MERGE_BLOCK_S, next_pow2(splits)),
+            GROUP=group, HEAD_DIM=d, BLOCK_S=block_s, MAX_SPLITS_POW2=max(block_s, next_pow2(splits)),
             num_warps=cfg.get("merge_warps", 4),
         )
 

@@ -258,7 +258,8 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     """Defaults when nothing tuned applies; splits=0 means 'choose from the grid size'.
     Optional keys: maxnreg (register cap of the decode kernel), prefetch (value rows prefetched
     this many tiles ahead, GPU only; default 0), merge_warps (warps of the
-    split-merge kernel, default 4)."""
+    split-merge kernel, default 4), merge_block (splits it merges per step; default all of them
+    up to 64)."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")

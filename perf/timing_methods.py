@@ -1,11 +1,12 @@
-"""Is the B=1 decode time bimodal, and is it the kernel or the state it runs in? (perf/NOTES.md,
-"B=1 decode timings are bimodal".) Repeats, in one process and interleaved, for one decode config
-and for dense cuDNN SDPA: the do_bench median (L2 flushed, events recorded from the host), the
-GPU time of _timing.gpu_time_ms (L2 flushed, host excluded), a CUDA-graph replay of the decode
-call (warm L2), and the decode's per-kernel GPU times from torch.profiler (back to back, warm).
-Writes JSON and prints one line per repeat.
+"""One decode config timed every way we know, repeated in one process: is a time the kernel's or
+the state it runs in? (Written for the B=1 timings that looked bimodal, perf/NOTES.md.) Per
+repeat, for the decode config and for dense cuDNN SDPA: the do_bench median (L2 flushed, events
+recorded from the host), the GPU time of _timing.gpu_time_ms (L2 flushed, host excluded), a
+CUDA-graph replay of the decode call (warm L2), and the decode's per-kernel GPU times from
+torch.profiler (back to back, warm). Writes JSON and prints one line per repeat.
 
-    python perf/b1_repeat.py --out perf/results/b1_repeat_h100.json
+    python perf/timing_methods.py --out perf/results/b1_repeat_h100.json [--batch 1 --tokens 32768]
+        [--config BLOCK_N=64,num_warps=4,num_stages=2,num_splits=-4,SLOTS=popc,maxnreg=128]
 """
 from __future__ import annotations
 
@@ -64,6 +65,7 @@ def kernel_times_us(fn, calls: int = 20) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="b1_repeat.json")
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--config", default="BLOCK_N=64,num_warps=4,num_stages=2,num_splits=-4,SLOTS=popc,maxnreg=128")
@@ -71,8 +73,8 @@ def main():
     cfg = {k: (v if v.isalpha() else int(v)) for k, v in (kv.split("=") for kv in args.config.split(","))}
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    q = torch.randn(1, 32, 128, device=dev, dtype=torch.float16)
-    k, v = (torch.randn(1, 8, args.tokens, 128, device=dev, dtype=torch.float16) for _ in range(2))
+    q = torch.randn(args.batch, 32, 128, device=dev, dtype=torch.float16)
+    k, v = (torch.randn(args.batch, 8, args.tokens, 128, device=dev, dtype=torch.float16) for _ in range(2))
     pk, pv = mt.prune_and_pack(k, 0.7), mt.prune_and_pack(v, 0.7)
     q4 = q[:, :, None, :]
 
@@ -95,7 +97,8 @@ def main():
         print(f"rep {rep}: do_bench sparse {row['sparse_do_bench_us']:.1f} dense {row['dense_do_bench_us']:.1f} | "
               f"gpu_time sparse {row['sparse_gpu_us']:.1f} dense {row['dense_gpu_us']:.1f} | "
               f"warm graph sparse {row['sparse_warm_graph_us']:.1f} | {kernels} (us)", flush=True)
-    write_results(Path(args.out), dict(environment(dev), config=cfg, tokens=args.tokens, sparsity=0.7), rows)
+    write_results(Path(args.out), dict(environment(dev), config=cfg, batch=args.batch, tokens=args.tokens,
+                                             sparsity=0.7), rows)
 
 
 if __name__ == "__main__":
