@@ -1,0 +1,50 @@
+"""perf/sweep.py and perf/plot.py, run as a user runs them (subprocesses; no GPU needed)."""
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, env=None):
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done.stdout
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])
+    return width, height
+
+
+def test_plot_regenerates_every_committed_figure(tmp_path):
+    """Issue 5's check: plot.py on the committed results writes the figures plots/ holds: the same
+    names and, within 5% (text extents move with the matplotlib version), the same pixel sizes."""
+    run_script("perf/plot.py", "--out-dir", tmp_path)
+    committed = {p.name: png_size(p) for p in (REPO / "plots").glob("*.png")}
+    written = {p.name: png_size(p) for p in tmp_path.glob("*.png")}
+    assert committed, "no committed figures"
+    assert written.keys() == committed.keys()
+    for name, (width, height) in committed.items():
+        assert written[name] == pytest.approx((width, height), rel=0.05), name
+
+
+@pytest.mark.interpreter_only
+def test_sweep_smoke_run_feeds_the_plots(tmp_path):
+    """sweep.py --device cpu runs every op through the interpreter, its decode rows are accurate,
+    and plot.py turns its file into figures."""
+    out = tmp_path / "cpu.json"
+    run_script("perf/sweep.py", "--device", "cpu", "--out", out, env={"TRITON_INTERPRET": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    ours = [r for r in rows if r.get("op") == "decode" and r.get("kernel") == "mustafar"]
+    assert ours and all("error" not in r for r in ours)
+    assert all(r["median_us"] > 0 and r["max_abs_err"] < 1e-2 for r in ours)
+    assert any(r.get("op") == "prune_and_pack" and r.get("median_us", 0) > 0 for r in rows)
+    run_script("perf/plot.py", out, "--out-dir", tmp_path / "plots")
+    assert len(list((tmp_path / "plots").glob("speedup_vs_context_*.png"))) >= 1
