@@ -7,8 +7,8 @@ Lookup order for a launch on a GPU:
   2. the user's cache, `~/.cache/mustafar_triton/<name>.json` ($MUSTAFAR_TRITON_USER_CACHE),
      filled by on-the-fly tuning: the first launch of an unseen bucket times every config of the
      kernel's space (GPU time, L2 flushed: `_timing.gpu_time_ms`) and stores the fastest (we
-     time whole launches ourselves rather than use `triton.autotune`, because the decode split count changes
-     the grid and the split buffers, which `triton.autotune` cannot vary);
+     time whole launches ourselves rather than use `triton.autotune`, because the decode split
+     count changes the grid and the split buffers, which `triton.autotune` cannot vary);
   3. a heuristic default (also used under the interpreter, during CUDA-graph capture, and when
      $MUSTAFAR_TRITON_AUTOTUNE=0).
 A missing file falls through silently; a corrupt file or one tuned with another triton version
