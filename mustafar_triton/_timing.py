@@ -22,12 +22,13 @@ import torch
 FLUSH_BYTES = 256 << 20
 
 
-def gpu_time_ms(fn, calls: int = 10, rounds: int = 7) -> float:
-    """Median GPU milliseconds of one call of fn, L2 flushed before each call. fn must be
-    callable repeatedly, already compiled, and capturable in a CUDA graph (no host syncs: the
-    capture raises otherwise). Host work inside fn runs once, at capture, and is not timed."""
+def gpu_time_ms(fn, calls: int = 10, rounds: int = 7, flush_l2: bool = True) -> float:
+    """Median GPU milliseconds of one call of fn, L2 flushed before each call (flush_l2=False:
+    back to back, warm L2, for diagnostics). fn must be callable repeatedly, already compiled, and
+    capturable in a CUDA graph (no host syncs: the capture raises otherwise). Host work inside fn
+    runs once, at capture, and is not timed."""
     device = torch.device("cuda", torch.cuda.current_device())
-    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device) if flush_l2 else None
     stream = torch.cuda.Stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):  # warm up on a side stream, as torch's graph docs ask
@@ -36,11 +37,13 @@ def gpu_time_ms(fn, calls: int = 10, rounds: int = 7) -> float:
     with_fn, flush_only = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
     with torch.cuda.graph(with_fn):
         for _ in range(calls):
-            flush.zero_()
+            if flush_l2:
+                flush.zero_()
             fn()
-    with torch.cuda.graph(flush_only):
-        for _ in range(calls):
-            flush.zero_()
+    if flush_l2:
+        with torch.cuda.graph(flush_only):
+            for _ in range(calls):
+                flush.zero_()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def replay_ms(graph) -> float:
@@ -50,7 +53,10 @@ def gpu_time_ms(fn, calls: int = 10, rounds: int = 7) -> float:
         end.synchronize()
         return start.elapsed_time(end)
 
+    def flush_ms() -> float:
+        return replay_ms(flush_only) if flush_l2 else 0.0
+
     replay_ms(with_fn)  # first replays upload the graphs
-    replay_ms(flush_only)
-    per_call = [(replay_ms(with_fn) - replay_ms(flush_only)) / calls for _ in range(rounds)]
+    flush_ms()
+    per_call = [(replay_ms(with_fn) - flush_ms()) / calls for _ in range(rounds)]
     return max(statistics.median(per_call), 0.0)

@@ -11,7 +11,6 @@ torch.profiler (back to back, warm). Writes JSON and prints one line per repeat.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import triton.testing
 
-from common import environment, synchronize, write_results  # noqa: E402 (puts the repo first)
+from common import environment, write_results  # noqa: E402 (puts the repo first)
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import autotune  # noqa: E402
@@ -28,29 +27,6 @@ from mustafar_triton._timing import gpu_time_ms  # noqa: E402
 
 def do_bench_us(fn) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def graph_us(fn, dev, calls: int = 20) -> float:
-    """Microseconds per call of fn replayed from one CUDA graph of `calls` calls (warm L2)."""
-    stream = torch.cuda.Stream(dev)
-    with torch.cuda.stream(stream):
-        fn()
-    synchronize(dev)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    synchronize(dev)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def kernel_times_us(fn, calls: int = 20) -> dict:
@@ -64,7 +40,7 @@ def kernel_times_us(fn, calls: int = 20) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="b1_repeat.json")
+    ap.add_argument("--out", default="timing_methods.json")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--repeats", type=int, default=10)
@@ -90,7 +66,7 @@ def main():
     for rep in range(args.repeats):
         row = dict(rep=rep, sparse_do_bench_us=do_bench_us(sparse), dense_do_bench_us=do_bench_us(dense),
                    sparse_gpu_us=1e3 * gpu_time_ms(sparse), dense_gpu_us=1e3 * gpu_time_ms(dense),
-                   sparse_warm_graph_us=graph_us(sparse, dev))
+                   sparse_warm_graph_us=1e3 * gpu_time_ms(sparse, flush_l2=False))
         row["sparse_kernels_us"] = kernel_times_us(sparse)
         rows.append(row)
         kernels = ", ".join(f"{name[:28]} {us:.1f}" for name, us in row["sparse_kernels_us"].items())

@@ -31,6 +31,16 @@ def test_gpu_time_excludes_the_host(device):
 
 
 @pytest.mark.cuda_only
+def test_gpu_time_warm_l2_is_faster_for_a_cache_sized_copy(device):
+    """Without the flush (flush_l2=False) a 16 MB copy runs out of the 50 MB L2 and is faster."""
+    src = torch.randn(1 << 22, device=device)
+    dst = torch.empty_like(src)
+    cold = gpu_time_ms(lambda: dst.copy_(src))
+    warm = gpu_time_ms(lambda: dst.copy_(src), flush_l2=False)
+    assert 0 < warm < cold, (warm, cold)
+
+
+@pytest.mark.cuda_only
 def test_gpu_time_refuses_a_host_sync(device):
     """A call that syncs with the host cannot be timed this way: the capture raises."""
     x = torch.randn(16, device=device)
