@@ -33,8 +33,8 @@ SMOLLM = dict(hq=9, hkv=3, d=64)
 
 def decode_buckets(quick: bool):
     """Llama-3-8B shapes at both sparsities in fp16, at 0.7 in bf16, SmolLM2 at 0.7 in fp16."""
-    shapes = [(16, 16384)] if quick else [(1, 4096), (1, 32768), (1, 131072), (4, 16384), (4, 65536),
-                                          (16, 16384), (64, 4096)]
+    shapes = [(16, 16384)] if quick else [(1, 4096), (1, 32768), (1, 131072), (4, 16384), (4, 32768),
+                                          (4, 65536), (16, 16384), (64, 4096)]
     combos = [(LLAMA, torch.float16, 0.5), (LLAMA, torch.float16, 0.7), (LLAMA, torch.bfloat16, 0.7),
               (SMOLLM, torch.float16, 0.7)]
     for model, dtype, sparsity in combos[: 2 if quick else None]:
