@@ -27,8 +27,8 @@ from common import bench_us, copy_bandwidth, environment, write_results  # noqa:
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import autotune  # noqa: E402
 from mustafar_triton._runtime import cdiv  # noqa: E402
-from mustafar_triton.kernels.decode import choose_num_splits  # noqa: E402
-from mustafar_triton.kernels.decode_gluon import _accumulate, _scores  # noqa: E402
+from mustafar_triton.kernels.decode import _split_ranges, choose_num_splits  # noqa: E402
+from mustafar_triton.kernels.decode_gluon import _accumulate, _query_and_state, _scores  # noqa: E402
 
 
 @gluon.jit
@@ -58,34 +58,20 @@ def _skeleton_kernel(q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_p
                      CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr, NUM_WARPS: gl.constexpr,
                      EXPAND: gl.constexpr):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, NUM_WARPS], instr_shape=[16, 8])
-    DR: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])  # 8 channels per thread
     split = gl.program_id(0)
     bh = gl.program_id(1)
-    b = bh // num_kv_heads
-    h = bh % num_kv_heads
-    offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, DR))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, DR))
-    q = gl.load(q_ptr + (b * num_kv_heads * GROUP + h * GROUP + offs_h)[:, None] * HEAD_DIM + offs_d[None, :],
-                mask=(offs_h < GROUP)[:, None], other=0.0)
-    q_op = gl.convert_layout(q, gl.DotOperandLayout(0, MMA, 2))
-    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-    m = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
-    l = gl.zeros([BLOCK_H], gl.float32, ROW)
-    acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, MMA)
-    lo = split * tokens_per_split
-    hi = gl.minimum(lo + tokens_per_split, tokens)
-    stream = bh.to(gl.int64) * tokens
-    k_bits = k_bitmap_ptr + stream * (HEAD_DIM // 32)
-    v_bits = v_bitmap_ptr + stream * (HEAD_DIM // 32)
-    k_vals = k_values_ptr + stream * CAPACITY
-    v_vals = v_values_ptr + stream * CAPACITY
+    q_op, m, l, acc = _query_and_state(q_ptr, bh // num_kv_heads, bh % num_kv_heads, num_kv_heads * GROUP * HEAD_DIM,
+                                       HEAD_DIM, GROUP, BLOCK_H, HEAD_DIM, NUM_WARPS, MMA)
+    lo, hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
+        split, bh, num_kv_heads, tokens, tokens, tokens_per_split, None,
+        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, CAPACITY, CAPACITY, False)
     for start in range(lo, hi, BLOCK_N):
         valid = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, MMA)) < hi
         k = _fixed_slot_tile(k_bits, k_vals, start, hi, HEAD_DIM, CAPACITY, BLOCK_N, NUM_WARPS, EXPAND)
         p_op, m, l, alpha = _scores(q_op, k, valid, m, l, qk_scale, MMA)
         v = _fixed_slot_tile(v_bits, v_vals, start, hi, HEAD_DIM, CAPACITY, BLOCK_N, NUM_WARPS, EXPAND)
         acc = _accumulate(p_op, v, acc, alpha, MMA)
-    rows = gl.arange(0, BLOCK_H, layout=ROW)
+    rows = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, MMA))
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * GROUP + rows
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, MMA))
     gl.store(part_out_ptr + part[:, None] * HEAD_DIM + cols[None, :], acc / l[:, None], mask=(rows < GROUP)[:, None])

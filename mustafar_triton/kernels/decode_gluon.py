@@ -161,6 +161,22 @@ def _accumulate(p_op, v, acc, alpha, MMA: gl.constexpr):
 
 
 @gluon.jit
+def _query_and_state(q_ptr, b, h, stride_qb, stride_qh, GROUP: gl.constexpr, BLOCK_H: gl.constexpr,
+                     HEAD_DIM: gl.constexpr, NUM_WARPS: gl.constexpr, MMA: gl.constexpr):
+    """The GROUP query heads of kv head h (rows padded to BLOCK_H) as an mma.sync A operand, and
+    the empty online-softmax state: running max, running sum, accumulator."""
+    QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
+    offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, QL))
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, QL))
+    q = gl.load(q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_h < GROUP)[:, None], other=0.0)
+    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+    return (gl.convert_layout(q, gl.DotOperandLayout(0, MMA, 2)),
+            gl.full([BLOCK_H], float("-inf"), gl.float32, ROW), gl.zeros([BLOCK_H], gl.float32, ROW),
+            gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, MMA))
+
+
+@gluon.jit
 def _sparse_decode_gluon_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, table_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
@@ -180,16 +196,8 @@ def _sparse_decode_gluon_kernel(
     bh = gl.program_id(1)
     b = bh // num_kv_heads
     h = bh % num_kv_heads
-    QL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [NUM_WARPS, 1], [1, 0])
-    offs_h = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(1, QL))
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, QL))
-    q = gl.load(q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=(offs_h < GROUP)[:, None], other=0.0)
-    q_op = gl.convert_layout(q, gl.DotOperandLayout(0, MMA, 2))
+    q_op, m, l, acc = _query_and_state(q_ptr, b, h, stride_qb, stride_qh, GROUP, BLOCK_H, HEAD_DIM, NUM_WARPS, MMA)
     ROW: gl.constexpr = gl.SliceLayout(1, MMA)
-    m = gl.full([BLOCK_H], float("-inf"), gl.float32, ROW)
-    l = gl.zeros([BLOCK_H], gl.float32, ROW)
-    acc = gl.zeros([BLOCK_H, HEAD_DIM], gl.float32, MMA)
 
     lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
