@@ -157,7 +157,12 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                      HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
                      HAS_WINDOW_LENS=window_lens is not None)
         extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-        if cfg.get("kernel") == "gluon":
+        if cfg.get("kernel") == "warp":
+            from .kernels.decode_warp import _sparse_decode_warp_kernel
+            _sparse_decode_warp_kernel[(splits, batch * hkv)](
+                *common, _table("pairs", q.device), *rest, **dict(flags, BLOCK_H=max(8, next_pow2(group))),
+                BLOCK_N=cfg["BLOCK_N"], num_warps=1, **extra)
+        elif cfg.get("kernel") == "gluon":
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
                 *common, _table("pairs", q.device), *rest, **flags,
                 NUM_WARPS=cfg["num_warps"], num_warps=cfg["num_warps"], **extra)

@@ -62,6 +62,7 @@ def main():
                                                        SLOTS=mode, prefetch=prefetch))
                   for mode, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]]
         checks += [(f"gluon {w} warps", gluon_config(w, 0)) for w in (2, 4, 8)]
+        checks += [(f"warp {bn}", dict(kernel="warp", BLOCK_N=bn, num_warps=1, num_splits=-4)) for bn in (16, 32)]
         for slots, cfg in checks:
             with autotune.forced_config("decode", cfg):
                 out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
@@ -100,7 +101,12 @@ def main():
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
-        if spec.startswith("gluon:"):
+        if spec.startswith("warp:"):
+            _, bn, splits, maxnreg = spec.split(":")
+            cfg = dict(kernel="warp", BLOCK_N=int(bn), num_warps=1, num_splits=int(splits))
+            if int(maxnreg):
+                cfg["maxnreg"] = int(maxnreg)
+        elif spec.startswith("gluon:"):
             _, warps, *extra = spec.split(":")
             splits, maxnreg = (extra + ["0", "0"][len(extra):])
             cfg = gluon_config(int(warps), int(splits))

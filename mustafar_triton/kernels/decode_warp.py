@@ -1,0 +1,134 @@
+"""EXPERIMENT: one-warp Gluon decode kernel, gathers straight into mma.sync operand registers."""
+from __future__ import annotations
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from .decode import _split_ranges, _window_range
+
+
+@gluon.jit
+def _popc(x):
+    return gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _channel_masks(chan):
+    """Per channel: the bits of its word below it, and its own bit (loop-invariant)."""
+    bit = (chan % 32).to(gl.uint32)
+    own = gl.full_like(bit, 1) << bit
+    return (own - 1).to(gl.int32, bitcast=True), own.to(gl.int32, bitcast=True)
+
+
+@gluon.jit
+def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own, CAPACITY: gl.constexpr,
+                 HEAD_DIM: gl.constexpr, TOK_AXIS: gl.constexpr):
+    """Dense values at (tok, chan) of one (batch, kv head) stream, gathered in the layout of the
+    broadcast of tok and chan (an mma operand layout); tokens with `ok` False read as zeros."""
+    NUM_WORDS: gl.constexpr = HEAD_DIM // 32
+    run = tok * 0
+    for j in gl.static_range(NUM_WORDS):  # the token's kept count (the loads are reused below)
+        run += _popc(gl.load(bits_ptr + tok * NUM_WORDS + j, mask=ok, other=0))
+    fits = run <= CAPACITY  # a malformed token (too many bits) reads as zeros
+    # row start + slots before word j, per token (opaque, or LLVM re-derives it per element)
+    row = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tok * CAPACITY], dtype=gl.int32,
+                                    is_pure=True, pack=1)
+    cw = chan // 32
+    word = tok[:, None] * 0 + cw * 0 if TOK_AXIS == 0 else tok[None, :] * 0 + cw * 0
+    first = word
+    for j in gl.static_range(NUM_WORDS):
+        wj = gl.load(bits_ptr + tok * NUM_WORDS + j, mask=ok, other=0)
+        row_j = row
+        row += _popc(wj)
+        wj = gl.where(fits, wj, 0)
+        if TOK_AXIS == 0:
+            word = gl.where(cw == j, wj[:, None], word)
+            first = gl.where(cw == j, row_j[:, None], first)
+        else:
+            word = gl.where(cw == j, wj[None, :], word)
+            first = gl.where(cw == j, row_j[None, :], first)
+    offs = first + _popc(word & below)
+    # predicated 2-byte load in asm: an i1 mask tensor makes LLVM pack the predicates into bytes
+    return gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }",
+        "=h,l,r", [vals_ptr + offs, word & own], dtype=vals_ptr.dtype.element_ty, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _sparse_decode_warp_kernel(
+    q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, table_ptr,
+    k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
+    stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
+    GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
+    K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr,
+    HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
+):
+    # S^T [BLOCK_N, BLOCK_H] = K [BLOCK_N, D] q^T [D, BLOCK_H];  O^T [D, BLOCK_H] += V^T [D, BLOCK_N] P^T
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+    split = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // num_kv_heads
+    h = bh % num_kv_heads
+
+    d_b = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP))
+    h_b = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
+    q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_b)[None, :] * stride_qh + d_b[:, None],
+                  mask=(h_b < GROUP)[None, :], other=0.0)                       # [D, BLOCK_H]
+    COL: gl.constexpr = gl.SliceLayout(0, MMA)
+    m = gl.full([BLOCK_H], float("-inf"), gl.float32, COL)
+    l = gl.zeros([BLOCK_H], gl.float32, COL)
+    acc = gl.zeros([HEAD_DIM, BLOCK_H], gl.float32, MMA)
+
+    lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
+        split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
+        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
+    tok_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))     # K rows: tokens
+    chan_k = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP))[None, :]
+    chan_v = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP))[:, None]  # V^T rows: channels
+    tok_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, A_OP))
+    tok_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
+    below_k, own_k = _channel_masks(chan_k)
+    below_v, own_v = _channel_masks(chan_v)
+    for start in range(lo, c_hi, BLOCK_N):
+        tk = start + tok_k
+        k = _gather_tile(k_bits, k_vals, tk, tk < c_hi, chan_k, below_k, own_k, K_CAPACITY, HEAD_DIM, 0)
+        s = mma_v2(k, q_t, gl.zeros([BLOCK_N, BLOCK_H], gl.float32, MMA)) * qk_scale
+        s = gl.where((start + tok_s < c_hi)[:, None], s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=0))
+        alpha = gl.exp2(m - m_new)
+        p = gl.exp2(s - m_new[None, :])
+        l = l * alpha + gl.sum(p, axis=0)
+        m = m_new
+        tv = start + tok_v
+        v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
+        acc = mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
+
+    if HAS_WINDOW:
+        w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
+        base = b.to(gl.int64) * stride_wb + h * stride_wh
+        for start in range(w_lo, w_hi, BLOCK_N):
+            tk = start + tok_k
+            k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_hi)[:, None], other=0.0)
+            s = mma_v2(k, q_t, gl.zeros([BLOCK_N, BLOCK_H], gl.float32, MMA)) * qk_scale
+            s = gl.where((start + tok_s < w_hi)[:, None], s, float("-inf"))
+            m_new = gl.maximum(m, gl.max(s, axis=0))
+            alpha = gl.exp2(m - m_new)
+            p = gl.exp2(s - m_new[None, :])
+            l = l * alpha + gl.sum(p, axis=0)
+            m = m_new
+            tv = start + tok_v
+            v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_hi)[None, :], other=0.0)
+            acc = mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
+
+    empty = l == 0
+    out = acc / gl.where(empty, 1.0, l)[None, :]
+    lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
+    heads = gl.arange(0, BLOCK_H, layout=COL)
+    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * GROUP + heads
+    chans = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA))
+    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < GROUP)[None, :])
+    gl.store(part_lse_ptr + part, lse, mask=heads < GROUP)
