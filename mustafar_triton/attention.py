@@ -9,22 +9,16 @@ from . import autotune
 from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms
 from .format import PackedKV
 from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
-                             gluon_decode_supports)
+                             gluon_decode_supports, gluon_programs_per_sm)
 
-_tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+_slot_tables: dict[torch.device, torch.Tensor] = {}
 
 
-def _table(name: str, device: torch.device) -> torch.Tensor:
-    """A per-byte lookup table of an expansion, one int32 copy per device: "slots" (1 KB, the
-    "lut" expansion of decode.py) or "pairs" (4 KB, the Gluon kernel)."""
-    if (name, device) not in _tables:
-        if name == "slots":
-            values = byte_slot_table()
-        else:
-            from .kernels.decode_gluon import pair_table
-            values = pair_table()
-        _tables[name, device] = torch.tensor(values, dtype=torch.int32, device=device)
-    return _tables[name, device]
+def _slot_table(device: torch.device) -> torch.Tensor:
+    """The per-byte lookup table of decode.py's "lut" expansion (1 KB int32), one copy per device."""
+    if device not in _slot_tables:
+        _slot_tables[device] = torch.tensor(byte_slot_table(), dtype=torch.int32, device=device)
+    return _slot_tables[device]
 
 
 def _check_packed(name: str, p, q: torch.Tensor) -> None:
@@ -141,8 +135,10 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     on_interpreter = interpreting()
 
     def run(cfg):
-        splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device),
-                                   batch * hkv, context, cfg["BLOCK_N"])
+        gluon = cfg.get("kernel") == "gluon"
+        gluon_block_h = max(8, next_pow2(group))  # the padded query group is the mma's N (>= 8)
+        splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
+                                   cfg["BLOCK_N"], gluon_programs_per_sm(d, gluon_block_h) if gluon else 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
@@ -157,18 +153,12 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                      HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
                      HAS_WINDOW_LENS=window_lens is not None)
         extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-        if cfg.get("kernel") == "warp":
-            from .kernels.decode_warp import _sparse_decode_warp_kernel
-            _sparse_decode_warp_kernel[(splits, batch * hkv)](
-                *common, _table("pairs", q.device), *rest, **dict(flags, BLOCK_H=max(8, next_pow2(group))),
-                BLOCK_N=cfg["BLOCK_N"], num_warps=1, **extra)
-        elif cfg.get("kernel") == "gluon":
+        if gluon:
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, _table("pairs", q.device), *rest, **flags,
-                NUM_WARPS=cfg["num_warps"], num_warps=cfg["num_warps"], **extra)
+                *common, *rest, **dict(flags, BLOCK_H=gluon_block_h), BLOCK_N=cfg["BLOCK_N"], num_warps=1, **extra)
         else:
             _sparse_decode_kernel[(splits, batch * hkv)](
-                *common, _table("slots", q.device), *rest, **flags,
+                *common, _slot_table(q.device), *rest, **flags,
                 BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
@@ -183,8 +173,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
                               capacity=max(packed_k.capacity, packed_v.capacity),
                               batch_heads=batch * hkv, context=context)
-    if cfg.get("kernel") == "gluon" and not gluon_decode_supports(
-            q.dtype, d, group, packed_k.capacity, packed_v.capacity, on_interpreter, cfg["num_warps"]):
+    if cfg.get("kernel") == "gluon" and not gluon_decode_supports(q.dtype, d, group, on_interpreter):
         cfg = autotune.heuristic_config("decode", q.device)  # e.g. the interpreter, or an fp32 cache
     run(cfg)
     return (out, lse) if return_lse else out

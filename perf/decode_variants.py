@@ -17,11 +17,11 @@ from common import bench_us, copy_bandwidth, environment, write_results  # noqa:
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import autotune, reference  # noqa: E402
-from mustafar_triton.kernels.decode import SLOT_MODES  # noqa: E402
+from mustafar_triton.kernels.decode import GLUON_CONFIG, SLOT_MODES  # noqa: E402
 
 
-def gluon_config(warps: int, splits: int) -> dict:
-    return dict(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=splits)
+def gluon_config(block_n: int, splits: int) -> dict:
+    return dict(GLUON_CONFIG, BLOCK_N=block_n, num_splits=splits)
 
 
 def main():
@@ -33,8 +33,8 @@ def main():
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
                     help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
                          "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
-                         "prefetch: value rows this many tiles ahead), or gluon:warps[:splits[:maxnreg]] for "
-                         "the Gluon kernel (decode_gluon.py, BLOCK_N = 32 * warps)[:maxnreg]")
+                         "prefetch: value rows this many tiles ahead), or gluon:block_n[:splits[:maxnreg]] for "
+                         "the Gluon kernel (decode_gluon.py; splits -k: k whole waves of one-warp programs)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -61,8 +61,7 @@ def main():
         checks = [(f"{mode} prefetch {prefetch}", dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0,
                                                        SLOTS=mode, prefetch=prefetch))
                   for mode, prefetch in [(mode, 0) for mode in SLOT_MODES] + [("popc", 2)]]
-        checks += [(f"gluon {w} warps", gluon_config(w, 0)) for w in (2, 4, 8)]
-        checks += [(f"warp {bn}", dict(kernel="warp", BLOCK_N=bn, num_warps=1, num_splits=-4)) for bn in (16, 32)]
+        checks += [(f"gluon BLOCK_N {bn}", gluon_config(bn, -1)) for bn in (16, 32)]
         for slots, cfg in checks:
             with autotune.forced_config("decode", cfg):
                 out = mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=wl)
@@ -101,15 +100,10 @@ def main():
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     sparse_bytes = pk.nbytes + pv.nbytes
     for spec in args.configs.split(","):
-        if spec.startswith("warp:"):
-            _, bn, splits, maxnreg = spec.split(":")
-            cfg = dict(kernel="warp", BLOCK_N=int(bn), num_warps=1, num_splits=int(splits))
-            if int(maxnreg):
-                cfg["maxnreg"] = int(maxnreg)
-        elif spec.startswith("gluon:"):
-            _, warps, *extra = spec.split(":")
-            splits, maxnreg = (extra + ["0", "0"][len(extra):])
-            cfg = gluon_config(int(warps), int(splits))
+        if spec.startswith("gluon:"):
+            _, block_n, *extra = spec.split(":")
+            splits, maxnreg = (extra + ["-1", "0"][len(extra):])
+            cfg = gluon_config(int(block_n), int(splits))
             if int(maxnreg):
                 cfg["maxnreg"] = int(maxnreg)
         else:

@@ -12,6 +12,7 @@ import torch
 
 import mustafar_triton as mt
 from mustafar_triton import autotune
+from mustafar_triton.kernels.decode import GLUON_CONFIG
 
 
 def main():
@@ -25,8 +26,7 @@ def main():
     k, v = (torch.randn(args.batch, 8, args.tokens, 128, device="cuda", dtype=torch.float16) for _ in range(2))
     pk, pv = mt.prune_and_pack(k, args.sparsity), mt.prune_and_pack(v, args.sparsity)
     variants = {"tl popc": dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc", maxnreg=128),
-                "gluon 2 warps": dict(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0),
-                "gluon 4 warps": dict(kernel="gluon", BLOCK_N=128, num_warps=4, num_splits=0)}
+                "gluon": GLUON_CONFIG}
     for name, cfg in variants.items():
         with autotune.forced_config("decode", cfg):
             mt.sparse_decode_attention(q, pk, pv)

@@ -133,7 +133,8 @@ def test_config_space_respects_tile_limits():
     assert len(small) == 12 and all(set(c) == {"BLOCK_T", "num_warps", "num_stages"} for c in small)
     assert not any(c["BLOCK_T"] == 128 and c["num_warps"] < 4 for c in big) and len(big) < len(small)
     dec = at.config_space("decode", **DECODE_BUCKET)
-    assert dec and all({"BLOCK_N", "num_warps", "num_stages", "num_splits", "SLOTS"} <= set(c) for c in dec)
+    assert dec and all({"BLOCK_N", "num_warps", "num_stages", "num_splits", "SLOTS"} <= set(c)
+                       for c in dec if c.get("kernel") != "gluon")
     with pytest.raises(KeyError):
         at.config_space("nope")
 
@@ -218,7 +219,7 @@ def test_override_folder_via_env(gpu, tmp_path):
 # ------------------------------------------------------------------------------------------------
 def _decode_time(cfg):
     # a known best: BLOCK_N=32, 2 stages, splits -2 (all in the space)
-    return 1.0 + (cfg["BLOCK_N"] != 32) + 0.5 * (cfg["num_stages"] != 2) + 0.25 * (cfg["num_splits"] != -2)
+    return 1.0 + (cfg["BLOCK_N"] != 32) + 0.5 * (cfg.get("num_stages") != 2) + 0.25 * (cfg["num_splits"] != -2)
 
 
 def test_tune_writes_and_reads_user_cache(gpu):
@@ -335,7 +336,8 @@ def test_shipped_files_are_valid(path):
     for e in data["entries"]:
         exact, numeric = at.BUCKET_KEYS[e["kernel"]]
         assert set(e["bucket"]) == set(exact) | set(numeric)
-        space = at.config_space(e["kernel"], head_dim=int(e["bucket"]["head_dim"]))
+        space = at.config_space(e["kernel"], **{**e["bucket"], "head_dim": int(e["bucket"]["head_dim"]),
+                                                "group": int(e["bucket"].get("group", 1))})
         optional = {"maxnreg", "merge_warps", "prefetch"}  # launch keys with defaults (older files lack them)
         required = set.intersection(*(set(c) for c in space)) - optional
         allowed = set.union(*(set(c) for c in space)) | optional
@@ -390,3 +392,33 @@ def test_tune_save_merges_into_the_device_file(gpu, tmp_path):
     entries = json.loads(path.read_text())["entries"]
     assert sorted(map(key_of, entries)) == sorted(map(key_of, [new, kept]))
     assert json.loads(report.read_text())["rows"] == [new]
+
+
+def test_gluon_splits_fill_whole_waves():
+    """num_splits=-k with programs_per_sm: the largest split count whose grid fits k waves (a
+    grid one program past a wave nearly doubled the time on the H100)."""
+    from mustafar_triton.kernels.decode import choose_num_splits, gluon_programs_per_sm
+    per_sm = gluon_programs_per_sm(128, 8)
+    assert per_sm == 12                      # 168 registers per thread
+    for batch_heads in (8, 32, 128, 512, 2048):
+        for waves in (1, 2, 3):
+            splits = choose_num_splits(-waves, 132, batch_heads, 1 << 20, 16, per_sm)
+            full = waves * per_sm * 132          # programs in `waves` whole waves
+            assert splits == max(1, min(512, full // batch_heads))
+            assert splits == 512 or splits * batch_heads <= max(batch_heads, full) < (splits + 1) * batch_heads
+    assert choose_num_splits(-1, 132, 128, 16384, 16, per_sm) == 12      # B=16 Llama-3-8B: 1584 programs
+    assert choose_num_splits(-1, 132, 128, 100, 16, per_sm) == 2         # >= 4 tiles per split
+    assert choose_num_splits(5, 132, 128, 16384, 16, per_sm) == 5        # explicit counts are kept
+    assert choose_num_splits(-2, 132, 128, 16384, 64) == 5               # the tl kernel: >= 4 programs per SM
+
+
+def test_decode_default_is_the_gluon_kernel_where_it_runs():
+    from mustafar_triton.kernels.decode import GLUON_CONFIG, decode_heuristic_config
+    bucket = dict(head_dim=128, group=4, capacity=40, batch_heads=128, context=16384)
+    assert decode_heuristic_config(132, False, dtype=torch.float16, **bucket) == GLUON_CONFIG
+    assert decode_heuristic_config(132, False, dtype="bfloat16", **bucket) == GLUON_CONFIG
+    for dtype, interp in ((torch.float32, False), (torch.float16, True)):
+        assert decode_heuristic_config(132, interp, dtype=dtype, **bucket).get("kernel") is None
+    assert decode_heuristic_config(132, False, dtype=torch.float16, **dict(bucket, group=32)).get("kernel") is None
+    assert any(c.get("kernel") == "gluon" for c in at.config_space("decode", dtype="float16", **bucket))
+    assert not any(c.get("kernel") == "gluon" for c in at.config_space("decode", dtype="float32", **bucket))

@@ -299,8 +299,8 @@ if not INTERPRETING:
     _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
     _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
                                                    capacity=40, batch_heads=16, context=1024)]
-    # the Gluon kernel (decode_gluon.py, GPU only; not in the tuner's space)
-    _VARIANTS += [dict(kernel="gluon", BLOCK_N=32 * w, num_warps=w, num_splits=s) for w in (2, 4, 8) for s in (0, -4)]
+    # the Gluon kernel (decode_gluon.py, GPU only), also with 32-token tiles
+    _VARIANTS += [dict(decode_kernels.GLUON_CONFIG, BLOCK_N=bn, num_splits=s) for bn in (16, 32) for s in (0, -1, -3)]
 
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -379,24 +379,26 @@ def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
 # The Gluon kernel (decode_gluon.py) runs on a GPU only; attention falls back to decode.py's
 # kernel for shapes it does not support, so every case asserts that it is supported.
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
-@pytest.mark.parametrize("d,hq,hkv,sk,sv,dtype,warps", [
-    (64, 9, 3, 0.5, 0.7, torch.bfloat16, 2),    # SmolLM2's heads; capacities 32 and 24
-    (128, 8, 2, 0.5, 0.5, torch.float16, 4),    # capacity 64: the staged row is a full tile
-    (128, 32, 8, 0.0, 0.7, torch.float16, 8),   # nothing pruned in K: capacity 128
-    (256, 4, 4, 0.7, 0.9, torch.bfloat16, 2),   # D=256, capacities 80 and 32
+@pytest.mark.parametrize("d,hq,hkv,sk,sv,dtype", [
+    (64, 9, 3, 0.5, 0.7, torch.bfloat16),     # SmolLM2's heads; capacities 32 and 24
+    (128, 8, 2, 0.5, 0.5, torch.float16),     # capacity 64
+    (128, 32, 8, 0.0, 0.7, torch.float16),    # nothing pruned in K: capacity 128
+    (128, 16, 1, 0.7, 0.7, torch.bfloat16),   # MQA, group 16: the padded group is 16, not 8
+    (256, 4, 4, 0.7, 0.9, torch.bfloat16),    # D=256, capacities 80 and 32
+    (32, 6, 2, 0.3, 0.6, torch.float16),      # D=32: one bitmap word per token
 ])
-def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, warps, device, decode_config):
-    q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=d, dtype=dtype, seed=41 + d + warps,
+def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, device, decode_config):
+    q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=d, dtype=dtype, seed=41 + d + hq,
                               sk=sk, sv=sv, seq_lens=[150, 77, 0], w=9, window_lens=[9, 0, 4])
-    assert decode_kernels.gluon_decode_supports(dtype, d, hq // hkv, pk.capacity, pv.capacity, False, warps)
-    decode_config(kernel="gluon", BLOCK_N=32 * warps, num_warps=warps, num_splits=0)
+    assert decode_kernels.gluon_decode_supports(dtype, d, hq // hkv, False)
+    decode_config(**decode_kernels.GLUON_CONFIG)
     check_decode(q, pk, pv, **kw)
     check_decode(q, pk, pv, num_splits=4, **kw)
 
 
 def test_gluon_config_falls_back_where_unsupported(device, decode_config):
     """fp32 has no Gluon kernel (nor has the interpreter): a Gluon config runs decode.py's kernel."""
-    decode_config(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0)
+    decode_config(**decode_kernels.GLUON_CONFIG)
     q, pk, pv, kw = make_case(device, b=2, hq=6, hkv=2, t=50, d=64, dtype=torch.float32, seed=43, w=3)
     check_decode(q, pk, pv, **kw)
 
@@ -408,7 +410,7 @@ def test_gluon_malformed_bitmap_reads_as_zero_token(device, decode_config):
     bad_bitmap, zero_bitmap = pk.bitmap.clone(), pk.bitmap.clone()
     bad_bitmap[0, 0, -1] = -1                # all 64 bits set, capacity 16: last token, last row
     zero_bitmap[0, 0, -1] = 0
-    decode_config(kernel="gluon", BLOCK_N=64, num_warps=2, num_splits=0)
+    decode_config(**decode_kernels.GLUON_CONFIG)
     out = mt.sparse_decode_attention(q, mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim), pv)
     assert_same_result(out, mt.sparse_decode_attention(
         q, mt.PackedKV(zero_bitmap, pk.values, pk.capacity, pk.head_dim), pv))

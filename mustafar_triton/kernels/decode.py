@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv, next_pow2
+from .._runtime import cdiv
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -259,20 +259,34 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     Optional keys: maxnreg (register cap of the decode kernel), prefetch (value rows prefetched
     this many tiles ahead, GPU only; default 0), merge_warps (warps of the
     split-merge kernel, default 4), merge_block (splits it merges per step; default all of them
-    up to 64)."""
+    up to 64). The Gluon kernel (decode_gluon.py) wherever it runs: it was the fastest at every
+    H100 shape we measured."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
+    if "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"], interpreting):
+        return dict(GLUON_CONFIG)
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
 
 
-def gluon_decode_supports(dtype, head_dim: int, group: int, k_capacity: int, v_capacity: int,
-                          interpreting: bool, num_warps: int = 4) -> bool:
+# One warp per program, 16 tokens per tile; num_splits=-k: k full waves of programs (see
+# choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
+GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
+
+
+def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
     """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
-    fp16 / bf16, GQA group <= 16, every slot index fits a byte, and each warp owns at least one
-    word of a value row."""
+    fp16 / bf16 (mma.sync operands), HEAD_DIM a multiple of 32, GQA group <= 16 (the padded
+    group is the mma's N)."""
     return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
-            and head_dim % 32 == 0 and group <= 16 and max(k_capacity, v_capacity) <= 248
-            and next_pow2(min(k_capacity, v_capacity)) >= 2 * num_warps)
+            and head_dim % 32 == 0 and group <= 16)
+
+
+def gluon_programs_per_sm(head_dim: int, block_h: int) -> int:
+    """One-warp Gluon programs resident per SM, from their registers (ptxas for sm_90, triton
+    3.6: 72 at D=32, 128 at 64, 168 at 128 (216 with 16 query heads), 255 at 256; 64K registers
+    and at most 32 programs per SM)."""
+    regs = {32: 72, 64: 128, 128: 168 if block_h <= 8 else 216}.get(head_dim, 255)
+    return min(32, 65536 // (-(-regs * 32 // 256) * 256))
 
 
 def decode_config_space(**bucket) -> list[dict]:
@@ -289,17 +303,23 @@ def decode_config_space(**bucket) -> list[dict]:
                     if maxnreg:
                         cfg["maxnreg"] = maxnreg
                     space.append(cfg)
-    # The Gluon kernel (decode_gluon.py; configs dict(kernel="gluon", BLOCK_N=32 * warps,
-    # num_warps=warps, num_splits=...)) is left out: slower at every H100 shape we measured, so
-    # tuning it would only cost users time. A tuned file or forced_config can still select it.
+    # The Gluon kernel: whole waves of one-warp programs (1-3), or ~2 waves rounded up (0).
+    if "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"], False):
+        space += [dict(GLUON_CONFIG, num_splits=s) for s in (-1, -2, -3, 0)]
     return space
 
 
-def choose_num_splits(requested: int, n_sms: int, batch_heads: int, context: int, block_n: int) -> int:
-    """requested > 0: use it. 0 / -k: enough splits for ~2 / ~2k programs per SM."""
+def choose_num_splits(requested: int, n_sms: int, batch_heads: int, context: int, block_n: int,
+                      programs_per_sm: int = 0) -> int:
+    """requested > 0: use it. Otherwise, with programs_per_sm (how many programs fit on an SM at
+    once), -k: k whole waves, i.e. the largest split count whose grid fits k waves (a grid just
+    over a wave nearly doubles the time: 13 splits measured 534 us where 12 took 347); without
+    it, or for 0: enough splits for ~2 / ~2k programs per SM."""
     if requested > 0:
         return max(1, min(requested, cdiv(max(context, 1), block_n)))
+    most = max(1, cdiv(context, 4 * block_n))  # keep >= 4 tiles per split
+    if programs_per_sm and requested < 0:
+        return max(1, min(-requested * programs_per_sm * n_sms // batch_heads, most, 512))
     waves = 2 if requested == 0 else -2 * requested
     want = cdiv(waves * n_sms, batch_heads)
-    most = max(1, cdiv(context, 4 * block_n))  # keep >= 4 tiles per split
     return max(1, min(want, most, 512))
