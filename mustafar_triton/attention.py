@@ -9,7 +9,7 @@ from . import autotune
 from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms
 from .format import PackedKV
 from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
-                             gluon_decode_supports, gluon_programs_per_sm)
+                             gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap)
 
 _slot_tables: dict[torch.device, torch.Tensor] = {}
 
@@ -153,9 +153,10 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                      HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
                      HAS_WINDOW_LENS=window_lens is not None)
         extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-        if gluon:
+        if gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, *rest, **dict(flags, BLOCK_H=gluon_block_h), BLOCK_N=cfg["BLOCK_N"], num_warps=1, **extra)
+                *common, *rest, **dict(flags, BLOCK_H=gluon_block_h), BLOCK_N=cfg["BLOCK_N"], num_warps=1,
+                maxnreg=gluon_register_cap(d, gluon_block_h))
         else:
             _sparse_decode_kernel[(splits, batch * hkv)](
                 *common, _slot_table(q.device), *rest, **flags,

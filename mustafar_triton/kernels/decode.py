@@ -281,12 +281,24 @@ def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) 
             and head_dim % 32 == 0 and group <= 16)
 
 
+def gluon_register_cap(head_dim: int, block_h: int) -> int:
+    """Registers per thread the Gluon kernel is compiled with (maxnreg). Each is at or just above
+    what ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few
+    words); fixing it makes the number of resident programs, and so the waves, exact."""
+    if head_dim <= 32:
+        return 96
+    if head_dim <= 64:
+        return 128 if block_h <= 8 else 152
+    if head_dim <= 128:
+        return 168 if block_h <= 8 else 224
+    return 255
+
+
 def gluon_programs_per_sm(head_dim: int, block_h: int) -> int:
-    """One-warp Gluon programs resident per SM, from their registers (ptxas for sm_90, triton
-    3.6: 72 at D=32, 128 at 64, 168 at 128 (216 with 16 query heads), 255 at 256; 64K registers
-    and at most 32 programs per SM)."""
-    regs = {32: 72, 64: 128, 128: 168 if block_h <= 8 else 216}.get(head_dim, 255)
-    return min(32, 65536 // (-(-regs * 32 // 256) * 256))
+    """One-warp Gluon programs resident per SM: 64K registers, allocated per warp in units of
+    256, and at most 32 programs per SM (12 at D=128)."""
+    per_warp = -(-gluon_register_cap(head_dim, block_h) * 32 // 256) * 256
+    return min(32, 65536 // per_warp)
 
 
 def decode_config_space(**bucket) -> list[dict]:

@@ -20,9 +20,12 @@ Why it is faster than decode.py's kernel, which does the same arithmetic per den
     comes out of S^T's accumulator with a few shuffles.
   * The next tile's bitmap words and value rows are prefetched into L2 (one line per lane), so
     the two dependent memory round trips of a tile (words, then values) rarely wait on DRAM.
-Per dense element: one masked popcount (slot), one add, a 64-bit address, a predicated 2-byte
-load. Nsight Compute (B=16 T=4096, before the prefetch): issue slots 54% busy, the ALU pipe 60%,
-~10 of the 12 resident warps per SM active: the integer work per element is the limit.
+  * Registers are capped (decode.gluon_register_cap: 168 at D=128) so that a known number of
+    programs fit per SM and the splits fill whole waves.
+Per dense element: one masked popcount (slot), one add, a 64-bit address, a bit test and a
+predicated 2-byte load. Nsight Compute (B=16 T=4096, before the prefetch): issue slots 54% busy,
+the ALU pipe 60%, ~10 of the 12 resident warps per SM active: the integer work per element is
+the limit.
 
 Shapes: fp16 / bf16, HEAD_DIM a multiple of 32, GROUP <= 16 (decode.gluon_decode_supports).
 """
@@ -78,14 +81,18 @@ def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own,
         else:
             word = gl.where(cw == j, wj[None, :], word)
             first = gl.where(cw == j, run_j[None, :], first)
-    # the predicated 2-byte load in asm: a boolean mask tensor makes LLVM pack the predicates
-    # into bytes and unpack them again (~2 extra instructions per element). The int32 offset is
-    # formed first: adding the popcount to a per-word 64-bit pointer has fewer instructions but
-    # measured 2-3% slower at K0.7 (perf/results/decode_gluon_ab_h100_1.json)
-    return gl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b16 $0, 0; @p ld.global.b16 $0, [$1]; }",
-        "=h,l,r", [vals_ptr + (first + _popc(word & below)), word & own],
-        dtype=vals_ptr.dtype.element_ty, is_pure=True, pack=1)
+    # The predicated 2-byte load in asm: a boolean mask tensor makes LLVM pack the predicates
+    # into bytes and unpack them again (~2 extra instructions per element). It loads into a
+    # zeroed 32-bit register: ptxas zeroes that with a move on the FMA pipe, where a 16-bit
+    # destination took a PRMT on the busier ALU pipe (7-8% faster at K0.7:
+    # decode_gluon_ab_h100_3_zext.json). The int32 offset is formed first: adding the popcount to
+    # a per-word 64-bit pointer has fewer instructions but measured 2-3% slower at K0.7
+    # (decode_gluon_ab_h100_1.json).
+    raw = gl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.b32 $0, 0; @p ld.global.u16 $0, [$1]; }",
+        "=r,l,r", [vals_ptr + (first + _popc(word & below)), word & own],
+        dtype=gl.int32, is_pure=True, pack=1)
+    return raw.to(gl.int16).to(vals_ptr.dtype.element_ty, bitcast=True)
 
 
 @gluon.jit
