@@ -46,6 +46,11 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a handful of programs keeps CPU tests fast
 
 
+def has_mma_v2(device: torch.device) -> bool:
+    """The Gluon decode kernel's mma.sync m16n8k16 needs compute capability 8.0 (Ampere) or newer."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

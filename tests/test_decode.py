@@ -403,6 +403,19 @@ def test_gluon_config_falls_back_where_unsupported(device, decode_config):
     check_decode(q, pk, pv, **kw)
 
 
+def test_gluon_config_falls_back_before_ampere(device, decode_config, monkeypatch):
+    """A GPU without mma.sync m16n8k16 (compute capability < 8.0) runs decode.py's kernel."""
+    from mustafar_triton import attention
+
+    def no_gluon():
+        raise AssertionError("the Gluon kernel must not be launched here")
+    monkeypatch.setattr(attention, "has_mma_v2", lambda dev: False)
+    monkeypatch.setattr(attention, "_sparse_decode_gluon_kernel", no_gluon)
+    decode_config(**decode_kernels.GLUON_CONFIG)
+    q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=70, d=128, dtype=torch.float16, seed=44, w=5)
+    check_decode(q, pk, pv, **kw)
+
+
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
 def test_gluon_malformed_bitmap_reads_as_zero_token(device, decode_config):
     """As test_malformed_bitmap_reads_as_zero_token, for the Gluon kernel (fp16: it has no fp32)."""
