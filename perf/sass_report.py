@@ -1,11 +1,15 @@
-"""Compile the decode kernel for an H100 (sm_90) on a machine WITHOUT a GPU and report what the
-hardware will execute: registers, spills, shared memory, and SASS instruction counts.
+"""Compile a decode kernel for an H100 (sm_90) on a machine WITHOUT a GPU and report what the
+hardware will execute: registers, spills, shared memory, and SASS instruction counts, for the
+whole kernel and for its main loop's body (the longest backward branch: what repeats per tile).
 
-    python perf/sass_report.py [--slots popc] [--block-n 64] [--warps 4] [--stages 2]
-                               [--prefetch 2] [--capacity 40] [--head-dim 128] [--group 4] [--dtype fp16] [--dump DIR]
+    python perf/sass_report.py [--kernel tl|gluon] [--slots popc] [--block-n 64] [--warps 4]
+                               [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
+                               [--group 4] [--dtype fp16] [--maxnreg N] [--dump DIR]
 
-Costs no device time: use it to check an idea's instruction count before spending a GPU run.
-The counts are for the whole kernel; the loop body dominates (it is what repeats per tile).
+--kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
+default, its register cap; --block-n / --maxnreg override). Costs no device time: use it to
+check an idea's instruction count before spending a GPU run (session 6 found the ALU-pipe share
+of the loop, not its length, to be what predicts the Gluon kernel's speed).
 """
 from __future__ import annotations
 
@@ -27,12 +31,24 @@ POINTER_ARGS = {"k_bitmap_ptr": "*i32", "v_bitmap_ptr": "*i32", "seq_lens_ptr": 
 
 
 def compile_decode(args):
-    kernel = decode._sparse_decode_kernel
+    gluon = args.kernel == "gluon"
+    common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
+                  HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False)
+    if gluon:
+        from triton.experimental.gluon._runtime import GluonASTSource
+        from mustafar_triton.kernels import decode_gluon
+        kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
+        block_h = max(8, triton.next_power_of_2(args.group))
+        constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or decode.GLUON_CONFIG["BLOCK_N"])
+        options = dict(num_warps=1, maxnreg=args.maxnreg or decode.gluon_register_cap(args.head_dim, block_h))
+    else:
+        kernel, source = decode._sparse_decode_kernel, ASTSource
+        constexprs = dict(common, BLOCK_H=max(16, triton.next_power_of_2(args.group)), BLOCK_N=args.block_n or 64,
+                          SLOTS=args.slots, PREFETCH=args.prefetch, FP32_MATH=False)
+        options = dict(num_warps=args.warps, num_stages=args.stages)
+        if args.maxnreg:
+            options["maxnreg"] = args.maxnreg
     names = kernel.arg_names
-    constexprs = dict(GROUP=args.group, BLOCK_H=max(16, triton.next_power_of_2(args.group)),
-                      HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
-                      BLOCK_N=args.block_n, HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False,
-                      SLOTS=args.slots, PREFETCH=args.prefetch, FP32_MATH=False)
     signature = {}
     for name in names:
         if name in constexprs:
@@ -45,18 +61,34 @@ def compile_decode(args):
             signature[name] = "i32"
     # pointers 16-byte aligned, as the launcher specializes torch allocations
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name.endswith("_ptr")}
-    src = ASTSource(fn=kernel, signature=signature,
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    options = dict(num_warps=args.warps, num_stages=args.stages)
-    if args.maxnreg:
-        options["maxnreg"] = args.maxnreg
+    src = source(fn=kernel, signature=signature,
+                 constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def loop_body(sass: str) -> list[str]:
+    """The SASS lines of the longest backward branch's body (the main loop)."""
+    lines = sass.splitlines()
+    best = (0, 0)
+    for i, line in enumerate(lines):
+        jump = re.search(r"BRA\s+`\((\.L_x_\d+)\)", line)
+        if jump:
+            starts = [j for j in range(i) if lines[j].startswith(jump.group(1) + ":")]
+            if starts and i - starts[0] > best[1] - best[0]:
+                best = (starts[0], i)
+    return lines[best[0]:best[1] + 1]
+
+
+def op_counts(sass: str) -> collections.Counter:
+    return collections.Counter(m.group(1) for m in re.finditer(
+        r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kernel", default="tl", choices=("tl", "gluon"))
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
-    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--maxnreg", type=int, default=None)
@@ -79,12 +111,12 @@ def main():
         for kind in ("ttgir", "ptx"):
             (out / f"decode.{kind}").write_text(compiled.asm[kind])
         (out / "decode.sass").write_text(sass)
-    ops = collections.Counter(m.group(1) for m in re.finditer(
-        r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", sass))
+    ops = op_counts(sass)
+    loop = op_counts("\n".join(loop_body(sass)))
     print(re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage).group(0))
-    print(f"{sum(ops.values())} SASS instructions; most frequent:")
-    for op, n in ops.most_common(24):
-        print(f"  {op:8s} {n}")
+    print(f"{sum(ops.values())} SASS instructions, {sum(loop.values())} in the main loop; loop's most frequent:")
+    for op, n in loop.most_common(24):
+        print(f"  {op:24s} {n}")
 
 
 if __name__ == "__main__":
