@@ -5,7 +5,11 @@ head (padded to BLOCK_H >= 16 rows for tl.dot), so every compressed byte is read
 Each split covers a range of the virtual sequence [compressed tokens | dense window tokens]; per
 tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to a dense
 [BLOCK_N, D] tile in registers, and runs QK^T and PV on tensor cores with an online softmax.
-`_merge_splits_kernel` combines the splits by log-sum-exp.
+`_merge_splits_kernel` combines the splits by log-sum-exp (for both decode kernels).
+
+On GPUs with fp16 / bf16 caches the Gluon kernel (decode_gluon.py) is the default: 1.3-1.45x faster
+on the H100 at sparsity 0.7. This one runs everywhere else (the interpreter, and so CI; fp32) and
+stays in the tuner's space, which still picks it at a few small shapes.
 
 Slot computation (SLOTS), i.e. where in the value row the kept channel d lives:
   "popc"   popcount of the word below d plus a per-word prefix (libdevice, GPU only; fastest
