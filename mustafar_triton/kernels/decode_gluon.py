@@ -98,11 +98,13 @@ def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own,
 @gluon.jit
 def _prefetch_l2(ptr, nbytes, lane):
     """Ask L2 for the bytes [ptr, ptr + nbytes): one 128-byte line per lane of the warp (up to 32
-    lines), lines past the range skipped; no registers are held until the data is used."""
+    lines; lane k touches byte min(128 k, nbytes - 1), so the line of the last byte is included
+    however ptr is aligned); nothing when nbytes is 0. No registers are held until the data is
+    used, and no address outside the range is touched."""
+    wanted = gl.where(nbytes > 0, nbytes + 127 - lane * 128, 0)  # > 0: this lane prefetches
     gl.inline_asm_elementwise(
         "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-        "=r,l,r", [ptr.to(gl.pointer_type(gl.int8), bitcast=True) + gl.minimum(lane * 128, nbytes - 1),
-                   nbytes - lane * 128 + 127],
+        "=r,l,r", [ptr.to(gl.pointer_type(gl.int8), bitcast=True) + gl.minimum(lane * 128, nbytes - 1), wanted],
         dtype=gl.int32, is_pure=False, pack=1)
 
 
