@@ -1,7 +1,8 @@
 """Fused sparse decode attention in Gluon (GPU only): one warp per program, value gathers straight
 into the registers of the tensor-core (mma.sync) operands. The fastest decode kernel on the H100
-(B=16 T=16384 K0.7V0.7: 347 us against 439 us for decode.py's kernel and 355 us for dense cuDNN;
-perf/NOTES.md, session 6); attention.py picks it wherever `gluon_decode_supports` says it runs.
+(B=16 T=16384 K0.7V0.7, tuned: 296 us against 355 us for dense cuDNN and ~430 us for decode.py's
+kernel; perf/NOTES.md, session 6); attention.py picks it wherever `gluon_decode_supports` says it
+runs and the GPU has mma.sync m16n8k16 (Ampere or newer).
 
 Same grid, arguments and partial outputs as `_sparse_decode_kernel` (decode.py), whose split merge
 it reuses; Gluon has no interpreter, so decode.py's kernel is the reference that CI runs.
