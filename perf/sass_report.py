@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -98,6 +99,7 @@ def main():
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     args = ap.parse_args()
     compiled = compile_decode(args)
     cubin = Path("/tmp") / "mustafar_decode_report.cubin"
@@ -113,7 +115,12 @@ def main():
         (out / "decode.sass").write_text(sass)
     ops = op_counts(sass)
     loop = op_counts("\n".join(loop_body(sass)))
-    print(re.search(r"REG:\d+ STACK:\d+ SHARED:\d+ LOCAL:\d+", usage).group(0))
+    resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if args.json:
+        print(json.dumps(dict(zip(("registers", "stack", "shared", "local"), map(int, resources.groups())),
+                              instructions=sum(ops.values()), loop_ops=dict(loop))))
+        return
+    print(resources.group(0))
     print(f"{sum(ops.values())} SASS instructions, {sum(loop.values())} in the main loop; loop's most frequent:")
     for op, n in loop.most_common(24):
         print(f"  {op:24s} {n}")
