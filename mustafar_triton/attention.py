@@ -9,7 +9,7 @@ from . import autotune
 from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms
 from .format import PackedKV
 from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
-                             gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap)
+                             gluon_block_h, gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap)
 
 _slot_tables: dict[torch.device, torch.Tensor] = {}
 
@@ -136,9 +136,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
 
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
-        gluon_block_h = max(8, next_pow2(group))  # the padded query group is the mma's N (>= 8)
+        block_h = gluon_block_h(group)
         splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
-                                   cfg["BLOCK_N"], gluon_programs_per_sm(d, gluon_block_h) if gluon else 0)
+                                   cfg["BLOCK_N"], gluon_programs_per_sm(d, block_h) if gluon else 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
@@ -148,19 +148,19 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         rest = (k_window, v_window, window_lens, part_out, part_lse,
                 q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
                 hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634)
-        flags = dict(GROUP=group, BLOCK_H=max(16, next_pow2(group)), HEAD_DIM=d,
+        flags = dict(GROUP=group, HEAD_DIM=d,
                      K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity,
                      HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
                      HAS_WINDOW_LENS=window_lens is not None)
-        extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
         if gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, *rest, **dict(flags, BLOCK_H=gluon_block_h), BLOCK_N=cfg["BLOCK_N"], num_warps=1,
-                maxnreg=gluon_register_cap(d, gluon_block_h))
+                *common, *rest, **flags, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], num_warps=1,
+                maxnreg=gluon_register_cap(d, block_h))
         else:
+            extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
             _sparse_decode_kernel[(splits, batch * hkv)](
                 *common, _slot_table(q.device), *rest, **flags,
-                BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
+                BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
         # splits merged per step: all of them in one step up to 64 (a merge is latency-bound)

@@ -33,8 +33,9 @@ def main():
     ap.add_argument("--configs", default="popc:64:4:2,popc:64:4:2:128,popc:32:4:2,popc:64:8:2,lut:64:4:2",
                     help="comma-separated slots:block_n:warps:stages[:maxnreg[:splits[:prefetch]]] "
                          "(maxnreg 0 = no cap; splits as num_splits in the config: 0, -k or a count; "
-                         "prefetch: value rows this many tiles ahead), or gluon:block_n[:splits[:maxnreg]] for "
-                         "the Gluon kernel (decode_gluon.py; splits -k: k whole waves of one-warp programs)")
+                         "prefetch: value rows this many tiles ahead), or gluon:block_n[:splits] for "
+                         "the Gluon kernel (decode_gluon.py; splits -k: k whole waves of one-warp programs; "
+                         "its register cap comes with the kernel)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -102,10 +103,7 @@ def main():
     for spec in args.configs.split(","):
         if spec.startswith("gluon:"):
             _, block_n, *extra = spec.split(":")
-            splits, maxnreg = (extra + ["-1", "0"][len(extra):])
-            cfg = gluon_config(int(block_n), int(splits))
-            if int(maxnreg):
-                cfg["maxnreg"] = int(maxnreg)
+            cfg = gluon_config(int(block_n), int(extra[0]) if extra else -1)
         else:
             slots, bn, warps, stages, *extra = spec.split(":")
             maxnreg, splits, prefetch = extra + ["0", "0", "0"][len(extra):]

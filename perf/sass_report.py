@@ -39,7 +39,7 @@ def compile_decode(args):
         from triton.experimental.gluon._runtime import GluonASTSource
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
-        block_h = max(8, triton.next_power_of_2(args.group))
+        block_h = decode.gluon_block_h(args.group)
         constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or decode.GLUON_CONFIG["BLOCK_N"])
         options = dict(num_warps=1, maxnreg=args.maxnreg or decode.gluon_register_cap(args.head_dim, block_h))
     else:

@@ -62,10 +62,8 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    sys.path.insert(0, str(REPO))
-    from mustafar_triton.kernels.decode import gluon_register_cap
-    block_h = max(8, 1 << (group - 1).bit_length())
-    assert report["registers"] <= gluon_register_cap(head_dim, block_h)
+    from mustafar_triton.kernels.decode import gluon_block_h, gluon_register_cap
+    assert report["registers"] <= gluon_register_cap(head_dim, gluon_block_h(group))
     assert report["stack"] == 0 and report["local"] == 0, "spills"
     loop = report["loop_ops"]
     assert loop.get("HMMA.16816.F32", 0) > 0 and loop.get("LDG.E.U16", 0) > 0, "not the main loop"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv
+from .._runtime import cdiv, next_pow2
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -267,7 +267,7 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     H100 shape we measured."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
-    if "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"], interpreting):
+    if _gluon_bucket(bucket, interpreting):
         return dict(GLUON_CONFIG)
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
 
@@ -283,6 +283,18 @@ def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) 
     group is the mma's N)."""
     return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
             and head_dim % 32 == 0 and group <= 16)
+
+
+def _gluon_bucket(bucket: dict, interpreting: bool) -> bool:
+    """Whether a tuning bucket (which may lack dtype, as when a shipped file is validated) is one
+    the Gluon kernel handles."""
+    return "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"],
+                                                        interpreting)
+
+
+def gluon_block_h(group: int) -> int:
+    """The Gluon kernel's padded query group: the mma's N, at least 8."""
+    return max(8, next_pow2(group))
 
 
 def gluon_register_cap(head_dim: int, block_h: int) -> int:
@@ -321,7 +333,7 @@ def decode_config_space(**bucket) -> list[dict]:
                     space.append(cfg)
     # The Gluon kernel: 1-3 whole waves of one-warp programs (0, ~2 programs per SM, leaves most
     # SMs idle: 1069 us at B=16 T=16k where one wave took 364 us).
-    if "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"], False):
+    if _gluon_bucket(bucket, False):
         space += [dict(GLUON_CONFIG, num_splits=s) for s in (-1, -2, -3)]
     return space
 
