@@ -18,6 +18,7 @@ import collections
 import json
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import triton
@@ -102,11 +103,13 @@ def main():
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     args = ap.parse_args()
     compiled = compile_decode(args)
-    cubin = Path("/tmp") / "mustafar_decode_report.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    sass = subprocess.run([NVIDIA_BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
-    usage = subprocess.run([NVIDIA_BIN / "cuobjdump", "--dump-resource-usage", cubin],
-                           capture_output=True, text=True, check=True).stdout
+    # a file of its own: parallel runs (pytest -n) once read each other's cubin through a shared name
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "decode.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([NVIDIA_BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([NVIDIA_BIN / "cuobjdump", "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
     if args.dump:
         out = Path(args.dump)
         out.mkdir(parents=True, exist_ok=True)
