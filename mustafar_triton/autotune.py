@@ -28,7 +28,7 @@ import torch
 import triton
 
 from ._timing import gpu_time_ms
-from ._runtime import device_name, interpreting, next_pow2, num_sms
+from ._runtime import device_name, has_mma_v2, interpreting, next_pow2, num_sms
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
@@ -48,9 +48,12 @@ def config_space(kernel: str, **bucket) -> list[dict]:
     """Every config worth timing for a kernel and bucket (filtered by what the tile can hold)."""
     if kernel in ("select", "unpack"):
         big = bucket["head_dim"] >= 256
-        return [dict(BLOCK_T=bt, num_warps=w, num_stages=1)
-                for bt in (16, 32, 64, 128) for w in (2, 4, 8)
-                if not (big and bt == 128 and w < 4)]
+        space = [dict(BLOCK_T=bt, num_warps=w, num_stages=1)
+                 for bt in (16, 32, 64, 128) for w in (2, 4, 8)
+                 if not (big and bt == 128 and w < 4)]
+        if kernel == "select" and _gluon_select_bucket(bucket):
+            space.append(dict(GLUON_SELECT_CONFIG))
+        return space
     if kernel == "decode":
         from .kernels.decode import decode_config_space
         return decode_config_space(**bucket)
@@ -58,17 +61,37 @@ def config_space(kernel: str, **bucket) -> list[dict]:
 
 
 def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
-    if kernel in ("select", "unpack"):
+    if kernel == "select":
+        if _gluon_select_bucket(bucket) and has_mma_v2(device):
+            return dict(GLUON_SELECT_CONFIG)
+        return tl_select_config(interpreting())
+    if kernel == "unpack":
         if interpreting():
             return dict(BLOCK_T=64, num_warps=4, num_stages=1)
         # the H100 tuning (perf/results/tune_h100_quick.json) preferred these at every measured bucket
-        if kernel == "select":
-            return dict(BLOCK_T=16, num_warps=4, num_stages=1)
         return dict(BLOCK_T=64 if bucket["head_dim"] <= 128 else 32, num_warps=2, num_stages=1)
     if kernel == "decode":
         from .kernels.decode import decode_heuristic_config
         return decode_heuristic_config(num_sms(device), interpreting(), **bucket)
     raise KeyError(kernel)
+
+
+# prune_and_pack by kernels/prune_pack_gluon.py (2.9x the tl kernel on the H100 at 16x8x16384x128
+# fp16); a "select" config of this kind makes prune_topk and pack use tl_select_config.
+GLUON_SELECT_CONFIG = dict(kernel="gluon")
+
+
+def _gluon_select_bucket(bucket: dict) -> bool:
+    from .kernels.prune_pack_gluon import gluon_prune_supports
+    return gluon_prune_supports(bucket.get("dtype"), bucket.get("head_dim", 0), interpreting())
+
+
+def tl_select_config(interpreter: bool) -> dict:
+    """prune_pack.py's kernel: the H100 tuning (perf/results/tune_h100_quick.json) preferred
+    BLOCK_T 16, 4 warps at every measured bucket."""
+    if interpreter:
+        return dict(BLOCK_T=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_T=16, num_warps=4, num_stages=1)
 
 
 def bucket_of(kernel: str, **bucket) -> dict:

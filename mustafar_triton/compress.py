@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import cdiv, check_device, check_same_device, next_pow2
+from ._runtime import cdiv, check_device, check_same_device, has_mma_v2, interpreting, next_pow2
 from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity, kept_per_token, round_up
 from .kernels.prune_pack import _select_kernel, _unpack_kernel
 
@@ -64,6 +64,13 @@ def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
         out = torch.empty_like(x)
         bitmap = values = None
     cfg = autotune.config_for("select", x.device, head_dim=head_dim, dtype=x.dtype, rows=n_rows)
+    if cfg.get("kernel") == "gluon":
+        if select_topk and write_packed and _gluon_prune_runs(x):
+            if n_rows > 0:
+                _prune_pack_gluon().launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows, tokens,
+                                                          rows_per_batch, keep, capacity)
+            return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
+        cfg = autotune.tl_select_config(interpreting())  # prune_topk, pack, fp32, pre-Ampere GPUs
     block_t = cfg["BLOCK_T"]
     if n_rows > 0:
         _select_kernel[(cdiv(n_rows, block_t),)](
@@ -79,6 +86,16 @@ def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
     if write_packed:
         return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
     return out
+
+
+def _prune_pack_gluon():
+    from .kernels import prune_pack_gluon  # imports Gluon on first use
+    return prune_pack_gluon
+
+
+def _gluon_prune_runs(x: torch.Tensor) -> bool:
+    from .kernels.prune_pack_gluon import gluon_prune_supports
+    return gluon_prune_supports(x.dtype, x.shape[-1], interpreting()) and has_mma_v2(x.device)
 
 
 def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:

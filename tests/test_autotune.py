@@ -24,6 +24,7 @@ def gpu(monkeypatch, tmp_path):
     monkeypatch.setattr(at, "interpreting", lambda: False)
     monkeypatch.setattr(at, "device_name", lambda device: GPU_NAME)
     monkeypatch.setattr(at, "num_sms", lambda device: 132)
+    monkeypatch.setattr(at, "has_mma_v2", lambda device: True)  # an H100
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     for name in _MODULE_CACHES:
         if hasattr(at, name):

@@ -247,6 +247,65 @@ def test_nan_and_inf_are_kept_first_and_round_trip_bit_exactly(dtype, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# The two prune_and_pack kernels: prune_pack.py's (everywhere) and prune_pack_gluon.py's (GPU,
+# fp16 / bf16, D 64 / 128 / 256; the default there). Both must give the reference's bits.
+# ------------------------------------------------------------------------------------------------
+def hard_rows(shape, dtype, seed, device) -> torch.Tensor:
+    """Random rows plus the cases that take other paths: ties at the threshold, zeros, denormals,
+    NaN / inf (also more of them than keep: the Gluon kernel's exact fallback), bf16 values past
+    fp16's range."""
+    x = randn(shape, dtype, seed, device)
+    d = shape[-1]
+    x[..., 0:6, :] = rand_ties(x[..., 0:6, :].shape, dtype, seed + 1, device, levels=4)
+    x[..., 6, : d // 2] = 0
+    x[..., 7, :] = torch.finfo(dtype).tiny / 4 * torch.arange(d, device=device).to(dtype)
+    x[..., 8, 3:9] = float("nan")
+    x[..., 9, :] = float("inf")
+    x[..., 10, ::2] = float("-inf")
+    x[..., 11, 1::3] = float("nan")
+    if dtype == torch.bfloat16:
+        x[..., 12, :] *= 2.0 ** 125  # magnitudes whose bits are fp16 NaN patterns
+    return x
+
+
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("kernel", ["gluon", "tl"])
+@pytest.mark.parametrize("dtype,d,sparsity", [(torch.float16, 128, 0.7), (torch.bfloat16, 64, 0.5),
+                                              (torch.float16, 256, 0.9), (torch.bfloat16, 128, 0.3)],
+                         ids=str)
+def test_prune_and_pack_kernels(kernel, dtype, d, sparsity, device, monkeypatch):
+    from mustafar_triton import autotune
+    from mustafar_triton.kernels import prune_pack_gluon
+    launches = []
+    launch = prune_pack_gluon.launch_prune_and_pack
+    monkeypatch.setattr(prune_pack_gluon, "launch_prune_and_pack", lambda *a: launches.append(1) or launch(*a))
+    x = hard_rows((3, 2, 301, d), dtype, seed_of(dtype, d, 301), device)
+    seq_lens = torch.tensor([301, 0, 117], dtype=torch.int32, device=device)
+    cfg = autotune.GLUON_SELECT_CONFIG if kernel == "gluon" else autotune.tl_select_config(False)
+    with autotune.forced_config("select", cfg):
+        for lens in (None, seq_lens):
+            assert_packed_equal(mt.prune_and_pack(x, sparsity, seq_lens=lens),
+                                ref.prune_and_pack(x, sparsity, seq_lens=lens))
+        # a Gluon config leaves prune_topk to the tl kernel
+        assert bit_equal(mt.prune_topk(x, sparsity), ref.prune_topk(x, sparsity))
+    assert len(launches) == (2 if kernel == "gluon" else 0)
+
+
+def test_prune_and_pack_falls_back_before_ampere(device, monkeypatch):
+    """Without mma.sync m16n8k16 (compute capability < 8.0), the tl kernel packs."""
+    from mustafar_triton import autotune, compress
+    from mustafar_triton.kernels import prune_pack_gluon
+
+    def no_gluon(*args):
+        raise AssertionError("the Gluon kernel must not be launched here")
+    monkeypatch.setattr(compress, "has_mma_v2", lambda dev: False)
+    monkeypatch.setattr(prune_pack_gluon, "launch_prune_and_pack", no_gluon)
+    x = hard_rows((2, 1, 40, 128), torch.float16, 91, device)
+    with autotune.forced_config("select", autotune.GLUON_SELECT_CONFIG):
+        assert_packed_equal(mt.prune_and_pack(x, 0.7), ref.prune_and_pack(x, 0.7))
+
+
+# ------------------------------------------------------------------------------------------------
 # Properties: sparsity 0, idempotence, popcount, consistency of the three entry points
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -68,3 +68,21 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     loop = report["loop_ops"]
     assert loop.get("HMMA.16816.F32", 0) > 0 and loop.get("LDG.E.U16", 0) > 0, "not the main loop"
     assert not [op for op in loop if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")], loop
+
+
+@pytest.mark.parametrize("head_dim,capacity,dtype", [(128, 40, "fp16"), (64, 32, "bf16"), (256, 80, "fp16"),
+                                                     (128, 128, "bf16")])
+def test_gluon_prune_compiles_without_spills(head_dim, capacity, dtype):
+    """prune_pack_gluon.py's kernel compiled for sm_90 as compress.py launches it (no GPU needed):
+    within its register cap without spills (a spill in its bisection would cost more than the
+    cap saves)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "perf/sass_report.py", "--kernel", "prune", "--json", "--dtype", dtype,
+                           "--head-dim", str(head_dim), "--capacity", str(capacity)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    from mustafar_triton.kernels.prune_pack_gluon import register_cap
+    assert report["registers"] <= register_cap(head_dim)
+    assert report["stack"] == 0 and report["local"] == 0, "spills"
+    assert report["instructions"] > 1000, "not the kernel"

@@ -1,0 +1,281 @@
+"""prune_and_pack in Gluon (GPU only): per-token top-k counted on the tensor cores.
+
+2.9x faster than prune_pack.py's `_select_kernel` on the H100 at [16, 8, 16384, 128] fp16,
+sparsity 0.7 (452 vs 1313 us; perf/NOTES.md, session 7). Same output, bit for bit: compress.py
+picks this kernel for prune_and_pack wherever `gluon_prune_supports` says it runs, and
+`_select_kernel` (which CI runs under the interpreter) stays the reference.
+
+One warp per program, 16 tokens (rows) per program, each row's D values spread over the four
+lanes of a quad in the layout of an mma.sync A operand (8 consecutive channels per register
+group, so the loads are 16-byte vectors):
+  * Top-k threshold: bisection on the 15-bit magnitude, one bit per step. A step compares all
+    values of a row with the row's candidate, two at a time (HSET2 on the magnitude bits read as
+    fp16: for non-NaN bit patterns fp16 order is integer order), and counts the 1.0s with one
+    mma against a ones matrix. The count lands in every lane of the row's quad, so the candidate
+    update needs no shuffle (`_lanes_view`: the same registers seen as [rows, quad lane, D/4]).
+    Fast compares use "unordered" (geu): NaN patterns count as above everything, as in the
+    integer order. They are exact unless a row's threshold reaches the inf / NaN patterns
+    (>= keep such magnitudes; bf16 values >= 2^121 too): then the whole block redoes the search
+    with exact integer compares (a branch real data never takes).
+  * Ties at the threshold go to the lowest channels: per element, v = 1 above the threshold,
+    256 tied, 0 below; two more mmas give per byte of channels (8 channels) the above / tied
+    counts of the bytes after it and the byte's own bits, from which each byte knows its kept
+    bits and its first value slot without any cross-lane scan.
+  * Values are scattered into a shared-memory staging row (2-byte stores at consecutive slots,
+    unused slots zeroed first) and leave as 16-byte stores, like the bitmap words.
+The shared staging buffer is declared in PTX (`mt_stage`): Gluon's shared-memory descriptors
+only load and store whole tiles, and the scatter needs per-element addresses.
+
+Shapes: fp16 / bf16, HEAD_DIM 64, 128 or 256 (the per-byte mma needs N = D / 8 >= 8).
+"""
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and spilled under a cap
+
+
+def register_cap(head_dim: int) -> int:
+    """No spills with or without seq_lens (sm_90, ptxas of triton 3.6). At D=128 a cap of 96 (no
+    seq_lens) ran 452 us against 455 us uncapped (113 registers): occupancy is not the limit."""
+    return 112 if head_dim <= 128 else 160
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+
+
+def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
+    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
+            and head_dim in SUPPORTED_HEAD_DIMS)
+
+
+@gluon.jit
+def _pair_op(asm: gl.constexpr, a, b):
+    """An asm op on fp16 pairs (two values per 32-bit register)."""
+    return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=gl.float16, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _popc(x):
+    return gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _smem_op(asm: gl.constexpr, offset, value):
+    """An asm op on the staging buffer; returns a dummy int32 so it is not dropped."""
+    return gl.inline_asm_elementwise(asm, "=r,r,r", [offset, value], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _warp_sync(lane):
+    """Orders this warp's shared-memory stores before its loads (the program is one warp)."""
+    gl.inline_asm_elementwise("bar.warp.sync -1; mov.b32 $0, $1;", "=r,r", [lane], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _lanes_view(t, HEAD_DIM: gl.constexpr):
+    """[R, D] in the mma A layout -> [R, 4, D/4], dim 1 = the lane within the row's quad.
+    Reshapes and a permute only: the registers stay where they are."""
+    R: gl.constexpr = t.shape[0]
+    return gl.reshape(gl.permute(gl.reshape(t, [R, HEAD_DIM // 32, 4, 8]), (0, 2, 1, 3)), [R, 4, HEAD_DIM // 4])
+
+
+@gluon.jit
+def _operand_view(t4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """The inverse of _lanes_view, as an mma A operand (asserted free of data movement)."""
+    R: gl.constexpr = t4.shape[0]
+    t = gl.reshape(gl.permute(gl.reshape(t4, [R, 4, HEAD_DIM // 32, 8]), (0, 2, 1, 3)), [R, HEAD_DIM])
+    return gl.convert_layout(t, A_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _ge01(m4, cand, EXACT: gl.constexpr):
+    """fp16 1.0 where the magnitude bits m4 [R, 4, D/4] are >= the row's cand [R, 4] (int32,
+    <= 0x8000), else 0.0. EXACT: m4 carries bit 15 set, and m - c per 16-bit half keeps bit 15
+    exactly when m >= c (no borrow crosses into the other half)."""
+    cf = cand.to(gl.int16).to(gl.float16, bitcast=True)
+    cb, _ = gl.broadcast(cf[:, :, None], m4)
+    if EXACT:
+        return _pair_op("{ .reg .b32 t, c; mov.b32 c, $2; sub.u32 t, $1, c; shr.u32 t, t, 15;"
+                        " and.b32 t, t, 0x00010001; mul.lo.u32 $0, t, 0x3C00; }", m4, cb)
+    else:
+        return _pair_op("set.geu.f16x2.f16x2 $0, $1, $2;", m4, cb)
+
+
+@gluon.jit
+def _above_or_tied(m4, tau, EXACT: gl.constexpr):
+    """Per element, fp16: 1.0 above the row's threshold tau, 256.0 equal to it, 0.0 below."""
+    ge = _ge01(m4, tau, EXACT)
+    gt = _ge01(m4, tau + 1, EXACT)
+    return _pair_op("{ .reg .b32 t, k; mov.b32 k, 0x5BF85BF8; sub.f16x2 t, $1, $2; fma.rn.f16x2 $0, t, k, $1; }",
+                    ge, gt)  # ge + 255 * (ge - gt)
+
+
+@gluon.jit
+def _bisect(m4, keep, ones, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: tau = the largest 15-bit magnitude with count(m >= tau) >= keep, and that count
+    (float). Both [R, 4]: every lane of a row's quad holds the row's values."""
+    R: gl.constexpr = m4.shape[0]
+    QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
+    tau = gl.zeros([R, 4], gl.int32, QUAD)
+    cnt = gl.full([R, 4], HEAD_DIM, gl.float32, QUAD)
+    zero = gl.zeros([R, 8], gl.float32, MMA)
+    for i in gl.static_range(15):
+        cand = tau | (1 << (14 - i))
+        acc = mma_v2(_operand_view(_ge01(m4, cand, EXACT), A_OP, HEAD_DIM), ones, zero)
+        c, _ = gl.split(gl.reshape(acc, [R, 4, 2]))  # lane q holds columns 2q, 2q+1: both the count
+        c = gl.convert_layout(c, QUAD, assert_trivial=True)
+        take = c >= keep
+        tau = gl.where(take, cand, tau)
+        cnt = gl.where(take, c, cnt)
+    return tau, cnt
+
+
+@gluon.jit
+def _drop_high_bits(t, n):
+    """t with its n highest set bits cleared (n <= popcount(t)); n is almost always 0."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 w, c, h; .reg .pred p; mov.b32 w, $1; mov.b32 c, $2;"
+        " LOOP${:uid}: setp.le.s32 p, c, 0; @p bra DONE${:uid};"
+        " bfind.u32 h, w; shl.b32 h, 1, h; xor.b32 w, w, h; sub.s32 c, c, 1; bra LOOP${:uid};"
+        " DONE${:uid}: mov.b32 $0, w; }",
+        "=r,r,r", [t, n], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _scatter_byte(x8, info):
+    """Per (row, byte of 8 channels): the kept values among x8 (8 fp16-typed values) go to
+    consecutive 2-byte slots of the staging buffer. info = kept bits | first slot's byte offset / 2 << 8."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b32 a, k, t; .reg .pred p; .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;"
+        " mov.b32 {h0, h1}, $8; mov.b32 {h2, h3}, $9; mov.b32 {h4, h5}, $10; mov.b32 {h6, h7}, $11;"
+        " mov.u32 a, mt_stage; shr.u32 t, $12, 7; and.b32 t, t, -2; add.u32 a, a, t; and.b32 k, $12, 255;"
+        " and.b32 t, k, 1; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h0; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 2; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h1; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 4; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h2; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 8; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h3; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 16; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h4; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 32; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h5; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 64; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h6; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 128; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h7;"
+        " mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; mov.b32 $4, 0; mov.b32 $5, 0;"
+        " mov.b32 $6, 0; mov.b32 $7, 0; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
+        [x8, info], dtype=gl.int32, is_pure=False, pack=8)
+
+
+@gluon.jit
+def _prune_pack_gluon_kernel(
+    x_ptr, bitmap_ptr, values_ptr, seq_lens_ptr,
+    n_rows, tokens_per_seq, rows_per_batch, keep,
+    HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, HAS_SEQ_LENS: gl.constexpr, STAGE_DECL: gl.constexpr,
+):
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)  # 8 consecutive channels per lane: 16-byte loads
+    B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 8)
+    ROW: gl.constexpr = gl.SliceLayout(1, MMA)
+    LANE: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    NB: gl.constexpr = HEAD_DIM // 8  # bitmap bytes per row
+    STAGE_VALUES: gl.constexpr = 16 * CAPACITY * 2  # staging: the block's value rows, then its bitmap bytes
+
+    lane = gl.arange(0, 32, layout=LANE)
+    _smem_op(STAGE_DECL, lane, lane)  # declares mt_stage (one instance: one register per lane)
+
+    row0 = gl.program_id(0) * 16
+    rows = row0 + gl.arange(0, 16, layout=gl.SliceLayout(1, A_OP))
+    valid = rows < n_rows
+    if HAS_SEQ_LENS:
+        seq_len = gl.load(seq_lens_ptr + rows // rows_per_batch, mask=valid, other=0)
+        valid = valid & ((rows % tokens_per_seq) < seq_len)
+    ch = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP))
+    x_ptrs = x_ptr + rows.to(gl.int64)[:, None] * HEAD_DIM + ch[None, :]
+    x = gl.load(x_ptrs, mask=valid[:, None], other=0.0).to(gl.float16, bitcast=True)
+    m4 = _lanes_view(_pair_op("and.b32 $0, $1, 0x7fff7fff;", x, x), HEAD_DIM)  # magnitude bits
+    ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, B_OP)
+
+    tau, cnt = _bisect(m4, keep, ones, False, A_OP, MMA, HEAD_DIM)
+    if gl.max(gl.max(tau, axis=1), axis=0) >= 0x7C00:  # see the module docstring
+        m4 = _pair_op("or.b32 $0, $1, 0x80008000;", m4, m4)
+        tau, cnt = _bisect(m4, keep, ones, True, A_OP, MMA, HEAD_DIM)
+        v = _operand_view(_above_or_tied(m4, tau, True), A_OP, HEAD_DIM)
+    else:
+        v = _operand_view(_above_or_tied(m4, tau, False), A_OP, HEAD_DIM)
+
+    # Per byte n of a row: above + 256 * tied counted over the bytes after n, and n's own bits.
+    k = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP))[:, None]
+    n = gl.arange(0, NB, layout=gl.SliceLayout(0, B_OP))[None, :]
+    b_after = gl.where(k // 8 > n, 1.0, 0.0).to(gl.float16)
+    b_bits = gl.where(k // 8 == n, (1 << (k % 8)).to(gl.float32), 0.0).to(gl.float16)
+    zero = gl.zeros([16, NB], gl.float32, MMA)
+    after = mma_v2(v, b_after, zero).to(gl.int32)
+    bits = mma_v2(v, b_bits, zero).to(gl.int32)
+    a_after = after & 255
+    t_after = after >> 8
+    t_bits = bits >> 8
+    # ties beyond keep are dropped from the highest channel down
+    excess = gl.convert_layout(gl.max(cnt, axis=1).to(gl.int32) - keep, ROW)[:, None]
+    drop = gl.minimum(gl.maximum(excess - t_after, 0), _popc(t_bits))
+    kept = (bits & 255) | _drop_high_bits(t_bits, drop)
+    kept = gl.where(gl.convert_layout(valid, ROW)[:, None], kept, 0)  # invalid rows: all zero
+    slot_end = keep - a_after - gl.maximum(t_after - excess, 0)  # keep - (kept values after byte n)
+    r_local = gl.arange(0, 16, layout=ROW)[:, None]
+    info = kept | ((r_local * CAPACITY + slot_end - _popc(kept)) << 8)
+
+    # Stage: zero the value rows, scatter the kept values and the bitmap bytes.
+    ZL: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+    NZ: gl.constexpr = STAGE_VALUES // 16
+    for i in gl.static_range(0, NZ, 32):
+        zi = i + gl.arange(0, 32, layout=ZL)
+        _smem_op("{ .reg .pred p; .reg .b32 a; setp.ge.s32 p, $1, 0; mov.u32 a, mt_stage; add.u32 a, $1, a;"
+                 " @p st.shared.v4.b32 [a], {0, 0, 0, 0}; mov.b32 $0, $2; }", gl.where(zi < NZ, zi * 16, -1), zi)
+    _warp_sync(lane)
+    # x again (an L1 / L2 hit): keeping it through the bisection cost 32 registers per thread
+    x3 = gl.reshape(gl.load(x_ptrs, mask=valid[:, None], other=0.0).to(gl.float16, bitcast=True), [16, NB, 8])
+    info3 = gl.convert_layout(info, gl.SliceLayout(2, x3.type.layout))
+    info3, _ = gl.broadcast(info3[:, :, None], x3)
+    _scatter_byte(x3, info3)
+    byte_offset = r_local * NB + gl.arange(0, NB, layout=gl.SliceLayout(0, MMA))[None, :] + STAGE_VALUES
+    _smem_op("{ .reg .b32 a; mov.u32 a, mt_stage; add.u32 a, a, $1; st.shared.b8 [a], $2; mov.b32 $0, 0; }",
+             byte_offset, kept)
+    _warp_sync(lane)
+
+    # Out in 16-byte chunks; rows past n_rows are not written.
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
+    CHUNKS_PER_ROW: gl.constexpr = CAPACITY * 2 // 16
+    NCH: gl.constexpr = 16 * CHUNKS_PER_ROW
+    for i in gl.static_range(0, NCH, 32):
+        c = i + gl.arange(0, 32, layout=gl.SliceLayout(1, CL))
+        cw, _ = gl.broadcast(c[:, None] * 4 + gl.arange(0, 4, layout=gl.SliceLayout(0, CL))[None, :],
+                             gl.zeros([32, 4], gl.int32, CL))
+        vals = gl.inline_asm_elementwise(
+            "{ .reg .b32 a; .reg .pred p; setp.ge.s32 p, $4, 0; mov.u32 a, mt_stage; mad.lo.u32 a, $4, 4, a;"
+            " mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; @p ld.shared.v4.b32 {$0, $1, $2, $3}, [a]; }",
+            "=r,=r,=r,=r,r,r,r,r", [gl.where(cw < NCH * 4, cw, -1)], dtype=gl.int32, is_pure=False, pack=4)
+        ok = ((c < NCH) & (row0 + c // CHUNKS_PER_ROW < n_rows))[:, None]
+        gl.store(values_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + row0.to(gl.int64) * (CAPACITY // 2) + cw,
+                 vals, mask=ok)
+    BW: gl.constexpr = HEAD_DIM // 32
+    BL: gl.constexpr = gl.BlockedLayout([1, BW], [32, 1], [1, 1], [1, 0])
+    br = gl.arange(0, 32, layout=gl.SliceLayout(1, BL))
+    bo, _ = gl.broadcast(br[:, None] * BW + gl.arange(0, BW, layout=gl.SliceLayout(0, BL))[None, :],
+                         gl.zeros([32, BW], gl.int32, BL))
+    words = gl.inline_asm_elementwise(
+        "{ .reg .b32 a; .reg .pred p; setp.ge.s32 p, $1, 0; mov.u32 a, mt_stage; add.u32 a, $1, a;"
+        " mov.b32 $0, 0; @p ld.shared.b32 $0, [a]; }",
+        "=r,r", [gl.where(br[:, None] < 16, bo * 4 + STAGE_VALUES, -1)], dtype=gl.int32, is_pure=False, pack=1)
+    gl.store(bitmap_ptr + row0.to(gl.int64) * BW + bo, words, mask=((br < 16) & (row0 + br < n_rows))[:, None])
+
+
+def launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows: int, tokens: int, rows_per_batch: int,
+                          keep: int, capacity: int) -> None:
+    """x contiguous [*lead, T, D] fp16 / bf16 on a GPU with mma.sync (gluon_prune_supports)."""
+    head_dim = x.shape[-1]
+    stage_bytes = ROWS * capacity * 2 + ROWS * head_dim // 8
+    decl = f".shared .align 16 .b8 mt_stage[{stage_bytes}]; mov.b32 $0, $1; mov.b32 $0, $2;"
+    _prune_pack_gluon_kernel[(triton.cdiv(n_rows, ROWS),)](
+        x, bitmap, values, seq_lens, n_rows, tokens, rows_per_batch, keep,
+        HEAD_DIM=head_dim, CAPACITY=capacity, HAS_SEQ_LENS=seq_lens is not None, STAGE_DECL=decl,
+        num_warps=1, maxnreg=register_cap(head_dim))
