@@ -51,7 +51,7 @@ def config_space(kernel: str, **bucket) -> list[dict]:
         space = [dict(BLOCK_T=bt, num_warps=w, num_stages=1)
                  for bt in (16, 32, 64, 128) for w in (2, 4, 8)
                  if not (big and bt == 128 and w < 4)]
-        if kernel == "select" and _gluon_select_bucket(bucket):
+        if kernel == "select" and _gluon_select_bucket(bucket, False):  # what a GPU can tune, as for decode
             space.append(dict(GLUON_SELECT_CONFIG))
         return space
     if kernel == "decode":
@@ -62,7 +62,7 @@ def config_space(kernel: str, **bucket) -> list[dict]:
 
 def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     if kernel == "select":
-        if _gluon_select_bucket(bucket) and has_mma_v2(device):
+        if _gluon_select_bucket(bucket, interpreting()) and has_mma_v2(device):
             return dict(GLUON_SELECT_CONFIG)
         return tl_select_config(interpreting())
     if kernel == "unpack":
@@ -81,9 +81,9 @@ def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
 GLUON_SELECT_CONFIG = dict(kernel="gluon")
 
 
-def _gluon_select_bucket(bucket: dict) -> bool:
+def _gluon_select_bucket(bucket: dict, interpreter: bool) -> bool:
     from .kernels.prune_pack_gluon import gluon_prune_supports
-    return gluon_prune_supports(bucket.get("dtype"), bucket.get("head_dim", 0), interpreting())
+    return gluon_prune_supports(bucket.get("dtype"), bucket.get("head_dim", 0), interpreter)
 
 
 def tl_select_config(interpreter: bool) -> dict:
