@@ -47,7 +47,7 @@ def num_sms(device: torch.device) -> int:
 
 
 def has_mma_v2(device: torch.device) -> bool:
-    """The Gluon decode kernel's mma.sync m16n8k16 needs compute capability 8.0 (Ampere) or newer."""
+    """The Gluon kernels (decode, prune_and_pack) use mma.sync m16n8k16: compute capability 8.0 (Ampere) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 

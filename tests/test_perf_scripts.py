@@ -18,6 +18,15 @@ def run_script(*args, env=None):
     return done.stdout
 
 
+def sass_report(*args) -> dict:
+    """perf/sass_report.py --json: a real sm_90 compile (TRITON_INTERPRET removed), no GPU needed."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "perf/sass_report.py", "--json", *map(str, args)],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def png_size(path: Path) -> tuple[int, int]:
     width, height = struct.unpack(">II", path.read_bytes()[16:24])
     return width, height
@@ -56,12 +65,7 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     no GPU needed): no spills under gluon_register_cap, which the split count relies on (a grid one
     program over a wave cost ~1.5x on the H100), and a main loop without shared memory or barriers,
     the property that made it faster than decode.py's kernel."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # a real compile, not the interpreter
-    done = subprocess.run([sys.executable, "perf/sass_report.py", "--kernel", "gluon", "--json",
-                           "--head-dim", str(head_dim), "--group", str(group), "--capacity", str(capacity)],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = sass_report("--kernel", "gluon", "--head-dim", head_dim, "--group", group, "--capacity", capacity)
     from mustafar_triton.kernels.decode import gluon_block_h, gluon_register_cap
     assert report["registers"] <= gluon_register_cap(head_dim, gluon_block_h(group))
     assert report["stack"] == 0 and report["local"] == 0, "spills"
@@ -76,12 +80,7 @@ def test_gluon_prune_compiles_without_spills(head_dim, capacity, dtype):
     """prune_pack_gluon.py's kernel compiled for sm_90 as compress.py launches it (no GPU needed):
     within its register cap without spills (a spill in its bisection would cost more than the
     cap saves)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "perf/sass_report.py", "--kernel", "prune", "--json", "--dtype", dtype,
-                           "--head-dim", str(head_dim), "--capacity", str(capacity)],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = sass_report("--kernel", "prune", "--dtype", dtype, "--head-dim", head_dim, "--capacity", capacity)
     from mustafar_triton.kernels.prune_pack_gluon import register_cap
     assert report["registers"] <= register_cap(head_dim)
     assert report["stack"] == 0 and report["local"] == 0, "spills"

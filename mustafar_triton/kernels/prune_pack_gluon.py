@@ -35,6 +35,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from .decode_gluon import _popc
+
 ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and spilled under a cap
 
 
@@ -55,11 +57,6 @@ def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
 def _pair_op(asm: gl.constexpr, a, b):
     """An asm op on fp16 pairs (two values per 32-bit register)."""
     return gl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=gl.float16, is_pure=True, pack=2)
-
-
-@gluon.jit
-def _popc(x):
-    return gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=gl.int32, is_pure=True, pack=1)
 
 
 @gluon.jit
@@ -225,10 +222,9 @@ def _prune_pack_gluon_kernel(
     info = kept | ((r_local * CAPACITY + slot_end - _popc(kept)) << 8)
 
     # Stage: zero the value rows, scatter the kept values and the bitmap bytes.
-    ZL: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
     NZ: gl.constexpr = STAGE_VALUES // 16
     for i in gl.static_range(0, NZ, 32):
-        zi = i + gl.arange(0, 32, layout=ZL)
+        zi = i + gl.arange(0, 32, layout=LANE)
         _smem_op("{ .reg .pred p; .reg .b32 a; setp.ge.s32 p, $1, 0; mov.u32 a, mt_stage; add.u32 a, $1, a;"
                  " @p st.shared.v4.b32 [a], {0, 0, 0, 0}; mov.b32 $0, $2; }", gl.where(zi < NZ, zi * 16, -1), zi)
     _warp_sync(lane)
