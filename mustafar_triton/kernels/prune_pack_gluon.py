@@ -113,22 +113,19 @@ def _above_or_tied(m4, tau, EXACT: gl.constexpr):
 
 @gluon.jit
 def _bisect(m4, keep, ones, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Per row: tau = the largest 15-bit magnitude with count(m >= tau) >= keep, and that count
-    (float). Both [R, 4]: every lane of a row's quad holds the row's values."""
+    """Per row: tau = the largest 15-bit magnitude with count(m >= tau) >= keep, as [R, 4]: every
+    lane of a row's quad holds the row's value."""
     R: gl.constexpr = m4.shape[0]
     QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
     tau = gl.zeros([R, 4], gl.int32, QUAD)
-    cnt = gl.full([R, 4], HEAD_DIM, gl.float32, QUAD)
     zero = gl.zeros([R, 8], gl.float32, MMA)
     for i in gl.static_range(15):
         cand = tau | (1 << (14 - i))
         acc = mma_v2(_operand_view(_ge01(m4, cand, EXACT), A_OP, HEAD_DIM), ones, zero)
         c, _ = gl.split(gl.reshape(acc, [R, 4, 2]))  # lane q holds columns 2q, 2q+1: both the count
         c = gl.convert_layout(c, QUAD, assert_trivial=True)
-        take = c >= keep
-        tau = gl.where(take, cand, tau)
-        cnt = gl.where(take, c, cnt)
-    return tau, cnt
+        tau = gl.where(c >= keep, cand, tau)
+    return tau
 
 
 @gluon.jit
@@ -147,17 +144,16 @@ def _scatter_byte(x8, info):
     """Per (row, byte of 8 channels): the kept values among x8 (8 fp16-typed values) go to
     consecutive 2-byte slots of the staging buffer. info = kept bits | first slot's byte offset / 2 << 8."""
     return gl.inline_asm_elementwise(
-        "{ .reg .b32 a, k, t; .reg .pred p; .reg .b16 h0, h1, h2, h3, h4, h5, h6, h7;"
-        " mov.b32 {h0, h1}, $8; mov.b32 {h2, h3}, $9; mov.b32 {h4, h5}, $10; mov.b32 {h6, h7}, $11;"
+        "{ .reg .b32 a, k, t, u; .reg .pred p; .reg .b16 h;"
         " mov.u32 a, mt_stage; shr.u32 t, $12, 7; and.b32 t, t, -2; add.u32 a, a, t; and.b32 k, $12, 255;"
-        " and.b32 t, k, 1; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h0; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 2; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h1; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 4; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h2; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 8; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h3; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 16; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h4; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 32; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h5; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 64; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h6; @p add.u32 a, a, 2;"
-        " and.b32 t, k, 128; setp.ne.b32 p, t, 0; @p st.shared.b16 [a], h7;"
+        " and.b32 t, k, 1; setp.ne.b32 p, t, 0; cvt.u16.u32 h, $8; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 2; setp.ne.b32 p, t, 0; mul.hi.u32 u, $8, 65536; cvt.u16.u32 h, u; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 4; setp.ne.b32 p, t, 0; cvt.u16.u32 h, $9; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 8; setp.ne.b32 p, t, 0; mul.hi.u32 u, $9, 65536; cvt.u16.u32 h, u; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 16; setp.ne.b32 p, t, 0; cvt.u16.u32 h, $10; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 32; setp.ne.b32 p, t, 0; mul.hi.u32 u, $10, 65536; cvt.u16.u32 h, u; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 64; setp.ne.b32 p, t, 0; cvt.u16.u32 h, $11; @p st.shared.b16 [a], h; @p add.u32 a, a, 2;"
+        " and.b32 t, k, 128; setp.ne.b32 p, t, 0; mul.hi.u32 u, $11, 65536; cvt.u16.u32 h, u; @p st.shared.b16 [a], h;"
         " mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; mov.b32 $4, 0; mov.b32 $5, 0;"
         " mov.b32 $6, 0; mov.b32 $7, 0; }",
         "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
@@ -193,10 +189,10 @@ def _prune_pack_gluon_kernel(
     m4 = _lanes_view(_pair_op("and.b32 $0, $1, 0x7fff7fff;", x, x), HEAD_DIM)  # magnitude bits
     ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, B_OP)
 
-    tau, cnt = _bisect(m4, keep, ones, False, A_OP, MMA, HEAD_DIM)
+    tau = _bisect(m4, keep, ones, False, A_OP, MMA, HEAD_DIM)
     if gl.max(gl.max(tau, axis=1), axis=0) >= 0x7C00:  # see the module docstring
         m4 = _pair_op("or.b32 $0, $1, 0x80008000;", m4, m4)
-        tau, cnt = _bisect(m4, keep, ones, True, A_OP, MMA, HEAD_DIM)
+        tau = _bisect(m4, keep, ones, True, A_OP, MMA, HEAD_DIM)
         v = _operand_view(_above_or_tied(m4, tau, True), A_OP, HEAD_DIM)
     else:
         v = _operand_view(_above_or_tied(m4, tau, False), A_OP, HEAD_DIM)
@@ -212,8 +208,10 @@ def _prune_pack_gluon_kernel(
     a_after = after & 255
     t_after = after >> 8
     t_bits = bits >> 8
-    # ties beyond keep are dropped from the highest channel down
-    excess = gl.convert_layout(gl.max(cnt, axis=1).to(gl.int32) - keep, ROW)[:, None]
+    # ties beyond keep are dropped from the highest channel down: excess = count(m >= tau) - keep,
+    # from one more count on the tensor cores (above + 256 * tied, summed over the row)
+    total = gl.max(mma_v2(v, ones, gl.zeros([16, 8], gl.float32, MMA)), axis=1).to(gl.int32)
+    excess = ((total & 255) + (total >> 8) - keep)[:, None]
     drop = gl.minimum(gl.maximum(excess - t_after, 0), _popc(t_bits))
     kept = (bits & 255) | _drop_high_bits(t_bits, drop)
     kept = gl.where(gl.convert_layout(valid, ROW)[:, None], kept, 0)  # invalid rows: all zero
