@@ -9,7 +9,8 @@ from . import autotune
 from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms
 from .format import PackedKV
 from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
-                             gluon_block_h, gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap)
+                             gluon_block_h, gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap,
+                             gluon_use_walk)
 
 _slot_tables: dict[torch.device, torch.Tensor] = {}
 
@@ -134,11 +135,15 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
 
     on_interpreter = interpreting()
 
+    def splits_for(cfg, programs_per_sm):
+        return choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
+                                 cfg["BLOCK_N"], programs_per_sm)
+
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
         block_h = gluon_block_h(group)
-        splits = choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
-                                   cfg["BLOCK_N"], gluon_programs_per_sm(d, block_h) if gluon else 0)
+        walk = gluon and gluon_use_walk(cfg, d, context, splits_for(cfg, gluon_programs_per_sm(d, block_h, True)))
+        splits = splits_for(cfg, gluon_programs_per_sm(d, block_h, walk) if gluon else 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
@@ -154,8 +159,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                      HAS_WINDOW_LENS=window_lens is not None)
         if gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, *rest, **flags, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], num_warps=1,
-                maxnreg=gluon_register_cap(d, block_h))
+                *common, *rest, **flags, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], WALK=walk, num_warps=1,
+                maxnreg=gluon_register_cap(d, block_h, walk))
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
             _sparse_decode_kernel[(splits, batch * hkv)](

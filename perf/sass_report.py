@@ -2,7 +2,7 @@
 hardware will execute: registers, spills, shared memory, and SASS instruction counts, for the
 whole kernel and for its main loop's body (the longest backward branch: what repeats per tile).
 
-    python perf/sass_report.py [--kernel tl|gluon|prune] [--slots popc] [--block-n 64] [--warps 4]
+    python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
                                [--group 4] [--dtype fp16] [--maxnreg N] [--dump DIR]
 
@@ -41,8 +41,9 @@ def compile_decode(args):
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
         block_h = decode.gluon_block_h(args.group)
-        constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or decode.GLUON_CONFIG["BLOCK_N"])
-        options = dict(num_warps=1, maxnreg=args.maxnreg or decode.gluon_register_cap(args.head_dim, block_h))
+        walk = args.gather == "walk"
+        constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or decode.GLUON_CONFIG["BLOCK_N"], WALK=walk)
+        options = dict(num_warps=1, maxnreg=args.maxnreg or decode.gluon_register_cap(args.head_dim, block_h, walk))
     else:
         kernel, source = decode._sparse_decode_kernel, ASTSource
         constexprs = dict(common, BLOCK_H=max(16, triton.next_power_of_2(args.group)), BLOCK_N=args.block_n or 64,
@@ -109,6 +110,7 @@ def main():
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
+    ap.add_argument("--gather", default="walk", choices=("walk", "popc"), help="the Gluon kernel's gather")
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)

@@ -400,7 +400,10 @@ def test_gluon_splits_fill_whole_waves():
     grid one program past a wave nearly doubled the time on the H100)."""
     from mustafar_triton.kernels.decode import choose_num_splits, gluon_programs_per_sm
     per_sm = gluon_programs_per_sm(128, 8)
-    assert per_sm == 12                      # 168 registers per thread
+    assert per_sm == 12                      # 168 registers per thread: 3 warps per scheduler
+    assert gluon_programs_per_sm(128, 8, walk=True) == 16     # 128 registers: 4 per scheduler
+    assert gluon_programs_per_sm(64, 8, walk=True) == 20      # 96: 5 per scheduler (not 65536 // 3072 = 21)
+    assert gluon_programs_per_sm(128, 16) == 8                # 224: 2 per scheduler (not 65536 // 7168 = 9)
     for batch_heads in (8, 32, 128, 512, 2048):
         for waves in (1, 2, 3):
             splits = choose_num_splits(-waves, 132, batch_heads, 1 << 20, 16, per_sm)
@@ -411,6 +414,20 @@ def test_gluon_splits_fill_whole_waves():
     assert choose_num_splits(-1, 132, 128, 100, 16, per_sm) == 2         # >= 4 tiles per split
     assert choose_num_splits(5, 132, 128, 16384, 16, per_sm) == 5        # explicit counts are kept
     assert choose_num_splits(-2, 132, 128, 16384, 64) == 5               # the tl kernel: >= 4 programs per SM
+
+
+def test_gluon_gather_choice():
+    """The walk gather where it runs unless its splits would be short (the popcount gather has
+    fewer fixed costs per split); a config's explicit gather wins where the walk supports the shape."""
+    from mustafar_triton.kernels.decode import GLUON_CONFIG, WALK_MIN_SPLIT_TOKENS, gluon_use_walk
+    assert gluon_use_walk(GLUON_CONFIG, 128, 16384, 16)                        # B=16: 1024 tokens per split
+    assert not gluon_use_walk(GLUON_CONFIG, 128, 32768, 264)                   # B=1: 124 per split
+    assert gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3, 3)
+    assert not gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3 - 1, 3)
+    assert gluon_use_walk(dict(GLUON_CONFIG, gather="walk"), 64, 100, 50)
+    assert not gluon_use_walk(dict(GLUON_CONFIG, gather="popc"), 128, 16384, 16)
+    assert not gluon_use_walk(dict(GLUON_CONFIG, gather="walk"), 32, 16384, 16)    # D=32: popcount only
+    assert not gluon_use_walk(dict(GLUON_CONFIG, BLOCK_N=32, gather="walk"), 128, 16384, 16)
 
 
 def test_decode_default_is_the_gluon_kernel_where_it_runs():

@@ -299,8 +299,9 @@ if not INTERPRETING:
     _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
     _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
                                                    capacity=40, batch_heads=16, context=1024)]
-    # the Gluon kernel (decode_gluon.py, GPU only), also with 32-token tiles
+    # the Gluon kernel (decode_gluon.py, GPU only): both gathers, and 32-token tiles (popcount only)
     _VARIANTS += [dict(decode_kernels.GLUON_CONFIG, BLOCK_N=bn, num_splits=s) for bn in (16, 32) for s in (0, -1, -3)]
+    _VARIANTS += [dict(decode_kernels.GLUON_CONFIG, num_splits=s, gather=g) for g in ("walk", "popc") for s in (0, -3)]
 
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -387,11 +388,12 @@ def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
     (256, 4, 4, 0.7, 0.9, torch.bfloat16),    # D=256, capacities 80 and 32
     (32, 6, 2, 0.3, 0.6, torch.float16),      # D=32: one bitmap word per token
 ])
-def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, device, decode_config):
+@pytest.mark.parametrize("gather", ["walk", "popc"])
+def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, gather, device, decode_config):
     q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=d, dtype=dtype, seed=41 + d + hq,
                               sk=sk, sv=sv, seq_lens=[150, 77, 0], w=9, window_lens=[9, 0, 4])
     assert decode_kernels.gluon_decode_supports(dtype, d, hq // hkv, False)
-    decode_config(**decode_kernels.GLUON_CONFIG)
+    decode_config(**decode_kernels.GLUON_CONFIG, gather=gather)  # D=32: the walk falls back to popc
     check_decode(q, pk, pv, **kw)
     check_decode(q, pk, pv, num_splits=4, **kw)
 
@@ -417,13 +419,14 @@ def test_gluon_config_falls_back_before_ampere(device, decode_config, monkeypatc
 
 
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
-def test_gluon_malformed_bitmap_reads_as_zero_token(device, decode_config):
+@pytest.mark.parametrize("gather", ["walk", "popc"])
+def test_gluon_malformed_bitmap_reads_as_zero_token(gather, device, decode_config):
     """As test_malformed_bitmap_reads_as_zero_token, for the Gluon kernel (fp16: it has no fp32)."""
     q, pk, pv, _ = make_case(device, b=1, hq=2, hkv=1, t=8, d=64, dtype=torch.float16, seed=35, sk=0.8, sv=0.8)
     bad_bitmap, zero_bitmap = pk.bitmap.clone(), pk.bitmap.clone()
     bad_bitmap[0, 0, -1] = -1                # all 64 bits set, capacity 16: last token, last row
     zero_bitmap[0, 0, -1] = 0
-    decode_config(**decode_kernels.GLUON_CONFIG)
+    decode_config(**decode_kernels.GLUON_CONFIG, gather=gather)
     out = mt.sparse_decode_attention(q, mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim), pv)
     assert_same_result(out, mt.sparse_decode_attention(
         q, mt.PackedKV(zero_bitmap, pk.values, pk.capacity, pk.head_dim), pv))

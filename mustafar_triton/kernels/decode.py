@@ -274,6 +274,8 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
 
 # One warp per program, 16 tokens per tile; num_splits=-k: k full waves of programs (see
 # choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
+# Optional key gather: "walk" or "popc" (decode_gluon.py); without it, attention.py picks by
+# WALK_MIN_SPLIT_TOKENS.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
 
 
@@ -297,24 +299,47 @@ def gluon_block_h(group: int) -> int:
     return max(8, next_pow2(group))
 
 
-def gluon_register_cap(head_dim: int, block_h: int) -> int:
+def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
     """Registers per thread the Gluon kernel is compiled with (maxnreg). Each is at or just above
     what ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few
-    words); fixing it makes the number of resident programs, and so the waves, exact."""
+    words) and the walk at D=128 with an 8-wide group (16 bytes of stack at 128: 4 programs per
+    scheduler instead of 3 made it 1.2x faster, perf/results/decode_gluon_ab_h100_5_walk.json);
+    fixing it makes the number of resident programs, and so the waves, exact."""
     if head_dim <= 32:
         return 96
     if head_dim <= 64:
-        return 128 if block_h <= 8 else 152
+        return (96 if walk else 128) if block_h <= 8 else 152
     if head_dim <= 128:
-        return 168 if block_h <= 8 else 224
+        return (128 if walk else 168) if block_h <= 8 else 224
     return 255
 
 
-def gluon_programs_per_sm(head_dim: int, block_h: int) -> int:
-    """One-warp Gluon programs resident per SM: 64K registers, allocated per warp in units of
-    256, and at most 32 programs per SM (12 at D=128)."""
-    per_warp = -(-gluon_register_cap(head_dim, block_h) * 32 // 256) * 256
-    return min(32, 65536 // per_warp)
+def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False) -> int:
+    """One-warp Gluon programs resident per SM: each of the 4 schedulers has 16K registers,
+    allocated per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the
+    popcount gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers
+    it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)"""
+    per_warp = -(-gluon_register_cap(head_dim, block_h, walk) * 32 // 256) * 256
+    return min(32, 4 * (16384 // per_warp))
+
+
+# Splits shorter than this many tokens use the popcount gather: the walk's staging costs more per
+# split (H100, B=1 T=32768 K0.7: 124 tokens per split, walk 58.5 us against 52; at B=4, 496 tokens
+# per split, walk 135 against 155; perf/results/decode_gluon_ab_h100_5_walk.json).
+WALK_MIN_SPLIT_TOKENS = 256
+
+
+def gluon_walk_supports(head_dim: int, block_n: int) -> bool:
+    """Whether the walk gather (decode_gluon.py) handles the shape: 16-token tiles, D 64/128/256."""
+    return head_dim in (64, 128, 256) and block_n == 16
+
+
+def gluon_use_walk(cfg: dict, head_dim: int, context: int, walk_splits: int) -> bool:
+    """The Gluon kernel's gather for a config: its "gather" key where the walk supports the shape,
+    else the walk when its splits (walk_splits of them) hold >= WALK_MIN_SPLIT_TOKENS tokens."""
+    if not gluon_walk_supports(head_dim, cfg["BLOCK_N"]) or cfg.get("gather", "walk") != "walk":
+        return False
+    return "gather" in cfg or context >= WALK_MIN_SPLIT_TOKENS * walk_splits
 
 
 def decode_config_space(**bucket) -> list[dict]:
@@ -334,7 +359,7 @@ def decode_config_space(**bucket) -> list[dict]:
     # The Gluon kernel: 1-3 whole waves of one-warp programs (0, ~2 programs per SM, leaves most
     # SMs idle: 1069 us at B=16 T=16k where one wave took 364 us).
     if _gluon_bucket(bucket, False):
-        space += [dict(GLUON_CONFIG, num_splits=s) for s in (-1, -2, -3)]
+        space += [dict(GLUON_CONFIG, num_splits=s, gather=g) for g in ("walk", "popc") for s in (-1, -2, -3)]
     return space
 
 

@@ -1,34 +1,37 @@
-"""Fused sparse decode attention in Gluon (GPU only): one warp per program, value gathers straight
-into the registers of the tensor-core (mma.sync) operands. The fastest decode kernel on the H100
-(B=16 T=16384 K0.7V0.7, tuned: 296 us against 355 us for dense cuDNN and ~430 us for decode.py's
-kernel; perf/NOTES.md, session 6); attention.py picks it wherever `gluon_decode_supports` says it
-runs and the GPU has mma.sync m16n8k16 (Ampere or newer).
+"""Fused sparse decode attention in Gluon (GPU only): one warp per program, gathered values land
+straight in the registers of the tensor-core (mma.sync) operands. The fastest decode kernels on the
+H100; attention.py picks them wherever `gluon_decode_supports` says they run and the GPU has
+mma.sync m16n8k16 (Ampere or newer).
 
 Same grid, arguments and partial outputs as `_sparse_decode_kernel` (decode.py), whose split merge
 it reuses; Gluon has no interpreter, so decode.py's kernel is the reference that CI runs.
 
-Why it is faster than decode.py's kernel, which does the same arithmetic per dense element:
+Why it is faster than decode.py's kernel:
   * Triton's tl picks the layouts itself: there the expanded tiles go through shared memory to
     reach the tensor cores, with barriers, and q is re-read from shared memory every tile.
-    Here the gathered values land directly in the mma operand layouts (Gluon lets us name them),
-    so the loop touches no shared memory and needs no barrier.
+    Here the gathered values land directly in the mma operand layouts (Gluon lets us name them).
   * A program is ONE warp that runs its own online softmax over its split, so warps never wait
-    for each other; the grid has enough splits to fill every SM with ~12 such programs.
+    for each other; the grid has enough splits to fill every SM with whole waves of programs.
   * Both products are "swapped" so the padded query group is the small N = 8 (or 16) side:
         S^T [BLOCK_N, H] = K [BLOCK_N, D] @ q^T [D, H]
         O^T [D, H]      += V^T [D, BLOCK_N] @ P^T [BLOCK_N, H]
-    q^T stays in registers (16 of them) for the whole loop, the accumulator is [D, 8], and P^T
-    comes out of S^T's accumulator with a few shuffles.
-  * The next tile's bitmap words and value rows are prefetched into L2 (one line per lane), so
-    the two dependent memory round trips of a tile (words, then values) rarely wait on DRAM.
-  * Registers are capped (decode.gluon_register_cap: 168 at D=128) so that a known number of
-    programs fit per SM and the splits fill whole waves.
-Per dense element: one masked popcount (slot), one add, a 64-bit address, a bit test and a
-predicated 2-byte load. Nsight Compute (B=16 T=4096, before the prefetch): issue slots 54% busy,
-the ALU pipe 60%, ~10 of the 12 resident warps per SM active: the integer work per element is
-the limit.
+    q^T stays in registers for the whole loop, the accumulator is [D, 8], and P^T comes out of
+    S^T's accumulator with a few shuffles.
+  * Registers are capped (decode.gluon_register_cap) so that a known number of programs fit per
+    SM and the splits fill whole waves.
 
-Shapes: fp16 / bf16, HEAD_DIM a multiple of 32, GROUP <= 16 (decode.gluon_decode_supports).
+Two ways to gather (GATHER, chosen per shape by decode.gluon_gather; perf/NOTES.md, session 8):
+  * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows are copied into shared memory with
+    cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks runs of
+    CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1, so an
+    element costs a bit test, a predicated shared load and a predicated add (no popcount, no
+    64-bit address). The channels of the mma operands are permuted for this (dot products do
+    not care; q is loaded and the output stored through the same permutation): K lane q of a
+    row's quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8).
+    B=16 T=16384 K0.7V0.7: 250 us against 306 for "popc" and ~360 for dense cuDNN.
+  * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
+    word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
+    costs per split: faster when splits are short (B=1).
 """
 from __future__ import annotations
 
@@ -96,6 +99,160 @@ def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own,
     return raw.to(gl.int16).to(vals_ptr.dtype.element_ty, bitcast=True)
 
 
+@gluon.constexpr_function
+def _walk_layout(head_dim, k_side):
+    """The layout the walk gathers in: [16 tokens, runs, bytes per run, 8 bits]. A lane holds runs
+    of consecutive channels (K: D/4 channels of each of its 2 tokens, lane % 4 = the run; V: D/8
+    channels of each of its 4 tokens, lane / 4 = the run). The 8 bits of a byte are consecutive
+    registers (one asm instance each); for V the token pairs come first, as V^T's registers pair
+    tokens. It is the mma operand layout up to a renaming of registers (_k_operand, _v_operand)."""
+    nb = head_dim // 32 if k_side else head_dim // 64
+    byte_bases = [[0, 0, 1 << i, 0] for i in range(nb.bit_length() - 1)]
+    bit_bases = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
+    if k_side:
+        regs = bit_bases + byte_bases + [[8, 0, 0, 0]]
+        lanes = [[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]]
+        shape = [16, 4, nb, 8]
+    else:
+        regs = [[1, 0, 0, 0]] + bit_bases + byte_bases + [[8, 0, 0, 0]]
+        lanes = [[2, 0, 0, 0], [4, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0], [0, 4, 0, 0]]
+        shape = [16, 8, nb, 8]
+    return gl.DistributedLinearLayout(regs, lanes, [], [], shape)
+
+
+@gluon.constexpr_function
+def _stage_decl(k_capacity, v_capacity):
+    """PTX declaration of the walk's shared staging buffer: 2 tiles of 16 K and 16 V value rows.
+    (Gluon's shared-memory descriptors move whole tiles only; the gathers need addresses.)"""
+    return ".shared .align 16 .b8 mt_dstage[%d]; mov.b32 $0, $1;" % (2 * 32 * (k_capacity + v_capacity))
+
+
+@gluon.constexpr_function
+def _walk_asm(pairs):
+    """PTX of one walk instance: 8 channels of one token (pairs False, 4 outputs holding channel
+    pairs) or of two tokens (pairs True, 8 outputs holding token pairs). Inputs: the shared
+    address of the first slot and the byte of bits, per element ($n_out.. and after)."""
+    n_out, n_in, streams = (8, 16, 2) if pairs else (4, 8, 1)
+    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<16>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
+             " add.u32 a1, t, $%d;" % (n_out, n_out + 1)]
+    for st in range(streams):
+        for i in range(8):  # bit test, zero, predicated load, predicated next slot
+            parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p ld.shared.u16 v%d, [a%d];"
+                         " @p add.u32 a%d, a%d, 2;" % (n_out + n_in + st, 1 << i, 8 * st + i, 8 * st + i, st, st, st))
+    for k in range(n_out):  # pack on the FMA pipe (a PRMT would take the busier ALU pipe)
+        lo, hi = (k, 8 + k) if pairs else (2 * k, 2 * k + 1)
+        parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
+    parts.append("}")
+    return " ".join(parts)
+
+
+@gluon.jit
+def _gather_walk(bits_ptr, tile_start, c_hi, stage_off,
+                 CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
+    """The staged tile's dense values in _walk_layout (fp16-typed bits). Tokens past c_hi and
+    malformed tokens (more bits than CAPACITY) read as zeros."""
+    L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
+    PB: gl.constexpr = gl.SliceLayout(3, L4)
+    P2: gl.constexpr = gl.SliceLayout(2, PB)
+    NW: gl.constexpr = HEAD_DIM // 32
+    RUNS: gl.constexpr = L4.shape[1]
+    NB: gl.constexpr = L4.shape[2]
+    tok = gl.arange(0, 16, layout=gl.SliceLayout(1, P2))[:, None]                  # [16, 1]
+    run_idx = gl.arange(0, RUNS, layout=gl.SliceLayout(0, P2))[None, :]           # [1, RUNS]
+    b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(1, PB)))[None, None, :]
+    t = tile_start + tok
+    ok = t < c_hi
+    # per token and run: the run's first bitmap word and the slots before it
+    w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
+    kept = tok * 0
+    before = tok * 0 + w0 * 0
+    for j in gl.static_range(NW):
+        pj = _popc(gl.load(bits_ptr + t * NW + j, mask=ok, other=0))
+        kept += pj
+        before += gl.where(w0 > j, pj, 0)
+    fits = ok & (kept <= CAPACITY)
+    own = gl.load(bits_ptr + t * NW + w0, mask=fits, other=0)
+    if NB > 4:  # two words per run (K at D=256): bytes 4-7 read the second
+        own_b = gl.load(bits_ptr + t * NW + w0 + 1, mask=fits, other=0)
+        second = (b // 4) == 1
+        word = gl.where(second, own_b[:, :, None], own[:, :, None])
+        before3 = before[:, :, None] + gl.where(second, _popc(own)[:, :, None], 0)
+        bi = b % 4
+    else:
+        word = own[:, :, None] + b * 0
+        before3 = before[:, :, None] + b * 0
+        bi = b if NB == 4 else (run_idx % (4 // NB))[:, :, None] * NB + b
+    slot = before3 + _popc(word & ((gl.full_like(bi, 1) << (8 * bi)) - 1))    # the byte's first slot
+    addr = stage_off + tok[:, :, None] * (CAPACITY * 2) + slot * 2
+    z = gl.zeros([16, RUNS, NB, 8], gl.int32, L4)
+    addr4, _ = gl.broadcast(addr[:, :, :, None], z)
+    bits4, _ = gl.broadcast((word >> (8 * bi))[:, :, :, None], z)
+    if K_SIDE:
+        return gl.inline_asm_elementwise(_walk_asm(False), "=r," * 4 + "r," * 15 + "r", [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=8)
+    else:
+        return gl.inline_asm_elementwise(_walk_asm(True), "=r," * 8 + "r," * 31 + "r", [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=16)
+
+
+@gluon.jit
+def _k_operand(k4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """[16, 4 (run q), NB (byte b), 8 (bit i = 4 i2 + 2h + e)] -> the mma A operand [16, D]: its
+    column 32b + 16 i2 + 8h + 2q + e holds channel q D/4 + 8b + i. Registers only (asserted)."""
+    NB: gl.constexpr = HEAD_DIM // 32
+    k = gl.reshape(gl.permute(gl.reshape(k4, [16, 4, NB, 2, 2, 2]), (0, 2, 3, 4, 1, 5)), [16, HEAD_DIM])
+    return gl.convert_layout(k, A_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _v_operand(v4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """[16 tokens, 8 (run g), NB (byte b), 8 (bit i = 2 i1 + hh)] -> the mma A operand V^T [D, 16]:
+    its row 16 (4b + i1) + 8 hh + g holds channel g D/8 + 8b + i. Registers only (asserted)."""
+    NB: gl.constexpr = HEAD_DIM // 64
+    v = gl.reshape(gl.permute(gl.reshape(v4, [16, 8, NB, 4, 2]), (2, 3, 4, 1, 0)), [HEAD_DIM, 16])
+    return gl.convert_layout(v, A_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _k_channel(col, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
+    """The channel in column col of the K operand (and row col of q^T)."""
+    if WALK:
+        return ((col // 2) % 4) * (HEAD_DIM // 4) + (col // 16) * 4 + ((col // 8) % 2) * 2 + col % 2
+    else:
+        return col
+
+
+@gluon.jit
+def _v_channel(row, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
+    """The channel in row `row` of V^T (and of the output O^T)."""
+    if WALK:
+        return (row % 8) * (HEAD_DIM // 8) + (row // 16) * 2 + (row // 8) % 2
+    else:
+        return row
+
+
+@gluon.jit
+def _stage_rows(vals_ptr, tile_start, c_hi, stage_off, lane, CAPACITY: gl.constexpr):
+    """cp.async of a tile's value rows (16 * CAPACITY * 2 contiguous bytes; those of tokens past
+    c_hi are not read) to mt_dstage + stage_off, 16 bytes per lane and copy."""
+    NCH: gl.constexpr = CAPACITY * 2     # 16-byte chunks in 16 rows
+    nbytes = gl.minimum(gl.maximum(c_hi - tile_start, 0), 16) * (CAPACITY * 2)
+    src = (vals_ptr + tile_start * CAPACITY).to(gl.pointer_type(gl.int8), bitcast=True)
+    for i in gl.static_range(0, NCH, 32):
+        c = i + lane
+        gl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .b32 a; setp.lt.s32 p, $3, $4; mov.u32 a, mt_dstage; add.u32 a, a, $2;"
+            " @p cp.async.cg.shared.global [a], [$1], 16; mov.b32 $0, 0; }",
+            "=r,l,r,r,r", [src + gl.minimum(c, NCH - 1) * 16, stage_off + c * 16, c * 16, nbytes],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _lane_asm(asm: gl.constexpr, lane):
+    """An asm statement run once per lane, kept in program order (returns a dummy)."""
+    return gl.inline_asm_elementwise(asm, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
+
+
 @gluon.jit
 def _prefetch_l2(ptr, nbytes, lane):
     """Ask L2 for the bytes [ptr, ptr + nbytes): one 128-byte line per lane of the warp (up to 32
@@ -138,6 +295,7 @@ def _sparse_decode_gluon_kernel(
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
     K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
+    WALK: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
@@ -147,7 +305,7 @@ def _sparse_decode_gluon_kernel(
     b = bh // num_kv_heads
     h = bh % num_kv_heads
 
-    d_q = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP))
+    d_q = _k_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), HEAD_DIM, WALK)
     h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
     q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
                   mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
@@ -157,31 +315,55 @@ def _sparse_decode_gluon_kernel(
     acc = gl.zeros([HEAD_DIM, BLOCK_H], gl.float32, MMA)
 
     tok_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))               # K rows: tokens
-    chan_k = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP))[None, :]
-    chan_v = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP))[:, None]    # V^T rows: channels
-    tok_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, A_OP))
+    chan_k = _k_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP)), HEAD_DIM, WALK)[None, :]
+    chan_v = _v_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP)), HEAD_DIM, WALK)[:, None]
+    tok_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, A_OP))               # V^T columns: tokens
     tok_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
-    below_k, own_k = _channel_masks(chan_k)
-    below_v, own_v = _channel_masks(chan_v)
 
     lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
         k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    for start in range(lo, c_hi, BLOCK_N):
-        # the next tile's bitmap words and value rows: 1.07-1.10x (2 tiles ahead: less; L1: same)
-        nxt = start + BLOCK_N
-        n_next = gl.maximum(gl.minimum(BLOCK_N, c_hi - nxt), 0)
-        _prefetch_l2(k_bits + nxt * (HEAD_DIM // 32), n_next * (HEAD_DIM // 8), lane)
-        _prefetch_l2(v_bits + nxt * (HEAD_DIM // 32), n_next * (HEAD_DIM // 8), lane)
-        _prefetch_l2(k_vals + nxt * K_CAPACITY, n_next * (K_CAPACITY * k_vals.dtype.element_ty.primitive_bitwidth // 8), lane)
-        _prefetch_l2(v_vals + nxt * V_CAPACITY, n_next * (V_CAPACITY * v_vals.dtype.element_ty.primitive_bitwidth // 8), lane)
-        tk = start + tok_k
-        k = _gather_tile(k_bits, k_vals, tk, tk < c_hi, chan_k, below_k, own_k, K_CAPACITY, HEAD_DIM, 0)
-        p, m, l, alpha = _scores(k, start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
-        tv = start + tok_v
-        v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
-        acc = _accumulate(v_t, p, acc, alpha, B_OP)
+    WORD_BYTES: gl.constexpr = HEAD_DIM // 8
+    if WALK:
+        gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
+        STAGE: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)   # bytes: one tile's K and V value rows
+        V_OFF: gl.constexpr = 32 * K_CAPACITY
+        _lane_asm(_stage_decl(K_CAPACITY, V_CAPACITY), lane)
+        _stage_rows(k_vals, lo, c_hi, 0, lane, K_CAPACITY)
+        _stage_rows(v_vals, lo, c_hi, V_OFF, lane, V_CAPACITY)
+        _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
+        for start in range(lo, c_hi, BLOCK_N):
+            # the next tile's rows into the other stage; wait for this tile's; the warp sees them
+            nxt = start + BLOCK_N
+            stage = ((start - lo) // BLOCK_N) % 2 * STAGE
+            _stage_rows(k_vals, nxt, c_hi, STAGE - stage, lane, K_CAPACITY)
+            _stage_rows(v_vals, nxt, c_hi, STAGE - stage + V_OFF, lane, V_CAPACITY)
+            _lane_asm("cp.async.commit_group; cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            n_next = gl.maximum(gl.minimum(BLOCK_N, c_hi - nxt), 0)
+            _prefetch_l2(k_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
+            _prefetch_l2(v_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
+            k = _k_operand(_gather_walk(k_bits, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True), A_OP, HEAD_DIM)
+            p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
+            v_t = _v_operand(_gather_walk(v_bits, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False), A_OP, HEAD_DIM)
+            acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    else:
+        below_k, own_k = _channel_masks(chan_k)
+        below_v, own_v = _channel_masks(chan_v)
+        for start in range(lo, c_hi, BLOCK_N):
+            # the next tile's bitmap words and value rows: 1.07-1.10x (2 tiles ahead: less; L1: same)
+            nxt = start + BLOCK_N
+            n_next = gl.maximum(gl.minimum(BLOCK_N, c_hi - nxt), 0)
+            _prefetch_l2(k_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
+            _prefetch_l2(v_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
+            _prefetch_l2(k_vals + nxt * K_CAPACITY, n_next * (K_CAPACITY * k_vals.dtype.element_ty.primitive_bitwidth // 8), lane)
+            _prefetch_l2(v_vals + nxt * V_CAPACITY, n_next * (V_CAPACITY * v_vals.dtype.element_ty.primitive_bitwidth // 8), lane)
+            tk = start + tok_k
+            k = _gather_tile(k_bits, k_vals, tk, tk < c_hi, chan_k, below_k, own_k, K_CAPACITY, HEAD_DIM, 0)
+            p, m, l, alpha = _scores(k, start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
+            tv = start + tok_v
+            v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
+            acc = _accumulate(v_t, p, acc, alpha, B_OP)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
@@ -199,6 +381,6 @@ def _sparse_decode_gluon_kernel(
     lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
     heads = gl.arange(0, BLOCK_H, layout=COL)
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * GROUP + heads
-    chans = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA))
+    chans = _v_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), HEAD_DIM, WALK)
     gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < GROUP)[None, :])
     gl.store(part_lse_ptr + part, lse, mask=heads < GROUP)
