@@ -139,6 +139,6 @@ def write_results(path: Path, meta: dict, rows: list[dict]) -> None:
 
 def read_results(path: Path) -> dict:
     data = json.loads(Path(path).read_text())
-    if not {"meta", "rows"} <= data.keys():
+    if not isinstance(data, dict) or not {"meta", "rows"} <= data.keys():
         raise ValueError(f"{path} is not a sweep result file (needs 'meta' and 'rows')")
     return data
