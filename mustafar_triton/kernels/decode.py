@@ -324,9 +324,10 @@ def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False) -> in
 
 
 # Splits shorter than this many tokens use the popcount gather: the walk's staging costs more per
-# split (H100, B=1 T=32768 K0.7: 124 tokens per split, walk 58.5 us against 52; at B=4, 496 tokens
-# per split, walk 135 against 155; perf/results/decode_gluon_ab_h100_5_walk.json).
-WALK_MIN_SPLIT_TOKENS = 256
+# split. H100, Llama-3-8B shape, K0.7: 124 tokens per split (B=1 T=32768), walk 58.5 us against 52.0
+# (perf/results/decode_gluon_ab_h100_5_walk.json); 248 tokens (B=4 T=16384), walk 76.2 against 82.9
+# (perf/results/tune_h100_decode.json). Tuned buckets name their gather where it differs.
+WALK_MIN_SPLIT_TOKENS = 192
 
 
 def gluon_walk_supports(head_dim: int, block_n: int) -> bool:
