@@ -302,9 +302,10 @@ def gluon_block_h(group: int) -> int:
 def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
     """Registers per thread the Gluon kernel is compiled with (maxnreg). Each is at or just above
     what ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few
-    words) and the walk at D=128 with an 8-wide group (16 bytes of stack at 128: 4 programs per
-    scheduler instead of 3 made it 1.2x faster, perf/results/decode_gluon_ab_h100_5_walk.json);
-    fixing it makes the number of resident programs, and so the waves, exact."""
+    words) and the walk at D=128 with an 8-wide group (8-16 bytes of stack at capacity 40-64, 32
+    at 128; ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
+    perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96 spills 152 bytes). Fixing the
+    cap makes the number of resident programs, and so the waves, exact."""
     if head_dim <= 32:
         return 96
     if head_dim <= 64:
