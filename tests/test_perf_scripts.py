@@ -81,7 +81,7 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     else:
         assert report["stack"] <= 16 and report["local"] == 0, "spills"
         assert loop.get("LDS.U16", 0) > 0 and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
-        assert "POPC" not in loop or loop["POPC"] * 16 < loop["LDS.U16"] * 8, "a popcount per element"
+        assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
 
 
 @pytest.mark.parametrize("head_dim,capacity,dtype", [(128, 40, "fp16"), (64, 32, "bf16"), (256, 80, "fp16"),

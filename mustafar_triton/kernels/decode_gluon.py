@@ -121,10 +121,10 @@ def _walk_layout(head_dim, k_side):
 
 
 @gluon.constexpr_function
-def _stage_decl(k_capacity, v_capacity):
-    """PTX declaration of the walk's shared staging buffer: 2 tiles of 16 K and 16 V value rows.
-    (Gluon's shared-memory descriptors move whole tiles only; the gathers need addresses.)"""
-    return ".shared .align 16 .b8 mt_dstage[%d]; mov.b32 $0, $1;" % (2 * 32 * (k_capacity + v_capacity))
+def _stage_decl(nbytes):
+    """PTX declaration of the walk's shared staging buffer of nbytes (2 stages of a tile's K and V
+    value rows). Gluon's shared-memory descriptors move whole tiles only; the gathers need addresses."""
+    return ".shared .align 16 .b8 mt_dstage[%d]; mov.b32 $0, $1;" % nbytes
 
 
 @gluon.constexpr_function
@@ -329,7 +329,7 @@ def _sparse_decode_gluon_kernel(
         gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
         STAGE: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)   # bytes: one tile's K and V value rows
         V_OFF: gl.constexpr = 32 * K_CAPACITY
-        _lane_asm(_stage_decl(K_CAPACITY, V_CAPACITY), lane)
+        _lane_asm(_stage_decl(2 * STAGE), lane)
         _stage_rows(k_vals, lo, c_hi, 0, lane, K_CAPACITY)
         _stage_rows(v_vals, lo, c_hi, V_OFF, lane, V_CAPACITY)
         _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
