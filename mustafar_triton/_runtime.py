@@ -46,6 +46,14 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a handful of programs keeps CPU tests fast
 
 
+def sm_shared_bytes(device: torch.device) -> int:
+    """Shared memory per SM (228 KB on an H100); what limits the resident programs of kernels that
+    stage data there."""
+    if device.type == "cuda":
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 << 10)
+    return 228 << 10
+
+
 def has_mma_v2(device: torch.device) -> bool:
     """The Gluon kernels (decode, prune_and_pack) use mma.sync m16n8k16: compute capability 8.0 (Ampere) or newer."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

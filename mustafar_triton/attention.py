@@ -6,11 +6,11 @@ import math
 import torch
 
 from . import autotune
-from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms
+from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV
-from .kernels.decode import (_merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits,
-                             gluon_block_h, gluon_decode_supports, gluon_programs_per_sm, gluon_register_cap,
-                             gluon_use_walk)
+from .kernels.decode import (MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table,
+                             choose_num_splits, gluon_block_h, gluon_decode_supports, gluon_programs_per_sm,
+                             gluon_register_cap, gluon_use_walk, gluon_walk_shared_bytes)
 
 _slot_tables: dict[torch.device, torch.Tensor] = {}
 
@@ -139,11 +139,14 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         return choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
                                  cfg["BLOCK_N"], programs_per_sm)
 
+    walk_shared = gluon_walk_shared_bytes(d, packed_k.capacity, packed_v.capacity)
+
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
         block_h = gluon_block_h(group)
-        walk = gluon and gluon_use_walk(cfg, d, context, splits_for(cfg, gluon_programs_per_sm(d, block_h, True)))
-        splits = splits_for(cfg, gluon_programs_per_sm(d, block_h, walk) if gluon else 0)
+        walk_per_sm = gluon_programs_per_sm(d, block_h, True, walk_shared, sm_shared_bytes(q.device))
+        walk = gluon and gluon_use_walk(cfg, d, context, splits_for(cfg, walk_per_sm))
+        splits = splits_for(cfg, (walk_per_sm if walk else gluon_programs_per_sm(d, block_h)) if gluon else 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
@@ -170,9 +173,10 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
         # splits merged per step: all of them in one step up to 64 (a merge is latency-bound)
         block_s = cfg.get("merge_block", min(64, max(16, next_pow2(splits))))
-        _merge_splits_kernel[(batch * hq,)](
+        block_d = min(d, MERGE_BLOCK_D)
+        _merge_splits_kernel[(batch * hq, d // block_d)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
-            GROUP=group, HEAD_DIM=d, BLOCK_S=block_s, MAX_SPLITS_POW2=max(block_s, next_pow2(splits)),
+            GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, MAX_SPLITS_POW2=max(block_s, next_pow2(splits)),
             num_warps=cfg.get("merge_warps", 4),
         )
 

@@ -398,12 +398,18 @@ def test_tune_save_merges_into_the_device_file(gpu, tmp_path):
 def test_gluon_splits_fill_whole_waves():
     """num_splits=-k with programs_per_sm: the largest split count whose grid fits k waves (a
     grid one program past a wave nearly doubled the time on the H100)."""
-    from mustafar_triton.kernels.decode import choose_num_splits, gluon_programs_per_sm
+    from mustafar_triton.kernels.decode import choose_num_splits, gluon_programs_per_sm, gluon_walk_shared_bytes
     per_sm = gluon_programs_per_sm(128, 8)
     assert per_sm == 12                      # 168 registers per thread: 3 warps per scheduler
     assert gluon_programs_per_sm(128, 8, walk=True) == 16     # 128 registers: 4 per scheduler
     assert gluon_programs_per_sm(64, 8, walk=True) == 20      # 96: 5 per scheduler (not 65536 // 3072 = 21)
     assert gluon_programs_per_sm(128, 16) == 8                # 224: 2 per scheduler (not 65536 // 7168 = 9)
+    # the walk's shared memory: 16 programs fit 228 KB up to ~14 KB each (K0.5V0.5: 11.5 KB)
+    h100_shared = 228 << 10
+    assert gluon_walk_shared_bytes(128, 64, 64) == 2 * (32 * 128 + 512) + 2048
+    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 64, 64), h100_shared) == 16
+    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 96, 96), h100_shared) == 15
+    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 128, 128), h100_shared) == 12
     for batch_heads in (8, 32, 128, 512, 2048):
         for waves in (1, 2, 3):
             splits = choose_num_splits(-waves, 132, batch_heads, 1 << 20, 16, per_sm)
@@ -421,7 +427,8 @@ def test_gluon_gather_choice():
     fewer fixed costs per split); a config's explicit gather wins where the walk supports the shape."""
     from mustafar_triton.kernels.decode import GLUON_CONFIG, WALK_MIN_SPLIT_TOKENS, gluon_use_walk
     assert gluon_use_walk(GLUON_CONFIG, 128, 16384, 16)                        # B=16: 1024 tokens per split
-    assert not gluon_use_walk(GLUON_CONFIG, 128, 32768, 264)                   # B=1: 124 per split
+    assert gluon_use_walk(GLUON_CONFIG, 128, 32768, 264)                       # B=1: 124 per split
+    assert not gluon_use_walk(GLUON_CONFIG, 128, 8192, 264)                    # 31 per split
     assert gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3, 3)
     assert not gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3 - 1, 3)
     assert gluon_use_walk(dict(GLUON_CONFIG, gather="walk"), 64, 100, 50)

@@ -224,13 +224,21 @@ def _sparse_decode_kernel(
     tl.store(part_lse_ptr + part, lse, mask=head_ok)
 
 
+# Channels per split-merge program (head dims are powers of two from 32).
+MERGE_BLOCK_D = 32
+
+
 @triton.jit
 def _merge_splits_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, num_q_heads,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, MAX_SPLITS_POW2: tl.constexpr,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    MAX_SPLITS_POW2: tl.constexpr,
 ):
-    """out[b, hq] = sum_s 2^(lse_s - lse) * out_s over the splits; lse returned in natural log."""
+    """out[b, hq, d block] = sum_s 2^(lse_s - lse) * out_s over the splits; lse returned in natural
+    log (by the first d block). Grid (B * Hq, HEAD_DIM // BLOCK_D): at B=1 a program per query head
+    alone (32 programs, 264 splits) took 17 us, a third of the whole call."""
     pid = tl.program_id(0)
+    d_block = tl.program_id(1)
     b = pid // num_q_heads
     hq = pid % num_q_heads
     bh = b * (num_q_heads // GROUP) + hq // GROUP
@@ -239,23 +247,25 @@ def _merge_splits_kernel(
     lse_all = tl.load(part_lse_ptr + first + s_all * GROUP, mask=s_all < num_splits, other=float("-inf"))
     m = tl.max(lse_all, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    offs_d = tl.arange(0, HEAD_DIM)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
+    offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_D], tl.float32)
     denom = 0.0
     for s0 in range(0, num_splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         ok = s < num_splits
         lse_s = tl.load(part_lse_ptr + first + s * GROUP, mask=ok, other=float("-inf"))
         weight = tl.exp2(lse_s - m_safe)
+        # not masked by weight > 0: the rows load alongside the weights instead of after them (an
+        # empty split's row holds zeros)
         part = tl.load(part_out_ptr + (first + s * GROUP)[:, None] * HEAD_DIM + offs_d[None, :],
-                       mask=ok[:, None] & (weight > 0)[:, None], other=0.0)
+                       mask=ok[:, None], other=0.0)
         acc += tl.sum(weight[:, None] * part, axis=0)
         denom += tl.sum(weight, axis=0)
     empty = denom == 0  # every split empty; NaN must propagate, so test equality, not > 0
     out = acc / tl.where(empty, 1.0, denom)
     tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, denom))) * 0.6931471805599453)
-    tl.store(lse_ptr + pid, lse)
+    tl.store(lse_ptr + pid, lse, mask=d_block == 0)
 
 
 def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
@@ -302,9 +312,10 @@ def gluon_block_h(group: int) -> int:
 def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
     """Registers per thread the Gluon kernel is compiled with (maxnreg). Each is at or just above
     what ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few
-    words) and the walk at D=128 with an 8-wide group (8-16 bytes of stack at capacity 40-64, 32
-    at 128; ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
-    perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96 spills 152 bytes). Fixing the
+    words) and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
+    ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
+    perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
+    and measured 1.13-1.24x slower, decode_gluon_ab_h100_s9_bits_merge.json). Fixing the
     cap makes the number of resident programs, and so the waves, exact."""
     if head_dim <= 32:
         return 96
@@ -315,20 +326,32 @@ def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
     return 255
 
 
-def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False) -> int:
+def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False, shared_bytes: int = 0,
+                          sm_shared_bytes: int = 228 << 10) -> int:
     """One-warp Gluon programs resident per SM: each of the 4 schedulers has 16K registers,
     allocated per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the
     popcount gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers
-    it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)"""
+    it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
+    shared_bytes: shared memory per program (gluon_walk_shared_bytes), which limits the walk at
+    large capacities (16 programs need <= 14.25 KB each on an H100)."""
     per_warp = -(-gluon_register_cap(head_dim, block_h, walk) * 32 // 256) * 256
-    return min(32, 4 * (16384 // per_warp))
+    programs = min(32, 4 * (16384 // per_warp))
+    return min(programs, sm_shared_bytes // shared_bytes) if shared_bytes else programs
 
 
-# Splits shorter than this many tokens use the popcount gather: the walk's staging costs more per
-# split. H100, Llama-3-8B shape, K0.7: 124 tokens per split (B=1 T=32768), walk 58.5 us against 52.0
-# (perf/results/decode_gluon_ab_h100_5_walk.json); 248 tokens (B=4 T=16384), walk 76.2 against 82.9
-# (perf/results/tune_h100_decode.json). Tuned buckets name their gather where it differs.
-WALK_MIN_SPLIT_TOKENS = 192
+def gluon_walk_shared_bytes(head_dim: int, k_capacity: int, v_capacity: int) -> int:
+    """Shared memory of one walk program: two stages of a tile's K and V value rows and bitmap rows
+    (decode_gluon._stage_tile), 1 KB of layout-conversion scratch (ptxas, sm_90) and the 1 KB the
+    driver reserves per block."""
+    return 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim) + 2048
+
+
+# Splits shorter than this many tokens use the popcount gather: the walk's staging is a fixed cost
+# per split. H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (session 9,
+# perf/results/decode_gluon_ab_h100_s9_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
+# 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0. (Before the
+# bitmap rows were staged, popc won at 124 tokens: 52.0 against 58.5.)
+WALK_MIN_SPLIT_TOKENS = 64
 
 
 def gluon_walk_supports(head_dim: int, block_n: int) -> bool:

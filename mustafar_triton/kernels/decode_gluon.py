@@ -21,14 +21,16 @@ Why it is faster than decode.py's kernel:
     SM and the splits fill whole waves.
 
 Two ways to gather (GATHER, chosen per shape by decode.gluon_gather; perf/NOTES.md, session 8):
-  * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows are copied into shared memory with
-    cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks runs of
+  * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows and bitmap rows are copied into shared
+    memory with cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks runs of
     CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1, so an
     element costs a bit test, a predicated shared load and a predicated add (no popcount, no
     64-bit address). The channels of the mma operands are permuted for this (dot products do
     not care; q is loaded and the output stored through the same permutation): K lane q of a
     row's quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8).
-    B=16 T=16384 K0.7V0.7: 250 us against 306 for "popc" and ~360 for dense cuDNN.
+    B=16 T=16384 K0.7V0.7: 206 us against 306 for "popc" and ~358 for dense cuDNN. (With the
+    bitmap words loaded from global memory, L2-prefetched, instead of staged: 250 us; each
+    gather's popcounts then waited on an L2 round trip at the head of its dependency chain.)
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: faster when splits are short (B=1).
@@ -123,7 +125,8 @@ def _walk_layout(head_dim, k_side):
 @gluon.constexpr_function
 def _stage_decl(nbytes):
     """PTX declaration of the walk's shared staging buffer of nbytes (2 stages of a tile's K and V
-    value rows). Gluon's shared-memory descriptors move whole tiles only; the gathers need addresses."""
+    value rows and bitmap rows). Gluon's shared-memory descriptors move whole tiles only; the
+    gathers need addresses."""
     return ".shared .align 16 .b8 mt_dstage[%d]; mov.b32 $0, $1;" % nbytes
 
 
@@ -146,11 +149,32 @@ def _walk_asm(pairs):
     return " ".join(parts)
 
 
+@gluon.constexpr_function
+def _lds_words_asm(n):
+    """PTX loading the n words of a staged bitmap row at mt_dstage + $n ($0..$n-1; vector loads,
+    the row is 8- or 16-byte aligned)."""
+    outs = ["$%d" % i for i in range(n)]
+    parts = ["{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $%d;" % n]
+    for i in range(0, n, 4):
+        grp = outs[i:i + 4]
+        parts.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (len(grp), ", ".join(grp), 4 * i))
+    parts.append("}")
+    return " ".join(parts)
+
+
 @gluon.jit
-def _gather_walk(bits_ptr, tile_start, c_hi, stage_off,
+def _lds_word(addr):
+    """The staged word at mt_dstage + addr. Not pure: it must stay after the cp.async wait."""
+    return gl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $1; ld.shared.u32 $0, [a]; }",
+                                     "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gather_walk(bits_off, tile_start, c_hi, stage_off,
                  CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
-    """The staged tile's dense values in _walk_layout (fp16-typed bits). Tokens past c_hi and
-    malformed tokens (more bits than CAPACITY) read as zeros."""
+    """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
+    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past c_hi (whose staged
+    rows are stale) and malformed tokens (more bits than CAPACITY) read as zeros."""
     L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
@@ -164,16 +188,19 @@ def _gather_walk(bits_ptr, tile_start, c_hi, stage_off,
     ok = t < c_hi
     # per token and run: the run's first bitmap word and the slots before it
     w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
+    row = bits_off + tok * (NW * 4)
+    words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
+                                      is_pure=False, pack=1)
     kept = tok * 0
     before = tok * 0 + w0 * 0
     for j in gl.static_range(NW):
-        pj = _popc(gl.load(bits_ptr + t * NW + j, mask=ok, other=0))
+        pj = _popc(words[j])
         kept += pj
         before += gl.where(w0 > j, pj, 0)
     fits = ok & (kept <= CAPACITY)
-    own = gl.load(bits_ptr + t * NW + w0, mask=fits, other=0)
+    own = gl.where(fits, _lds_word(row + w0 * 4), 0)
     if NB > 4:  # two words per run (K at D=256): bytes 4-7 read the second
-        own_b = gl.load(bits_ptr + t * NW + w0 + 1, mask=fits, other=0)
+        own_b = gl.where(fits, _lds_word(row + w0 * 4 + 4), 0)
         second = (b // 4) == 1
         word = gl.where(second, own_b[:, :, None], own[:, :, None])
         before3 = before[:, :, None] + gl.where(second, _popc(own)[:, :, None], 0)
@@ -232,19 +259,42 @@ def _v_channel(row, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
 
 
 @gluon.jit
-def _stage_rows(vals_ptr, tile_start, c_hi, stage_off, lane, CAPACITY: gl.constexpr):
-    """cp.async of a tile's value rows (16 * CAPACITY * 2 contiguous bytes; those of tokens past
-    c_hi are not read) to mt_dstage + stage_off, 16 bytes per lane and copy."""
-    NCH: gl.constexpr = CAPACITY * 2     # 16-byte chunks in 16 rows
-    nbytes = gl.minimum(gl.maximum(c_hi - tile_start, 0), 16) * (CAPACITY * 2)
-    src = (vals_ptr + tile_start * CAPACITY).to(gl.pointer_type(gl.int8), bitcast=True)
+def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
+    """cp.async of a tile's rows of ROW elements (16 contiguous rows: value slots or bitmap words;
+    rows of tokens past c_hi are not read) to mt_dstage + stage_off, one 16-byte (8 for 8-byte
+    rows, whose stream may be only 8-byte aligned) copy per lane and step."""
+    ROW_BYTES: gl.constexpr = ROW * src_ptr.dtype.element_ty.primitive_bitwidth // 8
+    CHUNK: gl.constexpr = 16 if ROW_BYTES % 16 == 0 else 8
+    NCH: gl.constexpr = 16 * ROW_BYTES // CHUNK
+    nbytes = gl.minimum(gl.maximum(c_hi - tile_start, 0), 16) * ROW_BYTES
+    src = (src_ptr + tile_start * ROW).to(gl.pointer_type(gl.int8), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b32 a; setp.lt.s32 p, $3, $4; mov.u32 a, mt_dstage; add.u32 a, a, $2;"
-            " @p cp.async.cg.shared.global [a], [$1], 16; mov.b32 $0, 0; }",
-            "=r,l,r,r,r", [src + gl.minimum(c, NCH - 1) * 16, stage_off + c * 16, c * 16, nbytes],
-            dtype=gl.int32, is_pure=False, pack=1)
+        gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
+                                  [src + gl.minimum(c, NCH - 1) * CHUNK, stage_off + c * CHUNK, c * CHUNK, nbytes],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.constexpr_function
+def _cp_async_asm(chunk):
+    """PTX: copy `chunk` bytes from global $1 to mt_dstage + $2 if $3 < $4."""
+    return ("{ .reg .pred p; .reg .b32 a; setp.lt.s32 p, $3, $4; mov.u32 a, mt_dstage; add.u32 a, a, $2;"
+            " @p cp.async.%s.shared.global [a], [$1], %d; mov.b32 $0, 0; }" % ("cg" if chunk == 16 else "ca", chunk))
+
+
+@gluon.jit
+def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
+                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """cp.async of a tile's rows into the stage at mt_dstage + base, as one commit group. A stage
+    holds, in bytes: K value rows [0, 32 K_CAPACITY), V value rows (32 V_CAPACITY), K bitmap rows
+    (2 HEAD_DIM), V bitmap rows (2 HEAD_DIM)."""
+    NW: gl.constexpr = HEAD_DIM // 32
+    KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
+    _stage_rows(k_vals, tile_start, c_hi, base, lane, K_CAPACITY)
+    _stage_rows(v_vals, tile_start, c_hi, base + 32 * K_CAPACITY, lane, V_CAPACITY)
+    _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW)
+    _stage_rows(v_bits, tile_start, c_hi, base + KB_OFF + 2 * HEAD_DIM, lane, NW)
+    _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
 
 
 @gluon.jit
@@ -327,25 +377,23 @@ def _sparse_decode_gluon_kernel(
     WORD_BYTES: gl.constexpr = HEAD_DIM // 8
     if WALK:
         gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
-        STAGE: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)   # bytes: one tile's K and V value rows
-        V_OFF: gl.constexpr = 32 * K_CAPACITY
+        V_OFF: gl.constexpr = 32 * K_CAPACITY               # the stage layout of _stage_tile
+        KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
+        VB_OFF: gl.constexpr = KB_OFF + 2 * HEAD_DIM
+        STAGE: gl.constexpr = VB_OFF + 2 * HEAD_DIM
         _lane_asm(_stage_decl(2 * STAGE), lane)
-        _stage_rows(k_vals, lo, c_hi, 0, lane, K_CAPACITY)
-        _stage_rows(v_vals, lo, c_hi, V_OFF, lane, V_CAPACITY)
-        _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
+        _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
             # the next tile's rows into the other stage; wait for this tile's; the warp sees them
-            nxt = start + BLOCK_N
             stage = ((start - lo) // BLOCK_N) % 2 * STAGE
-            _stage_rows(k_vals, nxt, c_hi, STAGE - stage, lane, K_CAPACITY)
-            _stage_rows(v_vals, nxt, c_hi, STAGE - stage + V_OFF, lane, V_CAPACITY)
-            _lane_asm("cp.async.commit_group; cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            n_next = gl.maximum(gl.minimum(BLOCK_N, c_hi - nxt), 0)
-            _prefetch_l2(k_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
-            _prefetch_l2(v_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
-            k = _k_operand(_gather_walk(k_bits, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True), A_OP, HEAD_DIM)
+            _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
+                        K_CAPACITY, V_CAPACITY, HEAD_DIM)
+            _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            k4 = _gather_walk(stage + KB_OFF, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True)
+            k = _k_operand(k4, A_OP, HEAD_DIM)
             p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
-            v_t = _v_operand(_gather_walk(v_bits, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False), A_OP, HEAD_DIM)
+            v4 = _gather_walk(stage + VB_OFF, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+            v_t = _v_operand(v4, A_OP, HEAD_DIM)
             acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     else:
         below_k, own_k = _channel_masks(chan_k)
