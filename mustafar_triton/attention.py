@@ -171,8 +171,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                 BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        # splits merged per step: all of them in one step up to 64 (a merge is latency-bound)
-        block_s = cfg.get("merge_block", min(64, max(16, next_pow2(splits))))
+        # splits merged per step: all of them in one step up to 128 (a merge is latency-bound; 128
+        # against 64 at B=1 T=32768, 264 splits: 38.2 against 41.8 us per call)
+        block_s = cfg.get("merge_block", min(128, max(16, next_pow2(splits))))
         block_d = min(d, MERGE_BLOCK_D)
         _merge_splits_kernel[(batch * hq, d // block_d)](
             part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,

@@ -273,7 +273,7 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     Optional keys: maxnreg (register cap of the decode kernel), prefetch (value rows prefetched
     this many tiles ahead, GPU only; default 0), merge_warps (warps of the
     split-merge kernel, default 4), merge_block (splits it merges per step; default all of them
-    up to 64). The Gluon kernel (decode_gluon.py) wherever it runs: it was the fastest at every
+    up to 128). The Gluon kernel (decode_gluon.py) wherever it runs: it was the fastest at every
     H100 shape we measured."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
