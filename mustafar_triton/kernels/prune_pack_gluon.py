@@ -10,8 +10,8 @@ lanes of a quad in the layout of an mma.sync A operand (8 consecutive channels p
 group, so the loads are 16-byte vectors):
   * Top-k threshold: bisection on the 15-bit magnitude, one bit per step. A step compares all
     values of a row with the row's candidate, two at a time (HSET2 on the magnitude bits read as
-    fp16: for non-NaN bit patterns fp16 order is integer order), and counts the 1.0s with one
-    mma against a ones matrix. The count lands in every lane of the row's quad, so the candidate
+    fp16: for non-NaN bit patterns fp16 order is integer order), and counts the 1.0s with mmas
+    against a ones matrix (two independent chains, one per half row). The count lands in every lane of the row's quad, so the candidate
     update needs no shuffle (`_lanes_view`: the same registers seen as [rows, quad lane, D/4]).
     Fast compares use "unordered" (geu): NaN patterns count as above everything, as in the
     integer order. They are exact unless a row's threshold reaches the inf / NaN patterns
@@ -112,16 +112,37 @@ def _above_or_tied(m4, tau, EXACT: gl.constexpr):
 
 
 @gluon.jit
-def _bisect(m4, keep, ones, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+def _halves(t4):
+    """[R, 4, W] (W a register dim) -> its two [R, 4, W / 2] halves, registers only."""
+    R: gl.constexpr = t4.shape[0]
+    W: gl.constexpr = t4.shape[2]
+    return gl.split(gl.permute(gl.reshape(t4, [R, 4, 2, W // 2]), (0, 1, 3, 2)))
+
+
+@gluon.jit
+def _count_ge(m4, cand, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: how many of the HEAD_DIM magnitudes m4 [R, 4, HEAD_DIM / 4] are >= cand, as an mma
+    accumulator [R, 8] (every column holds the count)."""
+    R: gl.constexpr = m4.shape[0]
+    ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, gl.DotOperandLayout(1, MMA, 8))
+    cand = gl.convert_layout(cand, gl.SliceLayout(2, m4.type.layout), assert_trivial=True)
+    return mma_v2(_operand_view(_ge01(m4, cand, EXACT), A_OP, HEAD_DIM), ones, gl.zeros([R, 8], gl.float32, MMA))
+
+
+@gluon.jit
+def _bisect(m4, keep, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Per row: tau = the largest 15-bit magnitude with count(m >= tau) >= keep, as [R, 4]: every
-    lane of a row's quad holds the row's value."""
+    lane of a row's quad holds the row's value. A step counts each half of the row with its own
+    chain of mmas: one chain of D / 16 dependent mmas was the step's latency (H100, [16, 8, 16384,
+    128] fp16 s=0.7: 433 -> 414 us; four chains: 413, perf/results/prune_gluon_ab_session9_chains.json)."""
     R: gl.constexpr = m4.shape[0]
     QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
     tau = gl.zeros([R, 4], gl.int32, QUAD)
-    zero = gl.zeros([R, 8], gl.float32, MMA)
+    m_lo, m_hi = _halves(m4)
     for i in gl.static_range(15):
         cand = tau | (1 << (14 - i))
-        acc = mma_v2(_operand_view(_ge01(m4, cand, EXACT), A_OP, HEAD_DIM), ones, zero)
+        acc = (_count_ge(m_lo, cand, EXACT, A_OP, MMA, HEAD_DIM // 2)
+               + _count_ge(m_hi, cand, EXACT, A_OP, MMA, HEAD_DIM // 2))
         c, _ = gl.split(gl.reshape(acc, [R, 4, 2]))  # lane q holds columns 2q, 2q+1: both the count
         c = gl.convert_layout(c, QUAD, assert_trivial=True)
         tau = gl.where(c >= keep, cand, tau)
@@ -187,12 +208,11 @@ def _prune_pack_gluon_kernel(
     x_ptrs = x_ptr + rows.to(gl.int64)[:, None] * HEAD_DIM + ch[None, :]
     x = gl.load(x_ptrs, mask=valid[:, None], other=0.0).to(gl.float16, bitcast=True)
     m4 = _lanes_view(_pair_op("and.b32 $0, $1, 0x7fff7fff;", x, x), HEAD_DIM)  # magnitude bits
-    ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, B_OP)
 
-    tau = _bisect(m4, keep, ones, False, A_OP, MMA, HEAD_DIM)
+    tau = _bisect(m4, keep, False, A_OP, MMA, HEAD_DIM)
     if gl.max(gl.max(tau, axis=1), axis=0) >= 0x7C00:  # see the module docstring
         m4 = _pair_op("or.b32 $0, $1, 0x80008000;", m4, m4)
-        tau = _bisect(m4, keep, ones, True, A_OP, MMA, HEAD_DIM)
+        tau = _bisect(m4, keep, True, A_OP, MMA, HEAD_DIM)
         v = _operand_view(_above_or_tied(m4, tau, True), A_OP, HEAD_DIM)
     else:
         v = _operand_view(_above_or_tied(m4, tau, False), A_OP, HEAD_DIM)
@@ -210,6 +230,7 @@ def _prune_pack_gluon_kernel(
     t_bits = bits >> 8
     # ties beyond keep are dropped from the highest channel down: excess = count(m >= tau) - keep,
     # from one more count on the tensor cores (above + 256 * tied, summed over the row)
+    ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, B_OP)
     total = gl.max(mma_v2(v, ones, gl.zeros([16, 8], gl.float32, MMA)), axis=1).to(gl.int32)
     excess = ((total & 255) + (total >> 8) - keep)[:, None]
     drop = gl.minimum(gl.maximum(excess - t_after, 0), _popc(t_bits))
