@@ -333,7 +333,7 @@ def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False, share
     popcount gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers
     it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
     shared_bytes: shared memory per program (gluon_walk_shared_bytes), which limits the walk at
-    large capacities (16 programs need <= 14.25 KB each on an H100)."""
+    large capacities (16 programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128)."""
     per_warp = -(-gluon_register_cap(head_dim, block_h, walk) * 32 // 256) * 256
     programs = min(32, 4 * (16384 // per_warp))
     return min(programs, sm_shared_bytes // shared_bytes) if shared_bytes else programs
@@ -341,9 +341,10 @@ def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False, share
 
 def gluon_walk_shared_bytes(head_dim: int, k_capacity: int, v_capacity: int) -> int:
     """Shared memory of one walk program: two stages of a tile's K and V value rows and bitmap rows
-    (decode_gluon._stage_tile), 1 KB of layout-conversion scratch (ptxas, sm_90) and the 1 KB the
-    driver reserves per block."""
-    return 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim) + 2048
+    (decode_gluon._stage_tile) and the 1 KB the driver reserves per block (sm_90: ptxas reports
+    the stages + 1024 bytes and Gluon allocates no dynamic shared memory, at D 64 / 128 / 256,
+    groups 1-16, capacities 24-128)."""
+    return 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim) + 1024
 
 
 # Splits shorter than this many tokens use the popcount gather: the walk's staging is a fixed cost
