@@ -20,20 +20,21 @@ Why it is faster than decode.py's kernel:
   * Registers are capped (decode.gluon_register_cap) so that a known number of programs fit per
     SM and the splits fill whole waves.
 
-Two ways to gather (GATHER, chosen per shape by decode.gluon_gather; perf/NOTES.md, session 8):
+Two ways to gather (WALK, chosen per shape by decode.gluon_use_walk; perf/NOTES.md, sessions 8-9):
   * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows and bitmap rows are copied into shared
-    memory with cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks runs of
-    CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1, so an
-    element costs a bit test, a predicated shared load and a predicated add (no popcount, no
-    64-bit address). The channels of the mma operands are permuted for this (dot products do
-    not care; q is loaded and the output stored through the same permutation): K lane q of a
-    row's quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8).
-    B=16 T=16384 K0.7V0.7: 206 us against 306 for "popc" and ~358 for dense cuDNN. (With the
-    bitmap words loaded from global memory, L2-prefetched, instead of staged: 250 us; each
-    gather's popcounts then waited on an L2 round trip at the head of its dependency chain.)
+    memory with cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks
+    runs of CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1,
+    so an element costs a bit test, a predicated shared load and a predicated add (no popcount, no
+    64-bit address). The channels of the mma operands are permuted for this (dot products do not
+    care; q is loaded and the output stored through the same permutation): K lane q of a row's
+    quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). B=16
+    T=16384 K0.7V0.7: 206 us against 306 for "popc" and ~358 for dense cuDNN. (With the bitmap
+    words loaded from global memory, L2-prefetched, instead of staged: 250 us; each gather's
+    popcounts then waited on an L2 round trip at the head of its dependency chain.)
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
-    costs per split: faster when splits are short (B=1).
+    costs per split: used below 64 tokens per split (decode.WALK_MIN_SPLIT_TOKENS) and for
+    other head dims.
 """
 from __future__ import annotations
 
@@ -374,7 +375,6 @@ def _sparse_decode_gluon_kernel(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
         k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    WORD_BYTES: gl.constexpr = HEAD_DIM // 8
     if WALK:
         gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
         V_OFF: gl.constexpr = 32 * K_CAPACITY               # the stage layout of _stage_tile
@@ -396,6 +396,7 @@ def _sparse_decode_gluon_kernel(
             v_t = _v_operand(v4, A_OP, HEAD_DIM)
             acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     else:
+        WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
         below_v, own_v = _channel_masks(chan_v)
         for start in range(lo, c_hi, BLOCK_N):
