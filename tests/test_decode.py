@@ -216,6 +216,18 @@ def test_num_splits(num_splits, device):
     assert torch.allclose(lse, base_lse, rtol=FP32_TOL, atol=FP32_TOL)
 
 
+def test_many_splits_merge_in_steps(device):
+    """140 splits: the split merge takes them in two steps of up to 128, over two 32-channel
+    blocks of D=64 (one split per 32-token tile, the interpreter's and the GPU's tiles alike);
+    the second sequence's splits past its length are empty."""
+    q, pk, pv, kw = make_case(device, b=2, hq=2, hkv=1, t=4460, d=64, dtype=torch.float32, seed=24,
+                              seq_lens=[4460, 1000], w=5)
+    out, lse = check_decode(q, pk, pv, num_splits=140, **kw)
+    base, base_lse = mt.sparse_decode_attention(q, pk, pv, num_splits=1, return_lse=True, **kw)
+    assert torch.allclose(out, base, rtol=FP32_TOL, atol=FP32_TOL)
+    assert torch.allclose(lse, base_lse, rtol=FP32_TOL, atol=FP32_TOL)
+
+
 def test_empty_sequence_gives_zero_and_neg_inf(device):
     q, pk, pv, kw = make_case(device, b=3, hq=4, hkv=2, t=20, d=64, seed=15, seq_lens=[0, 20, 0],
                               w=4, window_lens=[0, 4, 2])
