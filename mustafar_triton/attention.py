@@ -144,9 +144,14 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
         block_h = gluon_block_h(group)
-        walk_per_sm = gluon_programs_per_sm(d, block_h, True, walk_shared, sm_shared_bytes(q.device))
-        walk = gluon and gluon_use_walk(cfg, d, context, splits_for(cfg, walk_per_sm))
-        splits = splits_for(cfg, (walk_per_sm if walk else gluon_programs_per_sm(d, block_h)) if gluon else 0)
+        walk = False
+        if gluon:  # the walk's split count decides its gather; the popcount gather has its own
+            splits = splits_for(cfg, gluon_programs_per_sm(d, block_h, True, walk_shared, sm_shared_bytes(q.device)))
+            walk = gluon_use_walk(cfg, d, context, splits)
+            if not walk:
+                splits = splits_for(cfg, gluon_programs_per_sm(d, block_h))
+        else:
+            splits = splits_for(cfg, 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         splits = max(1, cdiv(context, per_split))
         part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
