@@ -158,7 +158,8 @@ def _lds_words_asm(n):
     parts = ["{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $%d;" % n]
     for i in range(0, n, 4):
         grp = outs[i:i + 4]
-        parts.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (len(grp), ", ".join(grp), 4 * i))
+        vec, dst = ("", grp[0]) if len(grp) == 1 else (".v%d" % len(grp), "{%s}" % ", ".join(grp))
+        parts.append("ld.shared%s.u32 %s, [a+%d];" % (vec, dst, 4 * i))
     parts.append("}")
     return " ".join(parts)
 
@@ -166,8 +167,7 @@ def _lds_words_asm(n):
 @gluon.jit
 def _lds_word(addr):
     """The staged word at mt_dstage + addr. Not pure: it must stay after the cp.async wait."""
-    return gl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $1; ld.shared.u32 $0, [a]; }",
-                                     "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1)
+    return gl.inline_asm_elementwise(_lds_words_asm(1), "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
