@@ -76,7 +76,7 @@ def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     raise KeyError(kernel)
 
 
-# prune_and_pack by kernels/prune_pack_gluon.py (2.9x the tl kernel on the H100 at 16x8x16384x128
+# prune_and_pack by kernels/prune_pack_gluon.py (~3.8x the tl kernel on the H100 at 16x8x16384x128
 # fp16); a "select" config of this kind makes prune_topk and pack use tl_select_config.
 GLUON_SELECT_CONFIG = dict(kernel="gluon")
 

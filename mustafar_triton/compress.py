@@ -2,7 +2,7 @@
 
 Inputs are dense caches [*lead, T, D], usually [B, H, T, D] (HND). Non-contiguous inputs are copied
 once. prune_and_pack runs kernels/prune_pack_gluon.py on GPUs with mma.sync (fp16 / bf16, D 64 / 128
-/ 256; ~2.9x faster on the H100) and kernels/prune_pack.py's kernel everywhere else (the
+/ 256; ~3.8x faster on the H100) and kernels/prune_pack.py's kernel everywhere else (the
 interpreter, fp32, D=32); both produce the same bits. NaN and inf: magnitudes order as |x| with NaN
 above inf, so NaN and +-inf are kept before any finite value and are packed and unpacked
 bit-exactly. -0.0 has magnitude 0: `pack` treats it as zero (it unpacks to +0.0); top-k may keep it

@@ -1,22 +1,29 @@
 """prune_and_pack in Gluon (GPU only): per-token top-k counted on the tensor cores.
 
-2.9x faster than prune_pack.py's `_select_kernel` on the H100 at [16, 8, 16384, 128] fp16,
-sparsity 0.7 (452 vs 1313 us; perf/NOTES.md, session 7). Same output, bit for bit: compress.py
-picks this kernel for prune_and_pack wherever `gluon_prune_supports` says it runs, and
-`_select_kernel` (which CI runs under the interpreter) stays the reference.
+On the H100 at [16, 8, 16384, 128] fp16, sparsity 0.7, it takes 348 us (~70% of the copy bandwidth;
+perf/results/prune_gluon_ab_session10_variants.json); prune_pack.py's `_select_kernel` took 1313 us
+(session 7). Same output, bit for bit: compress.py picks this kernel for prune_and_pack wherever
+`gluon_prune_supports` says it runs, and `_select_kernel` (which CI runs under the interpreter)
+stays the reference.
 
 One warp per program, 16 tokens (rows) per program, each row's D values spread over the four
 lanes of a quad in the layout of an mma.sync A operand (8 consecutive channels per register
 group, so the loads are 16-byte vectors):
-  * Top-k threshold: bisection on the 15-bit magnitude, one bit per step. A step compares all
-    values of a row with the row's candidate, two at a time (HSET2 on the magnitude bits read as
-    fp16: for non-NaN bit patterns fp16 order is integer order), and counts the 1.0s with mmas
-    against a ones matrix (two independent chains, one per half row). The count lands in every lane of the row's quad, so the candidate
-    update needs no shuffle (`_lanes_view`: the same registers seen as [rows, quad lane, D/4]).
-    Fast compares use "unordered" (geu): NaN patterns count as above everything, as in the
-    integer order. They are exact unless a row's threshold reaches the inf / NaN patterns
-    (>= keep such magnitudes; bf16 values >= 2^121 too): then the whole block redoes the search
-    with exact integer compares (a branch real data never takes).
+  * Top-k threshold tau: the largest 15-bit magnitude m with count(m >= tau) >= keep, found one
+    bit at a time, with every row's count from mmas against a ones matrix. The count lands in
+    every lane of the row's quad, so a step needs no shuffle (`_lanes_view`: the same registers
+    seen as [rows, quad lane, D/4]). Compares are the cost, so most of them run on bytes:
+      - bits 14..8 on the magnitudes' high bytes, bits 7..1 on the low bytes of m clamped to the
+        row's 256-value bucket, >> 1. Both are 7-bit integers packed four per register, and one
+        add per register and step counts them (`_bisect_bytes`: an int8 sign trick; the add runs
+        on the FMA pipe, the fp16 compares it replaces on the ALU pipe, which bound this kernel);
+      - bit 0 compares whole values, two at a time (HSET2 on the magnitude bits read as fp16:
+        for non-NaN bit patterns fp16 order is integer order; "unordered" geu counts NaN patterns
+        above everything, as the integer order does).
+    The byte steps are exact integer compares. The fp16 ones are exact unless a row's threshold
+    reaches the inf / NaN patterns (>= keep such magnitudes; bf16 values >= 2^121 too): then
+    the whole block redoes the search with exact integer compares (a branch real data never
+    takes).
   * Ties at the threshold go to the lowest channels: per element, v = 1 above the threshold,
     256 tied, 0 below; two more mmas give per byte of channels (8 channels) the above / tied
     counts of the bytes after it and the byte's own bits, from which each byte knows its kept
@@ -41,8 +48,8 @@ ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and
 
 
 def register_cap(head_dim: int) -> int:
-    """No spills with or without seq_lens (sm_90, ptxas of triton 3.6). At D=128 a cap of 96 (no
-    seq_lens) ran 452 us against 455 us uncapped (113 registers): occupancy is not the limit."""
+    """No spills with or without seq_lens (sm_90, ptxas of triton 3.6; 90 registers at D=128).
+    Occupancy is not the limit: at D=128 a cap of 88 ran as fast as this one (348 us, session 10)."""
     return 112 if head_dim <= 128 else 160
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -120,32 +127,92 @@ def _halves(t4):
 
 
 @gluon.jit
-def _count_ge(m4, cand, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Per row: how many of the HEAD_DIM magnitudes m4 [R, 4, HEAD_DIM / 4] are >= cand, as an mma
-    accumulator [R, 8] (every column holds the count)."""
-    R: gl.constexpr = m4.shape[0]
-    ones = gl.full([HEAD_DIM, 8], 1.0, gl.float16, gl.DotOperandLayout(1, MMA, 8))
-    cand = gl.convert_layout(cand, gl.SliceLayout(2, m4.type.layout), assert_trivial=True)
-    return mma_v2(_operand_view(_ge01(m4, cand, EXACT), A_OP, HEAD_DIM), ones, gl.zeros([R, 8], gl.float32, MMA))
+def _per_quad_lane(acc, QUAD: gl.constexpr):
+    """An mma accumulator [R, 8] whose columns all hold the row's value -> [R, 4] in QUAD: lane q
+    of the row's quad holds columns 2q, 2q + 1, so this only picks registers."""
+    R: gl.constexpr = acc.shape[0]
+    c, _ = gl.split(gl.reshape(acc, [R, 4, 2]))
+    return gl.convert_layout(c, QUAD, assert_trivial=True)
 
 
 @gluon.jit
-def _bisect(m4, keep, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Per row: tau = the largest 15-bit magnitude with count(m >= tau) >= keep, as [R, 4]: every
-    lane of a row's quad holds the row's value. A step counts each half of the row with its own
-    chain of mmas: one chain of D / 16 dependent mmas was the step's latency (H100, [16, 8, 16384,
-    128] fp16 s=0.7: 433 -> 414 us; four chains: 413, perf/results/prune_gluon_ab_session9_chains.json)."""
+def _compare_step(m4, tau, bit, keep, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr,
+                  HEAD_DIM: gl.constexpr):
+    """One bisection step on whole values: tau | bit if count(m >= tau | bit) >= keep, else tau.
+    Each half of the row is counted by its own chain of mmas: one chain of D / 16 dependent mmas
+    was the step's latency (session 9: 433 -> 414 us when every step was one of these)."""
     R: gl.constexpr = m4.shape[0]
     QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
-    tau = gl.zeros([R, 4], gl.int32, QUAD)
-    m_lo, m_hi = _halves(m4)
+    ones = gl.full([HEAD_DIM // 2, 8], 1.0, gl.float16, gl.DotOperandLayout(1, MMA, 8))
+    cand = tau | bit
+    lo, hi = _halves(_ge01(m4, cand, EXACT))
+    zero = gl.zeros([R, 8], gl.float32, MMA)
+    acc = (mma_v2(_operand_view(lo, A_OP, HEAD_DIM // 2), ones, zero)
+           + mma_v2(_operand_view(hi, A_OP, HEAD_DIM // 2), ones, zero))
+    return gl.where(_per_quad_lane(acc, QUAD) >= keep, cand, tau)
+
+
+@gluon.jit
+def _row_sum8(x, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: the sum of the int8 values x [R, 4, HEAD_DIM / 4] (signed), as [R, 4] int32 in
+    the quad layout, from int8 mmas against ones (two chains, one per half row)."""
+    R: gl.constexpr = x.shape[0]
+    QUAD: gl.constexpr = gl.SliceLayout(2, x.type.layout)
+    ones = gl.full([HEAD_DIM // 2, 8], 1, gl.int8, gl.DotOperandLayout(1, MMA, 8))
+    lo, hi = _halves(x)
+    zero = gl.zeros([R, 8], gl.int32, MMA)
+    acc = (mma_v2(_operand_view(lo, A_OP, HEAD_DIM // 2), ones, zero)
+           + mma_v2(_operand_view(hi, A_OP, HEAD_DIM // 2), ones, zero))
+    return _per_quad_lane(acc, QUAD)
+
+
+@gluon.jit
+def _bisect_bytes(x, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: the largest 7-bit t with count(x >= t) >= keep, for x int8 [R, 4, D / 4] in
+    [0, 127] (four per register). A byte x + 128 - c (x, c < 128) has bit 7 set exactly when
+    x >= c, so read as int8 it is x + 128 - c - 256 [x >= c]: the row's int8 sum gives the count,
+    with one 32-bit add per four values (ptxas puts it on the FMA pipe) where fp16 compares
+    take two ALU-pipe instructions. H100, [16, 8, 16384, 128] fp16 s=0.7: 414 us with 15 fp16
+    steps, 367 with bits 14..8 on bytes, 348 with bits 14..1
+    (perf/results/prune_gluon_ab_session10_*.json)."""
+    R: gl.constexpr = x.shape[0]
+    QUAD: gl.constexpr = gl.SliceLayout(2, x.type.layout)
+    base = _row_sum8(x, A_OP, MMA, HEAD_DIM) + 128 * HEAD_DIM - 256 * keep
+    t = gl.zeros([R, 4], gl.int32, QUAD)
+    for i in gl.static_range(7):
+        cand = t | (1 << (6 - i))
+        k, _ = gl.broadcast(((128 - cand) * 0x01010101)[:, :, None], x)
+        b = gl.inline_asm_elementwise("add.u32 $0, $1, $2;", "=r,r,r,r,r,r", [x, k], dtype=gl.int8,
+                                      is_pure=True, pack=4)
+        # 256 count = sum(x) + n (128 - cand) - sum(b) >= 256 keep
+        t = gl.where(base - HEAD_DIM * cand - _row_sum8(b, A_OP, MMA, HEAD_DIM) >= 0, cand, t)
+    return t
+
+
+@gluon.jit
+def _threshold(m4, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: tau (see the module docstring) as [R, 4], every lane of a row's quad holding the
+    row's value; exact unless tau >= 0x7C00 (then `_bisect_exact`)."""
+    high = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [m4], dtype=gl.int8,
+                                     is_pure=True, pack=4)  # bits 14..8 of four magnitudes
+    lo = _bisect_bytes(high, keep, A_OP, MMA, HEAD_DIM) << 8
+    lo_pair, _ = gl.broadcast((lo | (lo << 16))[:, :, None], m4)
+    # clamp(m, lo, lo + 255): its low byte is m - lo inside the bucket, 0 below it, 255 above it
+    low = gl.inline_asm_elementwise(
+        "{ .reg .b32 a, b, h; or.b32 h, $3, 0x00ff00ff; max.u16x2 a, $1, $3; min.u16x2 a, a, h;"
+        " max.u16x2 b, $2, $3; min.u16x2 b, b, h; prmt.b32 a, a, b, 0x6420; shr.b32 a, a, 1; and.b32 $0, a, 0x7f7f7f7f; }",
+        "=r,r,r,r,r,r,r", [m4, lo_pair], dtype=gl.int8, is_pure=True, pack=4)
+    tau = lo | (_bisect_bytes(low, keep, A_OP, MMA, HEAD_DIM) << 1)
+    return _compare_step(m4, tau, 1, keep, False, A_OP, MMA, HEAD_DIM)
+
+
+@gluon.jit
+def _bisect_exact(m4, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """tau by 15 integer-exact compare steps (m4 with bit 15 set, see _ge01)."""
+    QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
+    tau = gl.zeros([m4.shape[0], 4], gl.int32, QUAD)
     for i in gl.static_range(15):
-        cand = tau | (1 << (14 - i))
-        acc = (_count_ge(m_lo, cand, EXACT, A_OP, MMA, HEAD_DIM // 2)
-               + _count_ge(m_hi, cand, EXACT, A_OP, MMA, HEAD_DIM // 2))
-        c, _ = gl.split(gl.reshape(acc, [R, 4, 2]))  # lane q holds columns 2q, 2q+1: both the count
-        c = gl.convert_layout(c, QUAD, assert_trivial=True)
-        tau = gl.where(c >= keep, cand, tau)
+        tau = _compare_step(m4, tau, 1 << (14 - i), keep, True, A_OP, MMA, HEAD_DIM)
     return tau
 
 
@@ -209,10 +276,10 @@ def _prune_pack_gluon_kernel(
     x = gl.load(x_ptrs, mask=valid[:, None], other=0.0).to(gl.float16, bitcast=True)
     m4 = _lanes_view(_pair_op("and.b32 $0, $1, 0x7fff7fff;", x, x), HEAD_DIM)  # magnitude bits
 
-    tau = _bisect(m4, keep, False, A_OP, MMA, HEAD_DIM)
+    tau = _threshold(m4, keep, A_OP, MMA, HEAD_DIM)
     if gl.max(gl.max(tau, axis=1), axis=0) >= 0x7C00:  # see the module docstring
         m4 = _pair_op("or.b32 $0, $1, 0x80008000;", m4, m4)
-        tau = _bisect(m4, keep, True, A_OP, MMA, HEAD_DIM)
+        tau = _bisect_exact(m4, keep, A_OP, MMA, HEAD_DIM)
         v = _operand_view(_above_or_tied(m4, tau, True), A_OP, HEAD_DIM)
     else:
         v = _operand_view(_above_or_tied(m4, tau, False), A_OP, HEAD_DIM)
