@@ -253,7 +253,8 @@ def test_nan_and_inf_are_kept_first_and_round_trip_bit_exactly(dtype, device):
 def hard_rows(shape, dtype, seed, device) -> torch.Tensor:
     """Random rows plus the cases that take other paths: ties at the threshold, zeros, denormals,
     NaN / inf (also more of them than keep: the Gluon kernel's exact fallback), bf16 values past
-    fp16's range."""
+    fp16's range, and thresholds in every magnitude range and at the edges of the 256-pattern
+    buckets that the Gluon kernel searches on bytes (bits 14..8, then 7..1)."""
     x = randn(shape, dtype, seed, device)
     d = shape[-1]
     x[..., 0:6, :] = rand_ties(x[..., 0:6, :].shape, dtype, seed + 1, device, levels=4)
@@ -265,6 +266,12 @@ def hard_rows(shape, dtype, seed, device) -> torch.Tensor:
     x[..., 11, 1::3] = float("nan")
     if dtype == torch.bfloat16:
         x[..., 12, :] *= 2.0 ** 125  # magnitudes whose bits are fp16 NaN patterns
+    x[..., 13:40, :] *= torch.exp2(torch.arange(-24, 3, device=device, dtype=torch.float32)).to(dtype)[:, None]
+    sign = torch.where(x[..., 40:42, :] < 0, -0x8000, 0).to(torch.int16)
+    ch = torch.arange(d, device=device)
+    bits = torch.stack([0x3C00 + ch * 37 % 256,  # one bucket: every magnitude shares its high byte
+                        torch.tensor([0x3BFF, 0x3C00, 0x3CFF, 0x3D00], device=device)[ch % 4]])  # its edges
+    x[..., 40:42, :] = (bits.to(torch.int16) | sign).view(dtype)
     return x
 
 
