@@ -197,7 +197,7 @@ def _threshold(m4, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.con
                                      is_pure=True, pack=4)  # bits 14..8 of four magnitudes
     lo = _bisect_bytes(high, keep, A_OP, MMA, HEAD_DIM) << 8
     lo_pair, _ = gl.broadcast((lo | (lo << 16))[:, :, None], m4)
-    # clamp(m, lo, lo + 255): its low byte is m - lo inside the bucket, 0 below it, 255 above it
+    # the low byte of clamp(m, lo, lo + 255) (m - lo inside the bucket, 0 below it, 255 above it) >> 1
     low = gl.inline_asm_elementwise(
         "{ .reg .b32 a, b, h; or.b32 h, $3, 0x00ff00ff; max.u16x2 a, $1, $3; min.u16x2 a, a, h;"
         " max.u16x2 b, $2, $3; min.u16x2 b, b, h; prmt.b32 a, a, b, 0x6420; shr.b32 a, a, 1; and.b32 $0, a, 0x7f7f7f7f; }",
