@@ -46,12 +46,16 @@ def num_sms(device: torch.device) -> int:
     return 4  # interpreter: a handful of programs keeps CPU tests fast
 
 
+H100_SM_SHARED_BYTES = 228 << 10
+
+
 def sm_shared_bytes(device: torch.device) -> int:
     """Shared memory per SM (228 KB on an H100); what limits the resident programs of kernels that
     stage data there."""
     if device.type == "cuda":
-        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 228 << 10)
-    return 228 << 10
+        return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor",
+                       H100_SM_SHARED_BYTES)
+    return H100_SM_SHARED_BYTES
 
 
 def has_mma_v2(device: torch.device) -> bool:

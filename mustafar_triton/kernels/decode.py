@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv, next_pow2
+from .._runtime import H100_SM_SHARED_BYTES, cdiv, next_pow2
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -327,7 +327,7 @@ def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
 
 
 def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False, shared_bytes: int = 0,
-                          sm_shared_bytes: int = 228 << 10) -> int:
+                          sm_shared_bytes: int = H100_SM_SHARED_BYTES) -> int:
     """One-warp Gluon programs resident per SM: each of the 4 schedulers has 16K registers,
     allocated per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the
     popcount gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers
