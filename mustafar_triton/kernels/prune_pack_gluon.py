@@ -136,34 +136,27 @@ def _per_quad_lane(acc, QUAD: gl.constexpr):
 
 
 @gluon.jit
-def _compare_step(m4, tau, bit, keep, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr,
-                  HEAD_DIM: gl.constexpr):
-    """One bisection step on whole values: tau | bit if count(m >= tau | bit) >= keep, else tau.
-    Each half of the row is counted by its own chain of mmas: one chain of D / 16 dependent mmas
-    was the step's latency (session 9: 433 -> 414 us when every step was one of these)."""
-    R: gl.constexpr = m4.shape[0]
-    QUAD: gl.constexpr = gl.SliceLayout(2, m4.type.layout)
-    ones = gl.full([HEAD_DIM // 2, 8], 1.0, gl.float16, gl.DotOperandLayout(1, MMA, 8))
-    cand = tau | bit
-    lo, hi = _halves(_ge01(m4, cand, EXACT))
-    zero = gl.zeros([R, 8], gl.float32, MMA)
+def _row_sum(t4, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Per row: the sum of t4 [R, 4, HEAD_DIM / 4] (fp16, or int8 read as signed), as [R, 4] in the
+    quad layout (fp32 / int32), from mmas against ones. Each half of the row is its own chain of
+    mmas: one chain of D / 16 dependent mmas was a bisection step's latency (session 9: 433 ->
+    414 us)."""
+    R: gl.constexpr = t4.shape[0]
+    ACC: gl.constexpr = gl.int32 if t4.dtype == gl.int8 else gl.float32
+    ones = gl.full([HEAD_DIM // 2, 8], 1, t4.dtype, gl.DotOperandLayout(1, MMA, 8))
+    lo, hi = _halves(t4)
+    zero = gl.zeros([R, 8], ACC, MMA)
     acc = (mma_v2(_operand_view(lo, A_OP, HEAD_DIM // 2), ones, zero)
            + mma_v2(_operand_view(hi, A_OP, HEAD_DIM // 2), ones, zero))
-    return gl.where(_per_quad_lane(acc, QUAD) >= keep, cand, tau)
+    return _per_quad_lane(acc, gl.SliceLayout(2, t4.type.layout))
 
 
 @gluon.jit
-def _row_sum8(x, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Per row: the sum of the int8 values x [R, 4, HEAD_DIM / 4] (signed), as [R, 4] int32 in
-    the quad layout, from int8 mmas against ones (two chains, one per half row)."""
-    R: gl.constexpr = x.shape[0]
-    QUAD: gl.constexpr = gl.SliceLayout(2, x.type.layout)
-    ones = gl.full([HEAD_DIM // 2, 8], 1, gl.int8, gl.DotOperandLayout(1, MMA, 8))
-    lo, hi = _halves(x)
-    zero = gl.zeros([R, 8], gl.int32, MMA)
-    acc = (mma_v2(_operand_view(lo, A_OP, HEAD_DIM // 2), ones, zero)
-           + mma_v2(_operand_view(hi, A_OP, HEAD_DIM // 2), ones, zero))
-    return _per_quad_lane(acc, QUAD)
+def _compare_step(m4, tau, bit, keep, EXACT: gl.constexpr, A_OP: gl.constexpr, MMA: gl.constexpr,
+                  HEAD_DIM: gl.constexpr):
+    """One bisection step on whole values: tau | bit if count(m >= tau | bit) >= keep, else tau."""
+    cand = tau | bit
+    return gl.where(_row_sum(_ge01(m4, cand, EXACT), A_OP, MMA, HEAD_DIM) >= keep, cand, tau)
 
 
 @gluon.jit
@@ -177,7 +170,7 @@ def _bisect_bytes(x, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.c
     (perf/results/prune_gluon_ab_session10_*.json)."""
     R: gl.constexpr = x.shape[0]
     QUAD: gl.constexpr = gl.SliceLayout(2, x.type.layout)
-    base = _row_sum8(x, A_OP, MMA, HEAD_DIM) + 128 * HEAD_DIM - 256 * keep
+    base = _row_sum(x, A_OP, MMA, HEAD_DIM) + 128 * HEAD_DIM - 256 * keep
     t = gl.zeros([R, 4], gl.int32, QUAD)
     for i in gl.static_range(7):
         cand = t | (1 << (6 - i))
@@ -185,7 +178,7 @@ def _bisect_bytes(x, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.c
         b = gl.inline_asm_elementwise("add.u32 $0, $1, $2;", "=r,r,r,r,r,r", [x, k], dtype=gl.int8,
                                       is_pure=True, pack=4)
         # 256 count = sum(x) + n (128 - cand) - sum(b) >= 256 keep
-        t = gl.where(base - HEAD_DIM * cand - _row_sum8(b, A_OP, MMA, HEAD_DIM) >= 0, cand, t)
+        t = gl.where(base - HEAD_DIM * cand - _row_sum(b, A_OP, MMA, HEAD_DIM) >= 0, cand, t)
     return t
 
 
