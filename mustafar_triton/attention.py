@@ -8,9 +8,8 @@ import torch
 from . import autotune
 from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV
-from .kernels.decode import (MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table,
-                             choose_num_splits, gluon_block_h, gluon_decode_supports, gluon_programs_per_sm,
-                             gluon_register_cap, gluon_use_walk, gluon_walk_shared_bytes)
+from .kernels import decode_gluon_launch as gluon_launch
+from .kernels.decode import MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
 
 _slot_tables: dict[torch.device, torch.Tensor] = {}
 
@@ -139,17 +138,22 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         return choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
                                  cfg["BLOCK_N"], programs_per_sm)
 
-    walk_shared = gluon_walk_shared_bytes(d, packed_k.capacity, packed_v.capacity)
+    def gluon_plan(cfg):
+        """(gather, splits, register cap) of a Gluon config: the splits fill whole waves of the
+        programs that fit an SM with that gather's registers and shared memory."""
+        block_h = gluon_launch.gluon_block_h(group)
+
+        def splits_with(gather):
+            shared = gluon_launch.shared_bytes(gather, d, packed_k.capacity, packed_v.capacity)
+            return splits_for(cfg, gluon_launch.programs_per_sm(d, block_h, gather, shared, sm_shared_bytes(q.device)))
+
+        gather = gluon_launch.choose_gather(cfg, d, packed_k.capacity, packed_v.capacity, context, splits_with)
+        return gather, splits_with(gather), gluon_launch.register_cap(d, block_h, gather)
 
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
-        block_h = gluon_block_h(group)
-        walk = False
-        if gluon:  # the walk's split count decides its gather; the popcount gather has its own
-            splits = splits_for(cfg, gluon_programs_per_sm(d, block_h, True, walk_shared, sm_shared_bytes(q.device)))
-            walk = gluon_use_walk(cfg, d, context, splits)
-            if not walk:
-                splits = splits_for(cfg, gluon_programs_per_sm(d, block_h))
+        if gluon:
+            gather, splits, maxnreg = gluon_plan(cfg)
         else:
             splits = splits_for(cfg, 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
@@ -167,8 +171,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                      HAS_WINDOW_LENS=window_lens is not None)
         if gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, *rest, **flags, BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], WALK=walk, num_warps=1,
-                maxnreg=gluon_register_cap(d, block_h, walk))
+                *common, *rest, **flags, BLOCK_H=gluon_launch.gluon_block_h(group), BLOCK_N=cfg["BLOCK_N"],
+                GATHER=gather, num_warps=1, maxnreg=maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
             _sparse_decode_kernel[(splits, batch * hkv)](
@@ -189,7 +193,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
                               capacity=max(packed_k.capacity, packed_v.capacity),
                               batch_heads=batch * hkv, context=context)
-    if cfg.get("kernel") == "gluon" and not (gluon_decode_supports(q.dtype, d, group, on_interpreter)
+    if cfg.get("kernel") == "gluon" and not (gluon_launch.gluon_decode_supports(q.dtype, d, group, on_interpreter)
                                               and has_mma_v2(q.device)):
         cfg = autotune.heuristic_config("decode", q.device)  # e.g. the interpreter, an fp32 cache, a T4
     run(cfg)

@@ -17,7 +17,8 @@ from common import bench_us, copy_bandwidth, environment, write_results  # noqa:
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import autotune, reference  # noqa: E402
-from mustafar_triton.kernels.decode import GLUON_CONFIG, SLOT_MODES  # noqa: E402
+from mustafar_triton.kernels.decode import SLOT_MODES  # noqa: E402
+from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG  # noqa: E402
 
 
 def gluon_config(block_n: int, splits: int) -> dict:

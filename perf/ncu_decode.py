@@ -12,7 +12,7 @@ import torch
 
 import mustafar_triton as mt
 from mustafar_triton import autotune
-from mustafar_triton.kernels.decode import GLUON_CONFIG
+from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG
 
 
 def main():

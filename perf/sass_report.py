@@ -2,7 +2,7 @@
 hardware will execute: registers, spills, shared memory, and SASS instruction counts, for the
 whole kernel and for its main loop's body (the longest backward branch: what repeats per tile).
 
-    python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc] [--slots popc] [--block-n 64] [--warps 4]
+    python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
                                [--group 4] [--dtype fp16] [--maxnreg N] [--dump DIR]
 
@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from mustafar_triton.kernels import decode
+from mustafar_triton.kernels import decode, decode_gluon_launch as gluon_launch
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTER_ARGS = {"k_bitmap_ptr": "*i32", "v_bitmap_ptr": "*i32", "seq_lens_ptr": "*i32", "lut_ptr": "*i32",
@@ -40,10 +40,10 @@ def compile_decode(args):
         from triton.experimental.gluon._runtime import GluonASTSource
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
-        block_h = decode.gluon_block_h(args.group)
-        walk = args.gather == "walk"
-        constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or decode.GLUON_CONFIG["BLOCK_N"], WALK=walk)
-        options = dict(num_warps=1, maxnreg=args.maxnreg or decode.gluon_register_cap(args.head_dim, block_h, walk))
+        block_h = gluon_launch.gluon_block_h(args.group)
+        constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or gluon_launch.GLUON_CONFIG["BLOCK_N"],
+                          GATHER=args.gather)
+        options = dict(num_warps=1, maxnreg=args.maxnreg or gluon_launch.register_cap(args.head_dim, block_h, args.gather))
     else:
         kernel, source = decode._sparse_decode_kernel, ASTSource
         constexprs = dict(common, BLOCK_H=max(16, triton.next_power_of_2(args.group)), BLOCK_N=args.block_n or 64,
@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
-    ap.add_argument("--gather", default="walk", choices=("walk", "popc"), help="the Gluon kernel's gather")
+    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter"), help="the Gluon kernel's gather")
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)

@@ -398,18 +398,23 @@ def test_tune_save_merges_into_the_device_file(gpu, tmp_path):
 def test_gluon_splits_fill_whole_waves():
     """num_splits=-k with programs_per_sm: the largest split count whose grid fits k waves (a
     grid one program past a wave nearly doubled the time on the H100)."""
-    from mustafar_triton.kernels.decode import choose_num_splits, gluon_programs_per_sm, gluon_walk_shared_bytes
-    per_sm = gluon_programs_per_sm(128, 8)
+    from mustafar_triton.kernels.decode import choose_num_splits
+    from mustafar_triton.kernels.decode_gluon_launch import programs_per_sm, shared_bytes
+    per_sm = programs_per_sm(128, 8, "popc")
     assert per_sm == 12                      # 168 registers per thread: 3 warps per scheduler
-    assert gluon_programs_per_sm(128, 8, walk=True) == 16     # 128 registers: 4 per scheduler
-    assert gluon_programs_per_sm(64, 8, walk=True) == 20      # 96: 5 per scheduler (not 65536 // 3072 = 21)
-    assert gluon_programs_per_sm(128, 16) == 8                # 224: 2 per scheduler (not 65536 // 7168 = 9)
-    # the walk's shared memory: 16 programs fit 228 KB up to 14.25 KB each (K0.5V0.5: 10 KB)
+    assert programs_per_sm(128, 8, "walk") == 16      # 128 registers: 4 per scheduler
+    assert programs_per_sm(64, 8, "walk") == 20       # 96: 5 per scheduler (not 65536 // 3072 = 21)
+    assert programs_per_sm(128, 16, "popc") == 8      # 224: 2 per scheduler (not 65536 // 7168 = 9)
+    # the staged gathers' shared memory: 16 walk programs fit 228 KB up to 14.25 KB each
     h100_shared = 228 << 10
-    assert gluon_walk_shared_bytes(128, 64, 64) == 2 * (32 * 128 + 512) + 1024
-    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 96, 96), h100_shared) == 16
-    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 104, 104), h100_shared) == 15
-    assert gluon_programs_per_sm(128, 8, True, gluon_walk_shared_bytes(128, 128, 128), h100_shared) == 12
+    assert shared_bytes("walk", 128, 64, 64) == 2 * (32 * 128 + 512) + 1024
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 96, 96), h100_shared) == 16
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 104, 104), h100_shared) == 15
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 128, 128), h100_shared) == 12
+    # the scatter adds the dense tiles and queues: 17984 bytes at D=128 K0.7V0.7, as ptxas reports
+    assert shared_bytes("scatter", 128, 40, 40) == 17984
+    assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 40, 40), h100_shared) == 12
+    assert shared_bytes("popc", 128, 40, 40) == 0
     for batch_heads in (8, 32, 128, 512, 2048):
         for waves in (1, 2, 3):
             splits = choose_num_splits(-waves, 132, batch_heads, 1 << 20, 16, per_sm)
@@ -423,22 +428,32 @@ def test_gluon_splits_fill_whole_waves():
 
 
 def test_gluon_gather_choice():
-    """The walk gather where it runs unless its splits would be short (the popcount gather has
-    fewer fixed costs per split); a config's explicit gather wins where the walk supports the shape."""
-    from mustafar_triton.kernels.decode import GLUON_CONFIG, WALK_MIN_SPLIT_TOKENS, gluon_use_walk
-    assert gluon_use_walk(GLUON_CONFIG, 128, 16384, 16)                        # B=16: 1024 tokens per split
-    assert gluon_use_walk(GLUON_CONFIG, 128, 32768, 264)                       # B=1: 124 per split
-    assert not gluon_use_walk(GLUON_CONFIG, 128, 8192, 264)                    # 31 per split
-    assert gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3, 3)
-    assert not gluon_use_walk(GLUON_CONFIG, 128, WALK_MIN_SPLIT_TOKENS * 3 - 1, 3)
-    assert gluon_use_walk(dict(GLUON_CONFIG, gather="walk"), 64, 100, 50)
-    assert not gluon_use_walk(dict(GLUON_CONFIG, gather="popc"), 128, 16384, 16)
-    assert not gluon_use_walk(dict(GLUON_CONFIG, gather="walk"), 32, 16384, 16)    # D=32: popcount only
-    assert not gluon_use_walk(dict(GLUON_CONFIG, BLOCK_N=32, gather="walk"), 128, 16384, 16)
+    """Without a "gather" key: the scatter for caches of few stored values, else the walk, unless
+    their splits would be short (the popcount gather has fewer fixed costs per split); a config's
+    explicit gather wins where it supports the shape, and popc runs where nothing else does."""
+    from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG, MIN_STAGED_SPLIT_TOKENS, choose_gather
+
+    def gather(cfg, d, caps, context, splits):
+        return choose_gather(cfg, d, caps[0], caps[1], context, lambda g: splits)
+    assert gather(GLUON_CONFIG, 128, (64, 64), 16384, 16) == "walk"        # B=16: 1024 tokens per split
+    assert gather(GLUON_CONFIG, 128, (64, 64), 32768, 264) == "walk"       # B=1: 124 per split
+    assert gather(GLUON_CONFIG, 128, (64, 64), 8192, 264) == "popc"        # 31 per split
+    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "scatter"     # few values stored
+    assert gather(GLUON_CONFIG, 128, (16, 16), 8192, 264) == "popc"
+    assert gather(GLUON_CONFIG, 256, (16, 16), 16384, 16) == "walk"        # the scatter: D 64 / 128
+    assert gather(GLUON_CONFIG, 128, (64, 64), MIN_STAGED_SPLIT_TOKENS * 3, 3) == "walk"
+    assert gather(GLUON_CONFIG, 128, (64, 64), MIN_STAGED_SPLIT_TOKENS * 3 - 1, 3) == "popc"
+    assert gather(dict(GLUON_CONFIG, gather="walk"), 64, (16, 16), 100, 50) == "walk"
+    assert gather(dict(GLUON_CONFIG, gather="scatter"), 128, (64, 64), 100, 50) == "scatter"
+    assert gather(dict(GLUON_CONFIG, gather="popc"), 128, (16, 16), 16384, 16) == "popc"
+    assert gather(dict(GLUON_CONFIG, gather="walk"), 32, (16, 16), 16384, 16) == "popc"     # D=32: popc only
+    assert gather(dict(GLUON_CONFIG, gather="scatter"), 256, (16, 16), 16384, 16) == "popc"
+    assert gather(dict(GLUON_CONFIG, BLOCK_N=32, gather="walk"), 128, (40, 40), 16384, 16) == "popc"
 
 
 def test_decode_default_is_the_gluon_kernel_where_it_runs():
-    from mustafar_triton.kernels.decode import GLUON_CONFIG, decode_heuristic_config
+    from mustafar_triton.kernels.decode import decode_heuristic_config
+    from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG
     bucket = dict(head_dim=128, group=4, capacity=40, batch_heads=128, context=16384)
     assert decode_heuristic_config(132, False, dtype=torch.float16, **bucket) == GLUON_CONFIG
     assert decode_heuristic_config(132, False, dtype="bfloat16", **bucket) == GLUON_CONFIG

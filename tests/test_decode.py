@@ -17,6 +17,7 @@ import mustafar_triton as mt
 from mustafar_triton import autotune
 from mustafar_triton import reference as ref
 from mustafar_triton.kernels import decode as decode_kernels
+from mustafar_triton.kernels import decode_gluon_launch as gluon_launch
 from conftest import INTERPRETING
 from mt_testutils import DTYPES, randn, rel_err, seed_of, sparse_values
 
@@ -311,9 +312,9 @@ if not INTERPRETING:
     _VARIANTS += [dict(SLOTS=s, BLOCK_N=128) for s in SLOT_MODES]
     _VARIANTS += [c for c in autotune.config_space("decode", head_dim=128, group=4, dtype="float16",
                                                    capacity=40, batch_heads=16, context=1024)]
-    # the Gluon kernel (decode_gluon.py, GPU only): both gathers, and 32-token tiles (popcount only)
-    _VARIANTS += [dict(decode_kernels.GLUON_CONFIG, BLOCK_N=bn, num_splits=s) for bn in (16, 32) for s in (0, -1, -3)]
-    _VARIANTS += [dict(decode_kernels.GLUON_CONFIG, num_splits=s, gather=g) for g in ("walk", "popc") for s in (0, -3)]
+    # the Gluon kernel (decode_gluon.py, GPU only): every gather, and 32-token tiles (popcount only)
+    _VARIANTS += [dict(gluon_launch.GLUON_CONFIG, BLOCK_N=bn, num_splits=s) for bn in (16, 32) for s in (0, -1, -3)]
+    _VARIANTS += [dict(gluon_launch.GLUON_CONFIG, num_splits=s, gather=g) for g in gluon_launch.GATHERS for s in (0, -3)]
 
 
 @pytest.mark.parametrize("variant", _VARIANTS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -400,19 +401,19 @@ def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
     (256, 4, 4, 0.7, 0.9, torch.bfloat16),    # D=256, capacities 80 and 32
     (32, 6, 2, 0.3, 0.6, torch.float16),      # D=32: one bitmap word per token
 ])
-@pytest.mark.parametrize("gather", ["walk", "popc"])
+@pytest.mark.parametrize("gather", gluon_launch.GATHERS)
 def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, gather, device, decode_config):
     q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=d, dtype=dtype, seed=41 + d + hq,
                               sk=sk, sv=sv, seq_lens=[150, 77, 0], w=9, window_lens=[9, 0, 4])
-    assert decode_kernels.gluon_decode_supports(dtype, d, hq // hkv, False)
-    decode_config(**decode_kernels.GLUON_CONFIG, gather=gather)  # D=32: the walk falls back to popc
+    assert gluon_launch.gluon_decode_supports(dtype, d, hq // hkv, False)
+    decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)  # where a gather does not run: popc
     check_decode(q, pk, pv, **kw)
     check_decode(q, pk, pv, num_splits=4, **kw)
 
 
 def test_gluon_config_falls_back_where_unsupported(device, decode_config):
     """fp32 has no Gluon kernel (nor has the interpreter): a Gluon config runs decode.py's kernel."""
-    decode_config(**decode_kernels.GLUON_CONFIG)
+    decode_config(**gluon_launch.GLUON_CONFIG)
     q, pk, pv, kw = make_case(device, b=2, hq=6, hkv=2, t=50, d=64, dtype=torch.float32, seed=43, w=3)
     check_decode(q, pk, pv, **kw)
 
@@ -425,20 +426,47 @@ def test_gluon_config_falls_back_before_ampere(device, decode_config, monkeypatc
         raise AssertionError("the Gluon kernel must not be launched here")
     monkeypatch.setattr(attention, "has_mma_v2", lambda dev: False)
     monkeypatch.setattr(attention, "_sparse_decode_gluon_kernel", no_gluon)
-    decode_config(**decode_kernels.GLUON_CONFIG)
+    decode_config(**gluon_launch.GLUON_CONFIG)
     q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=70, d=128, dtype=torch.float16, seed=44, w=5)
     check_decode(q, pk, pv, **kw)
 
 
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
-@pytest.mark.parametrize("gather", ["walk", "popc"])
+@pytest.mark.parametrize("gather", gluon_launch.GATHERS)
+@pytest.mark.parametrize("d,hq,hkv,dtype", [(64, 6, 2, torch.float16), (128, 8, 2, torch.bfloat16)])
+def test_gluon_any_pattern(d, hq, hkv, dtype, gather, device, decode_config):
+    """Caches packed by `pack` from arbitrary patterns (not top-k): rows with empty bitmap words at
+    the start, middle and end, all-zero rows, rows at capacity, K and V of different capacities.
+    The scatter gather skips empty words and stores exactly one value per kept bit."""
+    b, t = 2, 83
+    k = sparse_values((b, hkv, t, d), dtype, 51 + d, device, max_nnz=d // 3)
+    v = sparse_values((b, hkv, t, d), dtype, 53 + d, device, max_nnz=d // 5)
+    words = k.view(b, hkv, t, d // 32, 32)
+    words[:, :, 5:20, 0] = 0                           # empty first word
+    words[:, :, 20:30, 1] = 0                          # empty middle word
+    words[:, :, 30:40, -1] = 0                         # empty last word
+    words[:, :, 40:45, 1:] = 0                         # only the first word has bits
+    words[:, :, 45:50, :-1] = 0                        # only the last word has bits
+    k[:, :, 50:53] = 0                                 # all-zero rows
+    seq_lens = torch.tensor([t, 61], dtype=torch.int32, device=device)
+    pk, pv = mt.pack(k, seq_lens=seq_lens), mt.pack(v, seq_lens=seq_lens)
+    assert pk.capacity != pv.capacity
+    q = randn((b, hq, d), dtype, 55 + d, device)
+    kw = dict(k_window=randn((b, hkv, 7, d), dtype, 56, device), v_window=randn((b, hkv, 7, d), dtype, 57, device))
+    decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=5, **kw)
+
+
+@pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
+@pytest.mark.parametrize("gather", gluon_launch.GATHERS)
 def test_gluon_malformed_bitmap_reads_as_zero_token(gather, device, decode_config):
     """As test_malformed_bitmap_reads_as_zero_token, for the Gluon kernel (fp16: it has no fp32)."""
     q, pk, pv, _ = make_case(device, b=1, hq=2, hkv=1, t=8, d=64, dtype=torch.float16, seed=35, sk=0.8, sv=0.8)
     bad_bitmap, zero_bitmap = pk.bitmap.clone(), pk.bitmap.clone()
     bad_bitmap[0, 0, -1] = -1                # all 64 bits set, capacity 16: last token, last row
     zero_bitmap[0, 0, -1] = 0
-    decode_config(**decode_kernels.GLUON_CONFIG, gather=gather)
+    decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)
     out = mt.sparse_decode_attention(q, mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim), pv)
     assert_same_result(out, mt.sparse_decode_attention(
         q, mt.PackedKV(zero_bitmap, pk.values, pk.capacity, pk.head_dim), pv))

@@ -59,29 +59,36 @@ def test_sweep_smoke_run_feeds_the_plots(tmp_path):
     assert len(list((tmp_path / "plots").glob("speedup_vs_context_*.png"))) >= 1
 
 
-@pytest.mark.parametrize("gather", ["walk", "popc"])
+@pytest.mark.parametrize("gather", ["walk", "popc", "scatter"])
 @pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40)])
 def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity, gather):
     """The Gluon decode kernel compiled for sm_90 as the launcher compiles it (perf/sass_report.py;
-    no GPU needed): within gluon_register_cap, which the split count relies on (a grid one program
-    over a wave cost ~1.5x on the H100). The popcount gather does not spill and its main loop has
-    no shared memory or barriers; the walk's loop stages rows with cp.async (LDGSTS) and gathers
-    from shared memory, and spills at most a few words (its cap of 128 at D=128 spills 0 bytes at
-    capacity 40 and 16 at 64; at 12 programs per SM without a cap it measured 1.2x slower)."""
+    no GPU needed): within its register cap (decode_gluon_launch.register_cap), which the split
+    count relies on (a grid one program over a wave cost ~1.5x on the H100). The popcount gather
+    does not spill and its main loop has no shared memory or barriers; the walk's loop stages rows
+    with cp.async (LDGSTS) and gathers from shared memory, and spills at most a few words (its cap
+    of 128 at D=128 spills 0 bytes at capacity 40 and 16 at 64; at 12 programs per SM without a
+    cap it measured 1.2x slower); the scatter's loop stores one value per kept bit (a bfind and a
+    2-byte store per iteration of its unrolled capacity) and reads the dense tiles by ldmatrix."""
     report = sass_report("--kernel", "gluon", "--gather", gather, "--head-dim", head_dim, "--group", group,
                          "--capacity", capacity)
-    from mustafar_triton.kernels.decode import gluon_block_h, gluon_register_cap
-    assert report["registers"] <= gluon_register_cap(head_dim, gluon_block_h(group), gather == "walk")
+    from mustafar_triton.kernels.decode_gluon_launch import gluon_block_h, register_cap
+    assert report["registers"] <= register_cap(head_dim, gluon_block_h(group), gather)
     loop = report["loop_ops"]
     assert loop.get("HMMA.16816.F32", 0) > 0, "not the main loop"
     if gather == "popc":
         assert report["stack"] == 0 and report["local"] == 0, "spills"
         assert loop.get("LDG.E.U16", 0) > 0, "not the main loop"
         assert not [op for op in loop if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")], loop
-    else:
+    elif gather == "walk":
         assert report["stack"] <= 16 and report["local"] == 0, "spills"
         assert loop.get("LDS.U16", 0) > 0 and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
         assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
+    else:
+        assert report["stack"] == 0 and report["local"] == 0, "spills"
+        assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
+        assert loop.get("LDSM.16.M88.4", 0) == loop.get("LDSM.16.MT88.4", 0) == head_dim // 16, loop
+        assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDS.U16" not in loop, loop
 
 
 @pytest.mark.parametrize("head_dim,capacity,dtype", [(128, 40, "fp16"), (64, 32, "bf16"), (256, 80, "fp16"),

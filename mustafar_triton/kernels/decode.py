@@ -24,7 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .._runtime import H100_SM_SHARED_BYTES, cdiv, next_pow2
+from .._runtime import cdiv
+from .decode_gluon_launch import GATHERS, GLUON_CONFIG, gather_supports, gluon_bucket
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -277,95 +278,9 @@ def decode_heuristic_config(n_sms: int, interpreting: bool, **bucket) -> dict:
     H100 shape we measured."""
     if interpreting:
         return dict(BLOCK_N=32, num_warps=4, num_stages=1, num_splits=0, SLOTS="lut")
-    if _gluon_bucket(bucket, interpreting):
+    if gluon_bucket(bucket, interpreting):
         return dict(GLUON_CONFIG)
     return dict(BLOCK_N=64, num_warps=4, num_stages=2, num_splits=0, SLOTS="popc")
-
-
-# One warp per program, 16 tokens per tile; num_splits=-k: k full waves of programs (see
-# choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
-# Optional key gather: "walk" or "popc" (decode_gluon.py); without it, attention.py picks by
-# WALK_MIN_SPLIT_TOKENS.
-GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
-
-
-def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
-    """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
-    fp16 / bf16 (mma.sync operands), HEAD_DIM a multiple of 32, GQA group <= 16 (the padded
-    group is the mma's N)."""
-    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
-            and head_dim % 32 == 0 and group <= 16)
-
-
-def _gluon_bucket(bucket: dict, interpreting: bool) -> bool:
-    """Whether a tuning bucket (which may lack dtype, as when a shipped file is validated) is one
-    the Gluon kernel handles."""
-    return "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"],
-                                                        interpreting)
-
-
-def gluon_block_h(group: int) -> int:
-    """The Gluon kernel's padded query group: the mma's N, at least 8."""
-    return max(8, next_pow2(group))
-
-
-def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
-    """Registers per thread the Gluon kernel is compiled with (maxnreg). Each is at or just above
-    what ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few
-    words) and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
-    ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
-    perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
-    and measured 1.13-1.24x slower, decode_gluon_ab_h100_s9_bits_merge.json). Fixing the
-    cap makes the number of resident programs, and so the waves, exact."""
-    if head_dim <= 32:
-        return 96
-    if head_dim <= 64:
-        return (96 if walk else 128) if block_h <= 8 else 152
-    if head_dim <= 128:
-        return (128 if walk else 168) if block_h <= 8 else 224
-    return 255
-
-
-def gluon_programs_per_sm(head_dim: int, block_h: int, walk: bool = False, shared_bytes: int = 0,
-                          sm_shared_bytes: int = H100_SM_SHARED_BYTES) -> int:
-    """One-warp Gluon programs resident per SM: each of the 4 schedulers has 16K registers,
-    allocated per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the
-    popcount gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers
-    it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
-    shared_bytes: shared memory per program (gluon_walk_shared_bytes), which limits the walk at
-    large capacities (16 programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128)."""
-    per_warp = -(-gluon_register_cap(head_dim, block_h, walk) * 32 // 256) * 256
-    programs = min(32, 4 * (16384 // per_warp))
-    return min(programs, sm_shared_bytes // shared_bytes) if shared_bytes else programs
-
-
-def gluon_walk_shared_bytes(head_dim: int, k_capacity: int, v_capacity: int) -> int:
-    """Shared memory of one walk program: two stages of a tile's K and V value rows and bitmap rows
-    (decode_gluon._stage_tile) and the 1 KB the driver reserves per block (sm_90: ptxas reports
-    the stages + 1024 bytes and Gluon allocates no dynamic shared memory, at D 64 / 128 / 256,
-    groups 1-16, capacities 24-128)."""
-    return 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim) + 1024
-
-
-# Splits shorter than this many tokens use the popcount gather: the walk's staging is a fixed cost
-# per split. H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (session 9,
-# perf/results/decode_gluon_ab_h100_s9_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
-# 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0. (Before the
-# bitmap rows were staged, popc won at 124 tokens: 52.0 against 58.5.)
-WALK_MIN_SPLIT_TOKENS = 64
-
-
-def gluon_walk_supports(head_dim: int, block_n: int) -> bool:
-    """Whether the walk gather (decode_gluon.py) handles the shape: 16-token tiles, D 64/128/256."""
-    return head_dim in (64, 128, 256) and block_n == 16
-
-
-def gluon_use_walk(cfg: dict, head_dim: int, context: int, walk_splits: int) -> bool:
-    """The Gluon kernel's gather for a config: its "gather" key where the walk supports the shape,
-    else the walk when its splits (walk_splits of them) hold >= WALK_MIN_SPLIT_TOKENS tokens."""
-    if not gluon_walk_supports(head_dim, cfg["BLOCK_N"]) or cfg.get("gather", "walk") != "walk":
-        return False
-    return "gather" in cfg or context >= WALK_MIN_SPLIT_TOKENS * walk_splits
 
 
 def decode_config_space(**bucket) -> list[dict]:
@@ -384,8 +299,9 @@ def decode_config_space(**bucket) -> list[dict]:
                     space.append(cfg)
     # The Gluon kernel: 1-3 whole waves of one-warp programs (0, ~2 programs per SM, leaves most
     # SMs idle: 1069 us at B=16 T=16k where one wave took 364 us).
-    if _gluon_bucket(bucket, False):
-        space += [dict(GLUON_CONFIG, num_splits=s, gather=g) for g in ("walk", "popc") for s in (-1, -2, -3)]
+    if gluon_bucket(bucket, False):
+        space += [dict(GLUON_CONFIG, num_splits=s, gather=g) for g in GATHERS for s in (-1, -2, -3)
+                  if gather_supports(g, bucket["head_dim"], GLUON_CONFIG["BLOCK_N"])]
     return space
 
 

@@ -223,6 +223,143 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
                                          dtype=gl.float16, is_pure=False, pack=16)
 
 
+# ---------------------------------------------------------------------------------------------
+# The "scatter" gather: work per KEPT value, not per channel.
+#
+# Each lane owns one row of the staged tile (lanes 0-15: the K rows of tokens 0-15, lanes 16-31:
+# the V rows) and walks its set bits, lowest channel first: the channel of its r-th kept value is
+# the leading bit of the current (bit-reversed) bitmap word (`bfind.shiftamt`), so the r-th value
+# (a register, r is static) is stored with one 2-byte shared store into a dense, zeroed [16, D]
+# tile at that channel. The words with bits are queued in shared memory with their dense-row
+# addresses (empty words never enter the queue, so every iteration stores exactly one value);
+# after the last one the queue holds sentinel words that send the remaining iterations'
+# (zero) values to a dummy area. The dense tiles then reach the mma operands by ldmatrix
+# (ldmatrix.trans for V^T), and each lane zeroes 16-byte chunks of them for the next tile.
+# Per kept value: bfind, address, store, clear the bit, test, and every ~10 values a queue
+# step; per dense element only the zeroing and the ldmatrix (1/8 of a 16-byte access each).
+# ---------------------------------------------------------------------------------------------
+
+@gluon.constexpr_function
+def _scatter_queue_entries(head_dim, capacity):
+    """Queue entries per lane: every bitmap word, the sentinels that cover up to `capacity`
+    iterations past the last kept value (32 each), and the two entries loaded ahead."""
+    return head_dim // 32 + capacity // 32 + 3
+
+
+@gluon.constexpr_function
+def _scatter_asm(num_words, capacity):
+    """PTX of one lane's scatter. Inputs: the row's bitmap words ($1..$num_words, zero for rows
+    that must read as zeros), then the offsets in mt_dstage of its value row, its dense row, its
+    queue (entries 256 bytes apart: the 32 lanes' entries are contiguous) and the dummy area."""
+    w = ["$%d" % (1 + i) for i in range(num_words)]
+    vrow, drow, queue, dummy = ("$%d" % (1 + num_words + i) for i in range(4))
+    nvals = capacity // 2
+    sentinels = _scatter_queue_entries(num_words * 32, capacity) - num_words
+    parts = ["{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, v<%d>;" % nvals,
+             "mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue]
+    for i in range(num_words):  # queue the words that have bits (bit-reversed: lowest channel first)
+        parts.append("brev.b32 x, %s; setp.ne.b32 pz, x, 0; add.u32 b, t, %s; add.u32 b, b, %d;"
+                     " @pz st.shared.v2.b32 [q], {x, b}; @pz add.u32 q, q, 256;" % (w[i], drow, 64 * i))
+    parts.append("add.u32 b, t, %s; mov.u32 x, 0xffffffff;" % dummy)
+    for k in range(sentinels):
+        parts.append("st.shared.v2.b32 [q+%d], {x, b};" % (256 * k))
+    parts.append("add.u32 q, t, %s; ld.shared.v2.b32 {cur, base}, [q]; ld.shared.v2.b32 {nw, nb}, [q+256];"
+                 " add.u32 q, q, 512; add.u32 a, t, %s;" % (queue, vrow))
+    for c in range(0, nvals, 4):
+        parts.append("ld.shared.v4.b32 {v%d, v%d, v%d, v%d}, [a+%d];" % (c, c + 1, c + 2, c + 3, 4 * c))
+    for r in range(capacity):
+        val = "v%d" % (r // 2)
+        if r % 2:
+            parts.append("shr.b32 x, %s, 16;" % val)
+            val = "x"
+        parts.append("bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; st.shared.u16 [a], %s;" % val)
+        if r + 1 < capacity:  # clear the bit; an empty word hands over to the next queue entry
+            parts.append("shr.b32 m, hb, p; and.b32 cur, cur, m; setp.ne.b32 ps, cur, 0;"
+                         " @!ps mov.b32 cur, nw; @!ps mov.b32 base, nb;"
+                         " @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;")
+    parts.append("mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _ldmatrix_asm(trans):
+    """PTX of one ldmatrix.x4: four 8x8 fp16 matrices from mt_dstage + $4 (this lane's row)."""
+    return ("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $4; ldmatrix.sync.aligned.m8n8.x4%s.shared.b16"
+            " {$0, $1, $2, $3}, [a]; }" % (".trans" if trans else ""))
+
+
+@gluon.constexpr_function
+def _fragment_layout(blocks):
+    """[blocks, 32 lanes, 8] where [b, l, e] is element e of lane l's ldmatrix.x4 fragment of
+    16x16 block b: e = e0 + 2 e1 + 4 e2 with e0 the pair's second half, e1 the matrix 8 rows
+    down, e2 the matrix 8 columns right (the mma.sync m16n8k16 A operand's register order)."""
+    regs = [[0, 0, 1], [0, 0, 2], [0, 0, 4]] + [[1 << i, 0, 0] for i in range(blocks.bit_length() - 1)]
+    lanes = [[0, 1, 0], [0, 2, 0], [0, 4, 0], [0, 8, 0], [0, 16, 0]]
+    return gl.DistributedLinearLayout(regs, lanes, [], [], [blocks, 32, 8])
+
+
+@gluon.jit
+def _ldmatrix_operand(tile_off, pitch, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
+    """The staged dense [16 tokens, HEAD_DIM] tile at mt_dstage + tile_off (rows `pitch` bytes
+    apart) as the mma A operand: K [16, D] (V_SIDE False), or V^T [D, 16] by ldmatrix.trans."""
+    NB: gl.constexpr = HEAD_DIM // 16
+    FL: gl.constexpr = _fragment_layout(NB)
+    blk = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
+    lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, FL)))[None, :, None]
+    if V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
+        addr = tile_off + ((lane % 8) + 8 * (lane // 16)) * pitch + 32 * blk + 16 * ((lane // 8) % 2)
+    else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
+        addr = tile_off + ((lane % 8) + 8 * ((lane // 8) % 2)) * pitch + 32 * blk + 16 * (lane // 16)
+    addr, _ = gl.broadcast(addr, gl.zeros([NB, 32, 8], gl.int32, FL))
+    frag = gl.inline_asm_elementwise(_ldmatrix_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr],
+                                     dtype=gl.float16, is_pure=False, pack=8)
+    # [block, l4, l3, l2, l1, l0, e2, e1, e0]: rows (K: tokens) l2 + 2 l3 + 4 l4 + 8 e1, columns
+    # l0 .. as 2 l0 + 4 l1 + e0 + 8 e2 (+ 16 block on the block's axis)
+    f = gl.reshape(frag, [NB, 2, 2, 2, 2, 2, 2, 2, 2])
+    if V_SIDE:
+        t = gl.reshape(gl.permute(f, (0, 7, 1, 2, 3, 6, 4, 5, 8)), [HEAD_DIM, 16])
+    else:
+        t = gl.reshape(gl.permute(f, (7, 1, 2, 3, 0, 6, 4, 5, 8)), [16, HEAD_DIM])
+    return gl.convert_layout(t, A_OP, assert_trivial=True)
+
+
+@gluon.jit
+def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, pitch, queue_off, dummy_off,
+                  K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
+    K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
+    Rows of tokens past c_hi and malformed rows (more bits than their capacity) store nothing."""
+    NW: gl.constexpr = HEAD_DIM // 32
+    KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
+    CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
+    tok = lane % 16
+    is_v = lane >= 16
+    row = stage + KB_OFF + gl.where(is_v, 2 * HEAD_DIM, 0) + tok * (NW * 4)
+    words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
+                                      is_pure=False, pack=1)
+    kept = tok * 0
+    for j in gl.static_range(NW):
+        kept += _popc(words[j])
+    fits = (tile_start + tok < c_hi) & (kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY))
+    vrow = stage + gl.where(is_v, 32 * K_CAPACITY + tok * (2 * V_CAPACITY), tok * (2 * K_CAPACITY))
+    args = [gl.where(fits, w, 0) for w in words]
+    args = args + (vrow, dense_off + lane * pitch, queue_off + lane * 8, dummy_off + lane * 0)
+    gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
+                              dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _zero_dense(dense_off, pitch, lane, HEAD_DIM: gl.constexpr):
+    """Zero the 32 dense rows (K then V) at mt_dstage + dense_off: 16-byte stores, each lane the
+    chunks c = 32 i + lane (row c // (D / 8))."""
+    CHUNKS: gl.constexpr = HEAD_DIM // 8
+    for i in gl.static_range(0, 32 * CHUNKS, 32):
+        c = i + lane
+        _lane_asm("{ .reg .b32 a, z; mov.u32 a, mt_dstage; add.u32 a, a, $1; mov.b32 z, 0;"
+                  " st.shared.v4.b32 [a], {z, z, z, z}; mov.b32 $0, 0; }",
+                  dense_off + (c // CHUNKS) * pitch + (c % CHUNKS) * 16)
+
+
 @gluon.jit
 def _k_operand(k4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
     """[16, 4 (run q), NB (byte b), 8 (bit i = 4 i2 + 2h + e)] -> the mma A operand [16, D]: its
@@ -331,10 +468,18 @@ def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr):
 
 
 @gluon.jit
-def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
+def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr, LAZY: gl.constexpr = True):
     """acc = O^T [D, H] rescaled, plus V^T [D, BLOCK_N] (A operand) @ P^T. Called after the V
-    gather, which is issued after the scores: gathering K and V first costs ~30 more registers."""
-    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
+    gather, which is issued after the scores: gathering K and V first costs ~30 more registers.
+    LAZY: the rescale is skipped (a warp-uniform branch) when no head's running max moved, as in
+    most tiles after the first: alpha is then exactly 1 (NaN != 1 still rescales, so it
+    propagates). The popcount gather rescales always: the branch's registers make it spill."""
+    if LAZY:
+        if gl.max((alpha != 1.0).to(gl.int32), axis=0) != 0:
+            acc = acc * alpha[None, :]
+    else:
+        acc = acc * alpha[None, :]
+    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc)
 
 
 @gluon.jit
@@ -346,8 +491,9 @@ def _sparse_decode_gluon_kernel(
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
     K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
-    WALK: gl.constexpr,
+    GATHER: gl.constexpr,
 ):
+    WALK: gl.constexpr = GATHER == "walk"  # the walk permutes the operands' channels
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
@@ -395,6 +541,31 @@ def _sparse_decode_gluon_kernel(
             v4 = _gather_walk(stage + VB_OFF, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
             v_t = _v_operand(v4, A_OP, HEAD_DIM)
             acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    elif GATHER == "scatter":
+        gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
+        V_OFF: gl.constexpr = 32 * K_CAPACITY               # the stage layout of _stage_tile
+        STAGE: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY) + 4 * HEAD_DIM
+        PITCH: gl.constexpr = 2 * HEAD_DIM + 16             # dense rows: ldmatrix reads conflict-free
+        DENSE: gl.constexpr = 2 * STAGE                     # K tile, then V tile (16 rows each)
+        DUMMY: gl.constexpr = DENSE + 32 * PITCH            # 64 bytes the sentinels' stores land in
+        QUEUE: gl.constexpr = DUMMY + 64
+        CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
+        _lane_asm(_stage_decl(QUEUE + 256 * _scatter_queue_entries(HEAD_DIM, CAP)), lane)
+        _zero_dense(DENSE, PITCH, lane, HEAD_DIM)
+        _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+        for start in range(lo, c_hi, BLOCK_N):
+            stage = ((start - lo) // BLOCK_N) % 2 * STAGE
+            _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
+                        K_CAPACITY, V_CAPACITY, HEAD_DIM)
+            _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            _scatter_tile(stage, start, c_hi, lane, DENSE, PITCH, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+            _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            k = _ldmatrix_operand(DENSE, PITCH, A_OP, HEAD_DIM, False)
+            p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
+            v_t = _ldmatrix_operand(DENSE + 16 * PITCH, PITCH, A_OP, HEAD_DIM, True)
+            acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+            _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            _zero_dense(DENSE, PITCH, lane, HEAD_DIM)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
@@ -412,7 +583,7 @@ def _sparse_decode_gluon_kernel(
             p, m, l, alpha = _scores(k, start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
             tv = start + tok_v
             v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
-            acc = _accumulate(v_t, p, acc, alpha, B_OP)
+            acc = _accumulate(v_t, p, acc, alpha, B_OP, False)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)

@@ -1,0 +1,134 @@
+"""Launch policy of the Gluon decode kernel (decode_gluon.py): which shapes it runs, which gather
+each config uses, its register cap, its shared memory, and so how many one-warp programs fit on
+an SM (the split count fills whole waves of them). Pure Python, no Gluon import: attention.py,
+the tuner and the tests use it on machines where Gluon cannot run.
+
+The three gathers (decode_gluon.py's module docstring has the details):
+  "popc"    a popcount per element, values loaded from global memory: no staging, so the fewest
+            fixed costs per split (short splits), any HEAD_DIM multiple of 32;
+  "walk"    per element a bit test, predicated shared load and add, on rows staged in shared
+            memory: its cost follows the DENSE elements (D 64 / 128 / 256);
+  "scatter" per KEPT value a bfind and a 2-byte store into a zeroed dense tile in shared memory,
+            read back by ldmatrix: its cost follows the stored values (D 64 / 128).
+"""
+from __future__ import annotations
+
+from .._runtime import H100_SM_SHARED_BYTES, next_pow2
+
+# One warp per program, 16 tokens per tile; num_splits=-k: k full waves of programs (see
+# decode.choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
+# Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
+GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
+GATHERS = ("walk", "popc", "scatter")
+
+# Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
+# H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
+# perf/results/decode_gluon_ab_h100_s9_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
+# 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0.
+MIN_STAGED_SPLIT_TOKENS = 64
+
+# The scatter gather where the larger of the K and V capacities is at most this fraction of D
+# (to be measured on the H200: perf/decode_ab.py).
+SCATTER_MAX_CAPACITY_FRACTION = 0.34
+
+
+def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
+    """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
+    fp16 / bf16 (mma.sync operands), HEAD_DIM a multiple of 32, GQA group <= 16 (the padded
+    group is the mma's N)."""
+    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
+            and head_dim % 32 == 0 and group <= 16)
+
+
+def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
+    """Whether a tuning bucket (which may lack dtype, as when a shipped file is validated) is one
+    the Gluon kernel handles."""
+    return "dtype" in bucket and gluon_decode_supports(bucket["dtype"], bucket["head_dim"], bucket["group"],
+                                                        interpreting)
+
+
+def gluon_block_h(group: int) -> int:
+    """The Gluon kernel's padded query group: the mma's N, at least 8."""
+    return max(8, next_pow2(group))
+
+
+def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
+    """Whether a gather handles the shape (the staged gathers work on 16-token tiles)."""
+    if gather == "popc":
+        return True
+    if gather == "walk":
+        return head_dim in (64, 128, 256) and block_n == 16
+    if gather == "scatter":
+        return head_dim in (64, 128) and block_n == 16
+    raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
+
+
+def register_cap(head_dim: int, block_h: int, gather: str) -> int:
+    """Registers per thread the kernel is compiled with (maxnreg). Each is at or just above what
+    ptxas (sm_90, triton 3.6) wants without a cap, so nothing spills, except D=256 (a few words)
+    and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
+    ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
+    perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
+    and measured 1.13-1.24x slower, decode_gluon_ab_h100_s9_bits_merge.json). The scatter needs
+    111-124 at D=128 (capacities 16-64). Fixing the cap makes the resident programs, and so the
+    waves, exact."""
+    staged = gather != "popc"
+    if head_dim <= 32:
+        return 96
+    if head_dim <= 64:
+        return (96 if staged else 128) if block_h <= 8 else 152
+    if head_dim <= 128:
+        return (128 if staged else 168) if block_h <= 8 else 224
+    return 255
+
+
+def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -> int:
+    """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
+    reports the PTX-declared buffer + 1024 bytes; Gluon allocates no dynamic shared memory here).
+    walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
+    scatter: the same stages, the dense K and V tiles (rows padded by 16 bytes), 64 dummy bytes
+    and the lanes' word queues (decode_gluon._scatter_queue_entries); popc: none."""
+    if gather == "popc":
+        return 0
+    stages = 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim)
+    if gather == "walk":
+        return stages + 1024
+    queue_entries = head_dim // 32 + max(k_capacity, v_capacity) // 32 + 3
+    return stages + 32 * (2 * head_dim + 16) + 64 + 256 * queue_entries + 1024
+
+
+def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
+                    sm_shared_bytes: int = H100_SM_SHARED_BYTES) -> int:
+    """One-warp programs resident per SM: each of the 4 schedulers has 16K registers, allocated
+    per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the popcount
+    gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers it gives
+    14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
+    shared: shared memory per program (shared_bytes), which limits the staged gathers at large
+    capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128)."""
+    per_warp = -(-register_cap(head_dim, block_h, gather) * 32 // 256) * 256
+    programs = min(32, 4 * (16384 // per_warp))
+    return min(programs, sm_shared_bytes // shared) if shared else programs
+
+
+def default_gather(head_dim: int, k_capacity: int, v_capacity: int) -> str:
+    """The staged gather for a cache when the config names none: the scatter where the stored
+    values are few enough for its per-value cost to beat the walk's per-element cost."""
+    if (gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"])
+            and max(k_capacity, v_capacity) <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
+        return "scatter"
+    return "walk"
+
+
+def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, context: int,
+                  splits_for) -> str:
+    """The gather a Gluon config runs: its "gather" key where that gather supports the shape;
+    otherwise the default staged gather, unless its splits (splits_for(gather) of them) would
+    hold fewer than MIN_STAGED_SPLIT_TOKENS tokens; then (and where nothing staged runs) popc."""
+    block_n = cfg["BLOCK_N"]
+    named = cfg.get("gather")
+    if named is not None:
+        return named if gather_supports(named, head_dim, block_n) else "popc"
+    gather = default_gather(head_dim, k_capacity, v_capacity)
+    if not gather_supports(gather, head_dim, block_n):
+        return "popc"
+    return gather if context >= MIN_STAGED_SPLIT_TOKENS * splits_for(gather) else "popc"
