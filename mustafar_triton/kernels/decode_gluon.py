@@ -43,6 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _split_ranges, _window_range
+from .decode_gluon_launch import stage_offsets, staged_row_pitch
 
 
 @gluon.jit
@@ -189,7 +190,7 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
     ok = t < c_hi
     # per token and run: the run's first bitmap word and the slots before it
     w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
-    row = bits_off + tok * (NW * 4)
+    row = bits_off + tok * staged_row_pitch(NW * 4)
     words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
                                       is_pure=False, pack=1)
     kept = tok * 0
@@ -211,7 +212,7 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
         before3 = before[:, :, None] + b * 0
         bi = b if NB == 4 else (run_idx % (4 // NB))[:, :, None] * NB + b
     slot = before3 + _popc(word & ((gl.full_like(bi, 1) << (8 * bi)) - 1))    # the byte's first slot
-    addr = stage_off + tok[:, :, None] * (CAPACITY * 2) + slot * 2
+    addr = stage_off + tok[:, :, None] * staged_row_pitch(CAPACITY * 2) + slot * 2
     z = gl.zeros([16, RUNS, NB, 8], gl.int32, L4)
     addr4, _ = gl.broadcast(addr[:, :, :, None], z)
     bits4, _ = gl.broadcast((word >> (8 * bi))[:, :, :, None], z)
@@ -330,18 +331,20 @@ def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, pitch, queue_off, du
     K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
     Rows of tokens past c_hi and malformed rows (more bits than their capacity) store nothing."""
     NW: gl.constexpr = HEAD_DIM // 32
-    KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
     tok = lane % 16
     is_v = lane >= 16
-    row = stage + KB_OFF + gl.where(is_v, 2 * HEAD_DIM, 0) + tok * (NW * 4)
+    row = stage + gl.where(is_v, VB_OFF, KB_OFF) + tok * staged_row_pitch(NW * 4)
     words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
                                       is_pure=False, pack=1)
     kept = tok * 0
     for j in gl.static_range(NW):
         kept += _popc(words[j])
     fits = (tile_start + tok < c_hi) & (kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY))
-    vrow = stage + gl.where(is_v, 32 * K_CAPACITY + tok * (2 * V_CAPACITY), tok * (2 * K_CAPACITY))
+    vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
     args = args + (vrow, dense_off + lane * pitch, queue_off + lane * 8, dummy_off + lane * 0)
     gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
@@ -399,17 +402,21 @@ def _v_channel(row, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
 @gluon.jit
 def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
     """cp.async of a tile's rows of ROW elements (16 contiguous rows: value slots or bitmap words;
-    rows of tokens past c_hi are not read) to mt_dstage + stage_off, one 16-byte (8 for 8-byte
-    rows, whose stream may be only 8-byte aligned) copy per lane and step."""
+    rows of tokens past c_hi are not read) to mt_dstage + stage_off, rows _row_pitch apart, one
+    16-byte (8 for 8-byte rows, whose stream may be only 8-byte aligned) copy per lane and step."""
     ROW_BYTES: gl.constexpr = ROW * src_ptr.dtype.element_ty.primitive_bitwidth // 8
     CHUNK: gl.constexpr = 16 if ROW_BYTES % 16 == 0 else 8
-    NCH: gl.constexpr = 16 * ROW_BYTES // CHUNK
+    PER_ROW: gl.constexpr = ROW_BYTES // CHUNK
+    NCH: gl.constexpr = 16 * PER_ROW
+    PAD: gl.constexpr = staged_row_pitch(ROW_BYTES) - ROW_BYTES
     nbytes = gl.minimum(gl.maximum(c_hi - tile_start, 0), 16) * ROW_BYTES
     src = (src_ptr + tile_start * ROW).to(gl.pointer_type(gl.int8), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
         gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
-                                  [src + gl.minimum(c, NCH - 1) * CHUNK, stage_off + c * CHUNK, c * CHUNK, nbytes],
+                                  [src + gl.minimum(c, NCH - 1) * CHUNK,
+                                   stage_off + c * CHUNK + (c // PER_ROW) * PAD,
+                                   c * CHUNK, nbytes],
                                   dtype=gl.int32, is_pure=False, pack=1)
 
 
@@ -424,14 +431,16 @@ def _cp_async_asm(chunk):
 def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
                 K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
     """cp.async of a tile's rows into the stage at mt_dstage + base, as one commit group. A stage
-    holds, in bytes: K value rows [0, 32 K_CAPACITY), V value rows (32 V_CAPACITY), K bitmap rows
-    (2 HEAD_DIM), V bitmap rows (2 HEAD_DIM)."""
+    holds 16 K value rows, 16 V value rows, 16 K bitmap rows and 16 V bitmap rows, at
+    stage_offsets, each row staged_row_pitch bytes apart."""
     NW: gl.constexpr = HEAD_DIM // 32
-    KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     _stage_rows(k_vals, tile_start, c_hi, base, lane, K_CAPACITY)
-    _stage_rows(v_vals, tile_start, c_hi, base + 32 * K_CAPACITY, lane, V_CAPACITY)
+    _stage_rows(v_vals, tile_start, c_hi, base + V_OFF, lane, V_CAPACITY)
     _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW)
-    _stage_rows(v_bits, tile_start, c_hi, base + KB_OFF + 2 * HEAD_DIM, lane, NW)
+    _stage_rows(v_bits, tile_start, c_hi, base + VB_OFF, lane, NW)
     _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
 
 
@@ -468,18 +477,11 @@ def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr):
 
 
 @gluon.jit
-def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr, LAZY: gl.constexpr = True):
+def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
     """acc = O^T [D, H] rescaled, plus V^T [D, BLOCK_N] (A operand) @ P^T. Called after the V
     gather, which is issued after the scores: gathering K and V first costs ~30 more registers.
-    LAZY: the rescale is skipped (a warp-uniform branch) when no head's running max moved, as in
-    most tiles after the first: alpha is then exactly 1 (NaN != 1 still rescales, so it
-    propagates). The popcount gather rescales always: the branch's registers make it spill."""
-    if LAZY:
-        if gl.max((alpha != 1.0).to(gl.int32), axis=0) != 0:
-            acc = acc * alpha[None, :]
-    else:
-        acc = acc * alpha[None, :]
-    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc)
+    (Skipping the rescale when no running max moved measured within noise on the H200.)"""
+    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
 
 
 @gluon.jit
@@ -523,10 +525,10 @@ def _sparse_decode_gluon_kernel(
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     if WALK:
         gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
-        V_OFF: gl.constexpr = 32 * K_CAPACITY               # the stage layout of _stage_tile
-        KB_OFF: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY)
-        VB_OFF: gl.constexpr = KB_OFF + 2 * HEAD_DIM
-        STAGE: gl.constexpr = VB_OFF + 2 * HEAD_DIM
+        V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+        KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+        VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+        STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
         _lane_asm(_stage_decl(2 * STAGE), lane)
         _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
@@ -543,8 +545,7 @@ def _sparse_decode_gluon_kernel(
             acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     elif GATHER == "scatter":
         gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
-        V_OFF: gl.constexpr = 32 * K_CAPACITY               # the stage layout of _stage_tile
-        STAGE: gl.constexpr = 32 * (K_CAPACITY + V_CAPACITY) + 4 * HEAD_DIM
+        STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
         PITCH: gl.constexpr = 2 * HEAD_DIM + 16             # dense rows: ldmatrix reads conflict-free
         DENSE: gl.constexpr = 2 * STAGE                     # K tile, then V tile (16 rows each)
         DUMMY: gl.constexpr = DENSE + 32 * PITCH            # 64 bytes the sentinels' stores land in
@@ -583,7 +584,7 @@ def _sparse_decode_gluon_kernel(
             p, m, l, alpha = _scores(k, start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
             tv = start + tok_v
             v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
-            acc = _accumulate(v_t, p, acc, alpha, B_OP, False)
+            acc = _accumulate(v_t, p, acc, alpha, B_OP)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)

@@ -1,7 +1,7 @@
 """Launch policy of the Gluon decode kernel (decode_gluon.py): which shapes it runs, which gather
 each config uses, its register cap, its shared memory, and so how many one-warp programs fit on
-an SM (the split count fills whole waves of them). Pure Python, no Gluon import: attention.py,
-the tuner and the tests use it on machines where Gluon cannot run.
+an SM (the split count fills whole waves of them). No Gluon import: attention.py, the tuner and
+the tests use it on machines where Gluon cannot run.
 
 The three gathers (decode_gluon.py's module docstring has the details):
   "popc"    a popcount per element, values loaded from global memory: no staging, so the fewest
@@ -12,6 +12,8 @@ The three gathers (decode_gluon.py's module docstring has the details):
             read back by ldmatrix: its cost follows the stored values (D 64 / 128).
 """
 from __future__ import annotations
+
+from triton.runtime.jit import constexpr_function
 
 from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 
@@ -82,6 +84,26 @@ def register_cap(head_dim: int, block_h: int, gather: str) -> int:
     return 255
 
 
+@constexpr_function  # also called by the kernel at compile time
+def staged_row_pitch(row_bytes: int) -> int:
+    """Bytes between two rows staged in shared memory: rows of whole 16-byte chunks take an odd
+    number of chunks, so the rows that 8 lanes read at once start in 8 different bank groups (a
+    128-byte row, K0.5V0.5 at D=128, put every row in the same banks)."""
+    if row_bytes % 16:
+        return row_bytes
+    return 16 * ((row_bytes // 16) | 1)
+
+
+@constexpr_function
+def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int, int, int, int]:
+    """Byte offsets of a staged tile's V value rows, K bitmap rows and V bitmap rows, and the
+    stage's size (16 rows of each; the K value rows come first)."""
+    v_off = 16 * staged_row_pitch(2 * k_capacity)
+    kb_off = v_off + 16 * staged_row_pitch(2 * v_capacity)
+    vb_off = kb_off + 16 * staged_row_pitch(head_dim // 8)
+    return v_off, kb_off, vb_off, vb_off + 16 * staged_row_pitch(head_dim // 8)
+
+
 def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -> int:
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates no dynamic shared memory here).
@@ -90,7 +112,7 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -
     and the lanes' word queues (decode_gluon._scatter_queue_entries); popc: none."""
     if gather == "popc":
         return 0
-    stages = 2 * (32 * (k_capacity + v_capacity) + 4 * head_dim)
+    stages = 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3]
     if gather == "walk":
         return stages + 1024
     queue_entries = head_dim // 32 + max(k_capacity, v_capacity) // 32 + 3
