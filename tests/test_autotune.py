@@ -405,11 +405,12 @@ def test_gluon_splits_fill_whole_waves():
     assert programs_per_sm(128, 8, "walk") == 16      # 128 registers: 4 per scheduler
     assert programs_per_sm(64, 8, "walk") == 20       # 96: 5 per scheduler (not 65536 // 3072 = 21)
     assert programs_per_sm(128, 16, "popc") == 8      # 224: 2 per scheduler (not 65536 // 7168 = 9)
-    # the staged gathers' shared memory: 16 walk programs fit 228 KB up to 14.25 KB each
+    # the staged gathers' shared memory: 16 walk programs fit 228 KB up to 14.25 KB each; rows of
+    # 128 bytes (capacity 64) are staged 144 bytes apart, of 192 bytes 208 apart
     h100_shared = 228 << 10
-    assert shared_bytes("walk", 128, 64, 64) == 2 * (32 * 128 + 512) + 1024
-    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 96, 96), h100_shared) == 16
-    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 104, 104), h100_shared) == 15
+    assert shared_bytes("walk", 128, 64, 64) == 2 * (2 * 16 * 144 + 2 * 16 * 16) + 1024
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 88, 88), h100_shared) == 16
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 96, 96), h100_shared) == 15
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 128, 128), h100_shared) == 12
     # the scatter adds the dense tiles and queues: 17984 bytes at D=128 K0.7V0.7, as ptxas reports
     assert shared_bytes("scatter", 128, 40, 40) == 17984
