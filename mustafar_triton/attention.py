@@ -138,22 +138,12 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
         return choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
                                  cfg["BLOCK_N"], programs_per_sm)
 
-    def gluon_plan(cfg):
-        """(gather, splits, register cap) of a Gluon config: the splits fill whole waves of the
-        programs that fit an SM with that gather's registers and shared memory."""
-        block_h = gluon_launch.gluon_block_h(group)
-
-        def splits_with(gather):
-            shared = gluon_launch.shared_bytes(gather, d, packed_k.capacity, packed_v.capacity)
-            return splits_for(cfg, gluon_launch.programs_per_sm(d, block_h, gather, shared, sm_shared_bytes(q.device)))
-
-        gather = gluon_launch.choose_gather(cfg, d, packed_k.capacity, packed_v.capacity, context, splits_with)
-        return gather, splits_with(gather), gluon_launch.register_cap(d, block_h, gather)
-
     def run(cfg):
         gluon = cfg.get("kernel") == "gluon"
         if gluon:
-            gather, splits, maxnreg = gluon_plan(cfg)
+            gather, splits, maxnreg = gluon_launch.plan(
+                cfg, d, group, packed_k.capacity, packed_v.capacity, context,
+                lambda per_sm: splits_for(cfg, per_sm), sm_shared_bytes(q.device))
         else:
             splits = splits_for(cfg, 0)
         per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]

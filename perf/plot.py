@@ -11,6 +11,9 @@ Figures, per model and dtype of the decode rows (<tag> = model_dtype):
     speedup_vs_context_<tag>.png   over the fastest dense SDPA backend of each shape
     speedup_vs_batch_<tag>.png
     speedup_vs_sparsity_<tag>.png  measured, and the bytes ratio dense / compressed
+    time_vs_sparsity_<tag>.png     ours at each sparsity, the fastest dense backend and the byte
+                                   bound (compressed bytes / copy bandwidth), a panel per shape
+                                   measured at 3+ sparsities: does the time follow the bytes?
     bandwidth_fraction_<tag>.png   bytes moved / time, as a fraction of the measured copy bandwidth
 and once:
     kv_memory.png                  KV-cache size and largest batch per context in 80 GB (analytic)
@@ -39,8 +42,7 @@ from mustafar_triton.format import default_capacity  # noqa: E402
 SWEEP_SCRIPT = "perf/sweep.py"
 MEMORY_BUDGET = 80e9  # bytes, for kv_memory.png
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
-OURS_COLORS = {0.5: "tab:orange", 0.7: "tab:red"}
-SPARSITY_LINESTYLES = {0.5: "--", 0.7: "-"}
+OURS_COLORS = {0.5: "tab:orange", 0.6: "gold", 0.7: "tab:red", 0.8: "tab:pink", 0.9: "tab:brown", 0.95: "maroon"}
 DENSE_STYLES = {"cudnn": ("tab:blue", "s"), "flash": ("tab:cyan", "^"), "efficient": ("tab:purple", "v"),
                 "flash_attn": ("tab:green", "D"), "flashinfer": ("tab:olive", "P")}
 ROW_KEY = ("op", "kernel", "backend", "model", "batch", "T", "hq", "hkv", "d", "dtype", "sparsity")
@@ -197,7 +199,7 @@ def plot_speedup_vs(rows, x_key, line_key, tag, title, meta, out_dir):
                 continue
             name = f"T={tokens_label(value)}" if line_key == "T" else f"B={value}"
             ax.plot(xs, [r["speedup"] for r in rs], color=cmap(i / max(1, len(values) - 1)),
-                    ls=SPARSITY_LINESTYLES.get(s, "-."), marker="o",
+                    ls="--" if s < 0.7 else "-", marker="o",
                     label=f"{name}, sparsity {s}")
     add_ideal_lines(ax, ours)
     log2_axis(ax, "x", tokens=x_key == "T")
@@ -236,6 +238,35 @@ def plot_speedup_vs_sparsity(rows, tag, title, meta, out_dir):
     ax.set_title(f"Speedup vs sparsity: {title}\n{subtitle(meta)}", fontsize=9)
     fig.tight_layout()
     save(fig, out_dir, f"speedup_vs_sparsity_{tag}.png")
+
+
+def plot_time_vs_sparsity(rows, tag, title, meta, out_dir):
+    ours = [r for r in ours_rows(rows) if "byte_bound_us" in r]
+    shapes = sorted(shape for shape in {(r["batch"], r["T"]) for r in ours}
+                    if len({r["sparsity"] for r in ours if (r["batch"], r["T"]) == shape}) >= 3)
+    if not shapes:
+        return
+    fig, axes = plt.subplots(1, len(shapes), figsize=(3.6 * len(shapes), 4.0), squeeze=False)
+    for ax, (b, t) in zip(axes[0], shapes):
+        xs, rs = series([r for r in ours if (r["batch"], r["T"]) == (b, t)], "sparsity")
+        ax.plot(xs, [r["median_us"] for r in rs], marker="o", color="tab:red", label="ours")
+        ax.plot(xs, [r["byte_bound_us"] for r in rs], ls=":", color="black", label="byte bound (compressed)")
+        dense = [r for r in rows if r["kernel"] == "sdpa" and (r["batch"], r["T"]) == (b, t)]
+        if dense:
+            best = min(dense, key=lambda r: r["median_us"])
+            ax.axhline(best["median_us"], color="tab:blue", label=f"dense SDPA ({best['backend']})")
+        for x, r in zip(xs, rs):
+            if r.get("gather"):
+                ax.annotate(r["gather"], (x, r["median_us"]), fontsize=6, textcoords="offset points", xytext=(0, 4))
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"B={b} T={tokens_label(t)}", fontsize=9)
+        ax.set_xlabel("sparsity (K and V)")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("GPU time per call (us)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Decode time vs sparsity: {title}\n{subtitle(meta)}", fontsize=9)
+    fig.tight_layout()
+    save(fig, out_dir, f"time_vs_sparsity_{tag}.png")
 
 
 def plot_bandwidth_fraction(rows, tag, title, meta, out_dir):
@@ -333,6 +364,7 @@ def main() -> None:
         plot_speedup_vs(group, "T", "batch", tag, title, meta, args.out_dir)
         plot_speedup_vs(group, "batch", "T", tag, title, meta, args.out_dir)
         plot_speedup_vs_sparsity(group, tag, title, meta, args.out_dir)
+        plot_time_vs_sparsity(group, tag, title, meta, args.out_dir)
         plot_bandwidth_fraction(group, tag, title, meta, args.out_dir)
     plot_kv_memory(args.out_dir)
     plot_prune_and_pack([r for r in rows if r["op"] == "prune_and_pack"], meta, args.out_dir)

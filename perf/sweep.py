@@ -6,7 +6,8 @@
 
 Every decode shape draws fresh random normal K, V, q; the dense backends and
 mustafar_triton.sparse_decode_attention (on prune_and_pack of the same K and V, at each sparsity)
-run on that same data. The compressed cache has no dense recent window (W=0), so every token is
+run on that same data. Sparsities: 0.5 and 0.7, and the whole SPARSITY_AXIS at the four shapes
+of SPARSITY_AXIS_SHAPES (the plot of time against sparsity, with dense and the byte bound). The compressed cache has no dense recent window (W=0), so every token is
 read compressed. Shapes whose dense K+V exceeds 40% of device memory are skipped.
 
 Tuning: with --autotune library (default) sparse_decode_attention behaves as for a user: shipped
@@ -22,7 +23,8 @@ Row fields: op (decode | prune_and_pack), kernel (mustafar | sdpa | flash_attn |
 backend, model, batch, T, hq, hkv, d, dtype, sparsity (None for dense), window, median_us, bytes
 (ours: compressed K+V + q + out; dense: K+V as passed to the kernel; prune_and_pack: read +
 written), gbps, bw_frac (bytes/time over the measured copy bandwidth), speedup (fastest dense SDPA
-backend of the shape / this row), dense_kv_bytes, gqa (native | expanded), first_call_s, config,
+backend of the shape / this row), dense_kv_bytes, gqa (native | expanded), first_call_s, config, gather (the Gluon gather the launcher ran, if
+any), byte_bound_us (ours: the compressed K+V bytes over the copy bandwidth),
 max_abs_err (ours vs a float32 torch reference on the same pruned cache, batch 0 / kv head 0),
 error (a backend that could not run).
 """
@@ -74,6 +76,9 @@ import mustafar_triton as mt  # noqa: E402  (common.py put the repository first 
 from mustafar_triton import autotune, reference  # noqa: E402
 
 SPARSITIES = (0.5, 0.7)
+SPARSITY_AXIS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+# Llama-3-8B fp16 (batch, tokens) measured at every sparsity of SPARSITY_AXIS
+SPARSITY_AXIS_SHAPES = ((1, 32 * 1024), (16, 16 * 1024), (64, 4 * 1024), (4, 128 * 1024))
 MAX_DENSE_FRACTION = 0.4  # of device memory, for the dense K+V of one shape
 SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                  "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -132,9 +137,8 @@ def cases_for(mode: str) -> list:
     cases, more prune_and_pack shapes, the Llama-3-8B fp16 grid (B 1..64 x T 1k..128k, batch 16
     and 1 first), then fewer bf16 and SmolLM2-135M shapes, so a run cut short by the time budget
     loses the least important shapes."""
-    quick = [PackCase((16, 8, 16 * KILO, 128), FP16, 0.7), PackCase((16, 8, 16 * KILO, 128), FP16, 0.5),
-             DecodeCase(LLAMA3_8B, 16, 16 * KILO, FP16), DecodeCase(LLAMA3_8B, 64, 4 * KILO, FP16),
-             DecodeCase(LLAMA3_8B, 1, 32 * KILO, FP16)]
+    quick = ([PackCase((16, 8, 16 * KILO, 128), FP16, 0.7), PackCase((16, 8, 16 * KILO, 128), FP16, 0.5)]
+             + [DecodeCase(LLAMA3_8B, b, t, FP16) for b, t in SPARSITY_AXIS_SHAPES])
     if mode == "cpu":
         cases = (decode_grid(LLAMA3_8B, (1, 2), (64, 128), FP16)
                  + decode_grid(SMOLLM2_135M, (2,), (128,), BF16)
@@ -252,6 +256,27 @@ def other_library_rows(q, k, v, base: dict, rig: Rig, importable: dict) -> list[
     return rows
 
 
+def sparsities_for(case: DecodeCase) -> tuple[float, ...]:
+    on_axis = case.model == LLAMA3_8B and case.dtype == FP16 and (case.batch, case.tokens) in SPARSITY_AXIS_SHAPES
+    return SPARSITY_AXIS if on_axis else SPARSITIES
+
+
+def launched_gather(q, pk: mt.PackedKV, pv: mt.PackedKV, config: dict) -> str | None:
+    """The Gluon gather attention.py runs for this call and config (None: the tl kernel)."""
+    from mustafar_triton._runtime import has_mma_v2, interpreting, num_sms, sm_shared_bytes
+    from mustafar_triton.kernels import decode_gluon_launch as launch
+    from mustafar_triton.kernels.decode import choose_num_splits
+
+    b, hq, d = q.shape
+    hkv, tokens = pk.shape[1], pk.shape[2]
+    if config.get("kernel") != "gluon" or not (launch.gluon_decode_supports(q.dtype, d, hq // hkv, interpreting())
+                                               and has_mma_v2(q.device)):
+        return None
+    splits_for = lambda per_sm: choose_num_splits(config["num_splits"], num_sms(q.device), b * hkv, tokens,  # noqa: E731
+                                                  config["BLOCK_N"], per_sm)
+    return launch.plan(config, d, hq // hkv, pk.capacity, pv.capacity, tokens, splits_for, sm_shared_bytes(q.device))[0]
+
+
 def first_kv_head(p: mt.PackedKV) -> mt.PackedKV:
     return mt.PackedKV(p.bitmap[:1, :1].contiguous(), p.values[:1, :1].contiguous(), p.capacity, p.head_dim)
 
@@ -277,6 +302,7 @@ def mustafar_row(q, k, v, sparsity: float, base: dict, rig: Rig) -> dict:
                                  capacity=max(pk.capacity, pv.capacity), batch_heads=k.shape[0] * k.shape[1],
                                  context=k.shape[2])
     row.update(capacity=pk.capacity, first_call_s=first_call_s, config=config,
+               gather=launched_gather(q, pk, pv, config), byte_bound_us=(pk.nbytes + pv.nbytes) / rig.copy_bw * 1e6,
                max_abs_err=(out[:1, :group].float() - expected.float()).abs().max().item())
     return measure(row, lambda: mt.sparse_decode_attention(q, pk, pv), pk.nbytes + pv.nbytes + nbytes(q, out), rig)
 
@@ -289,7 +315,7 @@ def run_decode_case(case: DecodeCase, rig: Rig, importable: dict) -> list[dict]:
     base = dict(op="decode", model=m.name, batch=case.batch, T=case.tokens, hq=m.hq, hkv=m.hkv, d=m.d,
                 dtype=dtype_name(case.dtype), sparsity=None, window=0, dense_kv_bytes=case.dense_kv_bytes)
     rows = sdpa_rows(q, k, v, base, rig) + other_library_rows(q, k, v, base, rig, importable)
-    rows += [mustafar_row(q, k, v, s, base, rig) for s in SPARSITIES]
+    rows += [mustafar_row(q, k, v, s, base, rig) for s in sparsities_for(case)]
     dense = [r["median_us"] for r in rows if r["kernel"] == "sdpa" and "median_us" in r]
     for r in rows:
         if dense and "median_us" in r:
@@ -341,15 +367,16 @@ def print_table(rows: list[dict]) -> None:
     for r in rows:
         if r["op"] == "decode":
             shapes.setdefault((r["model"], r["dtype"], r["batch"], r["T"]), []).append(r)
+    sparsities = sorted({r["sparsity"] for r in rows if r["op"] == "decode" and r["sparsity"] is not None})
     head = f"{'model':<13} {'dtype':<8} {'B':>3} {'T':>7} | {'best dense':>18}"
-    head += "".join(f" | {'s=' + str(s):>16}" for s in SPARSITIES)
+    head += "".join(f" | {'s=' + str(s):>16}" for s in sparsities)
     print("\n" + head + "\n" + "-" * len(head))
     for (model, dtype, b, t), group in shapes.items():
         dense = [r for r in group if r["kernel"] == "sdpa" and "median_us" in r]
         best = min(dense, key=lambda r: r["median_us"]) if dense else None
         line = f"{model:<13} {dtype:<8} {b:>3} {t:>7} | "
         line += f"{best['median_us']:>8.1f} us {best['backend']:>6}" if best else f"{'-':>18}"
-        for s in SPARSITIES:
+        for s in sparsities:
             ours = [r for r in group if r["kernel"] == "mustafar" and r["sparsity"] == s and "median_us" in r]
             cell = f"{ours[0]['median_us']:.1f} us {ours[0].get('speedup', float('nan')):.2f}x" if ours else "-"
             line += f" | {cell:>16}"
@@ -387,7 +414,8 @@ def main(args: argparse.Namespace) -> None:
     cases = [c for c in cases if c.dense_kv_bytes <= memory_limit]
     meta.update(
         script="perf/sweep.py", mode=mode, argv=sys.argv[1:], copy_bandwidth_bytes_per_s=rig.copy_bw,
-        sparsities=list(SPARSITIES),
+        sparsities=list(SPARSITIES), sparsity_axis=list(SPARSITY_AXIS),
+        sparsity_axis_shapes=[list(s) for s in SPARSITY_AXIS_SHAPES],
         window=0, window_note="no dense recent window: every token of the cache is compressed",
         timing=("GPU time per call, L2 flushed before each call, host excluded (mustafar_triton._timing."
                 "gpu_time_ms: CUDA-graph replays)" if device.type == "cuda"

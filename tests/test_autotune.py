@@ -439,7 +439,8 @@ def test_gluon_gather_choice():
     assert gather(GLUON_CONFIG, 128, (64, 64), 16384, 16) == "walk"        # B=16: 1024 tokens per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 32768, 264) == "walk"       # B=1: 124 per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 8192, 264) == "popc"        # 31 per split
-    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "scatter"     # few values stored
+    assert gather(GLUON_CONFIG, 128, (16, 32), 16384, 16) == "scatter"     # few values stored
+    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "walk"        # V at sparsity 0.7
     assert gather(GLUON_CONFIG, 128, (16, 16), 8192, 264) == "popc"
     assert gather(GLUON_CONFIG, 256, (16, 16), 16384, 16) == "walk"        # the scatter: D 64 / 128
     assert gather(GLUON_CONFIG, 128, (64, 64), MIN_STAGED_SPLIT_TOKENS * 3, 3) == "walk"

@@ -1,6 +1,6 @@
 """Fused sparse decode attention in Gluon (GPU only): one warp per program, gathered values land
 straight in the registers of the tensor-core (mma.sync) operands. The fastest decode kernels on the
-H100; attention.py picks them wherever `gluon_decode_supports` says they run and the GPU has
+H100 and the H200; attention.py picks them wherever `gluon_decode_supports` says they run and the GPU has
 mma.sync m16n8k16 (Ampere or newer).
 
 Same grid, arguments and partial outputs as `_sparse_decode_kernel` (decode.py), whose split merge
@@ -17,24 +17,27 @@ Why it is faster than decode.py's kernel:
         O^T [D, H]      += V^T [D, BLOCK_N] @ P^T [BLOCK_N, H]
     q^T stays in registers for the whole loop, the accumulator is [D, 8], and P^T comes out of
     S^T's accumulator with a few shuffles.
-  * Registers are capped (decode.gluon_register_cap) so that a known number of programs fit per
-    SM and the splits fill whole waves.
+  * Registers are capped (decode_gluon_launch.register_cap) so that a known number of programs
+    fit per SM and the splits fill whole waves.
 
-Two ways to gather (WALK, chosen per shape by decode.gluon_use_walk; perf/NOTES.md, sessions 8-9):
+Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape; perf/NOTES.md):
   * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows and bitmap rows are copied into shared
     memory with cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks
     runs of CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1,
     so an element costs a bit test, a predicated shared load and a predicated add (no popcount, no
     64-bit address). The channels of the mma operands are permuted for this (dot products do not
     care; q is loaded and the output stored through the same permutation): K lane q of a row's
-    quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). B=16
-    T=16384 K0.7V0.7: 206 us against 306 for "popc" and ~358 for dense cuDNN. (With the bitmap
-    words loaded from global memory, L2-prefetched, instead of staged: 250 us; each gather's
-    popcounts then waited on an L2 round trip at the head of its dependency chain.)
+    quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
+    follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
+  * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
+    staged row into a zeroed dense tile in shared memory (a bfind per value, section below), and
+    ldmatrix reads the tiles into the mma operands. Its cost follows the kept values plus a fixed
+    shared-memory round trip of the dense tiles: H200, B=16 T=16384, 234 us at 0.7, 164 at 0.9,
+    134 at 0.95. Shared-memory bound (L1 90-93% busy; 3.5-way bank conflicts on the scatter).
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
-    costs per split: used below 64 tokens per split (decode.WALK_MIN_SPLIT_TOKENS) and for
-    other head dims.
+    costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
+    and for other head dims.
 """
 from __future__ import annotations
 

@@ -29,9 +29,11 @@ GATHERS = ("walk", "popc", "scatter")
 # 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0.
 MIN_STAGED_SPLIT_TOKENS = 64
 
-# The scatter gather where the larger of the K and V capacities is at most this fraction of D
-# (to be measured on the H200: perf/decode_ab.py).
-SCATTER_MAX_CAPACITY_FRACTION = 0.34
+# The scatter gather where the larger of the K and V capacities is at most this fraction of D.
+# H200, Llama-3-8B shape fp16, one wave of programs (perf/results/h200/decode_gathers_ecf4b40.json):
+# capacity 32 (sparsity 0.8) scatter 207 / walk 208 us at B=16 T=16k, 33.8 / 37.3 at B=1 T=32k;
+# capacity 40 (0.7) 234 / 209 and 37.2 / 39.0; capacity 16 (0.9) 164 / 208. D=64 not measured.
+SCATTER_MAX_CAPACITY_FRACTION = 0.25
 
 
 def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
@@ -154,3 +156,18 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
     if not gather_supports(gather, head_dim, block_n):
         return "popc"
     return gather if context >= MIN_STAGED_SPLIT_TOKENS * splits_for(gather) else "popc"
+
+
+def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int, context: int,
+         splits_for, sm_shared_bytes: int) -> tuple[str, int, int]:
+    """(gather, splits, register cap) of a launch of a Gluon config. splits_for(programs_per_sm)
+    sizes the splits (decode.choose_num_splits) for a gather's resident programs per SM, which
+    its registers and shared memory set."""
+    block_h = gluon_block_h(group)
+
+    def splits_with(gather):
+        shared = shared_bytes(gather, head_dim, k_capacity, v_capacity)
+        return splits_for(programs_per_sm(head_dim, block_h, gather, shared, sm_shared_bytes))
+
+    gather = choose_gather(cfg, head_dim, k_capacity, v_capacity, context, splits_with)
+    return gather, splits_with(gather), register_cap(head_dim, block_h, gather)
