@@ -25,7 +25,7 @@ for stage in "$@"; do
       echo "== memcheck on the decode and compress paths that index by lengths"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
           python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py tests/test_cache.py \
-          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk)" \
+          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk) or (kernel_variants and gatherscatter)" \
           > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
     tune|tune-pack|tune-select|tune-quick)
       echo "== tuning (writes autotune_cache/; copy it back)"

@@ -412,8 +412,8 @@ def test_gluon_splits_fill_whole_waves():
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 88, 88), h100_shared) == 16
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 96, 96), h100_shared) == 15
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 128, 128), h100_shared) == 12
-    # the scatter adds the dense tiles and queues: 17984 bytes at D=128 K0.7V0.7, as ptxas reports
-    assert shared_bytes("scatter", 128, 40, 40) == 17984
+    # the scatter adds the dense tiles and queues: 18080 bytes at D=128 K0.7V0.7, as ptxas reports
+    assert shared_bytes("scatter", 128, 40, 40) == 18080
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 40, 40), h100_shared) == 12
     assert shared_bytes("popc", 128, 40, 40) == 0
     for batch_heads in (8, 32, 128, 512, 2048):

@@ -303,17 +303,26 @@ def _fragment_layout(blocks):
 
 
 @gluon.jit
-def _ldmatrix_operand(tile_off, pitch, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
-    """The staged dense [16 tokens, HEAD_DIM] tile at mt_dstage + tile_off (rows `pitch` bytes
-    apart) as the mma A operand: K [16, D] (V_SIDE False), or V^T [D, 16] by ldmatrix.trans."""
+def _dense_row(dense_off, row, HEAD_DIM: gl.constexpr):
+    """Offset of dense row `row` (K rows 0-15, then V rows 16-31): rows 2 D + 16 bytes apart, so the
+    8 rows an ldmatrix matrix reads start in 8 bank groups, and every 8 rows 32 bytes further, so
+    the rows t, t + 8, 16 + t and 24 + t, which the scatter's lanes fill at similar channels, do not
+    start in the same banks (3.6-way store conflicts without)."""
+    return dense_off + row * (2 * HEAD_DIM + 16) + 32 * (row // 8)
+
+
+@gluon.jit
+def _ldmatrix_operand(dense_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
+    """The staged dense [16 tokens, HEAD_DIM] K tile (rows 0-15 at dense_off, _dense_row) as the
+    mma A operand [16, D], or (V_SIDE) the V tile (rows 16-31) as V^T [D, 16] by ldmatrix.trans."""
     NB: gl.constexpr = HEAD_DIM // 16
     FL: gl.constexpr = _fragment_layout(NB)
     blk = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, FL)))[None, :, None]
     if V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
-        addr = tile_off + ((lane % 8) + 8 * (lane // 16)) * pitch + 32 * blk + 16 * ((lane // 8) % 2)
+        addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
     else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
-        addr = tile_off + ((lane % 8) + 8 * ((lane // 8) % 2)) * pitch + 32 * blk + 16 * (lane // 16)
+        addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
     addr, _ = gl.broadcast(addr, gl.zeros([NB, 32, 8], gl.int32, FL))
     frag = gl.inline_asm_elementwise(_ldmatrix_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr],
                                      dtype=gl.float16, is_pure=False, pack=8)
@@ -328,7 +337,7 @@ def _ldmatrix_operand(tile_off, pitch, A_OP: gl.constexpr, HEAD_DIM: gl.constexp
 
 
 @gluon.jit
-def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, pitch, queue_off, dummy_off,
+def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
     K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
@@ -349,21 +358,21 @@ def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, pitch, queue_off, du
     fits = (tile_start + tok < c_hi) & (kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY))
     vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
-    args = args + (vrow, dense_off + lane * pitch, queue_off + lane * 8, dummy_off + lane * 0)
+    args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
     gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
                               dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
-def _zero_dense(dense_off, pitch, lane, HEAD_DIM: gl.constexpr):
-    """Zero the 32 dense rows (K then V) at mt_dstage + dense_off: 16-byte stores, each lane the
-    chunks c = 32 i + lane (row c // (D / 8))."""
+def _zero_dense(dense_off, lane, HEAD_DIM: gl.constexpr):
+    """Zero the 32 dense rows (K then V, _dense_row) at mt_dstage + dense_off: 16-byte stores, each
+    lane the chunks c = 32 i + lane (row c // (D / 8))."""
     CHUNKS: gl.constexpr = HEAD_DIM // 8
     for i in gl.static_range(0, 32 * CHUNKS, 32):
         c = i + lane
         _lane_asm("{ .reg .b32 a, z; mov.u32 a, mt_dstage; add.u32 a, a, $1; mov.b32 z, 0;"
                   " st.shared.v4.b32 [a], {z, z, z, z}; mov.b32 $0, 0; }",
-                  dense_off + (c // CHUNKS) * pitch + (c % CHUNKS) * 16)
+                  _dense_row(dense_off, c // CHUNKS, HEAD_DIM) + (c % CHUNKS) * 16)
 
 
 @gluon.jit
@@ -549,27 +558,27 @@ def _sparse_decode_gluon_kernel(
     elif GATHER == "scatter":
         gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
         STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-        PITCH: gl.constexpr = 2 * HEAD_DIM + 16             # dense rows: ldmatrix reads conflict-free
         DENSE: gl.constexpr = 2 * STAGE                     # K tile, then V tile (16 rows each)
-        DUMMY: gl.constexpr = DENSE + 32 * PITCH            # 64 bytes the sentinels' stores land in
+        DUMMY: gl.constexpr = DENSE + 32 * (2 * HEAD_DIM + 16) + 96  # after the last dense row (_dense_row):
+        # 64 bytes the sentinels' stores land in
         QUEUE: gl.constexpr = DUMMY + 64
         CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
         _lane_asm(_stage_decl(QUEUE + 256 * _scatter_queue_entries(HEAD_DIM, CAP)), lane)
-        _zero_dense(DENSE, PITCH, lane, HEAD_DIM)
+        _zero_dense(DENSE, lane, HEAD_DIM)
         _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
             stage = ((start - lo) // BLOCK_N) % 2 * STAGE
             _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
                         K_CAPACITY, V_CAPACITY, HEAD_DIM)
             _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            _scatter_tile(stage, start, c_hi, lane, DENSE, PITCH, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+            _scatter_tile(stage, start, c_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
             _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            k = _ldmatrix_operand(DENSE, PITCH, A_OP, HEAD_DIM, False)
+            k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
             p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
-            v_t = _ldmatrix_operand(DENSE + 16 * PITCH, PITCH, A_OP, HEAD_DIM, True)
+            v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
             acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
             _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            _zero_dense(DENSE, PITCH, lane, HEAD_DIM)
+            _zero_dense(DENSE, lane, HEAD_DIM)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)

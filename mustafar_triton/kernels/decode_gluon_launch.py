@@ -118,7 +118,7 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -
     if gather == "walk":
         return stages + 1024
     queue_entries = head_dim // 32 + max(k_capacity, v_capacity) // 32 + 3
-    return stages + 32 * (2 * head_dim + 16) + 64 + 256 * queue_entries + 1024
+    return stages + 32 * (2 * head_dim + 16) + 96 + 64 + 256 * queue_entries + 1024
 
 
 def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
