@@ -33,7 +33,7 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 def load_baseline(path: Path):
     """The kernel of another copy of decode_gluon.py (its relative imports made absolute), wrapped
     to take this launcher's GATHER argument (older copies took WALK)."""
-    source = path.read_text().replace("from .decode import", "from mustafar_triton.kernels.decode import")
+    source = path.read_text().replace("from .", "from mustafar_triton.kernels.")
     tmp = path.with_name(path.stem + "_loaded.py")
     tmp.write_text(source)
     spec = importlib.util.spec_from_file_location("decode_gluon_baseline", tmp)
