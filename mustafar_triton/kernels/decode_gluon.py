@@ -307,7 +307,8 @@ def _dense_row(dense_off, row, HEAD_DIM: gl.constexpr):
     """Offset of dense row `row` (K rows 0-15, then V rows 16-31): rows 2 D + 16 bytes apart, so the
     8 rows an ldmatrix matrix reads start in 8 bank groups, and every 8 rows 32 bytes further, so
     the rows t, t + 8, 16 + t and 24 + t, which the scatter's lanes fill at similar channels, do not
-    start in the same banks (3.6-way store conflicts without)."""
+    start in the same banks. (The scatter's stores still measured 3.6-way conflicts before that
+    offset and the same time after it: perf/results/h200/decode_gathers_c3329ed_bank_offsets.json.)"""
     return dense_off + row * (2 * HEAD_DIM + 16) + 32 * (row // 8)
 
 
