@@ -207,9 +207,9 @@ def _tuning_requested() -> bool:
     return os.environ.get("MUSTAFAR_TRITON_AUTOTUNE") == "1"
 
 
-def _tracing() -> bool:
-    """Inside a CUDA-graph capture or a torch.compile trace, where timing launches is impossible."""
-    return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
+def tracing(device: torch.device) -> bool:
+    """Inside a torch.compile trace or a CUDA-graph capture on `device`, where timing launches is impossible."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
@@ -250,7 +250,7 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
                    f"using the default config. To tune this shape ahead: {how}",
                    once_per=(kernel, device_name(device), shape))
         return None
-    if _tracing():
+    if tracing(device):
         return None
     _warn_once(f"mustafar_triton: tuning {kernel} for {shape} on {device_name(device)} "
                f"(MUSTAFAR_TRITON_AUTOTUNE=1): this call takes seconds; the config serves every bucket "
