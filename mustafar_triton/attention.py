@@ -170,6 +170,7 @@ class _DecodePlan:
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
                           HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None)
         self.launches: dict[int, _Launch] = {}
+        self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
         self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse):
@@ -183,6 +184,9 @@ class _DecodePlan:
         if self.batch == 0 or self.hq == 0:
             return (out, lse) if return_lse else out
         bound = self.tokens if max_seq_len is None else max_seq_len
+        if self.launches_from is not autotune.config_for:
+            self.launches.clear()
+            self.launches_from = autotune.config_for
         launch = self.launches.get(bound) if type(bound) is int else None
         if launch is None:
             if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.tokens:

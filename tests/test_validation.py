@@ -314,3 +314,28 @@ def test_decode_checks_hold_after_the_layout_is_planned(device):
     for (out, lse), kw in zip(planned, (dict(num_splits=1, max_seq_len=1), dict(max_seq_len=6))):
         fresh_out, fresh_lse = call(**kw)
         assert torch.equal(out, fresh_out) and torch.equal(lse, fresh_lse)
+
+
+def test_forced_config_reaches_a_planned_layout(device):
+    """autotune.forced_config (tune.py, perf/) applies to a layout planned before it, and the
+    plan's own config returns after it."""
+    from mustafar_triton import attention, autotune
+    q, pk, pv = randn((1, 2, 64), torch.float32, 1, device), *(
+        mt.prune_and_pack(randn((1, 1, 70, 64), torch.float32, s, device), 0.5) for s in (2, 3))
+    attention._plans.clear()
+    seen = []
+    original = attention._Launch.__init__
+
+    def record(self, plan, cfg, context):
+        seen.append(dict(cfg))
+        original(self, plan, cfg, context)
+    forced = dict(autotune.heuristic_config("decode", q.device), BLOCK_N=16, num_splits=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention._Launch, "__init__", record)
+        want = mt.sparse_decode_attention(q, pk, pv)
+        with autotune.forced_config("decode", forced):
+            got = mt.sparse_decode_attention(q, pk, pv)
+        again = mt.sparse_decode_attention(q, pk, pv)
+    assert [c["BLOCK_N"] for c in seen] == [32, 16, 32]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, want)
