@@ -38,13 +38,13 @@ def _check_packed(name: str, p, q: torch.Tensor) -> None:
         raise ValueError(f"q heads {q.shape[1]} not a multiple of {name} kv heads {p.shape[1]}")
 
 
-def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor):
+def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor) -> None:
     if (k_window is None) != (v_window is None):
         raise ValueError("give both k_window and v_window, or neither")
     if k_window is None:
         if window_lens is not None:
             raise ValueError("window_lens given without k_window / v_window")
-        return None, None, None
+        return
     b, hkv, _, d = packed_k.shape
     for name, w in (("k_window", k_window), ("v_window", v_window)):
         if not isinstance(w, torch.Tensor):
@@ -57,7 +57,6 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
             raise ValueError(f"{name} shape {tuple(w.shape)} must be [B={b}, Hkv={hkv}, W, D={d}]")
     if k_window.shape != v_window.shape:
         raise ValueError(f"k_window shape {tuple(k_window.shape)} != v_window shape {tuple(v_window.shape)}")
-    k_window, v_window = k_window.contiguous(), v_window.contiguous()
     if window_lens is not None:
         if not isinstance(window_lens, torch.Tensor) or window_lens.dtype != torch.int32:
             raise TypeError(f"window_lens must be an int32 tensor, got {getattr(window_lens, 'dtype', type(window_lens))}")
@@ -65,8 +64,6 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
             raise ValueError(f"window_lens shape {tuple(window_lens.shape)} != [B] = [{b}]")
         if window_lens.device != q.device:
             raise ValueError(f"window_lens is on {window_lens.device} but q is on {q.device}")
-        window_lens = window_lens.contiguous()
-    return k_window, v_window, window_lens
 
 
 def _sparse_decode_gluon_kernel():
