@@ -120,7 +120,7 @@ def nearest_entry(entries: list[dict], kernel: str, bucket: dict) -> dict | None
     return min(candidates, key=lambda e: _log_distance(e["bucket"], bucket, numeric))["config"]
 
 
-_warned: set[str] = set()
+_warned: set = set()  # messages, or the keys warnings are deduplicated by
 _file_cache: dict[Path, list[dict]] = {}
 
 
