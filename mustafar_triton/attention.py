@@ -38,13 +38,13 @@ def _check_packed(name: str, p, q: torch.Tensor) -> None:
         raise ValueError(f"q heads {q.shape[1]} not a multiple of {name} kv heads {p.shape[1]}")
 
 
-def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor):
+def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor) -> None:
     if (k_window is None) != (v_window is None):
         raise ValueError("give both k_window and v_window, or neither")
     if k_window is None:
         if window_lens is not None:
             raise ValueError("window_lens given without k_window / v_window")
-        return None, None, None
+        return
     b, hkv, _, d = packed_k.shape
     for name, w in (("k_window", k_window), ("v_window", v_window)):
         if not isinstance(w, torch.Tensor):
@@ -57,7 +57,6 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
             raise ValueError(f"{name} shape {tuple(w.shape)} must be [B={b}, Hkv={hkv}, W, D={d}]")
     if k_window.shape != v_window.shape:
         raise ValueError(f"k_window shape {tuple(k_window.shape)} != v_window shape {tuple(v_window.shape)}")
-    k_window, v_window = k_window.contiguous(), v_window.contiguous()
     if window_lens is not None:
         if not isinstance(window_lens, torch.Tensor) or window_lens.dtype != torch.int32:
             raise TypeError(f"window_lens must be an int32 tensor, got {getattr(window_lens, 'dtype', type(window_lens))}")
@@ -65,8 +64,6 @@ def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.
             raise ValueError(f"window_lens shape {tuple(window_lens.shape)} != [B] = [{b}]")
         if window_lens.device != q.device:
             raise ValueError(f"window_lens is on {window_lens.device} but q is on {q.device}")
-        window_lens = window_lens.contiguous()
-    return k_window, v_window, window_lens
 
 
 def _sparse_decode_gluon_kernel():
@@ -95,96 +92,187 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     Returns out [B, Hq, D] in q's dtype, and lse [B, Hq] float32 (natural log) if return_lse.
     A sequence with no token at all gets out = 0 and lse = -inf. NaN / inf in q or the caches
     propagate to the affected heads' outputs (as in dense attention), never to other heads.
-    Forward only; no host sync; allocates only the [B, Hkv, splits, G, D] float32 split buffers.
+    Forward only; no host sync; allocates only out and lse. The checks, the config and the split
+    sizing are resolved once per argument layout (shapes, strides, dtypes, devices) and bound, and
+    the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).
     """
-    if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"q dtype {q.dtype} not supported (fp16, bf16, fp32)")
-    if q.dim() != 3:
-        raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
-    check_device("q", q)
-    _check_packed("packed_k", packed_k, q)
-    _check_packed("packed_v", packed_v, q)
-    if packed_k.shape[:3] != packed_v.shape[:3]:
-        raise ValueError(f"packed_k dense shape {packed_k.shape} != packed_v dense shape {packed_v.shape}")
-    if (packed_k.seq_lens is None) != (packed_v.seq_lens is None):
-        raise ValueError("packed_k and packed_v must both have seq_lens or both not")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
-    tokens = packed_k.shape[2]
-    if max_seq_len is None:
-        max_seq_len = tokens
-    elif isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or not 0 <= max_seq_len <= tokens:
-        raise ValueError(f"max_seq_len must be an int in [0, T={tokens}], got {max_seq_len!r}")
-    k_window, v_window, window_lens = _check_window(k_window, v_window, window_lens, packed_k, q)
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    try:
+        key = (_tensor_key(q), _packed_key(packed_k), _packed_key(packed_v), _tensor_key(k_window),
+               _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits)
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors / PackedKV, or unhashable: the checks say which
+        key = plan = None
+    if plan is None:
+        plan = _DecodePlan(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+        if key is not None:
+            if len(_plans) >= _MAX_PLANS:
+                del _plans[next(iter(_plans))]  # the oldest layout
+            _plans[key] = plan
+    return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse)
 
-    batch, hq, d = q.shape
-    hkv = packed_k.shape[1]
-    window = 0 if k_window is None else k_window.shape[2]
-    context = max_seq_len + window  # the virtual sequence the splits divide
-    group = hq // hkv
-    scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    out = torch.empty_like(q)
-    lse = torch.empty((batch, hq), dtype=torch.float32, device=q.device)
-    if batch == 0 or hq == 0:
+
+def _tensor_key(t):
+    return None if t is None else (type(t), t.shape, t.stride(), t.dtype, t.device)
+
+
+def _packed_key(p):
+    """What the checks read of a PackedKV (its constructor checked the rest: bitmap and seq_lens
+    shapes, dtypes and devices against the values)."""
+    v = p.values
+    return (type(p), v.shape, v.dtype, v.device, p.capacity, p.head_dim, p.seq_lens is None)
+
+
+_plans: dict[tuple, "_DecodePlan"] = {}
+_MAX_PLANS = 256
+
+
+class _DecodePlan:
+    """One argument layout of sparse_decode_attention, checked once: its constants, a launch per
+    bound (max_seq_len) and the float32 split buffers per CUDA stream (calls on one stream run in
+    order, so they can share them; a graph captured on its own stream gets its own)."""
+
+    def __init__(self, q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits):
+        if not isinstance(q, torch.Tensor):
+            raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"q dtype {q.dtype} not supported (fp16, bf16, fp32)")
+        if q.dim() != 3:
+            raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+        check_device("q", q)
+        _check_packed("packed_k", packed_k, q)
+        _check_packed("packed_v", packed_v, q)
+        if packed_k.shape[:3] != packed_v.shape[:3]:
+            raise ValueError(f"packed_k dense shape {packed_k.shape} != packed_v dense shape {packed_v.shape}")
+        if (packed_k.seq_lens is None) != (packed_v.seq_lens is None):
+            raise ValueError("packed_k and packed_v must both have seq_lens or both not")
+        if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+            raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+        _check_window(k_window, v_window, window_lens, packed_k, q)
+        self.copy_q = q.stride(-1) != 1
+        self.copy_window = k_window is not None and not (
+            k_window.is_contiguous() and v_window.is_contiguous()
+            and (window_lens is None or window_lens.is_contiguous()))
+        self.batch, self.hq, self.d = q.shape
+        self.hkv = packed_k.shape[1]
+        self.group = self.hq // self.hkv
+        self.tokens = packed_k.shape[2]
+        self.window = 0 if k_window is None else k_window.shape[2]
+        self.window_stride = k_window.contiguous().stride() if k_window is not None else (0, 0, 0, 1)
+        self.scale = 1.0 / math.sqrt(self.d) if softmax_scale is None else float(softmax_scale)
+        self.num_splits = num_splits
+        self.k_capacity, self.v_capacity = packed_k.capacity, packed_v.capacity
+        self.device = q.device
+        self.on_interpreter = interpreting()
+        self.flags = dict(GROUP=self.group, HEAD_DIM=self.d, K_CAPACITY=self.k_capacity,
+                          V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
+                          HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None)
+        self.launches: dict[int, _Launch] = {}
+        self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
+        self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse):
+        if self.copy_q:
+            q = q.contiguous()
+        if self.copy_window:
+            k_window, v_window = k_window.contiguous(), v_window.contiguous()
+            window_lens = None if window_lens is None else window_lens.contiguous()
+        out = torch.empty_like(q)
+        lse = torch.empty((self.batch, self.hq), dtype=torch.float32, device=q.device)
+        if self.batch == 0 or self.hq == 0:
+            return (out, lse) if return_lse else out
+        bound = self.tokens if max_seq_len is None else max_seq_len
+        if self.launches_from is not autotune.config_for:
+            self.launches.clear()
+            self.launches_from = autotune.config_for
+        launch = self.launches.get(bound) if type(bound) is int else None
+        if launch is None:
+            if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.tokens:
+                raise ValueError(f"max_seq_len must be an int in [0, T={self.tokens}], got {max_seq_len!r}")
+            tensors = (q, packed_k, packed_v, k_window, v_window, window_lens, out, lse)
+            launch = self._resolve(bound, tensors)
+            if not autotune.tracing(self.device):  # a config picked while capturing may be tuned later
+                self.launches[bound] = launch
+        launch(self, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse)
         return (out, lse) if return_lse else out
 
-    on_interpreter = interpreting()
+    def _resolve(self, bound: int, tensors) -> "_Launch":
+        """The launch for a bound: its config (looked up once per bound; tuning, when requested,
+        times run(cfg) on this call's tensors) and split sizing."""
+        context = bound + self.window  # the virtual sequence the splits divide
+        run = lambda cfg: _Launch(self, cfg, context)(self, *tensors)  # noqa: E731
+        dtype = tensors[0].dtype
+        cfg = autotune.config_for("decode", self.device, run=run, head_dim=self.d, group=self.group, dtype=dtype,
+                                  capacity=max(self.k_capacity, self.v_capacity),
+                                  batch_heads=self.batch * self.hkv, context=context)
+        if cfg.get("kernel") == "gluon" and not (
+                gluon_launch.gluon_decode_supports(dtype, self.d, self.group, self.on_interpreter)
+                and has_mma_v2(self.device)):
+            cfg = autotune.heuristic_config("decode", self.device)  # e.g. the interpreter, an fp32 cache, a T4
+        return _Launch(self, cfg, context)
 
-    def splits_for(cfg, programs_per_sm):
-        return choose_num_splits(num_splits or cfg["num_splits"], num_sms(q.device), batch * hkv, context,
-                                 cfg["BLOCK_N"], programs_per_sm)
+    def buffers(self, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat float32 split buffers of this stream holding at least [B * Hkv, splits, G, (D)]."""
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index) if self.device.type == "cuda" else 0
+        rows = self.batch * self.hkv * splits * self.group
+        bufs = self.split_buffers.get(stream)
+        if bufs is None or bufs[1].numel() < rows:
+            bufs = (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
+                    torch.empty(rows, dtype=torch.float32, device=self.device))
+            self.split_buffers[stream] = bufs
+        return bufs
 
-    def run(cfg):
-        gluon = cfg.get("kernel") == "gluon"
-        if gluon:
-            gather, splits, maxnreg = gluon_launch.plan(
-                cfg, d, group, packed_k.capacity, packed_v.capacity, context,
-                lambda per_sm: splits_for(cfg, per_sm), sm_shared_bytes(q.device))
+
+class _Launch:
+    """The two launches of one config at one context: split sizing, grid, constants."""
+
+    def __init__(self, plan: _DecodePlan, cfg: dict, context: int):
+        d, group, batch, hkv = plan.d, plan.group, plan.batch, plan.hkv
+        self.cfg = cfg
+        self.context = context
+        self.gluon = cfg.get("kernel") == "gluon"
+
+        def splits_for(programs_per_sm):
+            return choose_num_splits(plan.num_splits or cfg["num_splits"], num_sms(plan.device), batch * hkv,
+                                     context, cfg["BLOCK_N"], programs_per_sm)
+
+        if self.gluon:
+            self.block_h = gluon_launch.gluon_block_h(group)
+            self.gather, splits, self.maxnreg = gluon_launch.plan(
+                cfg, d, group, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device))
         else:
-            splits = splits_for(cfg, 0)
-        per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
-        splits = max(1, cdiv(context, per_split))
-        part_out = torch.empty((batch * hkv, splits, group, d), dtype=torch.float32, device=q.device)
-        part_lse = torch.empty((batch * hkv, splits, group), dtype=torch.float32, device=q.device)
-        wstride = k_window.stride() if k_window is not None else (0, 0, 0, 1)
+            splits = splits_for(0)
+            self.slot_table = _slot_table(plan.device)
+            self.block_h = max(16, next_pow2(group))  # tl.dot's smallest M
+        self.per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
+        self.splits = max(1, cdiv(context, self.per_split))
+        # splits merged per step: all of them in one step up to 128 (a merge is latency-bound; 128
+        # against 64 at B=1 T=32768, 264 splits: 38.2 against 41.8 us per call)
+        self.block_s = cfg.get("merge_block", min(128, max(16, next_pow2(self.splits))))
+        self.block_d = min(d, MERGE_BLOCK_D)
+        self.max_splits_pow2 = max(self.block_s, next_pow2(self.splits))
+
+    def __call__(self, plan, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse):
+        cfg, splits, d, group, hkv = self.cfg, self.splits, plan.d, plan.group, plan.hkv
+        part_out, part_lse = plan.buffers(splits)
+        wstride = plan.window_stride
         common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
         rest = (k_window, v_window, window_lens, part_out, part_lse,
                 q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
-                hkv, tokens, max_seq_len, window, per_split, scale * 1.4426950408889634)
-        flags = dict(GROUP=group, HEAD_DIM=d,
-                     K_CAPACITY=packed_k.capacity, V_CAPACITY=packed_v.capacity,
-                     HAS_SEQ_LENS=packed_k.seq_lens is not None, HAS_WINDOW=k_window is not None,
-                     HAS_WINDOW_LENS=window_lens is not None)
-        if gluon:  # its register cap is part of the kernel: the splits count on it
-            _sparse_decode_gluon_kernel()[(splits, batch * hkv)](
-                *common, *rest, **flags, BLOCK_H=gluon_launch.gluon_block_h(group), BLOCK_N=cfg["BLOCK_N"],
-                GATHER=gather, num_warps=1, maxnreg=maxnreg)
+                hkv, plan.tokens, self.context - plan.window, plan.window, self.per_split,
+                plan.scale * 1.4426950408889634)
+        if self.gluon:  # its register cap is part of the kernel: the splits count on it
+            _sparse_decode_gluon_kernel()[(splits, plan.batch * hkv)](
+                *common, *rest, **plan.flags, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather,
+                num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-            _sparse_decode_kernel[(splits, batch * hkv)](
-                *common, _slot_table(q.device), *rest, **flags,
-                BLOCK_H=max(16, next_pow2(group)), BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
-                PREFETCH=0 if on_interpreter else cfg.get("prefetch", 0), FP32_MATH=on_interpreter,
+            _sparse_decode_kernel[(splits, plan.batch * hkv)](
+                *common, self.slot_table, *rest, **plan.flags,
+                BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
+                PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        # splits merged per step: all of them in one step up to 128 (a merge is latency-bound; 128
-        # against 64 at B=1 T=32768, 264 splits: 38.2 against 41.8 us per call)
-        block_s = cfg.get("merge_block", min(128, max(16, next_pow2(splits))))
-        block_d = min(d, MERGE_BLOCK_D)
-        _merge_splits_kernel[(batch * hq, d // block_d)](
-            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), hq,
-            GROUP=group, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=block_s, MAX_SPLITS_POW2=max(block_s, next_pow2(splits)),
-            num_warps=cfg.get("merge_warps", 4),
+        _merge_splits_kernel[(plan.batch * plan.hq, d // self.block_d)](
+            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), plan.hq,
+            GROUP=group, HEAD_DIM=d, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
+            MAX_SPLITS_POW2=self.max_splits_pow2, num_warps=cfg.get("merge_warps", 4),
         )
-
-    cfg = autotune.config_for("decode", q.device, run=run, head_dim=d, group=group, dtype=q.dtype,
-                              capacity=max(packed_k.capacity, packed_v.capacity),
-                              batch_heads=batch * hkv, context=context)
-    if cfg.get("kernel") == "gluon" and not (gluon_launch.gluon_decode_supports(q.dtype, d, group, on_interpreter)
-                                              and has_mma_v2(q.device)):
-        cfg = autotune.heuristic_config("decode", q.device)  # e.g. the interpreter, an fp32 cache, a T4
-    run(cfg)
-    return (out, lse) if return_lse else out

@@ -1,18 +1,22 @@
-"""Tile configs for every kernel: shipped tuned files, on-the-fly tuning, heuristic defaults.
+"""Tile configs for every kernel: shipped tuned files, tuning on request, heuristic defaults.
 
-Lookup order for a launch on a GPU:
+Lookup order for a launch on a GPU (a "shape" is a bucket's categorical keys, e.g. decode's
+head_dim, GQA group, dtype and capacity; its numeric keys are batch x heads and context):
   1. the tuned file for this GPU, `<dir>/<normalised device name>.json`, where <dir> is
-     $MUSTAFAR_TRITON_AUTOTUNE_DIR if set, else the repository's `autotune_cache/`; the entry of
-     the nearest shape bucket (categorical keys must match, numeric keys nearest in log2);
-  2. the user's cache, `~/.cache/mustafar_triton/<name>.json` ($MUSTAFAR_TRITON_USER_CACHE),
-     filled by on-the-fly tuning: the first launch of an unseen bucket times every config of the
-     kernel's space (GPU time, L2 flushed: `_timing.gpu_time_ms`) and stores the fastest (we
-     time whole launches ourselves rather than use `triton.autotune`, because the decode split
-     count changes the grid and the split buffers, which `triton.autotune` cannot vary);
-  3. a heuristic default (also used under the interpreter, during CUDA-graph capture, and when
-     $MUSTAFAR_TRITON_AUTOTUNE=0).
-A missing file falls through silently; a corrupt file or one tuned with another triton version
-falls through with one warning.
+     $MUSTAFAR_TRITON_AUTOTUNE_DIR if set, else the repository's `autotune_cache/`: the entry of
+     the nearest bucket of the same shape (numeric keys nearest in log2);
+  2. the user's cache, `~/.cache/mustafar_triton/<name>.json` ($MUSTAFAR_TRITON_USER_CACHE), the
+     same way: so a context that grows into a new bucket reuses the nearest tuned one;
+  3. nothing tuned for the shape: with $MUSTAFAR_TRITON_AUTOTUNE=1, the first launch of the shape
+     (outside CUDA-graph capture and torch.compile tracing) times the kernel's config space (GPU
+     time, L2 flushed: `_timing.gpu_time_ms`), announced by a warning, and stores the fastest in
+     the user cache; without it, the heuristic default, with ONE warning per shape saying how
+     to tune it. Launches never tune unannounced, and a shape tunes at most once.
+The heuristic default also serves the interpreter, CUDA-graph capture and
+$MUSTAFAR_TRITON_AUTOTUNE=0 (which skips both files). We time whole launches ourselves rather
+than use `triton.autotune`, because the decode split count changes the grid and the split
+buffers, which `triton.autotune` cannot vary. A missing file falls through silently; a corrupt
+file or one tuned with another triton version falls through with one warning.
 """
 from __future__ import annotations
 
@@ -116,13 +120,15 @@ def nearest_entry(entries: list[dict], kernel: str, bucket: dict) -> dict | None
     return min(candidates, key=lambda e: _log_distance(e["bucket"], bucket, numeric))["config"]
 
 
-_warned: set[str] = set()
+_warned: set = set()  # messages, or the keys warnings are deduplicated by
 _file_cache: dict[Path, list[dict]] = {}
 
 
-def _warn_once(msg: str) -> None:
-    if msg not in _warned:
-        _warned.add(msg)
+def _warn_once(msg: str, once_per=None) -> None:
+    """Warn with msg unless this process already warned it (or already warned about once_per)."""
+    once_per = msg if once_per is None else once_per
+    if once_per not in _warned:
+        _warned.add(once_per)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
@@ -193,10 +199,24 @@ def tune(kernel: str, run, bucket: dict, space: list[dict]) -> tuple[dict, list[
 _resolved: dict[tuple, dict] = {}
 
 
+def _shape_text(kernel: str, key: dict) -> str:
+    return " ".join(f"{k}={key[k]}" for k in BUCKET_KEYS[kernel][0])
+
+
+def _tuning_requested() -> bool:
+    return os.environ.get("MUSTAFAR_TRITON_AUTOTUNE") == "1"
+
+
+def tracing(device: torch.device) -> bool:
+    """Inside a torch.compile trace or a CUDA-graph capture on `device`, where timing launches is impossible."""
+    return torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
     """The launch config for `kernel` on `device` for a problem described by `bucket`.
 
-    run(config), when given, launches the kernel with that config; it is used to tune on the fly.
+    run(config), when given, launches the kernel with that config: with
+    MUSTAFAR_TRITON_AUTOTUNE=1 it tunes a shape nothing is tuned for (see the module docstring).
     """
     if interpreting() or device.type != "cuda" or os.environ.get("MUSTAFAR_TRITON_AUTOTUNE") == "0":
         return heuristic_config(kernel, device, **bucket)
@@ -205,7 +225,7 @@ def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
     if memo in _resolved:  # decode runs every step: resolve a bucket once per process
         return _resolved[memo]
     found = _lookup(kernel, device, key, run, bucket)
-    if found is None:  # nothing tuned and no tuning now (capture, or no run): heuristic, not memoized
+    if found is None:  # nothing tuned and no tuning now: heuristic, not memoized (a later call may tune)
         return heuristic_config(kernel, device, **bucket)
     _resolved[memo] = found
     return found
@@ -218,11 +238,23 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
         return found
     user_path = user_cache_path(device)
     user_entries = load_entries(user_path)
-    exact = [e for e in user_entries if e["kernel"] == kernel and e["bucket"] == key]
-    if exact:
-        return exact[0]["config"]
-    if run is None or torch.cuda.is_current_stream_capturing():
+    found = nearest_entry(user_entries, kernel, key)
+    if found is not None:
+        return found
+    shape = _shape_text(kernel, key)
+    if run is None or not _tuning_requested():
+        how = (f"run one call of it (a warm-up step) with MUSTAFAR_TRITON_AUTOTUNE=1: it tunes for seconds, "
+               f"once, and saves to {user_path}" if run is not None else
+               f"`python -m mustafar_triton.tune --kernels {kernel}` tunes the buckets it lists")
+        _warn_once(f"mustafar_triton: no tuned {kernel} config for {shape} on {device_name(device)}; "
+                   f"using the default config. To tune this shape ahead: {how}",
+                   once_per=(kernel, device_name(device), shape))
         return None
+    if tracing(device):
+        return None
+    _warn_once(f"mustafar_triton: tuning {kernel} for {shape} on {device_name(device)} "
+               f"(MUSTAFAR_TRITON_AUTOTUNE=1): this call takes seconds; the config serves every bucket "
+               f"of the shape and is saved to {user_path}")
     best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
     write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
     return best

@@ -65,7 +65,7 @@ def run(model, ids: torch.Tensor, prompt: int, sparsity, window: int):
     Returns (logits of every step [B, steps, V] float32, prefill s, decode s)."""
     from transformers import DynamicCache
 
-    from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention
+    from mustafar_triton.integrations.transformers import MustafarCache, cache_keyword, use_mustafar_attention
     if sparsity is None:
         model.set_attn_implementation("sdpa")
         cache = DynamicCache()
@@ -73,15 +73,16 @@ def run(model, ids: torch.Tensor, prompt: int, sparsity, window: int):
         use_mustafar_attention(model)
         cache = MustafarCache(model.config, k_sparsity=sparsity[0], v_sparsity=sparsity[1], window=window,
                               max_tokens=ids.shape[1])
+    cache_arg = {cache_keyword(model): cache}
     synchronize(ids.device)
     start = time.perf_counter()
-    out = model(ids[:, :prompt], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(ids[:, :prompt], **cache_arg, use_cache=True, logits_to_keep=1)
     synchronize(ids.device)
     prefill_s = time.perf_counter() - start
     logits = [out.logits[:, -1]]
     start = time.perf_counter()
     for i in range(prompt, ids.shape[1] - 1):
-        out = model(ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+        out = model(ids[:, i:i + 1], **cache_arg, use_cache=True)
         logits.append(out.logits[:, -1])
     synchronize(ids.device)
     decode_s = time.perf_counter() - start

@@ -1,7 +1,8 @@
-"""Host-side cost of one `sparse_decode_attention` call: by default with its two kernel launches
-stubbed out (argument checks, config lookup, split sizing and allocations; no GPU needed, CPU
-tensors); with --gpu, on a GPU with the real launches, at a shape whose kernels take a few
-microseconds, so the loop measures the host (the GPU never makes it wait).
+"""Host-side cost of one `sparse_decode_attention` call and of one `SparseKVCache.attend`: by
+default with their two kernel launches stubbed out (argument checks, config lookup, split sizing
+and allocations; no GPU needed, CPU tensors); with --gpu, on a GPU with the real launches, at a
+shape whose kernels take a few microseconds, so the loop measures the host (the GPU never makes
+it wait).
 
     python perf/host_cost.py [--calls 2000] [--profile] [--gpu]
 
@@ -26,6 +27,20 @@ import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import attention  # noqa: E402
 
 
+def host_us(fn, calls: int, gpu: bool) -> float:
+    for _ in range(10):
+        fn()
+    if gpu:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    if gpu:
+        torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
 class _NoLaunch:
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -46,29 +61,16 @@ def main():
     kw, vw = torch.randn(2, 1, 3, 32, 64, device=dev)
     window_lens = torch.tensor([5], dtype=torch.int32, device=dev)
     call = lambda: mt.sparse_decode_attention(q, pk, pv, k_window=kw, v_window=vw, window_lens=window_lens)
-    for _ in range(10):
-        call()
-    if args.gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.calls):
-        call()
-    host = time.perf_counter() - start
-    if args.gpu:
-        torch.cuda.synchronize()
+    # the same shape as one layer's cache (empty: the host path does not depend on the contents)
+    cache = mt.SparseKVCache(1, 3, 64, 256, 32, 0.5, 0.5, dtype=q.dtype, device=dev)
+    attend = lambda: cache.attend(q)
     what = "with its two launches (GPU)" if args.gpu else "without launches"
-    print(f"sparse_decode_attention {what}: {host / args.calls * 1e6:.1f} us of host time per call")
+    for name, fn in (("sparse_decode_attention", call), ("SparseKVCache.attend", attend)):
+        print(f"{name} {what}: {host_us(fn, args.calls, args.gpu):.1f} us of host time per call")
     if args.gpu:  # for scale: dense SDPA over the same tokens, unpruned
         kk, vv = torch.cat([k, kw], 2), torch.cat([v, vw], 2)
         dense = lambda: torch.nn.functional.scaled_dot_product_attention(q[:, :, None], kk, vv, enable_gqa=True)
-        dense()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(args.calls):
-            dense()
-        host = time.perf_counter() - start
-        torch.cuda.synchronize()
-        print(f"dense SDPA (same tokens): {host / args.calls * 1e6:.1f} us of host time per call")
+        print(f"dense SDPA (same tokens): {host_us(dense, args.calls, True):.1f} us of host time per call")
     if args.profile:
         profile = cProfile.Profile()
         profile.runcall(lambda: [call() for _ in range(args.calls)])

@@ -1,5 +1,5 @@
-"""Config lookup of mustafar_triton.autotune: shipped files, nearest bucket, user cache, on-the-fly
-tuning, fallbacks. The GPU path is taken without a GPU by monkeypatching interpreting /
+"""Config lookup of mustafar_triton.autotune: shipped files, nearest bucket, user cache, tuning on
+request (MUSTAFAR_TRITON_AUTOTUNE=1), the warning when nothing is tuned, fallbacks. The GPU path is taken without a GPU by monkeypatching interpreting /
 device_name / num_sms, with a fake `run` and a deterministic timer in place of `gpu_time_ms`."""
 import json
 import warnings
@@ -143,6 +143,7 @@ def test_config_space_respects_tile_limits():
 # ------------------------------------------------------------------------------------------------
 # Shipped files
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:mustafar_triton. no tuned:RuntimeWarning")
 def test_shipped_exact_and_nearest_bucket(gpu):
     write_file(gpu.shipped_file, [
         entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}, rows=1024, **SELECT_BUCKET),
@@ -157,13 +158,33 @@ def test_shipped_exact_and_nearest_bucket(gpu):
     assert at.config_for("select", CUDA, **other) == heuristic("select", **other)
 
 
-def test_missing_file_falls_through_silently(gpu):
+def untuned_warnings(caught):
+    return [w for w in caught if "no tuned" in str(w.message)]
+
+
+def test_untuned_shape_warns_once_per_shape(gpu):
+    """No file: the heuristic default, and one warning per shape (not per bucket) saying how to
+    tune it; a missing file itself is not worth a warning."""
+    bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0)
     assert not gpu.shipped_file.exists()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cfg = at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+        at.config_for("select", CUDA, rows=1 << 20, **SELECT_BUCKET)          # same shape, other bucket
+        decode = [at.config_for("decode", CUDA, run=bench.run, batch_heads=8, context=ctx, **DECODE_BUCKET)
+                  for ctx in (1000, 5000, 70000)]                             # a context that grows
     assert cfg == heuristic("select", rows=1024, **SELECT_BUCKET)
-    assert [w for w in caught if "mustafar_triton" in str(w.message)] == []
+    assert decode == [heuristic("decode", batch_heads=8, context=ctx, **DECODE_BUCKET) for ctx in (1000, 5000, 70000)]
+    assert bench.calls == [] and not gpu.user_file.exists(), "nothing is tuned unless asked"
+    ours = untuned_warnings(caught)
+    assert len(ours) == 2 and all(issubclass(w.category, RuntimeWarning) for w in ours)
+    select_msg, decode_msg = (str(w.message) for w in ours)
+    assert "no tuned select config for head_dim=128 dtype=float16 on " + GPU_NAME in select_msg
+    assert "`python -m mustafar_triton.tune --kernels select`" in select_msg
+    assert "MUSTAFAR_TRITON_AUTOTUNE=1" not in select_msg                     # select does not tune on first use
+    assert "decode config for head_dim=128 group=4 dtype=float16 capacity=40" in decode_msg
+    assert "MUSTAFAR_TRITON_AUTOTUNE=1" in decode_msg and str(gpu.user_file) in decode_msg
+    assert [w for w in caught if "mustafar_triton" in str(w.message)] == ours  # no warning about the file
 
 
 @pytest.mark.parametrize("content", [
@@ -223,34 +244,46 @@ def _decode_time(cfg):
     return 1.0 + (cfg["BLOCK_N"] != 32) + 0.5 * (cfg.get("num_stages") != 2) + 0.25 * (cfg["num_splits"] != -2)
 
 
-def test_tune_writes_and_reads_user_cache(gpu):
+@pytest.mark.filterwarnings("ignore:mustafar_triton. tuning:RuntimeWarning")
+def test_tune_on_request_writes_and_reads_user_cache(gpu):
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "1")
     bench = FakeBench(gpu.monkeypatch, _decode_time)
     bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
     space = at.config_space("decode", **bucket)
-    best = at.config_for("decode", CUDA, run=bench.run, **bucket)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best = at.config_for("decode", CUDA, run=bench.run, **bucket)
     assert best == min(space, key=_decode_time)
     assert best["BLOCK_N"] == 32 and best["num_stages"] == 2 and best["num_splits"] == -2
     assert bench.configs_run() == {key_of(c) for c in space}, "every config of the space is timed"
+    announced = [str(w.message) for w in caught if "mustafar_triton: tuning decode" in str(w.message)]
+    assert len(announced) == 1 and "takes seconds" in announced[0] and str(gpu.user_file) in announced[0]
+    assert untuned_warnings(caught) == []
 
     data = json.loads(gpu.user_file.read_text())
     assert data["triton_version"] == triton.__version__ and data["device"] == GPU_NAME
     assert data["entries"] == [{"kernel": "decode", "bucket": at.bucket_of("decode", **bucket), "config": best}]
 
-    # same bucket again: from the cache, nothing is run
+    # the same bucket, and any other bucket of the shape (a growing context, another batch): the
+    # user cache's nearest entry, nothing is run
     n = len(bench.calls)
     assert at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 3000}) == best  # 4096 bucket
+    assert at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 100000}) == best
+    assert at.config_for("decode", CUDA, run=bench.run, **{**bucket, "batch_heads": 3}) == best
     fresh_process()                                         # a new process reads the file from disk
-    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == best
+    assert at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 70000}) == best
     assert len(bench.calls) == n
 
-    # another bucket is tuned and appended (the user cache matches exact buckets only)
-    bench.time_of = lambda cfg: 1.0 + (cfg["BLOCK_N"] != 32)
-    other = at.config_for("decode", CUDA, run=bench.run, **{**bucket, "context": 100000})
-    assert other["BLOCK_N"] == 32 and len(bench.calls) >= n + len(space)
+    # another shape is tuned once and appended
+    bench.time_of = lambda cfg: 1.0 + (cfg["BLOCK_N"] != 64)
+    other = at.config_for("decode", CUDA, run=bench.run, **{**bucket, "group": 8})
+    assert other["BLOCK_N"] == 64 and len(bench.calls) >= n + len(space)
     assert len(json.loads(gpu.user_file.read_text())["entries"]) == 2
 
 
+@pytest.mark.filterwarnings("ignore:mustafar_triton. tuning:RuntimeWarning")
 def test_tune_skips_failing_configs_and_raises_when_none_runs(gpu):
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "1")
     def time_of(cfg):
         if cfg["BLOCK_T"] == 16:
             raise RuntimeError("out of shared memory")
@@ -275,24 +308,36 @@ def test_shipped_file_beats_user_cache(gpu):
     assert at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET) == shipped_cfg  # even a far bucket
 
 
-def test_no_tuning_when_disabled_capturing_or_no_run(gpu):
+def test_no_tuning_unless_requested_disabled_tracing_or_no_run(gpu):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _no_tuning_unless_requested(gpu)
+    assert len(untuned_warnings(caught)) == 1, "one warning per shape, with or without run"
+
+
+def _no_tuning_unless_requested(gpu):
     bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0)
-    bucket = dict(rows=1024, **SELECT_BUCKET)
+    bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
+    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == heuristic("decode", **bucket)  # not asked
     gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "0")
-    write_file(gpu.shipped_file, [entry("select", {"BLOCK_T": 16, "num_warps": 2, "num_stages": 1}, **bucket)])
-    assert at.config_for("select", CUDA, run=bench.run, **bucket) == heuristic("select", **bucket)
-    gpu.monkeypatch.delenv("MUSTAFAR_TRITON_AUTOTUNE")
+    write_file(gpu.shipped_file, [entry("decode", {"BLOCK_N": 16}, **bucket)])
+    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == heuristic("decode", **bucket)
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "1")
     gpu.shipped_file.unlink()
     fresh_process()
     gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    assert at.config_for("select", CUDA, run=bench.run, **bucket) == heuristic("select", **bucket)
+    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == heuristic("decode", **bucket)
     gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    fresh_process()
-    assert at.config_for("select", CUDA, run=None, **bucket) == heuristic("select", **bucket)
+    gpu.monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert at.config_for("decode", CUDA, run=bench.run, **bucket) == heuristic("decode", **bucket)
+    gpu.monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert at.config_for("decode", CUDA, run=None, **bucket) == heuristic("decode", **bucket)
     assert bench.calls == [] and not gpu.user_file.exists()
 
 
+@pytest.mark.filterwarnings("ignore:mustafar_triton. tuning:RuntimeWarning")
 def test_heuristic_during_capture_is_not_final(gpu):
+    gpu.monkeypatch.setenv("MUSTAFAR_TRITON_AUTOTUNE", "1")
     bench = FakeBench(gpu.monkeypatch, lambda cfg: 1.0 + (cfg["BLOCK_T"] != 128) + cfg["num_warps"] / 100)
     bucket = dict(rows=1024, **SELECT_BUCKET)
     gpu.monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

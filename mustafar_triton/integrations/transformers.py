@@ -3,28 +3,78 @@
     from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention
     use_mustafar_attention(model)                     # registers and selects attention "mustafar"
     cache = MustafarCache(model.config, k_sparsity=0.5, v_sparsity=0.5, window=32, max_tokens=4096)
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=64)
+    out = model.generate(input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=64)
+
+(`cache=` is the keyword of transformers 5.24; releases before the rename take
+`past_key_values=cache`, see `cache_keyword`.)
 
 The prompt is attended densely (torch SDPA) and then compressed into each layer's
 `SparseKVCache` in one launch per K / V; every decoded token is appended to the dense window and
 attended by the fused kernel over the compressed store and the window. Keys are cached after
-RoPE, as the model computes them. Limits: one prompt per call (no padding mask), one new token
-per decode step (no speculative / multi-token steps), no beam search.
+RoPE, as the model computes them.
+
+A batch of prompts of different lengths is left-padded (tokenizer.padding_side = "left") and
+passed with its attention_mask: each sequence's cache holds only its own tokens (the ragged
+lengths of SparseKVCache), so a prompt decodes in a batch as it does alone. The prompt's mask is
+read on the host once per prefill. What the integration cannot serve raises ValueError naming it:
+right padding or gaps in the mask, several new tokens per step after the prompt (assisted or
+speculative decoding, chunked prefill, a second prompt on a used cache), beam search.
 """
 from __future__ import annotations
 
+import inspect
 import threading
+import weakref
 
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
 from ..cache import SparseKVCache
 
 ATTENTION_NAME = "mustafar"
 # Cache.update runs right before the attention call of the same layer: it leaves the layer here.
+# `prompt` keeps the lengths read from the last prefill mask, so the layers of one forward read
+# the host once.
 _current = threading.local()
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which `model.generate()` / `model()` take a cache: "cache" in transformers
+    5.24 (where "past_key_values" is deprecated), "past_key_values" before the rename."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prompt_lengths(attention_mask: torch.Tensor | None, tokens: int) -> torch.Tensor | None:
+    """int32 [B] valid tokens of each left-padded prompt, read from the boolean [B, 1, T, T] mask
+    the prefill attends with (None: no padding). Raises ValueError if a sequence's tokens are not
+    the last ones of the prompt (right padding, or a gap inside the prompt)."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dtype != torch.bool or attention_mask.dim() != 4:
+        raise TypeError(f"MustafarCache needs the boolean [B, 1, T, T] prefill mask of attention "
+                        f"'{ATTENTION_NAME}', got {attention_mask.dtype} {tuple(attention_mask.shape)}")
+    memo = getattr(_current, "prompt", None)
+    if memo is not None and memo[0]() is attention_mask:
+        return memo[1]
+    attended = attention_mask[:, 0, -1, -tokens:]  # what the last prompt token sees: [B, T]
+    lens = attended.sum(-1, dtype=torch.int32)
+    left_padded = torch.arange(tokens, device=lens.device) >= (tokens - lens)[:, None]
+    if not torch.equal(attended, left_padded.expand_as(attended)):  # the one host read
+        raise ValueError("MustafarCache serves left-padded prompts (tokenizer.padding_side = 'left'); "
+                         "this attention_mask has padding after a prompt's tokens or a gap inside one")
+    _current.prompt = (weakref.ref(attention_mask), lens)
+    return lens
+
+
+def _left_align(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] with sequence b's tokens in the last lens[b] positions -> in the first
+    lens[b] (the later positions hold copies of the last token; SparseKVCache.prefill ignores them)."""
+    b, h, t, d = x.shape
+    src = (torch.arange(t, device=x.device) + (t - lens).long()[:, None]).clamp_max(t - 1)  # [B, T]
+    return x.gather(2, src[:, None, :, None].expand(b, h, t, d))
 
 
 class MustafarLayer(CacheLayerMixin):
@@ -39,6 +89,7 @@ class MustafarLayer(CacheLayerMixin):
         self.window, self.max_tokens = window, max_tokens
         self.store: SparseKVCache | None = None
         self.length = 0
+        self.prompt_pending = False  # the prompt went through update() but is not compressed yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, _, d = key_states.shape
@@ -48,19 +99,34 @@ class MustafarLayer(CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Prefill compresses the prompt (returned as is for dense attention); a decode step
-        appends its one token. key_states, value_states: [B, Hkv, T, D]."""
+        """The prompt is returned as is for dense attention (mustafar_attention compresses it, as
+        only the attention sees the padding mask); a decode step appends its one token.
+        key_states, value_states: [B, Hkv, T, D]."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.prompt_pending:
+            raise ValueError(f"MustafarCache: the prompt never reached attention '{ATTENTION_NAME}'; "
+                             "call use_mustafar_attention(model) before generating")
         new = key_states.shape[2]
         if self.length == 0:
-            self.store.prefill(key_states, value_states)
+            self.prompt_pending = True
         elif new == 1:
             self.store.append(key_states, value_states)
         else:
-            raise NotImplementedError(f"MustafarCache appends one token per step after the prompt, got {new}")
+            raise ValueError(
+                f"MustafarCache takes one new token per sequence and step after the prompt, got {new} "
+                "(assisted / speculative decoding, chunked prefill and a second prompt on a used cache "
+                "are not supported)")
         self.length += new
         return key_states, value_states
+
+    def prefill(self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask) -> None:
+        """Compress the prompt [B, Hkv, T, D], each sequence's valid tokens read from the prefill mask."""
+        lens = prompt_lengths(attention_mask, key_states.shape[2])
+        if lens is not None:
+            key_states, value_states = _left_align(key_states, lens), _left_align(value_states, lens)
+        self.store.prefill(key_states, value_states, lens)
+        self.prompt_pending = False
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -75,6 +141,11 @@ class MustafarLayer(CacheLayerMixin):
         if self.store is not None:
             self.store.reset()
         self.length = 0
+        self.prompt_pending = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise ValueError("MustafarCache does not support beam search (reordering the cache's sequences); "
+                         "use greedy decoding or sampling")
 
 
 class MustafarCache(Cache):
@@ -93,18 +164,36 @@ class MustafarCache(Cache):
 
 
 def mustafar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Decode steps (one query token, a MustafarCache in use) run the fused sparse kernel; anything
-    else (the prompt, or a forward without a MustafarCache) is plain SDPA."""
+    """Decode steps (one query token, a MustafarCache in use) run the fused sparse kernel; the
+    prompt is compressed into the cache and attended by plain SDPA, as is every forward without a
+    MustafarCache."""
     layer = getattr(_current, "layer", None)
     _current.layer = None
-    if layer is None or query.shape[2] != 1 or layer.length == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                      dropout=dropout, **kwargs)
-    out = layer.store.attend(query[:, :, 0], softmax_scale=scaling)       # [B, Hq, D]
-    return out[:, None], None                                              # [B, 1, Hq, D]
+    if layer is not None and layer.prompt_pending:
+        layer.prefill(key, value, attention_mask)
+    elif layer is not None:
+        out = layer.store.attend(query[:, :, 0], softmax_scale=scaling)   # [B, Hq, D]
+        return out[:, None], None                                          # [B, 1, Hq, D]
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  dropout=dropout, **kwargs)
+
+
+def mustafar_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None,
+                  local_size: int | None = None, **kwargs):
+    """Masks of attention "mustafar": transformers' SDPA masks, except that a causal step of one
+    query token gets the 2D padding mask as a [B, 1, 1, kv] view (no launch, no host sync): the
+    fused kernel reads the cache's own lengths, the SDPA fallback (no MustafarCache) applies it."""
+    if (q_length == 1 and mask_function is causal_mask_function and local_size is None
+            and attention_mask is not None and attention_mask.shape[-1] == kv_offset + kv_length):
+        return attention_mask[:, None, None, kv_offset:]
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     local_size=local_size, **kwargs)
 
 
 def use_mustafar_attention(model) -> None:
-    """Register the "mustafar" attention function and select it for `model`."""
+    """Register the "mustafar" attention and mask functions and select them for `model`."""
     AttentionInterface.register(ATTENTION_NAME, mustafar_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, mustafar_mask)
     model.set_attn_implementation(ATTENTION_NAME)
