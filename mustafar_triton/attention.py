@@ -6,7 +6,8 @@ import math
 import torch
 
 from . import autotune
-from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms, sm_shared_bytes
+from ._gluon_compat import gluon_runs_on
+from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV
 from .kernels.decode import (MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table,
                              choose_num_splits, gluon_block_h, gluon_decode_supports, gluon_programs_per_sm,
@@ -190,7 +191,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                               capacity=max(packed_k.capacity, packed_v.capacity),
                               batch_heads=batch * hkv, context=context)
     if cfg.get("kernel") == "gluon" and not (gluon_decode_supports(q.dtype, d, group, on_interpreter)
-                                              and has_mma_v2(q.device)):
+                                              and gluon_runs_on(q.device)):
         cfg = autotune.heuristic_config("decode", q.device)  # e.g. the interpreter, an fp32 cache, a T4
     run(cfg)
     return (out, lse) if return_lse else out

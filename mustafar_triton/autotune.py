@@ -11,8 +11,10 @@ Lookup order for a launch on a GPU:
      count changes the grid and the split buffers, which `triton.autotune` cannot vary);
   3. a heuristic default (also used under the interpreter, during CUDA-graph capture, and when
      $MUSTAFAR_TRITON_AUTOTUNE=0).
-A missing file falls through silently; a corrupt file or one tuned with another triton version
-falls through with one warning.
+A missing file falls through silently; a corrupt file falls through with one warning. A shipped
+file tuned with another triton version is used with one warning (its configs are tile sizes and
+split counts, valid on any version; only the GPU machine's triton can tune them); a user cache
+tuned with another triton version is ignored with one warning, and its buckets are tuned again.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch
 import triton
 
 from ._timing import gpu_time_ms
-from ._runtime import device_name, has_mma_v2, interpreting, next_pow2, num_sms
+from ._gluon_compat import gluon_runs_on
+from ._runtime import device_name, interpreting, next_pow2, num_sms
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
@@ -62,7 +65,7 @@ def config_space(kernel: str, **bucket) -> list[dict]:
 
 def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     if kernel == "select":
-        if _gluon_select_bucket(bucket, interpreting()) and has_mma_v2(device):
+        if _gluon_select_bucket(bucket, interpreting()) and gluon_runs_on(device):
             return dict(GLUON_SELECT_CONFIG)
         return tl_select_config(interpreting())
     if kernel == "unpack":
@@ -82,7 +85,7 @@ GLUON_SELECT_CONFIG = dict(kernel="gluon")
 
 
 def _gluon_select_bucket(bucket: dict, interpreter: bool) -> bool:
-    from .kernels.prune_pack_gluon import gluon_prune_supports
+    from .kernels.prune_pack import gluon_prune_supports
     return gluon_prune_supports(bucket.get("dtype"), bucket.get("head_dim", 0), interpreter)
 
 
@@ -126,19 +129,22 @@ def _warn_once(msg: str) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def load_entries(path: Path) -> list[dict]:
-    """Entries of a tuned file; [] (with one warning) if it is corrupt or from another triton."""
+def load_entries(path: Path, other_triton_ok: bool = False) -> list[dict]:
+    """Entries of a tuned file; [] (with one warning) if it is corrupt, or from another triton
+    version unless other_triton_ok (then used, with one warning)."""
     if path in _file_cache:
         return _file_cache[path]
     entries: list[dict] = []
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("triton_version") != triton.__version__:
-                _warn_once(f"mustafar_triton: ignoring {path}: tuned with triton "
-                           f"{data.get('triton_version')}, running {triton.__version__}")
-            else:
+            tuned_with = data.get("triton_version")
+            if tuned_with == triton.__version__ or other_triton_ok:
                 entries = [e for e in data["entries"] if {"kernel", "bucket", "config"} <= e.keys()]
+            if tuned_with != triton.__version__:
+                _warn_once(f"mustafar_triton: {'using' if other_triton_ok else 'ignoring'} {path}: tuned "
+                           f"with triton {tuned_with}, running {triton.__version__}"
+                           + (" (python -m mustafar_triton.tune re-tunes for it)" if other_triton_ok else ""))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             _warn_once(f"mustafar_triton: ignoring corrupt autotune file {path}: {err}")
     _file_cache[path] = entries
@@ -213,7 +219,7 @@ def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
 
 def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> dict | None:
     name = normalised_device_name(device_name(device))
-    found = nearest_entry(load_entries(shipped_dir() / f"{name}.json"), kernel, key)
+    found = nearest_entry(load_entries(shipped_dir() / f"{name}.json", other_triton_ok=True), kernel, key)
     if found is not None:
         return found
     user_path = user_cache_path(device)

@@ -37,7 +37,7 @@ def compile_decode(args):
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
                   HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False)
     if gluon:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        from mustafar_triton._gluon_compat import GluonASTSource
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
         block_h = decode.gluon_block_h(args.group)
@@ -71,7 +71,7 @@ def compile_decode(args):
 
 def compile_prune(args):
     """prune_pack_gluon.py's kernel as compress.py launches it (with seq_lens: the larger variant)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from mustafar_triton._gluon_compat import GluonASTSource
     from mustafar_triton.kernels import prune_pack_gluon as pp
     kernel = pp._prune_pack_gluon_kernel
     names = kernel.arg_names

@@ -14,6 +14,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Head dims of prune_pack_gluon.py's kernel (its per-byte mma needs N = D / 8 >= 8, a power of two)
+GLUON_PRUNE_HEAD_DIMS = (64, 128, 256)
+
+
+def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
+    """Whether prune_pack_gluon.py's kernel handles a shape (GPU only: Gluon has no interpreter).
+    Here, beside its tl twin, so that asking needs no Gluon import."""
+    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
+            and head_dim in GLUON_PRUNE_HEAD_DIMS)
+
 
 @triton.jit
 def _magnitude_bits(x, MAG_BITS: tl.constexpr):

@@ -3,8 +3,8 @@
 On the H100 at [16, 8, 16384, 128] fp16, sparsity 0.7, it takes 348 us (~70% of the copy bandwidth;
 perf/results/prune_gluon_ab_session10_variants.json); prune_pack.py's `_select_kernel` took 1313 us
 (session 7). Same output, bit for bit: compress.py picks this kernel for prune_and_pack wherever
-`gluon_prune_supports` says it runs, and `_select_kernel` (which CI runs under the interpreter)
-stays the reference.
+`prune_pack.gluon_prune_supports` says it runs, and `_select_kernel` (which CI runs under the
+interpreter) stays the reference.
 
 One warp per program, 16 tokens (rows) per program, each row's D values spread over the four
 lanes of a quad in the layout of an mma.sync A operand (8 consecutive channels per register
@@ -52,12 +52,6 @@ def register_cap(head_dim: int) -> int:
     Occupancy is not the limit: at D=128 a cap of 88 ran as fast as this one (348 us, session 10)."""
     return 112 if head_dim <= 128 else 160
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-
-
-def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
-    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
-            and head_dim in SUPPORTED_HEAD_DIMS)
 
 
 @gluon.jit
