@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a GPU session re-runs after a change, as stages that fit in one device call each
+# What to re-run on a GPU after a change, as stages that fit in one device call each
 # (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
 # perf/results/ and autotune_cache/.
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.

@@ -8,8 +8,9 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
 default, its register cap; --block-n / --maxnreg override). Costs no device time: use it to
-check an idea's instruction count before spending a GPU run (session 6 found the ALU-pipe share
-of the loop, not its length, to be what predicts the Gluon kernel's speed).
+check an idea's instruction count before spending a GPU run (the one-warp Gluon kernel's
+measurements up to 2f21df9 showed the ALU-pipe share of the loop, not its length, to be what
+predicts its speed).
 """
 from __future__ import annotations
 

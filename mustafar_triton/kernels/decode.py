@@ -315,7 +315,7 @@ def gluon_register_cap(head_dim: int, block_h: int, walk: bool = False) -> int:
     words) and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
     ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
     perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
-    and measured 1.13-1.24x slower, decode_gluon_ab_h100_s9_bits_merge.json). Fixing the
+    and measured 1.13-1.24x slower, decode_gluon_ab_h100_aaca482_bits_merge.json). Fixing the
     cap makes the number of resident programs, and so the waves, exact."""
     if head_dim <= 32:
         return 96
@@ -348,8 +348,8 @@ def gluon_walk_shared_bytes(head_dim: int, k_capacity: int, v_capacity: int) -> 
 
 
 # Splits shorter than this many tokens use the popcount gather: the walk's staging is a fixed cost
-# per split. H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (session 9,
-# perf/results/decode_gluon_ab_h100_s9_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
+# per split. H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (aaca482,
+# perf/results/decode_gluon_ab_h100_aaca482_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
 # 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0. (Before the
 # bitmap rows were staged, popc won at 124 tokens: 52.0 against 58.5.)
 WALK_MIN_SPLIT_TOKENS = 64

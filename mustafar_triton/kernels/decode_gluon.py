@@ -20,7 +20,7 @@ Why it is faster than decode.py's kernel:
   * Registers are capped (decode.gluon_register_cap) so that a known number of programs fit per
     SM and the splits fill whole waves.
 
-Two ways to gather (WALK, chosen per shape by decode.gluon_use_walk; perf/NOTES.md, sessions 8-9):
+Two ways to gather (WALK, chosen per shape by decode.gluon_use_walk; perf/NOTES.md, a982a08 and aaca482):
   * "walk" (HEAD_DIM 64 / 128 / 256): a tile's value rows and bitmap rows are copied into shared
     memory with cp.async one tile ahead (16-byte copies, no per-element work), and each lane walks
     runs of CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1,
