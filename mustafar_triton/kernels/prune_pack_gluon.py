@@ -43,6 +43,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode_gluon import _popc
+from .prune_pack import GLUON_PRUNE_HEAD_DIMS
 
 ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and spilled under a cap
 
@@ -342,6 +343,9 @@ def launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows: int, tokens: int,
                           keep: int, capacity: int) -> None:
     """x contiguous [*lead, T, D] fp16 / bf16 on a GPU with mma.sync (gluon_prune_supports)."""
     head_dim = x.shape[-1]
+    if head_dim not in GLUON_PRUNE_HEAD_DIMS:
+        raise ValueError(f"the Gluon prune_and_pack kernel handles head dims {GLUON_PRUNE_HEAD_DIMS}, got "
+                         f"{head_dim} (x shape {tuple(x.shape)}); compress.prune_and_pack runs the tl kernel there")
     stage_bytes = ROWS * capacity * 2 + ROWS * head_dim // 8
     decl = f".shared .align 16 .b8 mt_stage[{stage_bytes}]; mov.b32 $0, $1; mov.b32 $0, $2;"
     _prune_pack_gluon_kernel[(triton.cdiv(n_rows, ROWS),)](
