@@ -63,6 +63,13 @@ def config_space(kernel: str, **bucket) -> list[dict]:
     raise KeyError(kernel)
 
 
+def runnable_space(kernel: str, device: torch.device, **bucket) -> list[dict]:
+    """config_space without the Gluon configs where Gluon cannot run (_gluon_compat.gluon_runs_on:
+    an unchecked triton, a GPU before Ampere): tuning must not launch them there."""
+    gluon_ok = gluon_runs_on(device)
+    return [c for c in config_space(kernel, **bucket) if gluon_ok or c.get("kernel") != "gluon"]
+
+
 def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     if kernel == "select":
         if _gluon_select_bucket(bucket, interpreting()) and gluon_runs_on(device):
@@ -229,7 +236,7 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
         return exact[0]["config"]
     if run is None or torch.cuda.is_current_stream_capturing():
         return None
-    best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
+    best, _ = tune(kernel, run, key, runnable_space(kernel, device, **bucket))
     write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
     return best
 

@@ -274,6 +274,19 @@ def test_tune_writes_and_reads_user_cache(gpu):
     assert len(json.loads(gpu.user_file.read_text())["entries"]) == 2
 
 
+def test_tuning_launches_no_gluon_config_where_gluon_cannot_run(gpu):
+    """An unchecked triton or a GPU before Ampere (_gluon_compat.gluon_runs_on False): on-the-fly
+    tuning times the tl configs only (a Gluon compile there could take the CUDA context down)."""
+    gpu.monkeypatch.setattr(at, "gluon_runs_on", lambda device: False)
+    bench = FakeBench(gpu.monkeypatch, _decode_time)
+    bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
+    assert any(c.get("kernel") == "gluon" for c in at.config_space("decode", **bucket))
+    at.config_for("decode", CUDA, run=bench.run, **bucket)
+    assert bench.calls and not [c for c in bench.calls if c.get("kernel") == "gluon"]
+    assert bench.configs_run() == {key_of(c) for c in at.config_space("decode", **bucket)
+                                   if c.get("kernel") != "gluon"}
+
+
 def test_tune_skips_failing_configs_and_raises_when_none_runs(gpu):
     def time_of(cfg):
         if cfg["BLOCK_T"] == 16:
