@@ -230,7 +230,8 @@ def decode_cases(draw):
     bound = max(lens) if lens else t
     return dict(d=d, dtype=dtype, hq=hq, hkv=hkv, b=b, t=t, lens=lens, w=w,
                 window_lens=draw_lens(draw, b, w, window == "lens") if window else None,
-                k_keep=draw(st.integers(max(1, k_cap - 7), k_cap)), v_keep=draw(st.integers(max(1, v_cap - 7), v_cap)),
+                k_keep=draw(st.integers(max(1, k_cap - 7), k_cap)),
+                v_keep=draw(st.integers(max(1, v_cap - 7), v_cap)),
                 splits=draw(st.sampled_from([0, 0, 1, 2, 3, 7, 16, 64, 200])),
                 max_seq_len=draw(st.one_of(st.none(), st.integers(bound, t))),
                 q_scale_exp=draw(st.integers(-4, 3)), seed=draw(st.integers(0, 2**31 - 1)))
