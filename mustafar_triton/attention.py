@@ -6,7 +6,8 @@ import math
 import torch
 
 from . import autotune
-from ._runtime import cdiv, check_device, has_mma_v2, interpreting, next_pow2, num_sms, sm_shared_bytes
+from ._gluon_compat import gluon_runs_on
+from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV
 from .kernels import decode_gluon_launch as gluon_launch
 from .kernels.decode import MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
@@ -206,7 +207,7 @@ class _DecodePlan:
                                   batch_heads=self.batch * self.hkv, context=context)
         if cfg.get("kernel") == "gluon" and not (
                 gluon_launch.gluon_decode_supports(dtype, self.d, self.group, self.on_interpreter)
-                and has_mma_v2(self.device)):
+                and gluon_runs_on(self.device)):
             cfg = autotune.heuristic_config("decode", self.device)  # e.g. the interpreter, an fp32 cache, a T4
         return _Launch(self, cfg, context)
 

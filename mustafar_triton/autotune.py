@@ -16,7 +16,10 @@ The heuristic default also serves the interpreter, CUDA-graph capture and
 $MUSTAFAR_TRITON_AUTOTUNE=0 (which skips both files). We time whole launches ourselves rather
 than use `triton.autotune`, because the decode split count changes the grid and the split
 buffers, which `triton.autotune` cannot vary. A missing file falls through silently; a corrupt
-file or one tuned with another triton version falls through with one warning.
+file falls through with one warning. A shipped file tuned with another triton version is used
+with one warning (its configs are tile sizes and split counts, valid on any version; only the GPU
+machine's triton can tune them); a user cache tuned with another triton version is ignored with
+one warning, and its shapes are tuned again.
 """
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ import torch
 import triton
 
 from ._timing import gpu_time_ms
-from ._runtime import device_name, has_mma_v2, interpreting, next_pow2, num_sms
+from ._gluon_compat import gluon_runs_on
+from ._runtime import device_name, interpreting, next_pow2, num_sms
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
@@ -64,9 +68,16 @@ def config_space(kernel: str, **bucket) -> list[dict]:
     raise KeyError(kernel)
 
 
+def runnable_space(kernel: str, device: torch.device, **bucket) -> list[dict]:
+    """config_space without the Gluon configs where Gluon cannot run (_gluon_compat.gluon_runs_on:
+    an unchecked triton, a GPU before Ampere): tuning must not launch them there."""
+    gluon_ok = gluon_runs_on(device)
+    return [c for c in config_space(kernel, **bucket) if gluon_ok or c.get("kernel") != "gluon"]
+
+
 def heuristic_config(kernel: str, device: torch.device, **bucket) -> dict:
     if kernel == "select":
-        if _gluon_select_bucket(bucket, interpreting()) and has_mma_v2(device):
+        if _gluon_select_bucket(bucket, interpreting()) and gluon_runs_on(device):
             return dict(GLUON_SELECT_CONFIG)
         return tl_select_config(interpreting())
     if kernel == "unpack":
@@ -86,7 +97,7 @@ GLUON_SELECT_CONFIG = dict(kernel="gluon")
 
 
 def _gluon_select_bucket(bucket: dict, interpreter: bool) -> bool:
-    from .kernels.prune_pack_gluon import gluon_prune_supports
+    from .kernels.prune_pack import gluon_prune_supports
     return gluon_prune_supports(bucket.get("dtype"), bucket.get("head_dim", 0), interpreter)
 
 
@@ -132,19 +143,22 @@ def _warn_once(msg: str, once_per=None) -> None:
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def load_entries(path: Path) -> list[dict]:
-    """Entries of a tuned file; [] (with one warning) if it is corrupt or from another triton."""
+def load_entries(path: Path, other_triton_ok: bool = False) -> list[dict]:
+    """Entries of a tuned file; [] (with one warning) if it is corrupt, or from another triton
+    version unless other_triton_ok (then used, with one warning)."""
     if path in _file_cache:
         return _file_cache[path]
     entries: list[dict] = []
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            if data.get("triton_version") != triton.__version__:
-                _warn_once(f"mustafar_triton: ignoring {path}: tuned with triton "
-                           f"{data.get('triton_version')}, running {triton.__version__}")
-            else:
+            tuned_with = data.get("triton_version")
+            if tuned_with == triton.__version__ or other_triton_ok:
                 entries = [e for e in data["entries"] if {"kernel", "bucket", "config"} <= e.keys()]
+            if tuned_with != triton.__version__:
+                _warn_once(f"mustafar_triton: {'using' if other_triton_ok else 'ignoring'} {path}: tuned "
+                           f"with triton {tuned_with}, running {triton.__version__}"
+                           + (" (python -m mustafar_triton.tune re-tunes for it)" if other_triton_ok else ""))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             _warn_once(f"mustafar_triton: ignoring corrupt autotune file {path}: {err}")
     _file_cache[path] = entries
@@ -233,7 +247,7 @@ def config_for(kernel: str, device: torch.device, run=None, **bucket) -> dict:
 
 def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> dict | None:
     name = normalised_device_name(device_name(device))
-    found = nearest_entry(load_entries(shipped_dir() / f"{name}.json"), kernel, key)
+    found = nearest_entry(load_entries(shipped_dir() / f"{name}.json", other_triton_ok=True), kernel, key)
     if found is not None:
         return found
     user_path = user_cache_path(device)
@@ -255,7 +269,7 @@ def _lookup(kernel: str, device: torch.device, key: dict, run, bucket: dict) -> 
     _warn_once(f"mustafar_triton: tuning {kernel} for {shape} on {device_name(device)} "
                f"(MUSTAFAR_TRITON_AUTOTUNE=1): this call takes seconds; the config serves every bucket "
                f"of the shape and is saved to {user_path}")
-    best, _ = tune(kernel, run, key, config_space(kernel, **bucket))
+    best, _ = tune(kernel, run, key, runnable_space(kernel, device, **bucket))
     write_entries(user_path, user_entries + [{"kernel": kernel, "bucket": key, "config": best}], device)
     return best
 

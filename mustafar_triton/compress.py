@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 
 from . import autotune
-from ._runtime import cdiv, check_device, check_same_device, has_mma_v2, interpreting, next_pow2
+from ._gluon_compat import gluon_runs_on
+from ._runtime import cdiv, check_device, check_same_device, interpreting, next_pow2
 from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity, kept_per_token, round_up
-from .kernels.prune_pack import _select_kernel, _unpack_kernel
+from .kernels.prune_pack import _select_kernel, _unpack_kernel, gluon_prune_supports
 
 
 def _check_dense(name: str, x: torch.Tensor) -> None:
@@ -96,8 +97,7 @@ def _prune_pack_gluon():
 
 
 def _gluon_prune_runs(x: torch.Tensor) -> bool:
-    from .kernels.prune_pack_gluon import gluon_prune_supports
-    return gluon_prune_supports(x.dtype, x.shape[-1], interpreting()) and has_mma_v2(x.device)
+    return gluon_prune_supports(x.dtype, x.shape[-1], interpreting()) and gluon_runs_on(x.device)
 
 
 def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -70,7 +70,7 @@ def main():
           f"(fp16 torch: {rel_err(same_dtype, ref):.2e})")
     dense_out = reference.sparse_decode_attention(q, mt.pack(k), mt.pack(v), k_window=k_win, v_window=v_win)
     print(f"effect of pruning itself on this random data (vs unpruned float64 attention): "
-          f"{rel_err(out, dense_out):.2e}; on a real model see the README accuracy table")
+          f"{rel_err(out, dense_out):.2e}; on real models see the README (accuracy column) and perf/NOTES.md")
 
     if gpu:
         # GPU time per call, L2 flushed before each call, host excluded (_timing.py)

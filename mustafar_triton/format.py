@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SUPPORTED_HEAD_DIMS = (32, 64, 128, 256)
+SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)  # 96: tl kernels only (D/32 = 3 bitmap words)
 
 
 def round_up(x: int, multiple: int) -> int:

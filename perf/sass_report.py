@@ -8,8 +8,9 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
 default, its register cap; --block-n / --maxnreg override). Costs no device time: use it to
-check an idea's instruction count before spending a GPU run (session 6 found the ALU-pipe share
-of the loop, not its length, to be what predicts the Gluon kernel's speed).
+check an idea's instruction count before spending a GPU run (the one-warp Gluon kernel's
+measurements up to 2f21df9 showed the ALU-pipe share of the loop, not its length, to be what
+predicts its speed).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def compile_decode(args):
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
                   HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False)
     if gluon:
-        from triton.experimental.gluon._runtime import GluonASTSource
+        from mustafar_triton._gluon_compat import GluonASTSource
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
         block_h = gluon_launch.gluon_block_h(args.group)
@@ -71,7 +72,7 @@ def compile_decode(args):
 
 def compile_prune(args):
     """prune_pack_gluon.py's kernel as compress.py launches it (with seq_lens: the larger variant)."""
-    from triton.experimental.gluon._runtime import GluonASTSource
+    from mustafar_triton._gluon_compat import GluonASTSource
     from mustafar_triton.kernels import prune_pack_gluon as pp
     kernel = pp._prune_pack_gluon_kernel
     names = kernel.arg_names

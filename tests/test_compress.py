@@ -300,13 +300,14 @@ def test_prune_and_pack_kernels(kernel, dtype, d, sparsity, device, monkeypatch)
 
 
 def test_prune_and_pack_falls_back_before_ampere(device, monkeypatch):
-    """Without mma.sync m16n8k16 (compute capability < 8.0), the tl kernel packs."""
+    """Where Gluon cannot run (no mma.sync m16n8k16 before compute capability 8.0, an unchecked
+    triton: _gluon_compat.gluon_runs_on), the tl kernel packs."""
     from mustafar_triton import autotune, compress
     from mustafar_triton.kernels import prune_pack_gluon
 
     def no_gluon(*args):
         raise AssertionError("the Gluon kernel must not be launched here")
-    monkeypatch.setattr(compress, "has_mma_v2", lambda dev: False)
+    monkeypatch.setattr(compress, "gluon_runs_on", lambda dev: False)
     monkeypatch.setattr(prune_pack_gluon, "launch_prune_and_pack", no_gluon)
     x = hard_rows((2, 1, 45, 128), torch.float16, 91, device)
     with autotune.forced_config("select", autotune.GLUON_SELECT_CONFIG):

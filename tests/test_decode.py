@@ -419,12 +419,13 @@ def test_gluon_config_falls_back_where_unsupported(device, decode_config):
 
 
 def test_gluon_config_falls_back_before_ampere(device, decode_config, monkeypatch):
-    """A GPU without mma.sync m16n8k16 (compute capability < 8.0) runs decode.py's kernel."""
+    """Where Gluon cannot run (no mma.sync m16n8k16 before compute capability 8.0, an unchecked
+    triton: _gluon_compat.gluon_runs_on), decode.py's kernel runs."""
     from mustafar_triton import attention
 
     def no_gluon():
         raise AssertionError("the Gluon kernel must not be launched here")
-    monkeypatch.setattr(attention, "has_mma_v2", lambda dev: False)
+    monkeypatch.setattr(attention, "gluon_runs_on", lambda dev: False)
     monkeypatch.setattr(attention, "_sparse_decode_gluon_kernel", no_gluon)
     decode_config(**gluon_launch.GLUON_CONFIG)
     q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=70, d=128, dtype=torch.float16, seed=44, w=5)

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from .._runtime import cdiv
 from .decode_gluon_launch import GATHERS, GLUON_CONFIG, gather_supports, gluon_bucket
+from .prune_pack import _in_head
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
     from triton.language.extra import libdevice
@@ -49,10 +50,12 @@ def byte_slot_table():
 
 @triton.jit
 def _load_words(bitmap_ptr, tok, tok_valid, HEAD_DIM: tl.constexpr):
-    """Bitmap words [HEAD_DIM // 32, BLOCK_N] of tokens `tok`; 0 (nothing kept) where invalid."""
+    """Bitmap words [HEAD_DIM // 32 (padded to a power of two), BLOCK_N] of tokens `tok`; 0 (nothing
+    kept) where invalid or padded."""
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
-    w = tl.arange(0, NUM_WORDS)
-    words = tl.load(bitmap_ptr + tok[None, :] * NUM_WORDS + w[:, None], mask=tok_valid[None, :], other=0)
+    w = tl.arange(0, triton.next_power_of_2(HEAD_DIM) // 32)
+    words = tl.load(bitmap_ptr + tok[None, :] * NUM_WORDS + w[:, None],
+                    mask=_in_head(tok_valid[None, :], 32 * w[:, None], HEAD_DIM), other=0)
     return words.to(tl.uint32, bitcast=True)
 
 
@@ -60,18 +63,20 @@ def _load_words(bitmap_ptr, tok, tok_valid, HEAD_DIM: tl.constexpr):
 def _expand_tile_t(words, values_ptr, lut_ptr, tok,
                    HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
                    SLOTS: tl.constexpr):
-    """Dense TRANSPOSED tile [HEAD_DIM, BLOCK_N] of tokens `tok` (int32 indices into one
-    (batch, kv head) stream whose values start at values_ptr) from their bitmap words.
+    """Dense TRANSPOSED tile [HEAD_DIM (padded to a power of two), BLOCK_N] of tokens `tok` (int32
+    indices into one (batch, kv head) stream whose values start at values_ptr) from their bitmap
+    words.
 
     Channels run along dim 0 on purpose: Triton then puts a warp's lanes along the channels of
     one token, so each gathered value load touches one 80-byte value row instead of 32 rows.
     A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
     so no load ever leaves its own value row.
     """
+    D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     if SLOTS == "lut":
         # Per bitmap byte, lut[byte] holds 8 nibbles: bit 3 = channel kept, bits 0-2 = its slot
         # offset within the byte's run of values. Per element: one shift, two masks, one add.
-        NUM_BYTES: tl.constexpr = HEAD_DIM // 8
+        NUM_BYTES: tl.constexpr = D_TILE // 8
         byte_shift = (tl.arange(0, 4) * 8).to(tl.uint32)
         byte = tl.reshape((words[:, None, :] >> byte_shift[None, :, None]) & 0xFF, [NUM_BYTES, BLOCK_N])
         entry = tl.load(lut_ptr + byte).to(tl.uint32, bitcast=True)            # [NB, BN]
@@ -80,8 +85,8 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         byte_base = (tl.cumsum(count, axis=0) - count).to(tl.int32) + tok[None, :] * CAPACITY
         nibble_shift = (tl.arange(0, 8) * 4).to(tl.uint32)
         nibble = ((entry[:, None, :] >> nibble_shift[None, :, None]) & 0xF).to(tl.int32)  # [NB, 8, BN]
-        offset = tl.reshape(byte_base[:, None, :] + (nibble & 7), [HEAD_DIM, BLOCK_N])
-        keep = tl.reshape(nibble >= 8, [HEAD_DIM, BLOCK_N])
+        offset = tl.reshape(byte_base[:, None, :] + (nibble & 7), [D_TILE, BLOCK_N])
+        keep = tl.reshape(nibble >= 8, [D_TILE, BLOCK_N])
     else:
         counts = libdevice.popc(words.to(tl.int32, bitcast=True))                # [NW, BN]
         words = tl.where(tl.sum(counts, axis=0)[None, :] <= CAPACITY, words, 0)
@@ -89,8 +94,8 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         word_base = tl.cumsum(counts, axis=0) - counts + tok[None, :] * CAPACITY
         below = (tl.full([32], 1, tl.uint32) << shifts) - 1
         in_word = libdevice.popc((words[:, None, :] & below[None, :, None]).to(tl.int32, bitcast=True))
-        offset = tl.reshape(word_base[:, None, :] + in_word, [HEAD_DIM, BLOCK_N])
-        keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [HEAD_DIM, BLOCK_N])
+        offset = tl.reshape(word_base[:, None, :] + in_word, [D_TILE, BLOCK_N])
+        keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [D_TILE, BLOCK_N])
     # offsets are token * CAPACITY + slot, formed in int32 so each element needs one 64-bit add
     return tl.load(values_ptr + offset, mask=keep, other=0.0)
 
@@ -180,13 +185,14 @@ def _sparse_decode_kernel(
     b = bh // num_kv_heads
     h = bh % num_kv_heads
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, HEAD_DIM)
+    D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)  # D=96 runs as 128, channels 96+ zero
+    offs_d = tl.arange(0, D_TILE)
     head_ok = offs_h < GROUP
     q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=head_ok[:, None], other=0.0)
+                mask=_in_head(head_ok[:, None], offs_d[None, :], HEAD_DIM), other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_H, D_TILE], tl.float32)
 
     lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
@@ -213,19 +219,21 @@ def _sparse_decode_kernel(
             tok = start + tl.arange(0, BLOCK_N)
             valid = tok < w_hi
             offs = base + tok[:, None] * stride_wt + offs_d[None, :]
-            k = tl.load(k_window_ptr + offs, mask=valid[:, None], other=0.0)
-            v = tl.load(v_window_ptr + offs, mask=valid[:, None], other=0.0)
+            in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
+            k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
+            v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
             m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
 
     empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
     out = acc / tl.where(empty, 1.0, l)[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l)))
     part = (bh.to(tl.int64) * tl.num_programs(0) + split) * GROUP + offs_h
-    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=head_ok[:, None])
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out,
+             mask=_in_head(head_ok[:, None], offs_d[None, :], HEAD_DIM))
     tl.store(part_lse_ptr + part, lse, mask=head_ok)
 
 
-# Channels per split-merge program (head dims are powers of two from 32).
+# Channels per split-merge program (head dims are multiples of 32).
 MERGE_BLOCK_D = 32
 
 

@@ -25,7 +25,7 @@ GATHERS = ("walk", "popc", "scatter")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
-# perf/results/decode_gluon_ab_h100_s9_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
+# perf/results/decode_gluon_ab_h100_aaca482_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
 # 19.2-20.1 us against popc 19.3-19.4; 124 tokens (B=1 T=32768) 42.1 against 51.0.
 MIN_STAGED_SPLIT_TOKENS = 64
 
@@ -36,12 +36,16 @@ MIN_STAGED_SPLIT_TOKENS = 64
 SCATTER_MAX_CAPACITY_FRACTION = 0.25
 
 
+# Powers of two only: its layouts span D. D=96 (three bitmap words) runs the tl kernel.
+GLUON_DECODE_HEAD_DIMS = (32, 64, 128, 256)
+
+
 def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
     """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
-    fp16 / bf16 (mma.sync operands), HEAD_DIM a multiple of 32, GQA group <= 16 (the padded
-    group is the mma's N)."""
+    fp16 / bf16 (mma.sync operands), HEAD_DIM in GLUON_DECODE_HEAD_DIMS, GQA group <= 16 (the
+    padded group is the mma's N)."""
     return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
-            and head_dim % 32 == 0 and group <= 16)
+            and head_dim in GLUON_DECODE_HEAD_DIMS and group <= 16)
 
 
 def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
@@ -73,7 +77,7 @@ def register_cap(head_dim: int, block_h: int, gather: str) -> int:
     and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
     ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
     perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
-    and measured 1.13-1.24x slower, decode_gluon_ab_h100_s9_bits_merge.json). The scatter needs
+    and measured 1.13-1.24x slower, decode_gluon_ab_h100_aaca482_bits_merge.json). The scatter needs
     111-124 at D=128 (capacities 16-64). Fixing the cap makes the resident programs, and so the
     waves, exact."""
     staged = gather != "popc"

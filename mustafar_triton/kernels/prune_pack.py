@@ -8,11 +8,35 @@ One streaming kernel, `_select_kernel`, reads a tile of tokens once and either
 Exact per-token top-k without sorting: the k-th largest magnitude is found by bisection on the
 bit pattern of |x| (non-negative floats order like their bit patterns), one `tl.sum` count per
 bit; ties at the threshold go to the lowest channel index via a `tl.cumsum`.
+
+Head dims that are not a power of two (96: three bitmap words) run in tiles of the next power of
+two, the extra channels masked (`_in_head`); powers of two compile to the same code as without it.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+# Head dims of prune_pack_gluon.py's kernel (its per-byte mma needs N = D / 8 >= 8, a power of two)
+GLUON_PRUNE_HEAD_DIMS = (64, 128, 256)
+
+
+def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
+    """Whether prune_pack_gluon.py's kernel handles a shape (GPU only: Gluon has no interpreter).
+    Here, beside its tl twin, so that asking needs no Gluon import."""
+    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
+            and head_dim in GLUON_PRUNE_HEAD_DIMS)
+
+
+@triton.jit
+def _in_head(mask, channel, HEAD_DIM: tl.constexpr):
+    """mask & (channel < HEAD_DIM) in tiles padded to the next power of two; mask itself where
+    HEAD_DIM is one (nothing is padded)."""
+    if HEAD_DIM == triton.next_power_of_2(HEAD_DIM):
+        inside = mask
+    else:
+        inside = mask & (channel < HEAD_DIM)
+    return inside
 
 
 @triton.jit
@@ -33,13 +57,15 @@ def _select_kernel(
     SELECT_TOPK: tl.constexpr, WRITE_PACKED: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
 ):
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = rows < n_rows
     if HAS_SEQ_LENS:
         seq_len = tl.load(seq_lens_ptr + rows // rows_per_batch, mask=valid, other=0)
         valid = valid & ((rows % tokens_per_seq) < seq_len)
-    d = tl.arange(0, HEAD_DIM)
-    x = tl.load(x_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=valid[:, None], other=0.0)
+    d = tl.arange(0, D_TILE)
+    in_row = _in_head(valid[:, None], d[None, :], HEAD_DIM)   # padded channels read 0, never kept
+    x = tl.load(x_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=in_row, other=0.0)
     mag = _magnitude_bits(x, MAG_BITS)
 
     if SELECT_TOPK:
@@ -61,7 +87,7 @@ def _select_kernel(
         kept = above | (at_tau & (tie_rank <= (keep - n_above)[:, None]))
     else:
         kept = mag != 0
-    kept = kept & valid[:, None]
+    kept = kept & in_row
 
     if WRITE_PACKED:
         kept_i = kept.to(tl.int32)
@@ -74,14 +100,15 @@ def _select_kernel(
         zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & (rows < n_rows)[:, None]
         tl.store(values_ptr + rows[:, None] * CAPACITY + j[None, :],
                  tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=x.dtype), mask=zero_slots)
-        bits = tl.reshape(kept_i, [BLOCK_T, NUM_WORDS, 32]).to(tl.uint32)
+        bits = tl.reshape(kept_i, [BLOCK_T, D_TILE // 32, 32]).to(tl.uint32)
         shifts = tl.arange(0, 32).to(tl.uint32)
         words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
-        w = tl.arange(0, NUM_WORDS)
-        tl.store(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], words, mask=(rows < n_rows)[:, None])
+        w = tl.arange(0, D_TILE // 32)
+        tl.store(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], words,
+                 mask=_in_head((rows < n_rows)[:, None], 32 * w[None, :], HEAD_DIM))
     else:
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], tl.where(kept, x, 0.0),
-                 mask=(rows < n_rows)[:, None])
+                 mask=_in_head((rows < n_rows)[:, None], d[None, :], HEAD_DIM))
 
 
 @triton.jit
@@ -90,15 +117,18 @@ def _unpack_kernel(
     HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = rows < n_rows
-    w = tl.arange(0, NUM_WORDS)
-    words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], mask=valid[:, None], other=0)
+    w = tl.arange(0, D_TILE // 32)
+    words = tl.load(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :],
+                    mask=_in_head(valid[:, None], 32 * w[None, :], HEAD_DIM), other=0)
     shifts = tl.arange(0, 32)
-    bits = (words[:, :, None] >> shifts[None, None, :]) & 1          # [BLOCK_T, NUM_WORDS, 32]
-    bits = tl.reshape(bits, [BLOCK_T, HEAD_DIM])
+    bits = (words[:, :, None] >> shifts[None, None, :]) & 1          # [BLOCK_T, D_TILE // 32, 32]
+    bits = tl.reshape(bits, [BLOCK_T, D_TILE])
     slot = tl.cumsum(bits, axis=1) - 1
     keep = (bits != 0) & (slot < CAPACITY) & valid[:, None]
     vals = tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
-    d = tl.arange(0, HEAD_DIM)
-    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], vals, mask=valid[:, None])
+    d = tl.arange(0, D_TILE)
+    tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], vals,
+             mask=_in_head(valid[:, None], d[None, :], HEAD_DIM))

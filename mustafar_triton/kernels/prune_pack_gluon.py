@@ -1,10 +1,10 @@
 """prune_and_pack in Gluon (GPU only): per-token top-k counted on the tensor cores.
 
 On the H100 at [16, 8, 16384, 128] fp16, sparsity 0.7, it takes 348 us (~70% of the copy bandwidth;
-perf/results/prune_gluon_ab_session10_variants.json); prune_pack.py's `_select_kernel` took 1313 us
-(session 7). Same output, bit for bit: compress.py picks this kernel for prune_and_pack wherever
-`gluon_prune_supports` says it runs, and `_select_kernel` (which CI runs under the interpreter)
-stays the reference.
+perf/results/prune_gluon_ab_36c5839_variants.json); prune_pack.py's `_select_kernel` took 1313 us
+(perf/results/prune_gluon_ab_ba17925.json). Same output, bit for bit: compress.py picks this
+kernel for prune_and_pack wherever `prune_pack.gluon_prune_supports` says it runs, and
+`_select_kernel` (which CI runs under the interpreter) stays the reference.
 
 One warp per program, 16 tokens (rows) per program, each row's D values spread over the four
 lanes of a quad in the layout of an mma.sync A operand (8 consecutive channels per register
@@ -43,21 +43,16 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode_gluon import _popc
+from .prune_pack import GLUON_PRUNE_HEAD_DIMS
 
 ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and spilled under a cap
 
 
 def register_cap(head_dim: int) -> int:
     """No spills with or without seq_lens (sm_90, ptxas of triton 3.6; 90 registers at D=128).
-    Occupancy is not the limit: at D=128 a cap of 88 ran as fast as this one (348 us, session 10)."""
+    Occupancy is not the limit: at D=128 a cap of 88 ran as fast as this one (348 us, at 36c5839)."""
     return 112 if head_dim <= 128 else 160
 
-SUPPORTED_HEAD_DIMS = (64, 128, 256)
-
-
-def gluon_prune_supports(dtype, head_dim: int, interpreting: bool) -> bool:
-    return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
-            and head_dim in SUPPORTED_HEAD_DIMS)
 
 
 @gluon.jit
@@ -139,7 +134,7 @@ def _per_quad_lane(acc, QUAD: gl.constexpr):
 def _row_sum(t4, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Per row: the sum of t4 [R, 4, HEAD_DIM / 4] (fp16, or int8 read as signed), as [R, 4] in the
     quad layout (fp32 / int32), from mmas against ones. Each half of the row is its own chain of
-    mmas: one chain of D / 16 dependent mmas was a bisection step's latency (session 9: 433 ->
+    mmas: one chain of D / 16 dependent mmas was a bisection step's latency (9baba16: 433 ->
     414 us)."""
     R: gl.constexpr = t4.shape[0]
     ACC: gl.constexpr = gl.int32 if t4.dtype == gl.int8 else gl.float32
@@ -167,7 +162,7 @@ def _bisect_bytes(x, keep, A_OP: gl.constexpr, MMA: gl.constexpr, HEAD_DIM: gl.c
     with one 32-bit add per four values (ptxas puts it on the FMA pipe) where fp16 compares
     take two ALU-pipe instructions. H100, [16, 8, 16384, 128] fp16 s=0.7: 414 us with 15 fp16
     steps, 367 with bits 14..8 on bytes, 348 with bits 14..1
-    (perf/results/prune_gluon_ab_session10_*.json)."""
+    (perf/results/prune_gluon_ab_36c5839_*.json)."""
     R: gl.constexpr = x.shape[0]
     QUAD: gl.constexpr = gl.SliceLayout(2, x.type.layout)
     base = _row_sum(x, A_OP, MMA, HEAD_DIM) + 128 * HEAD_DIM - 256 * keep
@@ -348,6 +343,9 @@ def launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows: int, tokens: int,
                           keep: int, capacity: int) -> None:
     """x contiguous [*lead, T, D] fp16 / bf16 on a GPU with mma.sync (gluon_prune_supports)."""
     head_dim = x.shape[-1]
+    if head_dim not in GLUON_PRUNE_HEAD_DIMS:
+        raise ValueError(f"the Gluon prune_and_pack kernel handles head dims {GLUON_PRUNE_HEAD_DIMS}, got "
+                         f"{head_dim} (x shape {tuple(x.shape)}); compress.prune_and_pack runs the tl kernel there")
     stage_bytes = ROWS * capacity * 2 + ROWS * head_dim // 8
     decl = f".shared .align 16 .b8 mt_stage[{stage_bytes}]; mov.b32 $0, $1; mov.b32 $0, $2;"
     _prune_pack_gluon_kernel[(triton.cdiv(n_rows, ROWS),)](

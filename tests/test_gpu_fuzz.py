@@ -1,0 +1,287 @@
+"""GPU fuzzing: >= 10,000 hypothesis cases per kernel in a few minutes, for the kernels CI cannot run
+(the Gluon prune_and_pack, the Gluon decode with its walk, scatter and popcount gathers) and for pack / unpack.
+
+The compiled shapes are a bounded set (head dim, dtype, capacity, GQA group and the kernels' flags,
+in the *_SHAPES lists below), so the GPU compiles each once; within them hypothesis draws freely
+what the kernels take at run time: token counts, ragged lengths, windows and their lengths, split
+counts, the sparsity within a capacity, patterns and values (ties, zeros, -0.0, denormals, NaN /
+inf, raw bit patterns, scales 2^-24..2^15). Every case is checked exactly (packing) or against
+float64 with the 2x rule of test_decode.py (decode).
+
+    MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_RECORD=fuzz.json python -m pytest -q tests/test_gpu_fuzz.py
+    MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \\
+        compute-sanitizer --tool memcheck python -m pytest -q tests/test_gpu_fuzz.py     # a sample
+
+(`perf/gpu_session.sh fuzz-compress fuzz-decode fuzz-memcheck` runs these as device-call stages.)
+Environment: MUSTAFAR_FUZZ_EXAMPLES cases per kernel (default 10,000 on the GPU; 2 under the CPU
+interpreter, where Gluon cannot run and only the harness is checked, cheaply), MUSTAFAR_FUZZ_SEED
+(default: drawn at random), MUSTAFAR_FUZZ_RECORD: a JSON file that gets, per kernel, the cases run
+and failed, with the seed, the versions, the GPU and $MUSTAFAR_COMMIT.
+"""
+import json
+import os
+import random
+import time
+from collections import Counter
+
+import pytest
+import torch
+import triton
+from hypothesis import HealthCheck, seed, settings
+from hypothesis import strategies as st
+from hypothesis import given
+
+import mustafar_triton as mt
+from mustafar_triton import attention, autotune
+from mustafar_triton import reference as ref
+from mustafar_triton.format import default_capacity
+from mustafar_triton.kernels import decode_gluon_launch as gluon_launch
+from conftest import DEVICE_NAME, INTERPRETING
+from mt_testutils import bit_equal, popcount_rows, random_pattern
+from test_compress import assert_packed_equal
+from test_decode import check_decode
+
+FUZZ_EXAMPLES = int(os.environ.get("MUSTAFAR_FUZZ_EXAMPLES", 2 if INTERPRETING else 10_000))
+FUZZ_SEED = int(os.environ.get("MUSTAFAR_FUZZ_SEED", random.SystemRandom().randrange(2**32)))
+settings.register_profile(
+    "mustafar-gpu-fuzz", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=False,
+    print_blob=True, suppress_health_check=list(HealthCheck))
+settings.register_profile(  # the CPU interpreter: a smoke run of the harness (the tl kernels)
+    "mustafar-cpu-fuzz-smoke", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+    print_blob=True, suppress_health_check=list(HealthCheck))
+FUZZ = settings.get_profile("mustafar-cpu-fuzz-smoke" if INTERPRETING else "mustafar-gpu-fuzz")
+
+F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
+# prune_and_pack (the Gluon kernel on a GPU): (head dim, dtype, capacity); keep is drawn in
+# (capacity - 8, capacity], with and without seq_lens
+PRUNE_SHAPES = [(64, F16, 32), (64, BF16, 24), (128, F16, 40), (128, BF16, 64), (128, F16, 128),
+                (256, F16, 80), (256, BF16, 32)]
+# pack / unpack (tl kernels): (head dim, dtype, explicit capacity)
+PACK_SHAPES = [(64, F16, 24), (128, BF16, 48), (128, F32, 128), (256, F16, 64), (96, F16, 40)]
+# decode (the Gluon kernel, gather forced): (head dim, dtype, Hq, Hkv, K capacity, V capacity,
+# seq_lens given, window: None / "full" / "lens" (window_lens given))
+DECODE_SHAPES = [(128, F16, 32, 8, 40, 40, True, "lens"), (128, BF16, 32, 8, 64, 64, True, "lens"),
+                 (64, F16, 9, 3, 32, 24, True, "lens"), (128, F16, 16, 1, 40, 16, False, None),
+                 (256, BF16, 8, 2, 80, 128, True, "full"), (64, BF16, 4, 4, 8, 32, False, "full"),
+                 (128, F16, 8, 8, 128, 40, True, "lens")]
+
+CASES: Counter = Counter()
+FAILED: Counter = Counter()
+SECONDS: Counter = Counter()
+GLUON_LAUNCHES: Counter = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def record_and_spy():
+    """Counts Gluon launches (each GPU case must run the kernel it fuzzes) and, at the end, writes
+    the record file."""
+    from mustafar_triton.kernels import prune_pack_gluon
+    prune_launch = prune_pack_gluon.launch_prune_and_pack
+    decode_kernel = attention._sparse_decode_gluon_kernel
+
+    class DecodeSpy:
+        def __getitem__(self, grid):
+            launch = decode_kernel()[grid]
+
+            def counted(*args, **kwargs):
+                GLUON_LAUNCHES[kwargs["GATHER"]] += 1
+                return launch(*args, **kwargs)
+            return counted
+
+    def prune_counted(*args, **kwargs):
+        GLUON_LAUNCHES["prune_and_pack"] += 1
+        return prune_launch(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prune_pack_gluon, "launch_prune_and_pack", prune_counted)
+        mp.setattr(attention, "_sparse_decode_gluon_kernel", DecodeSpy)
+        yield
+    path = os.environ.get("MUSTAFAR_FUZZ_RECORD")
+    if path:
+        kernels = {k: dict(cases=CASES[k], failed_cases=FAILED[k], seconds=round(SECONDS[k], 1),
+                           gluon_launches=GLUON_LAUNCHES[k] if k != "pack_unpack" else None) for k in CASES}
+        record = dict(seed=FUZZ_SEED, max_examples=FUZZ_EXAMPLES, device=DEVICE_NAME,
+                      gpu=torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRETING else None,
+                      triton=triton.__version__, torch=torch.__version__, commit=os.environ.get("MUSTAFAR_COMMIT"),
+                      kernels=kernels)
+        with open(path, "w") as f:
+            json.dump(record, f, indent=1)
+
+
+class counted_case:
+    """Counts a case of `kernel`, its time, and whether it failed (hypothesis re-runs a failing
+    case while shrinking it, so failed_cases counts those runs too)."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __enter__(self):
+        CASES[self.kernel] += 1
+        self.start = time.perf_counter()
+
+    def __exit__(self, kind, *_):
+        SECONDS[self.kernel] += time.perf_counter() - self.start
+        if kind is not None:
+            FAILED[self.kernel] += 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Values
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def value_recipes(draw):
+    return dict(mode=draw(st.sampled_from(["normal", "ties", "bits"])), scale_exp=draw(st.integers(-24, 15)),
+                levels=draw(st.integers(1, 4)), special_rate=draw(st.sampled_from([0.0, 0.0, 0.01, 0.2])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def make_values(shape, dtype, recipe, device) -> torch.Tensor:
+    """Values drawn on the CPU from a recipe (reproducible on any device), then moved: normal or
+    integer ties times 2^scale_exp, or raw bit patterns (every finite, denormal, inf and NaN value),
+    with NaN / +-inf / -0.0 / denormals sprinkled at special_rate."""
+    g = torch.Generator().manual_seed(recipe["seed"])
+    if recipe["mode"] == "bits":
+        int_dtype = torch.int32 if dtype == F32 else torch.int16
+        info = torch.iinfo(int_dtype)
+        x = torch.randint(info.min, info.max, shape, generator=g, dtype=torch.int64).to(int_dtype).view(dtype)
+    else:
+        if recipe["mode"] == "normal":
+            x = torch.randn(shape, generator=g, dtype=torch.float64)
+        else:
+            x = torch.randint(-recipe["levels"], recipe["levels"] + 1, shape, generator=g).double()
+        x = (x * 2.0 ** recipe["scale_exp"]).to(dtype)
+    if recipe["special_rate"]:
+        specials = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, torch.finfo(dtype).tiny / 4],
+                                dtype=dtype)
+        where = torch.rand(shape, generator=g) < recipe["special_rate"]
+        x = torch.where(where, specials[torch.randint(0, len(specials), shape, generator=g)], x)
+    return x.to(device)
+
+
+def draw_lens(draw, b, t, allowed) -> list[int] | None:
+    return draw(st.lists(st.integers(0, t), min_size=b, max_size=b)) if allowed else None
+
+
+# ------------------------------------------------------------------------------------------------
+# prune_and_pack
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def prune_cases(draw):
+    d, dtype, capacity = draw(st.sampled_from(PRUNE_SHAPES))
+    keep = draw(st.integers(max(1, capacity - 7), capacity))
+    b, h, t = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 400))
+    return dict(d=d, dtype=dtype, capacity=capacity, sparsity=(d - keep + 0.5) / d, keep=keep, shape=(b, h, t, d),
+                lens=draw_lens(draw, b, t, draw(st.booleans())), values=draw(value_recipes()))
+
+
+@FUZZ
+@seed(FUZZ_SEED)
+@given(c=prune_cases())
+def test_fuzz_prune_and_pack(c, device):
+    with counted_case("prune_and_pack"):
+        x = make_values(c["shape"], c["dtype"], c["values"], device)
+        lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+        launches = GLUON_LAUNCHES["prune_and_pack"]
+        packed = mt.prune_and_pack(x, c["sparsity"], seq_lens=lens)
+        assert packed.capacity == c["capacity"] == default_capacity(c["d"], c["sparsity"])
+        assert_packed_equal(packed, ref.prune_and_pack(x, c["sparsity"], seq_lens=lens))
+        counts = popcount_rows(packed.bitmap)
+        valid = torch.arange(c["shape"][2], device=device)[None, None, :] < (
+            lens[:, None, None] if lens is not None else c["shape"][2])
+        assert torch.all(counts[valid.expand_as(counts)] == c["keep"])
+        assert GLUON_LAUNCHES["prune_and_pack"] == launches + (0 if INTERPRETING else 1), "not the Gluon kernel"
+
+
+# ------------------------------------------------------------------------------------------------
+# pack / unpack
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def pack_cases(draw):
+    d, dtype, capacity = draw(st.sampled_from(PACK_SHAPES))
+    b, h, t = draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 300))
+    return dict(dtype=dtype, capacity=capacity, shape=(b, h, t, d), max_nnz=draw(st.integers(0, capacity)),
+                pattern_seed=draw(st.integers(0, 2**31 - 1)), lens=draw_lens(draw, b, t, draw(st.booleans())),
+                values=draw(value_recipes()))
+
+
+@FUZZ
+@seed(FUZZ_SEED)
+@given(c=pack_cases())
+def test_fuzz_pack_unpack(c, device):
+    with counted_case("pack_unpack"):
+        pattern = random_pattern(c["shape"], c["pattern_seed"], device, max_nnz=c["max_nnz"])
+        x = make_values(c["shape"], c["dtype"], c["values"], device)
+        x = torch.where(pattern, x, torch.zeros((), dtype=c["dtype"], device=device))
+        lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+        packed = mt.pack(x, capacity=c["capacity"], seq_lens=lens)
+        assert_packed_equal(packed, ref.pack(x, capacity=c["capacity"], seq_lens=lens))
+        assert bit_equal(mt.unpack(packed), ref.unpack(packed))
+
+
+# ------------------------------------------------------------------------------------------------
+# decode, every gather (the scatter on the shapes it takes: D 64 / 128)
+# ------------------------------------------------------------------------------------------------
+def gather_shapes(gather: str) -> list:
+    return [s for s in DECODE_SHAPES if gluon_launch.gather_supports(gather, s[0], gluon_launch.GLUON_CONFIG["BLOCK_N"])]
+
+
+@st.composite
+def decode_cases(draw, gather):
+    d, dtype, hq, hkv, k_cap, v_cap, has_lens, window = draw(st.sampled_from(gather_shapes(gather)))
+    b, t = draw(st.integers(1, 4)), draw(st.integers(0, 600))
+    w = draw(st.integers(0, 40)) if window else None
+    lens = draw_lens(draw, b, t, has_lens)
+    bound = max(lens) if lens else t
+    return dict(d=d, dtype=dtype, hq=hq, hkv=hkv, b=b, t=t, lens=lens, w=w,
+                window_lens=draw_lens(draw, b, w, window == "lens") if window else None,
+                k_keep=draw(st.integers(max(1, k_cap - 7), k_cap)),
+                v_keep=draw(st.integers(max(1, v_cap - 7), v_cap)),
+                splits=draw(st.sampled_from([0, 0, 1, 2, 3, 7, 16, 64, 200])),
+                max_seq_len=draw(st.one_of(st.none(), st.integers(bound, t))),
+                q_scale_exp=draw(st.integers(-4, 3)), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def run_decode_case(c, gather, device):
+    g = torch.Generator().manual_seed(c["seed"])
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(c["dtype"]).to(device)
+    b, hkv, t, d = c["b"], c["hkv"], c["t"], c["d"]
+    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+    pk = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["k_keep"] + 0.5) / d, seq_lens=lens)
+    pv = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["v_keep"] + 0.5) / d, seq_lens=lens)
+    q = rand(b, c["hq"], d, scale=2.0 ** c["q_scale_exp"])
+    kw = dict(num_splits=c["splits"], max_seq_len=c["max_seq_len"])
+    if c["w"] is not None:
+        kw.update(k_window=rand(b, hkv, c["w"], d), v_window=rand(b, hkv, c["w"], d))
+        if c["window_lens"] is not None:
+            kw["window_lens"] = torch.tensor(c["window_lens"], dtype=torch.int32, device=device)
+    launches = GLUON_LAUNCHES[gather]
+    with autotune.forced_config("decode", dict(gluon_launch.GLUON_CONFIG, gather=gather)):
+        check_decode(q, pk, pv, **kw)
+    assert GLUON_LAUNCHES[gather] == launches + (0 if INTERPRETING else 1), f"not the Gluon {gather} gather"
+
+
+def _fuzz_decode(gather):
+    @FUZZ
+    @seed(FUZZ_SEED)
+    @given(c=decode_cases(gather))
+    def run(c, device):
+        with counted_case(gather):
+            run_decode_case(c, gather, device)
+    return run
+
+
+test_fuzz_decode_walk = _fuzz_decode("walk")
+test_fuzz_decode_scatter = _fuzz_decode("scatter")
+test_fuzz_decode_popc = _fuzz_decode("popc")
+
+
+def test_fuzz_shapes_are_the_gluon_kernels():
+    """Every fuzzed prune / decode shape is one the Gluon kernels take, so no case falls back."""
+    from mustafar_triton.kernels.prune_pack import gluon_prune_supports
+    assert all(gluon_prune_supports(dtype, d, False) for d, dtype, _ in PRUNE_SHAPES)
+    for d, dtype, hq, hkv, *_ in DECODE_SHAPES:
+        assert gluon_launch.gluon_decode_supports(dtype, d, hq // hkv, False)
+        assert gluon_launch.gather_supports("walk", d, gluon_launch.GLUON_CONFIG["BLOCK_N"])
+    assert len(gather_shapes("scatter")) >= 4
