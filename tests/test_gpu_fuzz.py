@@ -16,7 +16,8 @@ float64 with the 2x rule of test_decode.py (decode).
 Environment: MUSTAFAR_FUZZ_EXAMPLES cases per kernel (default 10,000 on the GPU; 2 under the CPU
 interpreter, where Gluon cannot run and only the harness is checked, cheaply), MUSTAFAR_FUZZ_SEED
 (default: drawn at random), MUSTAFAR_FUZZ_RECORD: a JSON file that gets, per kernel, the cases run
-and failed, with the seed, the versions, the GPU and $MUSTAFAR_COMMIT.
+and failed, with the seed, the versions, the GPU and $MUSTAFAR_COMMIT (under pytest -n, one file
+per worker: the path + "." + the worker's name).
 """
 import json
 import os
@@ -97,6 +98,8 @@ def record_and_spy():
         mp.setattr(attention, "_sparse_decode_gluon_kernel", DecodeSpy)
         yield
     path = os.environ.get("MUSTAFAR_FUZZ_RECORD")
+    if path and os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a file per worker
+        path += "." + os.environ["PYTEST_XDIST_WORKER"]
     if path:
         kernels = {k: dict(cases=CASES[k], failed_cases=FAILED[k], seconds=round(SECONDS[k], 1),
                            gluon_launches=GLUON_LAUNCHES[k] if k != "pack_unpack" else None) for k in CASES}
