@@ -97,6 +97,12 @@ def record_and_spy():
         mp.setattr(prune_pack_gluon, "launch_prune_and_pack", prune_counted)
         mp.setattr(attention, "_sparse_decode_gluon_kernel", DecodeSpy)
         yield
+    write_record()
+
+
+def write_record():
+    """The record file (MUSTAFAR_FUZZ_RECORD), rewritten every 500 cases and at the end, so a run
+    cut short by a time limit keeps its counts."""
     path = os.environ.get("MUSTAFAR_FUZZ_RECORD")
     if path and os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a file per worker
         path += "." + os.environ["PYTEST_XDIST_WORKER"]
@@ -126,6 +132,8 @@ class counted_case:
         SECONDS[self.kernel] += time.perf_counter() - self.start
         if kind is not None:
             FAILED[self.kernel] += 1
+        if CASES[self.kernel] % 500 == 0:
+            write_record()
 
 
 # ------------------------------------------------------------------------------------------------
