@@ -7,6 +7,7 @@ import textwrap
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import triton
@@ -76,6 +77,8 @@ def test_checked_triton_on_ampere_or_newer_runs_gluon(fresh_warning, monkeypatch
     assert results == [True, True] and ours == []
 
 
+@pytest.mark.skipif(triton.__version__.startswith("3.6") and tuple(map(int, np.__version__.split(".")[:2])) >= (2, 4),
+                    reason="triton 3.6's interpreter needs numpy < 2.4 (the GPU machine has numpy 2.5)")
 def test_triton_without_the_gluon_names_imports_and_runs_the_tl_kernels(tmp_path):
     """With a Gluon module the kernels import missing (a release that moved mma_v2), `import
     mustafar_triton` works, the kernels run (interpreter, exact round trip and a decode against

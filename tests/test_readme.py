@@ -97,7 +97,9 @@ def test_transformers_snippet(device):
     dense = model.generate(**tokenizer(prompts, return_tensors="pt", padding=True).to(device),
                            max_new_tokens=3, do_sample=False)
     tokenizer.padding_side = "right"  # the snippet sets it
+    from mustafar_triton.integrations.transformers import cache_keyword
+    keyword = [("cache=cache", "past_key_values=cache")] if cache_keyword(model) != "cache" else []  # before 5.24
     ns = run(snippet_with("MustafarCache("), model=model, tokenizer=tokenizer, prompts=prompts,
              replace=[("k_sparsity=0.5, v_sparsity=0.5", "k_sparsity=0.0, v_sparsity=0.0"),
-                      ("max_tokens=4096", "max_tokens=64"), ("max_new_tokens=64", "max_new_tokens=3")])
+                      ("max_tokens=4096", "max_tokens=64"), ("max_new_tokens=64", "max_new_tokens=3")] + keyword)
     assert torch.equal(ns["out"], dense)
