@@ -458,6 +458,19 @@ def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
 
 
 @gluon.jit
+def _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE: gl.constexpr,
+                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The staged gathers' pipeline step for the tile at `start`: the next tile's rows go into the
+    other stage (cp.async), this tile's are waited for and made visible to the warp; returns this
+    tile's stage offset."""
+    stage = ((start - lo) // BLOCK_N) % 2 * STAGE
+    _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
+                K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+    return stage
+
+
+@gluon.jit
 def _lane_asm(asm: gl.constexpr, lane):
     """An asm statement run once per lane, kept in program order (returns a dummy)."""
     return gl.inline_asm_elementwise(asm, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
@@ -545,11 +558,8 @@ def _sparse_decode_gluon_kernel(
         _lane_asm(_stage_decl(2 * STAGE), lane)
         _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
-            # the next tile's rows into the other stage; wait for this tile's; the warp sees them
-            stage = ((start - lo) // BLOCK_N) % 2 * STAGE
-            _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
-                        K_CAPACITY, V_CAPACITY, HEAD_DIM)
-            _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
+                                K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
             k4 = _gather_walk(stage + KB_OFF, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True)
             k = _k_operand(k4, A_OP, HEAD_DIM)
             p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
@@ -568,10 +578,8 @@ def _sparse_decode_gluon_kernel(
         _zero_dense(DENSE, lane, HEAD_DIM)
         _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
-            stage = ((start - lo) // BLOCK_N) % 2 * STAGE
-            _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
-                        K_CAPACITY, V_CAPACITY, HEAD_DIM)
-            _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
+            stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
+                                K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
             _scatter_tile(stage, start, c_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
             _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
             k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
