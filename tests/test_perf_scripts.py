@@ -19,10 +19,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Measured with perf/sass_report.py for sm_90 on 2026-12-02 (3.7.1, 3.8.0, 3.9.0): newer ptxas
 # needs more registers for the same code, so at the same caps these cases spill. They compile, and
 # the interpreter twins give the same results; their speed on a GPU is not measured (the GPU
-# machine has triton 3.6 only).
+# machine has triton 3.6 only). The walk at capacity 64 on 3.9 went from 32 to 48 bytes with the
+# padded staged rows (ecf4b40: the row offsets multiply by 144 instead of 128); 3.7 / 3.8 were not
+# re-measured after that change.
 SPILLS_PAST_THE_3_6_BUDGET = {
     "3.8": {("prune", 256, 80, "fp16"): 432},
-    "3.9": {("walk", 128, 4, 40): 24, ("walk", 128, 8, 64): 32,
+    "3.9": {("walk", 128, 4, 40): 24, ("walk", 128, 8, 64): 48,
             ("prune", 128, 40, "fp16"): 24, ("prune", 256, 80, "fp16"): 464, ("prune", 128, 128, "bf16"): 16},
 }
 
