@@ -46,7 +46,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _split_ranges, _window_range
-from .decode_gluon_launch import stage_offsets, staged_row_pitch
+from .decode_gluon_launch import scatter_offsets, scatter_queue_entries, stage_offsets, staged_row_pitch
 
 
 @gluon.jit
@@ -244,13 +244,6 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
 # ---------------------------------------------------------------------------------------------
 
 @gluon.constexpr_function
-def _scatter_queue_entries(head_dim, capacity):
-    """Queue entries per lane: every bitmap word, the sentinels that cover up to `capacity`
-    iterations past the last kept value (32 each), and the two entries loaded ahead."""
-    return head_dim // 32 + capacity // 32 + 3
-
-
-@gluon.constexpr_function
 def _scatter_asm(num_words, capacity):
     """PTX of one lane's scatter. Inputs: the row's bitmap words ($1..$num_words, zero for rows
     that must read as zeros), then the offsets in mt_dstage of its value row, its dense row, its
@@ -258,7 +251,7 @@ def _scatter_asm(num_words, capacity):
     w = ["$%d" % (1 + i) for i in range(num_words)]
     vrow, drow, queue, dummy = ("$%d" % (1 + num_words + i) for i in range(4))
     nvals = capacity // 2
-    sentinels = _scatter_queue_entries(num_words * 32, capacity) - num_words
+    sentinels = scatter_queue_entries(num_words * 32, capacity) - num_words
     parts = ["{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, v<%d>;" % nvals,
              "mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue]
     for i in range(num_words):  # queue the words that have bits (bit-reversed: lowest channel first)
@@ -569,12 +562,10 @@ def _sparse_decode_gluon_kernel(
     elif GATHER == "scatter":
         gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
         STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-        DENSE: gl.constexpr = 2 * STAGE                     # K tile, then V tile (16 rows each)
-        DUMMY: gl.constexpr = DENSE + 32 * (2 * HEAD_DIM + 16) + 96  # after the last dense row (_dense_row):
-        # 64 bytes the sentinels' stores land in
-        QUEUE: gl.constexpr = DUMMY + 64
-        CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
-        _lane_asm(_stage_decl(QUEUE + 256 * _scatter_queue_entries(HEAD_DIM, CAP)), lane)
+        DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+        DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+        QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+        _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         _zero_dense(DENSE, lane, HEAD_DIM)
         _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):

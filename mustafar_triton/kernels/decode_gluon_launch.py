@@ -110,19 +110,34 @@ def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int,
     return v_off, kb_off, vb_off, vb_off + 16 * staged_row_pitch(head_dim // 8)
 
 
+@constexpr_function
+def scatter_queue_entries(head_dim: int, capacity: int) -> int:
+    """The scatter's queue entries per lane: every bitmap word, the sentinels that cover up to
+    `capacity` iterations past the last kept value (32 each), and the two entries loaded ahead."""
+    return head_dim // 32 + capacity // 32 + 3
+
+
+@constexpr_function
+def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int, int, int, int]:
+    """Byte offsets of the scatter's dense tiles (after the two stages: 32 rows, K then V,
+    decode_gluon._dense_row: 2 D + 16 bytes apart and 32 more every 8 rows), of the 64 dummy bytes
+    its sentinels store to, of the lanes' word queues (256 bytes per entry), and its total."""
+    dense = 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3]
+    dummy = dense + 32 * (2 * head_dim + 16) + 32 * 3
+    queue = dummy + 64
+    return dense, dummy, queue, queue + 256 * scatter_queue_entries(head_dim, max(k_capacity, v_capacity))
+
+
 def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -> int:
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates no dynamic shared memory here).
     walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
-    scatter: the same stages, the dense K and V tiles (rows padded by 16 bytes), 64 dummy bytes
-    and the lanes' word queues (decode_gluon._scatter_queue_entries); popc: none."""
+    scatter: scatter_offsets; popc: none."""
     if gather == "popc":
         return 0
-    stages = 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3]
     if gather == "walk":
-        return stages + 1024
-    queue_entries = head_dim // 32 + max(k_capacity, v_capacity) // 32 + 3
-    return stages + 32 * (2 * head_dim + 16) + 96 + 64 + 256 * queue_entries + 1024
+        return 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
+    return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
 def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
