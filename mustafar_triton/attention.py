@@ -98,8 +98,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).
     """
     try:
-        key = (_tensor_key(q), _packed_key(packed_k), _packed_key(packed_v), _tensor_key(k_window),
-               _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits)
+        key = _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # not tensors / PackedKV, or unhashable: the checks say which
         key = plan = None
@@ -110,6 +109,21 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                 del _plans[next(iter(_plans))]  # the oldest layout
             _plans[key] = plan
     return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse)
+
+
+def launched_gather(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
+                    softmax_scale=None, num_splits=0, max_seq_len=None) -> str | None:
+    """The Gluon gather the last sparse_decode_attention call with this argument layout ran
+    ("walk", "popc" or "scatter"); None where it ran decode.py's kernel or no such call was
+    planned yet. For benchmarks that report what they measured (perf/sweep.py)."""
+    plan = _plans.get(_plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits))
+    launch = plan and plan.launches.get(plan.tokens if max_seq_len is None else max_seq_len)
+    return launch.gather if launch and launch.gluon else None
+
+
+def _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits) -> tuple:
+    return (_tensor_key(q), _packed_key(packed_k), _packed_key(packed_v), _tensor_key(k_window),
+            _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits)
 
 
 def _tensor_key(t):

@@ -73,7 +73,7 @@ from common import (LLAMA3_8B, RESULTS_DIR, SMOLLM2_135M, Model, bench_us,  # no
                     copy_bandwidth, device_memory_bytes, environment, synchronize, write_results)
 
 import mustafar_triton as mt  # noqa: E402  (common.py put the repository first on sys.path)
-from mustafar_triton import autotune, reference  # noqa: E402
+from mustafar_triton import attention, autotune, reference  # noqa: E402
 
 SPARSITIES = (0.5, 0.7)
 SPARSITY_AXIS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -261,22 +261,6 @@ def sparsities_for(case: DecodeCase) -> tuple[float, ...]:
     return SPARSITY_AXIS if on_axis else SPARSITIES
 
 
-def launched_gather(q, pk: mt.PackedKV, pv: mt.PackedKV, config: dict) -> str | None:
-    """The Gluon gather attention.py runs for this call and config (None: the tl kernel)."""
-    from mustafar_triton._runtime import has_mma_v2, interpreting, num_sms, sm_shared_bytes
-    from mustafar_triton.kernels import decode_gluon_launch as launch
-    from mustafar_triton.kernels.decode import choose_num_splits
-
-    b, hq, d = q.shape
-    hkv, tokens = pk.shape[1], pk.shape[2]
-    if config.get("kernel") != "gluon" or not (launch.gluon_decode_supports(q.dtype, d, hq // hkv, interpreting())
-                                               and has_mma_v2(q.device)):
-        return None
-    splits_for = lambda per_sm: choose_num_splits(config["num_splits"], num_sms(q.device), b * hkv, tokens,  # noqa: E731
-                                                  config["BLOCK_N"], per_sm)
-    return launch.plan(config, d, hq // hkv, pk.capacity, pv.capacity, tokens, splits_for, sm_shared_bytes(q.device))[0]
-
-
 def first_kv_head(p: mt.PackedKV) -> mt.PackedKV:
     return mt.PackedKV(p.bitmap[:1, :1].contiguous(), p.values[:1, :1].contiguous(), p.capacity, p.head_dim)
 
@@ -302,7 +286,7 @@ def mustafar_row(q, k, v, sparsity: float, base: dict, rig: Rig) -> dict:
                                  capacity=max(pk.capacity, pv.capacity), batch_heads=k.shape[0] * k.shape[1],
                                  context=k.shape[2])
     row.update(capacity=pk.capacity, first_call_s=first_call_s, config=config,
-               gather=launched_gather(q, pk, pv, config), byte_bound_us=(pk.nbytes + pv.nbytes) / rig.copy_bw * 1e6,
+               gather=attention.launched_gather(q, pk, pv), byte_bound_us=(pk.nbytes + pv.nbytes) / rig.copy_bw * 1e6,
                max_abs_err=(out[:1, :group].float() - expected.float()).abs().max().item())
     return measure(row, lambda: mt.sparse_decode_attention(q, pk, pv), pk.nbytes + pv.nbytes + nbytes(q, out), rig)
 

@@ -10,6 +10,7 @@ import torch
 import mustafar_triton as mt
 import mustafar_triton._runtime as runtime
 from mustafar_triton import PackedKV
+from conftest import INTERPRETING
 from mt_testutils import randn
 
 META = torch.device("meta")
@@ -340,3 +341,22 @@ def test_forced_config_reaches_a_planned_layout(device):
     assert planned != 16 and [c["BLOCK_N"] for c in seen] == [planned, 16, planned]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(again, want)
+
+
+def test_launched_gather_reports_the_planned_launch(device):
+    """attention.launched_gather names the Gluon gather a planned layout ran (perf/sweep.py records
+    it): none before the first call, none for decode.py's kernel (the interpreter, fp32)."""
+    from mustafar_triton import attention
+    from mustafar_triton.kernels.decode_gluon_launch import GATHERS
+    for dtype in (torch.float16, torch.float32):
+        q = randn((2, 4, 64), dtype, 5, device)
+        pk, pv = (mt.prune_and_pack(randn((2, 2, 50, 64), dtype, s, device), 0.7) for s in (6, 7))
+        attention._plans.clear()
+        assert attention.launched_gather(q, pk, pv) is None
+        mt.sparse_decode_attention(q, pk, pv)
+        gather = attention.launched_gather(q, pk, pv)
+        if INTERPRETING or dtype == torch.float32:
+            assert gather is None
+        else:
+            assert gather in GATHERS
+        assert attention.launched_gather(q, pk, pv, max_seq_len=10) is None  # a bound not planned
