@@ -1,26 +1,35 @@
-"""`SparseKVCache`: one attention layer's KV cache, compressed store + dense window of recent tokens.
+"""`SparseKVCache`: one attention layer's KV cache, compressed store + dense window of recent tokens
+(+ optional dense attention sinks: the first tokens of every sequence).
 
 State (all preallocated at construction; no buffer is ever reallocated or re-concatenated, so the
 addresses stay fixed for CUDA graphs):
 
     packed_k, packed_v  PackedKV [B, Hkv, max_tokens, ...] sharing one int32 seq_lens [B]: the
                         pruned + packed older tokens of every sequence, valid in [0, seq_lens[b])
-    k_window, v_window  [B, Hkv, window, D] dense recent tokens, valid in [0, window_lens[b])
+    k_window, v_window  [B, Hkv, sinks + window, D] dense tokens, valid in [0, window_lens[b]):
+                        rows [0, sinks) the sinks, rows [sinks, sinks + window) the recent ring
     window_lens         int32 [B]
 
-Sequence b is, in time order, its seq_lens[b] store tokens followed by its window_lens[b] window
-tokens; `attend` runs `sparse_decode_attention` over exactly these.
+Sequence b is, in time order, its first min(length, sinks) tokens (dense, window rows
+[0, sinks)), then its seq_lens[b] store tokens, then its recent window tokens (window rows
+[sinks, window_lens[b])). A sequence's store is empty until its sinks are full, so its dense rows
+are always one contiguous valid prefix [0, window_lens[b]), and the newest token is always the
+last valid row. Decode attention has no positional mask (RoPE is already in the cached keys), so
+the order of the attended tokens does not matter: `attend` runs `sparse_decode_attention` over the
+store plus the dense buffer, sinks included, with no kernel change. sinks == 0 (the default) is
+the cache without sinks, bit for bit.
 
 Flush policy (when window tokens move to the store). Every `append` adds one token to every
-sequence, so the host can track, without reading the device, an upper bound `F` on the window
-fill of every sequence (exact for sequences prefilled with all T tokens). Before an append with
-F == window (some window may be full), the cache flushes: every sequence whose
-window holds more than `window - chunk` tokens moves its oldest min(fill, chunk) window tokens to
-the store (pruned + packed in one launch per K / V, O(chunk) work) and shifts the rest of its
-window down; the other sequences are left alone. Afterwards every window holds at most
-`window - chunk` tokens, so the next `chunk` appends fit. For a batch prefilled without `lens`
-(all sequences equally long) this is exactly "compress the oldest chunk tokens when the window is
-full". No step reads a device value on the host, and no step loops over batch or heads.
+sequence, so the host can track, without reading the device, an upper bound `F` on the dense fill
+(sinks + recent) of every sequence (exact for sequences prefilled with all T tokens). Before an
+append with F == sinks + window (some window may be full), the cache flushes: every sequence whose
+recent window holds more than `window - chunk` tokens moves its oldest min(recent, chunk) recent
+tokens to the store (pruned + packed in one launch per K / V, O(chunk) work; never the sinks) and
+shifts the rest of its recent window down; the other sequences are left alone. Afterwards every
+recent window holds at most `window - chunk` tokens, so the next `chunk` appends fit. For a batch
+prefilled without `lens` (all sequences equally long) this is exactly "compress the oldest chunk
+tokens when the window is full". No step reads a device value on the host, and no step loops
+over batch or heads.
 
 Capacity: the host likewise tracks an upper bound on seq_lens (exact for sequences prefilled with
 all T tokens): `prefill` and `append` raise ValueError, before changing any state, when that bound
@@ -28,7 +37,8 @@ would exceed max_tokens. So capacity is checked against the largest possible len
 ragged batch whose longest sequence is shorter than the padded prefill length T can be refused
 a little early.
 
-window == 0 is allowed: no dense tokens, every appended token is pruned + packed immediately.
+window == 0 is allowed: no recent dense tokens, every appended token past the sinks is pruned +
+packed immediately.
 
 CUDA graphs: a graph of `attend` captured once replays over the cache as it grows (fixed buffers,
 lengths read on the device). `append` updates the host-side bounds, so run it eagerly (a captured
@@ -58,24 +68,29 @@ class SparseKVCache:
     Args:
         batch, num_kv_heads, head_dim: B, Hkv, D (D in 32 / 64 / 128 / 256).
         max_tokens: store capacity per sequence, in compressed tokens (>= 0). A sequence holds at
-            most max_tokens + window tokens.
+            most max_tokens + sinks + window tokens.
         window: dense recent tokens per sequence (>= 0).
         k_sparsity, v_sparsity: fraction of each token's channels pruned, in [0, 1).
         dtype: fp16 / bf16 / fp32, of the cache and of the queries.
         device: a CUDA device, or the CPU under the Triton interpreter.
         chunk: window tokens moved to the store per flush, in [1, max(window, 1)]; default
             max(1, window // 2).
+        sinks: the first `sinks` tokens of every sequence stay dense (attention sinks, >= 0;
+            default 0, no sinks). Each sequence's own first tokens in a ragged batch; a sequence
+            shorter than `sinks` fills its sinks as it grows. They cost `sinks` dense tokens per
+            sequence and head: at D=64 fp16, 4 sinks = 1 KiB per sequence and kv head (K and V).
 
     See the module docstring for the flush policy and the capacity check.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_tokens: int, window: int,
                  k_sparsity: float, v_sparsity: float, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str = "cuda", chunk: int | None = None):
+                 device: torch.device | str = "cuda", chunk: int | None = None, sinks: int = 0):
         self.batch = _check_count("batch", batch, 1)
         self.num_kv_heads = _check_count("num_kv_heads", num_kv_heads, 1)
         self.max_tokens = _check_count("max_tokens", max_tokens, 0)
         self.window = _check_count("window", window, 0)
+        self.sinks = _check_count("sinks", sinks, 0)
         if head_dim not in SUPPORTED_HEAD_DIMS:
             raise ValueError(f"head_dim {head_dim} not in {SUPPORTED_HEAD_DIMS}")
         if dtype not in SUPPORTED_DTYPES:
@@ -98,7 +113,8 @@ class SparseKVCache:
                             torch.zeros(lead + (cap,), dtype=dtype, device=device), cap, head_dim, seq_lens)
 
         self.packed_k, self.packed_v = store(self.k_sparsity), store(self.v_sparsity)
-        self.k_window = torch.zeros((batch, num_kv_heads, window, head_dim), dtype=dtype, device=device)
+        dense = self.sinks + window
+        self.k_window = torch.zeros((batch, num_kv_heads, dense, head_dim), dtype=dtype, device=device)
         self.v_window = torch.zeros_like(self.k_window)
         self.window_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         check_device("SparseKVCache buffers", self.k_window)
@@ -112,7 +128,8 @@ class SparseKVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of every buffer: both stores (one shared seq_lens), both windows, window_lens."""
+        """Bytes of every buffer: both stores (one shared seq_lens), both dense buffers (sinks and
+        recent window), window_lens."""
         return (self.packed_k.nbytes + self.packed_v.nbytes - self.seq_lens.numel() * 4
                 + 2 * self.k_window.numel() * self.k_window.element_size() + self.window_lens.numel() * 4)
 
@@ -138,7 +155,7 @@ class SparseKVCache:
         if store_tokens > self.max_tokens:
             raise ValueError(
                 f"SparseKVCache overflow: {what} needs up to {store_tokens} compressed tokens per "
-                f"sequence, but max_tokens={self.max_tokens} (window={self.window}); "
+                f"sequence, but max_tokens={self.max_tokens} (window={self.window}, sinks={self.sinks}); "
                 f"allocate a larger cache")
 
     def _store(self, k_chunk: torch.Tensor, v_chunk: torch.Tensor, n: torch.Tensor) -> None:
@@ -162,14 +179,16 @@ class SparseKVCache:
 
         k, v: [B, Hkv, T, D] in the cache dtype (keys after RoPE). lens: int32 [B] valid tokens of
         each sequence (the first lens[b] of k[b]; values are clamped to [0, T]); default all T.
-        Sequence b keeps its last min(lens[b], window) tokens dense in the window; the
-        max(lens[b] - window, 0) before them are pruned + packed into the store (one
-        prune_and_pack launch per K / V). Raises ValueError if T - window > max_tokens.
+        Sequence b keeps its first min(lens[b], sinks) tokens dense as sinks and its last
+        min(max(lens[b] - sinks, 0), window) tokens dense in the recent window; the
+        max(lens[b] - sinks - window, 0) between them are pruned + packed into the store (one
+        prune_and_pack launch per K / V). Raises ValueError if T - sinks - window > max_tokens.
         """
         self._check_tokens("k", k)
         self._check_tokens("v", v, k.shape[2])
         b, h, t, d = k.shape
-        w = self.window
+        s, w = self.sinks, self.window
+        dense = s + w
         if lens is None:
             lens = torch.full((b,), t, dtype=torch.int32, device=k.device)
         if not isinstance(lens, torch.Tensor) or lens.dtype != torch.int32:
@@ -177,59 +196,67 @@ class SparseKVCache:
         if tuple(lens.shape) != (b,):
             raise ValueError(f"lens shape {tuple(lens.shape)} != [B] = [{b}]")
         check_same_device(k=k, lens=lens)
-        self._check_capacity(f"prefill of T={t} tokens", max(t - w, 0))
+        self._check_capacity(f"prefill of T={t} tokens", max(t - dense, 0))
         self.reset()
         lens = lens.clamp(0, t)
-        if t > w:
-            n = (lens - w).clamp_min(0)
-            self._store(k[:, :, :t - w], v[:, :, :t - w], n)
-        if min(t, w) > 0:
-            # window slot j holds token lens[b] - fill[b] + j; slots past fill[b] are zeroed
-            fill = lens.clamp_max(w)
-            slot = torch.arange(w, device=k.device)
-            src = (lens - fill).long()[:, None] + slot  # [B, W]
+        if t > dense:
+            n = (lens - dense).clamp_min(0)
+            self._store(k[:, :, s:t - w], v[:, :, s:t - w], n)
+        if min(t, dense) > 0:
+            # dense slot j holds token j if j < sinks (a sink), else token lens[b] - fill[b] + j (the
+            # recent window: a sequence with recent tokens has all its sinks); slots past fill[b]
+            # are zeroed
+            fill = lens.clamp_max(dense)
+            slot = torch.arange(dense, device=k.device)
+            src = (lens - fill).long()[:, None] + slot  # [B, S + W]
+            if s:
+                src = torch.where(slot < s, slot, src)
             valid = (slot < fill[:, None])[:, None, :, None]
-            idx = src.clamp_max(t - 1)[:, None, :, None].expand(b, h, w, d)
+            idx = src.clamp_max(t - 1)[:, None, :, None].expand(b, h, dense, d)
             zero = torch.zeros((), dtype=k.dtype, device=k.device)
             self.k_window.copy_(torch.where(valid, k.gather(2, idx), zero))
             self.v_window.copy_(torch.where(valid, v.gather(2, idx), zero))
             self.window_lens.copy_(fill)
-        self._max_store = max(t - w, 0)
-        self._max_window = min(t, w)
+        self._max_store = max(t - dense, 0)
+        self._max_window = min(t, dense)
 
     def _flush(self) -> None:
-        """Move the oldest min(fill, chunk) window tokens of every sequence whose window holds
-        more than window - chunk tokens to the store, and shift its remaining window tokens down."""
-        w, c = self.window, self.chunk
-        fill = self.window_lens
-        n = torch.where(fill > w - c, fill.clamp_max(c), 0)  # int32 [B]
-        self._store(self.k_window[:, :, :c], self.v_window[:, :, :c], n)
-        # window slot j <- slot j + n[b] (slots that would read past the window keep stale data,
+        """Move the oldest min(recent, chunk) recent-window tokens of every sequence whose recent
+        window holds more than window - chunk tokens to the store, and shift its remaining recent
+        tokens down (the sinks, rows [0, sinks), never move)."""
+        s, w, c = self.sinks, self.window, self.chunk
+        recent = (self.window_lens - s).clamp_min(0)  # a sequence with recent tokens has all its sinks
+        n = torch.where(recent > w - c, recent.clamp_max(c), 0)  # int32 [B]
+        self._store(self.k_window[:, :, s:s + c], self.v_window[:, :, s:s + c], n)
+        # recent slot j <- slot j + n[b] (slots that would read past the window keep stale data,
         # they lie past the new fill and are never attended)
-        src = (torch.arange(w, device=n.device) + n.long()[:, None]).clamp_max(w - 1)  # [B, W]
+        slot = torch.arange(s + w, device=n.device)
+        src = (slot + n.long()[:, None]).clamp_max(s + w - 1)  # [B, S + W]
+        if s:
+            src = torch.where(slot < s, slot, src)
         idx = src[:, None, :, None].expand(self.k_window.shape)
         self.k_window.copy_(self.k_window.gather(2, idx))
         self.v_window.copy_(self.v_window.gather(2, idx))
         self.window_lens.sub_(n)
         self._max_store += c
-        self._max_window = w - c
+        self._max_window = s + w - c
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Add one decode token to every sequence. k_new, v_new: [B, Hkv, 1, D] (keys after RoPE).
 
-        The token goes into the window at slot window_lens[b]; a flush runs first when the window
-        could be full (see the module docstring). With window == 0 it is pruned + packed straight
-        into the store. No host sync. Raises ValueError, leaving the cache unchanged, if the
-        store could overflow.
+        The token goes into the dense buffer at slot window_lens[b] (a sink while the sequence has
+        fewer than `sinks` tokens, else the newest recent token); a flush runs first when the
+        window could be full (see the module docstring). With window == 0 a token past the sinks
+        is pruned + packed straight into the store. No host sync. Raises ValueError, leaving the
+        cache unchanged, if the store could overflow.
         """
         self._check_tokens("k_new", k_new, 1)
         self._check_tokens("v_new", v_new, 1)
-        if self.window == 0:
-            self._check_capacity("append", self._max_store + 1)
-            self._store(k_new, v_new, torch.ones_like(self.seq_lens))
-            self._max_store += 1
+        s, w = self.sinks, self.window
+        if w == 0:
+            self._append_without_window(k_new, v_new)
             return
-        if self._max_window == self.window:
+        if self._max_window == s + w:
             self._check_capacity("append (window flush)", self._max_store + self.chunk)
             self._flush()
         idx = self.window_lens.long()[:, None, None, None].expand(k_new.shape)
@@ -238,9 +265,30 @@ class SparseKVCache:
         self.window_lens.add_(1)
         self._max_window += 1
 
+    def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """window == 0: a sequence with fewer than `sinks` tokens takes the token as a sink, every
+        other sequence stores it pruned + packed."""
+        s = self.sinks
+        if s == 0:
+            self._check_capacity("append", self._max_store + 1)
+            self._store(k_new, v_new, torch.ones_like(self.seq_lens))
+            self._max_store += 1
+            return
+        to_sink = self.window_lens < s  # [B]
+        if self._max_window == s:  # some sequence may have all its sinks: it stores the token
+            self._check_capacity("append", self._max_store + 1)
+            self._store(k_new, v_new, (~to_sink).to(torch.int32))
+            self._max_store += 1
+        idx = self.window_lens.clamp_max(s - 1).long()[:, None, None, None].expand(k_new.shape)
+        keep = to_sink[:, None, None, None]
+        self.k_window.scatter_(2, idx, torch.where(keep, k_new, self.k_window.gather(2, idx)))
+        self.v_window.scatter_(2, idx, torch.where(keep, v_new, self.v_window.gather(2, idx)))
+        self.window_lens.add_(to_sink.to(torch.int32))
+        self._max_window = min(self._max_window + 1, s)
+
     def attend(self, q: torch.Tensor, softmax_scale: float | None = None, return_lse: bool = False,
                for_graph: bool = False):
-        """Decode attention of q [B, Hq, D] over every cached token (store, then window).
+        """Decode attention of q [B, Hq, D] over every cached token (store, sinks and window).
 
         GQA: query head h reads kv head h // (Hq // Hkv). softmax_scale default 1 / sqrt(D).
         Returns out [B, Hq, D] in the cache dtype, and lse [B, Hq] float32 if return_lse.
@@ -249,7 +297,7 @@ class SparseKVCache:
         would keep that bound; capture with for_graph=True, which sizes on max_tokens instead.
         """
         window = {}
-        if self.window > 0:
+        if self.sinks + self.window > 0:
             window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
         bound = self.max_tokens if for_graph else self._max_store
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,

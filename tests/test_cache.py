@@ -25,43 +25,51 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5 if INTERPR
 
 
 class DenseModel:
-    """Host model of a SparseKVCache: dense [Hkv, D] tokens per sequence, store and window lists."""
+    """Host model of a SparseKVCache: dense [Hkv, D] tokens per sequence, store and window lists
+    (the window list holds the sinks first, then the recent window, as the cache's dense rows)."""
 
-    def __init__(self, batch, window, chunk):
-        self.window, self.chunk = window, chunk
+    def __init__(self, batch, window, chunk, sinks=0):
+        self.window, self.chunk, self.sinks = window, chunk, sinks
         self.store_k = [[] for _ in range(batch)]
         self.store_v = [[] for _ in range(batch)]
         self.win_k = [[] for _ in range(batch)]
         self.win_v = [[] for _ in range(batch)]
-        self.max_window = 0  # the cache's host bound on the window fill
+        self.history = [[] for _ in range(batch)]  # every (k, v) token of the sequence, in order
+        self.max_window = 0  # the cache's host bound on the dense fill (sinks + recent)
 
     def prefill(self, k, v, lens):
-        w = self.window
+        w, s = self.window, self.sinks
         t = k.shape[2]
         for b, n in enumerate(lens):
-            split = max(n - w, 0)
-            self.store_k[b] = [k[b, :, i] for i in range(split)]
-            self.store_v[b] = [v[b, :, i] for i in range(split)]
-            self.win_k[b] = [k[b, :, i] for i in range(split, n)]
-            self.win_v[b] = [v[b, :, i] for i in range(split, n)]
-        self.max_window = min(t, w)
+            sink = min(n, s)
+            split = max(n - w, sink)
+            self.store_k[b] = [k[b, :, i] for i in range(sink, split)]
+            self.store_v[b] = [v[b, :, i] for i in range(sink, split)]
+            self.win_k[b] = [k[b, :, i] for i in [*range(sink), *range(split, n)]]
+            self.win_v[b] = [v[b, :, i] for i in [*range(sink), *range(split, n)]]
+            self.history[b] = [(k[b, :, i], v[b, :, i]) for i in range(n)]
+        self.max_window = min(t, s + w)
 
     def append(self, k_new, v_new):
-        w, c = self.window, self.chunk
+        w, c, s = self.window, self.chunk, self.sinks
         for b in range(len(self.win_k)):
-            if w == 0:
+            self.history[b].append((k_new[b, :, 0], v_new[b, :, 0]))
+            if w == 0 and len(self.win_k[b]) >= s:
                 self.store_k[b].append(k_new[b, :, 0])
                 self.store_v[b].append(v_new[b, :, 0])
                 continue
-            if self.max_window == w and len(self.win_k[b]) > w - c:
-                n = min(len(self.win_k[b]), c)
-                self.store_k[b] += self.win_k[b][:n]
-                self.store_v[b] += self.win_v[b][:n]
-                del self.win_k[b][:n], self.win_v[b][:n]
+            recent = len(self.win_k[b]) - s
+            if w > 0 and self.max_window == s + w and recent > w - c:
+                n = min(recent, c)
+                self.store_k[b] += self.win_k[b][s:s + n]
+                self.store_v[b] += self.win_v[b][s:s + n]
+                del self.win_k[b][s:s + n], self.win_v[b][s:s + n]
             self.win_k[b].append(k_new[b, :, 0])
             self.win_v[b].append(v_new[b, :, 0])
         if w > 0:
-            self.max_window = (w - c if self.max_window == w else self.max_window) + 1
+            self.max_window = (s + w - c if self.max_window == s + w else self.max_window) + 1
+        else:
+            self.max_window = min(self.max_window + 1, s)
 
     def seq_lens(self):
         return [len(s) for s in self.store_k]
@@ -95,7 +103,7 @@ def check_state(cache, model):
     """Lengths, window tokens and store rows equal the model's, bit for bit."""
     assert cache.seq_lens.tolist() == model.seq_lens()
     assert cache.window_lens.tolist() == model.window_lens()
-    assert max(model.window_lens(), default=0) <= cache.window
+    assert max(model.window_lens(), default=0) <= cache.sinks + cache.window
     store_k, store_v = ref.unpack(cache.packed_k), ref.unpack(cache.packed_v)
     for b, (n, w) in enumerate(zip(model.seq_lens(), model.window_lens())):
         for dense, got, s in ((model.store_k[b], store_k[b], SK), (model.store_v[b], store_v[b], SV)):
@@ -116,9 +124,10 @@ def check_attend(cache, model, seed, device):
     assert rel_err(out.cpu(), model.attention64(q)) <= TOL[cache.dtype]
 
 
-def make(device, b=2, max_tokens=48, window=8, chunk=None, dtype=torch.float16):
-    cache = mt.SparseKVCache(b, HKV, D, max_tokens, window, SK, SV, dtype=dtype, device=device, chunk=chunk)
-    return cache, DenseModel(b, window, cache.chunk)
+def make(device, b=2, max_tokens=48, window=8, chunk=None, dtype=torch.float16, sinks=0):
+    kw = dict(sinks=sinks) if sinks else {}  # sinks=0 also through the default
+    cache = mt.SparseKVCache(b, HKV, D, max_tokens, window, SK, SV, dtype=dtype, device=device, chunk=chunk, **kw)
+    return cache, DenseModel(b, window, cache.chunk, sinks)
 
 
 def run_steps(cache, model, device, n_appends, seed, attend_every=None):
@@ -280,14 +289,132 @@ def test_validation(device):
         cache.append(k, v)  # 4 tokens, not 1
 
 
+# ------------------------------------------------------------------------------------------------
+# attention sinks: the first `sinks` tokens of every sequence stay dense
+# ------------------------------------------------------------------------------------------------
+def history_attention64(cache, model, q, sinks):
+    """float64 attention of q over each sequence's whole history, built without the model's lists:
+    tokens [0, sinks) dense, the next seq_lens[b] tokens pruned, every later token dense."""
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    group = q.shape[1] // HKV
+    for b, (hist, n) in enumerate(zip(model.history, cache.seq_lens.tolist())):
+        if not hist:
+            continue
+        kv = []
+        for i, s in ((0, SK), (1, SV)):
+            x = torch.stack([t[i] for t in hist], 1)  # [Hkv, L, D]
+            first = min(sinks, x.shape[1])
+            pruned = ref.prune_topk(x[:, first:first + n], s) if n else x[:, :0]
+            kv.append(torch.cat([x[:, :first], pruned, x[:, first + n:]], 1).cpu().double()
+                      .repeat_interleave(group, 0))
+        scores = torch.einsum("hd,htd->ht", q[b].cpu().double(), kv[0]) / math.sqrt(D)
+        out[b] = torch.einsum("ht,htd->hd", scores.softmax(-1), kv[1])
+    return out
+
+
+def check_sinks(cache, model, seed, device):
+    """State as the model; every sequence's first min(L, sinks) tokens are its dense rows
+    [0, sinks); attend() equals the float64 history reference."""
+    check_state(cache, model)
+    s = cache.sinks
+    for b, hist in enumerate(model.history):
+        first = min(s, len(hist))
+        assert cache.window_lens[b].item() >= first
+        assert cache.seq_lens[b].item() == 0 or first == s, "the store fills only after the sinks"
+        for i in range(first):
+            assert bit_equal(cache.k_window[b, :, i], hist[i][0]) and bit_equal(cache.v_window[b, :, i], hist[i][1])
+    q = randn((cache.batch, HQ, D), cache.dtype, seed, device)
+    out = cache.attend(q)
+    assert rel_err(out.cpu(), history_attention64(cache, model, q, s)) <= TOL[cache.dtype]
+
+
+def test_sinks_zero_is_the_cache_without_sinks(device):
+    """sinks=0 given explicitly: the same state and the same attend() output, bit for bit, as the
+    default cache (the other tests run the default through the model of the sinkless policy)."""
+    k, v = tokens(3, 21, torch.float16, 11, device)
+    lens = torch.tensor([21, 9, 0], dtype=torch.int32, device=device)
+    caches = [mt.SparseKVCache(3, HKV, D, 48, 8, SK, SV, device=device, chunk=3, **kw) for kw in ({}, dict(sinks=0))]
+    q = randn((3, HQ, D), torch.float16, 12, device)
+    for c in caches:
+        c.prefill(k, v, lens)
+        for i in range(7):
+            c.append(*tokens(3, 1, torch.float16, 20 + i, device))
+    a, b = caches
+    assert b.k_window.shape == a.k_window.shape and b.nbytes == a.nbytes
+    for x, y in ((a.packed_k.bitmap, b.packed_k.bitmap), (a.packed_k.values, b.packed_k.values),
+                 (a.packed_v.values, b.packed_v.values), (a.k_window, b.k_window), (a.v_window, b.v_window),
+                 (a.seq_lens, b.seq_lens), (a.window_lens, b.window_lens), (a.attend(q), b.attend(q))):
+        assert bit_equal(x, y)
+
+
+@pytest.mark.parametrize("sinks,window,chunk", [(1, 8, None), (4, 8, 3), (4, 0, None), (6, 3, 1), (3, 1, None)],
+                         ids=["s1-w8", "s4-w8-c3", "s4-w0", "s6-w3-c1", "s3-w1"])
+def test_sinks_ragged_prefill_and_appends(sinks, window, chunk, device):
+    """Ragged lens: empty, shorter than the sinks, sinks only, sinks + part of the window, long;
+    appends fill short sequences' sinks, then cross flushes that never move a sink."""
+    seed = seed_of("sinks", sinks, window, chunk)
+    cache, model = make(device, b=5, window=window, chunk=chunk, sinks=sinks, max_tokens=40)
+    assert cache.k_window.shape[2] == sinks + window
+    k, v = tokens(5, 20, torch.float16, seed, device)
+    lens = [0, sinks - 1, sinks, sinks + max(window // 2, 1), 20]
+    cache.prefill(k, v, torch.tensor(lens, dtype=torch.int32, device=device))
+    model.prefill(k, v, lens)
+    check_sinks(cache, model, seed + 1, device)
+    for i in range(14):  # the empty sequence holds 14 > sinks + window tokens at the end
+        k_new, v_new = tokens(5, 1, torch.float16, seed + 10 * i + 2, device)
+        cache.append(k_new, v_new)
+        model.append(k_new, v_new)
+        check_state(cache, model)
+        if i % 5 == 4 or i == 13:
+            check_sinks(cache, model, seed + 10 * i + 3, device)
+    assert min(model.seq_lens()) > 0, "every sequence reached the store"
+
+
+def test_sinks_longer_than_every_sequence(device):
+    """sinks > T: the prompt is all sinks, the store stays empty until a sequence passes `sinks`."""
+    cache, model = make(device, b=2, window=2, chunk=1, sinks=6, max_tokens=8)
+    k, v = tokens(2, 3, torch.float16, 5, device)
+    cache.prefill(k, v, torch.tensor([3, 1], dtype=torch.int32, device=device))
+    model.prefill(k, v, [3, 1])
+    assert cache.seq_lens.tolist() == [0, 0] and cache.window_lens.tolist() == [3, 1]
+    check_sinks(cache, model, 6, device)
+    run_steps(cache, model, device, 7, 7)
+    assert cache.seq_lens.tolist() == [2, 0] and cache.window_lens.tolist() == [8, 8]
+    check_sinks(cache, model, 8, device)
+
+
+def test_sinks_capacity_and_nbytes(device):
+    """A sequence holds max_tokens + sinks + window tokens; the sinks are dense rows in nbytes."""
+    cache, model = make(device, max_tokens=5, window=4, chunk=2, sinks=3)
+    k_row = D // 8 + mt.default_capacity(D, SK) * 2
+    v_row = D // 8 + mt.default_capacity(D, SV) * 2
+    assert cache.nbytes == 2 * HKV * 5 * (k_row + v_row) + 2 * 4 + 2 * (2 * HKV * 7 * D * 2) + 2 * 4
+    k, v = tokens(2, 12, torch.float16, 1, device)
+    cache.prefill(k, v)  # 3 sinks + 5 stored + 4 recent
+    model.prefill(k, v, [12, 12])
+    check_state(cache, model)
+    with pytest.raises(ValueError, match="overflow.*sinks=3"):
+        cache.prefill(*tokens(2, 13, torch.float16, 1, device))
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(*tokens(2, 1, torch.float16, 2, device))
+
+
+def test_sinks_validation(device):
+    with pytest.raises(ValueError, match="sinks must be >= 0"):
+        mt.SparseKVCache(2, HKV, D, 8, 4, SK, SV, device=device, sinks=-1)
+    for bad in (1.5, True, "4", None):
+        with pytest.raises(TypeError, match="sinks must be an int"):
+            mt.SparseKVCache(2, HKV, D, 8, 4, SK, SV, device=device, sinks=bad)
+
+
 @settings(max_examples=8)
 @given(lens=st.lists(st.integers(0, 14), min_size=1, max_size=3),
        window=st.sampled_from([0, 1, 3, 6]), chunk_frac=st.floats(0.0, 1.0),
-       appends=st.integers(0, 10), seed=st.integers(0, 2**16))
-def test_fuzz_prefill_and_appends(lens, window, chunk_frac, appends, seed, device):
+       appends=st.integers(0, 10), seed=st.integers(0, 2**16), sinks=st.sampled_from([0, 0, 1, 4]))
+def test_fuzz_prefill_and_appends(lens, window, chunk_frac, appends, seed, sinks, device):
     chunk = max(1, round(chunk_frac * window))
     b, t = len(lens), max(max(lens), 1)
-    cache, model = make(device, b=b, max_tokens=24, window=window, chunk=chunk)
+    cache, model = make(device, b=b, max_tokens=24, window=window, chunk=chunk, sinks=sinks)
     k, v = tokens(b, t, torch.float16, seed, device)
     cache.prefill(k, v, torch.tensor(lens, dtype=torch.int32, device=device))
     model.prefill(k, v, lens)
@@ -297,6 +424,8 @@ def test_fuzz_prefill_and_appends(lens, window, chunk_frac, appends, seed, devic
         model.append(k_new, v_new)
     check_state(cache, model)
     check_attend(cache, model, seed + 5, device)
+    if sinks:
+        check_sinks(cache, model, seed + 6, device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -43,12 +43,13 @@ def smollm(request):
     return SimpleNamespace(model=model, tokenizer=tokenizer, ids=ids, dense=dense, alone=alone, device=device)
 
 
-def mustafar_cache(model, sparsity=0.0, window=8):
-    return MustafarCache(model.config, k_sparsity=sparsity, v_sparsity=sparsity, window=window, max_tokens=64)
+def mustafar_cache(model, sparsity=0.0, window=8, sinks=0):
+    kw = dict(sinks=sinks) if sinks else {}
+    return MustafarCache(model.config, k_sparsity=sparsity, v_sparsity=sparsity, window=window, max_tokens=64, **kw)
 
 
-def generate(model, ids, sparsity, window=8, **kwargs):
-    cache = mustafar_cache(model, sparsity, window)
+def generate(model, ids, sparsity, window=8, sinks=0, **kwargs):
+    cache = mustafar_cache(model, sparsity, window, sinks)
     out = model.generate(ids, **{cache_keyword(model): cache}, **GREEDY, **kwargs)
     return out, cache
 
@@ -94,6 +95,35 @@ def test_left_padded_batch_matches_each_prompt_alone(smollm):
     own_tokens = batch.attention_mask.sum(-1) + NEW_TOKENS - 1
     assert (store.seq_lens + store.window_lens).tolist() == own_tokens.tolist()
     assert store.seq_lens.tolist() == (own_tokens - store.window_lens).tolist() and store.seq_lens.min() > 0
+
+
+def test_sinks_in_a_left_padded_batch(smollm):
+    """Pruned cache, window 2, 3 sinks: each sequence's sinks are its own first 3 prompt tokens
+    (after its padding); the batch decodes as each prompt alone with the same cache settings."""
+    batch = padded_batch(smollm)
+    out, cache = generate(smollm.model, batch.input_ids, 0.7, window=2, sinks=3, attention_mask=batch.attention_mask)
+    store = cache.layers[0].store
+    own_tokens = batch.attention_mask.sum(-1) + NEW_TOKENS - 1
+    assert store.k_window.shape[2] == 5 and store.window_lens.tolist() == [5, 5]
+    assert (store.seq_lens + store.window_lens).tolist() == own_tokens.tolist() and store.seq_lens.min() > 0
+    for i, prompt in enumerate(PROMPTS):
+        ids = smollm.tokenizer(prompt, return_tensors="pt").input_ids.to(smollm.device)
+        alone, alone_cache = generate(smollm.model, ids, 0.7, window=2, sinks=3)
+        assert torch.equal(out.sequences[i, -NEW_TOKENS:], alone.sequences[0, -NEW_TOKENS:]), f"prompt {i}"
+        for step, (got, want) in enumerate(zip(out.logits, alone.logits)):
+            torch.testing.assert_close(got[i], want[0], rtol=1e-3, atol=1e-3, msg=f"prompt {i}, step {step}")
+        sinks_alone = alone_cache.layers[0].store.k_window[0, :, :3]
+        torch.testing.assert_close(store.k_window[i, :, :3], sinks_alone, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_arguments_are_checked(smollm):
+    config = smollm.model.config
+    with pytest.raises(ValueError, match="sinks must be >= 0"):
+        MustafarCache(config, sinks=-1)
+    with pytest.raises(TypeError, match="sinks must be an int"):
+        MustafarCache(config, sinks=2.0)
+    with pytest.raises(ValueError, match="sparsity must be in"):
+        MustafarCache(config, k_sparsity=1.0)
 
 
 def test_padded_batch_without_mustafar_cache_is_dense(smollm):

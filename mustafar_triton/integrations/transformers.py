@@ -15,7 +15,8 @@ RoPE, as the model computes them.
 
 A batch of prompts of different lengths is left-padded (tokenizer.padding_side = "left") and
 passed with its attention_mask: each sequence's cache holds only its own tokens (the ragged
-lengths of SparseKVCache), so a prompt decodes in a batch as it does alone. The prompt's mask is
+lengths of SparseKVCache), so a prompt decodes in a batch as it does alone. With `sinks=S` each
+sequence's own first S prompt tokens (after its padding) stay dense. The prompt's mask is
 read on the host once per prefill. What the integration cannot serve raises ValueError naming it:
 right padding or gaps in the mask, several new tokens per step after the prompt (assisted or
 speculative decoding, chunked prefill, a second prompt on a used cache), beam search.
@@ -32,7 +33,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from ..cache import SparseKVCache
+from ..cache import SparseKVCache, _check_count
+from ..compress import _check_sparsity
 
 ATTENTION_NAME = "mustafar"
 # Cache.update runs right before the attention call of the same layer: it leaves the layer here.
@@ -83,10 +85,10 @@ class MustafarLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, max_tokens: int):
+    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, max_tokens: int, sinks: int = 0):
         super().__init__()
         self.k_sparsity, self.v_sparsity = k_sparsity, v_sparsity
-        self.window, self.max_tokens = window, max_tokens
+        self.window, self.max_tokens, self.sinks = window, max_tokens, sinks
         self.store: SparseKVCache | None = None
         self.length = 0
         self.prompt_pending = False  # the prompt went through update() but is not compressed yet
@@ -95,7 +97,7 @@ class MustafarLayer(CacheLayerMixin):
         b, hkv, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store = SparseKVCache(b, hkv, d, self.max_tokens, self.window, self.k_sparsity, self.v_sparsity,
-                                   dtype=key_states.dtype, device=key_states.device)
+                                   dtype=key_states.dtype, device=key_states.device, sinks=self.sinks)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -135,7 +137,7 @@ class MustafarLayer(CacheLayerMixin):
         return self.length
 
     def get_max_length(self) -> int:
-        return self.max_tokens + self.window
+        return self.max_tokens + self.sinks + self.window
 
     def reset(self) -> None:
         if self.store is not None:
@@ -149,11 +151,20 @@ class MustafarLayer(CacheLayerMixin):
 
 
 class MustafarCache(Cache):
-    """A transformers Cache whose every layer is a Mustafar compressed store plus dense window."""
+    """A transformers Cache whose every layer is a Mustafar compressed store plus dense window.
+
+    k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
+    sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction.
+    """
 
     def __init__(self, config, k_sparsity: float = 0.5, v_sparsity: float = 0.5, window: int = 32,
-                 max_tokens: int = 4096):
-        layers = [MustafarLayer(k_sparsity, v_sparsity, window, max_tokens)
+                 max_tokens: int = 4096, sinks: int = 0):
+        _check_count("sinks", sinks, 0)
+        _check_count("window", window, 0)
+        _check_count("max_tokens", max_tokens, 0)
+        _check_sparsity(k_sparsity)
+        _check_sparsity(v_sparsity)
+        layers = [MustafarLayer(k_sparsity, v_sparsity, window, max_tokens, sinks)
                   for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
 
