@@ -9,6 +9,7 @@
     sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
                                                  torch.ops.mustafar_triton.sparse_decode_attention
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
+    preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
 """
 from . import reference
 from .attention import sparse_decode_attention
@@ -16,7 +17,9 @@ from .cache import SparseKVCache
 from .compress import pack, prune_and_pack, prune_topk, unpack
 from .custom_op import sparse_decode_attention_op
 from .format import PackedKV, default_capacity, kept_per_token
+from .presets import PRESETS, preset
 
 __all__ = ["PackedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "sparse_decode_attention",
-           "sparse_decode_attention_op", "SparseKVCache", "reference", "kept_per_token", "default_capacity"]
+           "sparse_decode_attention_op", "SparseKVCache", "reference", "kept_per_token", "default_capacity",
+           "preset", "PRESETS"]
 __version__ = "0.1.0"

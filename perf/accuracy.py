@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # SparseKVCache on the CPU, for its nbytes only
 
 import torch  # noqa: E402
 
@@ -103,7 +102,8 @@ GRIDS = {
 
 
 def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> tuple[float, float]:
-    """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring."""
+    """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring.
+    Allocates the cache on the CPU: run under TRITON_INTERPRET=1 (main() sets it)."""
     dense_tokens = min(tokens, cfg.sinks + cfg.window)
     cache = SparseKVCache(1, num_kv_heads, head_dim, tokens - dense_tokens, cfg.window, cfg.k_sparsity,
                           cfg.v_sparsity, dtype=torch.float16, device="cpu", sinks=cfg.sinks)
@@ -196,6 +196,7 @@ def main():
     ap.add_argument("--resume", action="store_true", help="keep the rows --out already holds")
     ap.add_argument("--texts", nargs="*", default=None, help="a subset of: prose code")
     args = ap.parse_args()
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # SparseKVCache on the CPU, for its nbytes only
     out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_smollm2.json"
     from transformers import AttentionInterface
     torch.manual_seed(0)

@@ -18,6 +18,9 @@ Figures, per model and dtype of the decode rows (<tag> = model_dtype):
 and once:
     kv_memory.png                  KV-cache size and largest batch per context in 80 GB (analytic)
     prune_and_pack_throughput.png  (bytes read + written) / time
+From the newest equal-bytes result of perf/accuracy.py (or the accuracy files given):
+    accuracy_vs_bytes_<model>.png  perplexity change vs bytes ratio, a point per configuration and
+                                   text, the Pareto front, the references and the library's presets
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from common import MODELS, REPO_ROOT, RESULTS_DIR, read_results  # noqa: E402
 from mustafar_triton.format import default_capacity  # noqa: E402
 
 SWEEP_SCRIPT = "perf/sweep.py"
+ACCURACY_SCRIPT = "perf/accuracy.py"
 MEMORY_BUDGET = 80e9  # bytes, for kv_memory.png
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 OURS_COLORS = {0.5: "tab:orange", 0.6: "gold", 0.7: "tab:red", 0.8: "tab:pink", 0.9: "tab:brown", 0.95: "maroon"}
@@ -53,6 +57,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("files", nargs="*", type=Path, help="sweep result files (default: newest GPU results)")
     p.add_argument("--out-dir", type=Path, default=REPO_ROOT / "plots")
     return p.parse_args()
+
+
+def script_of(path: Path) -> str | None:
+    try:
+        return read_results(path)["meta"].get("script")
+    except ValueError:  # not JSON, or not a result file
+        return None
+
+
+def default_accuracy_file() -> Path | None:
+    """The newest equal-bytes result of perf/accuracy.py in perf/results/, if any."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("accuracy_*.json")):
+        meta = read_results(path)["meta"]
+        if meta.get("script") == ACCURACY_SCRIPT and meta.get("grid") == "equal-bytes":
+            found.append((meta["date_utc"], path))
+    return max(found)[1] if found else None
 
 
 def default_files() -> list[Path]:
@@ -345,12 +366,90 @@ def plot_prune_and_pack(rows, meta, out_dir):
     save(fig, out_dir, "prune_and_pack_throughput.png")
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both bytes and perplexity change, by increasing bytes."""
+    front, best = [], math.inf
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
+    """A panel per text: perplexity change vs bytes ratio (SparseKVCache.nbytes at the evaluated
+    length over dense fp16), colour = sinks, marker = window; the Pareto front of the measured
+    configurations as a staircase, its points named, as are the reference configurations (S=0,
+    W=32) and the library's presets (mustafar_triton.presets, green). Log y when every change is > 0."""
+    from mustafar_triton.presets import PRESETS
+
+    data = read_results(path)
+    meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
+    d = meta["head_dim"]
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    sink_colors = {0: "tab:gray", 4: "tab:blue", 16: "tab:red"}
+    window_markers = {32: "o", 28: "P", 16: "v", 64: "^", 128: "D"}
+    refs = {"K0.7V0.7 S0 W32": "K0.7V0.7 (S=0)", "K0.5V0.5 S0 W32": "K0.5V0.5 (S=0)"}
+    presets = {f"K{p['k_sparsity']:g}V{p['v_sparsity']:g} S{p['sinks']} W{p['window']}": name
+               for name, per_d in PRESETS.items() for dim, p in per_d.items() if dim == d}
+    fig, axes = plt.subplots(1, len(texts), figsize=(7.2 * len(texts), 5.6), squeeze=False)
+    for ax, text in zip(axes[0], texts):
+        group = [r for r in rows if r["text"] == text]
+        for r in group:
+            ax.scatter(r["bytes_ratio"], 100 * r["perplexity_change"], s=34, zorder=3,
+                       color=sink_colors.get(r["sinks"], "tab:purple"),
+                       marker=window_markers.get(r["window"], "x"), edgecolor="black", linewidth=0.4)
+        front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
+        xs, ys = zip(*front)
+        ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.7)
+        rank = {xy: i for i, xy in enumerate(front)}
+        for r in group:
+            xy = (r["bytes_ratio"], 100 * r["perplexity_change"])
+            if r["config"] in presets:  # left of the point, in green
+                ax.annotate(f"preset {presets[r['config']]!r} = {r['config']}", xy, fontsize=7, color="tab:green",
+                            xytext=(-6, -3), textcoords="offset points", ha="right", va="top")
+            elif r["config"] in refs:
+                ax.annotate(refs[r["config"]], xy, fontsize=7, xytext=(-6, 3), textcoords="offset points", ha="right")
+            elif xy in rank:  # front points: right of the point, alternately below and above
+                ax.annotate(r["config"], xy, fontsize=7, xytext=(5, -9 if rank[xy] % 2 else 3),
+                            textcoords="offset points")
+        if min(ys) > 0:
+            ax.set_yscale("log")
+            ax.set_yticks([t for t in (0.5, 1, 2, 5, 10, 20, 40) if min(ys) / 2 < t < 2 * max(
+                100 * r["perplexity_change"] for r in group)])
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
+        ax.set_xlim(min(xs) - 0.03, max(r["bytes_ratio"] for r in group) + 0.06)
+        ax.set_xlabel(f"bytes vs dense fp16 (SparseKVCache.nbytes, {group[0]['tokens']} tokens)")
+        ax.set_ylabel(f"perplexity change vs dense, % (dense: {group[0]['dense_perplexity']:.3f} at 1.0)")
+        ax.set_title(f"{text}", fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"S={s} sinks") for s, c in sink_colors.items()]
+    handles += [plt.Line2D([], [], ls="", marker=m, color="gray", label=f"W={w} window") for w, m in window_markers.items()]
+    handles += [plt.Line2D([], [], color="black", lw=1, label="Pareto front")]
+    fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"{meta['model']}, Hkv={meta['num_kv_heads']} D={d}: accuracy per byte, K/V split, sinks, window\n"
+                 f"teacher-forced, {meta['path'].split(',')[0]} | torch {meta['torch']} | commit {meta['commit'][:10]}",
+                 fontsize=9)
+    fig.tight_layout()
+    tag = re.sub(r"[^A-Za-z0-9]+", "_", meta["model"].split(" ")[0])
+    save(fig, out_dir, f"accuracy_vs_bytes_{tag}.png")
+
+
 def main() -> None:
     args = parse_args()
-    files = args.files or default_files()
+    accuracy = [f for f in args.files if script_of(f) == ACCURACY_SCRIPT]
+    files = [f for f in args.files if f not in accuracy]
+    if not args.files:
+        files, accuracy = default_files(), [f for f in [default_accuracy_file()] if f]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for path in accuracy:
+        print("accuracy results:", path)
+        plot_accuracy_vs_bytes(path, args.out_dir)
+    if not files:
+        return
     print("results:", ", ".join(str(f) for f in files))
     meta, rows = load(files)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
 
     decode = defaultdict(list)
     for r in rows:

@@ -1,0 +1,60 @@
+"""Equal-bytes presets: the cache settings that measured most accurate at a given byte budget.
+
+    cache = SparseKVCache(B, Hkv, 64, max_tokens, dtype=..., device=..., **preset("K0.7V0.7", head_dim=64))
+    cache = MustafarCache(model.config, max_tokens=4096, **preset("K0.7V0.7", head_dim=64))
+
+A preset is named after the plain configuration whose bytes it spends (K and V sparsity, no
+sinks, a dense window of 32): "K0.7V0.7" costs what K0.7V0.7 costs (0.4375 of dense fp16 per
+compressed token at D=64, 0.375 at D=128), "K0.5V0.5" what K0.5V0.5 costs (0.5625 at both).
+It returns k_sparsity, v_sparsity, sinks and window; every other argument, and any of these, can
+still be set by hand.
+
+How they were chosen: `perf/accuracy.py --grid equal-bytes` (results in
+perf/results/accuracy_equal_bytes_smollm2.json, figure plots/accuracy_vs_bytes_SmolLM2_135M_Instruct.png)
+measured teacher-forced perplexity of SmolLM2-135M-Instruct (D=64, 3 kv heads) on 2048 tokens
+each of prose (the Python language reference) and code (CPython's argparse.py), on the torch
+reference path, for K/V splits of the same value slots, sinks 0 / 4 / 16 and windows 16-128.
+Bytes are `SparseKVCache.nbytes` (fp16) of a cache holding those 2048 tokens. The preset is the
+configuration with the lowest mean perplexity change over the two texts among those costing at
+most 1% more bytes than the reference at 2048 tokens (16 sinks cost 0.98% there, less at longer
+contexts). Capacity rounding is why splits help: values are stored in rows of a multiple of 8
+slots, so at D=64 K0.7 keeps 20 values in 24 slots, as many bytes as keeping 24 (K0.625); keys
+are worth more than values, so K0.5V0.75 (32 + 16 slots) beats K0.625V0.625 (24 + 24).
+
+A larger recent window was the strongest lever measured, but it costs dense tokens and so more
+than the 1%: with K0.5V0.75 and 16 sinks, window 64 (+2.9% bytes at 2048 tokens) gave +4.2% /
++5.4% perplexity on prose / code, window 128 (+6.9%) +3.0% / +3.4%. At 32k tokens those windows
+cost ~0.2% / 0.5% more bytes; their accuracy at such lengths is not measured. Pass window= by hand.
+
+Measured for head dim 64 only (SmolLM2-135M): other head dims raise ValueError (their capacity
+rounding differs, so the equal-bytes splits differ); set the four values by hand there.
+"""
+from __future__ import annotations
+
+# {reference configuration: {head dim: settings}}; in the comments the perplexity change vs dense
+# (prose / code, 2048 tokens, SmolLM2-135M-Instruct) of the preset and of its reference, and the
+# preset's bytes at 2048 tokens relative to the reference's.
+PRESETS: dict[str, dict[int, dict]] = {
+    # +7.08% / +10.31% vs +20.34% / +24.84%; +0.25% bytes
+    "K0.7V0.7": {64: dict(k_sparsity=0.5, v_sparsity=0.75, sinks=4, window=32)},
+    # +1.22% / +3.09% vs +2.62% / +4.06%; +0.16% bytes
+    "K0.5V0.5": {64: dict(k_sparsity=0.375, v_sparsity=0.625, sinks=4, window=32)},
+}
+
+
+def preset(name: str, head_dim: int) -> dict:
+    """The measured most accurate settings at the bytes of the configuration `name` ("K0.7V0.7" or
+    "K0.5V0.5") for `head_dim`: a new dict of k_sparsity, v_sparsity, sinks and window, to pass as
+    keyword arguments to SparseKVCache or MustafarCache. See the module docstring for how they were
+    chosen. Raises TypeError / ValueError naming the argument for another name or an unmeasured
+    head dim."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    if name not in PRESETS:
+        raise ValueError(f"name {name!r} is not a preset; presets: {sorted(PRESETS)}")
+    if head_dim not in PRESETS[name]:
+        raise ValueError(f"head_dim {head_dim}: preset {name!r} was measured for head dims "
+                         f"{sorted(PRESETS[name])} only; set k_sparsity, v_sparsity, sinks and window by hand")
+    return dict(PRESETS[name][head_dim])

@@ -1,0 +1,64 @@
+"""mustafar_triton.preset: the equal-bytes presets cost no more than their reference, build caches,
+and are what perf/accuracy.py's selection picks from the committed measurements."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mustafar_triton as mt
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "perf" / "results" / "accuracy_equal_bytes_smollm2.json"
+
+
+def load_accuracy_script():
+    spec = importlib.util.spec_from_file_location("perf_accuracy", REPO / "perf" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def store_bytes_per_token(head_dim, k_sparsity, v_sparsity, device):
+    cache = mt.SparseKVCache(1, 1, head_dim, 1, 0, k_sparsity, v_sparsity, device=device)
+    return cache.packed_k.values[0, 0, 0].nbytes + cache.packed_v.values[0, 0, 0].nbytes + 2 * head_dim // 8
+
+
+@pytest.mark.parametrize("name", sorted(mt.PRESETS))
+def test_presets_cost_their_reference_bytes_and_build_caches(name, device):
+    k_ref, v_ref = (float(x) for x in name[1:].split("V"))
+    for head_dim in mt.PRESETS[name]:
+        p = mt.preset(name, head_dim=head_dim)
+        assert set(p) == {"k_sparsity", "v_sparsity", "sinks", "window"}
+        p["sinks"] = -1
+        assert mt.preset(name, head_dim)["sinks"] >= 0, "preset() returns a copy"
+        p = mt.preset(name, head_dim)
+        assert (store_bytes_per_token(head_dim, p["k_sparsity"], p["v_sparsity"], device)
+                <= store_bytes_per_token(head_dim, k_ref, v_ref, device))
+        cache = mt.SparseKVCache(2, 1, head_dim, 8, dtype=torch.float16, device=device, **p)
+        assert (cache.sinks, cache.window) == (p["sinks"], p["window"])
+
+
+def test_preset_arguments_are_checked():
+    with pytest.raises(ValueError, match="name 'K0.9V0.9' is not a preset"):
+        mt.preset("K0.9V0.9", head_dim=64)
+    with pytest.raises(ValueError, match="head_dim 128: .*measured for head dims \\[64\\]"):
+        mt.preset("K0.7V0.7", head_dim=128)
+    with pytest.raises(TypeError, match="name must be a str"):
+        mt.preset(0.375, head_dim=64)
+    with pytest.raises(TypeError, match="head_dim must be an int"):
+        mt.preset("K0.7V0.7", head_dim=64.0)
+
+
+def test_presets_are_the_measured_choice():
+    """The library's table is choose_presets of the committed equal-bytes measurements."""
+    rows = json.loads(RESULTS.read_text())["rows"]
+    chosen = load_accuracy_script().choose_presets(rows)
+    assert chosen.keys() == mt.PRESETS.keys()
+    for name, per_d in chosen.items():
+        assert per_d.keys() == mt.PRESETS[name].keys()
+        for d, c in per_d.items():
+            assert mt.preset(name, d) == {k: c[k] for k in ("k_sparsity", "v_sparsity", "sinks", "window")}
