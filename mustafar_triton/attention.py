@@ -307,12 +307,13 @@ class _Launch:
         part_out, part_lse = plan.buffers(splits)
         wstride = plan.window_stride
         common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
-        # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same kernel)
+        # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same kernel).
+        # stride_qt comes last: the one-token kernel's parameters keep their offsets (same SASS)
         stride_qt = q.stride(1) if plan.lq > 1 else 0
         rest = (k_window, v_window, window_lens, part_out, part_lse,
-                q.stride(0), q.stride(-2), stride_qt, wstride[0], wstride[1], wstride[2],
+                q.stride(0), q.stride(-2), wstride[0], wstride[1], wstride[2],
                 hkv, plan.tokens, self.context - plan.window, plan.window, self.per_split,
-                plan.scale * 1.4426950408889634)
+                plan.scale * 1.4426950408889634, stride_qt)
         if self.gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, plan.batch * hkv)](
                 *common, *rest, **plan.flags, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather,
@@ -325,8 +326,8 @@ class _Launch:
                 PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
         _merge_splits_kernel[(plan.batch * plan.lq * plan.hq, d // self.block_d)](
-            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2),
-            out.stride(1) if plan.lq > 1 else 0, plan.hq, LQ=plan.lq,
+            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2), plan.hq,
+            out.stride(1) if plan.lq > 1 else 0, LQ=plan.lq,
             GROUP=group, HEAD_DIM=d, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
             MAX_SPLITS_POW2=self.max_splits_pow2, num_warps=cfg.get("merge_warps", 4),
         )

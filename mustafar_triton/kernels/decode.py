@@ -139,18 +139,11 @@ def _split_ranges(split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, 
 
 
 @triton.jit
-def _window_len(b, window, window_lens_ptr, HAS_WINDOW_LENS: tl.constexpr):
-    """Sequence b's valid window tokens: min(window_lens[b], W), or W."""
+def _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS: tl.constexpr):
+    """The split's window tokens [w_lo, w_hi): window token j sits at virtual position seq_bound + j."""
     win_len = window
     if HAS_WINDOW_LENS:
         win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
-    return win_len
-
-
-@triton.jit
-def _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS: tl.constexpr):
-    """The split's window tokens [w_lo, w_hi): window token j sits at virtual position seq_bound + j."""
-    win_len = _window_len(b, window, window_lens_ptr, HAS_WINDOW_LENS)
     return tl.maximum(lo - seq_bound, 0), tl.minimum(lo + tokens_per_split - seq_bound, win_len)
 
 
@@ -160,8 +153,13 @@ def _causal_limit(row, b, window, window_lens_ptr, GROUP: tl.constexpr, LQ: tl.c
     """Per row of the query group (row r = query token r // GROUP, head r % GROUP of the kv head's
     group): the window tokens it attends are those below this limit. Query token i is window
     token w_len - LQ + i, so it sees window tokens [0, w_len - LQ + i + 1); a window shorter than
-    LQ gives the first queries a limit <= 0 (no window token), never one past w_len."""
-    return _window_len(b, window, window_lens_ptr, HAS_WINDOW_LENS) - LQ + 1 + row // GROUP
+    LQ gives the first queries a limit <= 0 (no window token), never one past w_len. (w_len is
+    computed as in _window_range, which stays as it was: the one-token kernels' code and line
+    information, and so their SASS, are unchanged.)"""
+    win_len = window
+    if HAS_WINDOW_LENS:
+        win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
+    return win_len - LQ + 1 + row // GROUP
 
 
 @triton.jit
@@ -201,8 +199,8 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
 def _sparse_decode_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, lut_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
-    stride_qb, stride_qh, stride_qt, stride_wb, stride_wh, stride_wt,
-    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
+    stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale, stride_qt,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
@@ -281,7 +279,7 @@ MERGE_BLOCK_D = 32
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, stride_ot, num_q_heads,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, num_q_heads, stride_ot,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     MAX_SPLITS_POW2: tl.constexpr, LQ: tl.constexpr = 1,
 ):

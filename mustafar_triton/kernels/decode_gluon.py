@@ -45,7 +45,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .decode import _split_ranges, _window_range
+from .decode import _causal_limit, _split_ranges, _window_range
 from .decode_gluon_launch import (mixed_walk_share, scatter_offsets, scatter_queue_entries, stage_offsets,
                                   staged_row_pitch)
 
@@ -483,15 +483,24 @@ def _prefetch_l2(ptr, nbytes, lane):
 
 
 @gluon.jit
-def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr):
+def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr, ROW_MASK: gl.constexpr = False):
     """Online-softmax step, base 2, transposed: k [BLOCK_N, D] (A operand) against q_t [D, H]
-    (B operand); valid [BLOCK_N] masks tokens. Returns the weights P^T [BLOCK_N, H], the new
-    running max and sum, and the factor that rescales the accumulator."""
+    (B operand); valid [BLOCK_N] masks tokens, or (ROW_MASK) [BLOCK_N, H] tokens per query row,
+    where a row may have no valid token yet: its max stays -inf and its exponents are taken
+    against 0, so it adds zeros, not NaN (decode._online_softmax_step). Returns the weights
+    P^T [BLOCK_N, H], the new running max and sum, and the factor that rescales the accumulator."""
     s = mma_v2(k, q_t, gl.zeros([k.shape[0], q_t.shape[1]], gl.float32, MMA)) * qk_scale
-    s = gl.where(valid[:, None], s, float("-inf"))
-    m_new = gl.maximum(m, gl.max(s, axis=0))
-    alpha = gl.exp2(m - m_new)
-    p = gl.exp2(s - m_new[None, :])
+    if ROW_MASK:
+        s = gl.where(valid, s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=0))
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m - m_use)
+        p = gl.exp2(s - m_use[None, :])
+    else:
+        s = gl.where(valid[:, None], s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=0))
+        alpha = gl.exp2(m - m_new)
+        p = gl.exp2(s - m_new[None, :])
     return p, m_new, l * alpha + gl.sum(p, axis=0), alpha
 
 
@@ -559,12 +568,15 @@ def _sparse_decode_gluon_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
-    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale, stride_qt,
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
     K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
-    GATHER: gl.constexpr,
+    GATHER: gl.constexpr, LQ: gl.constexpr = 1,
 ):
+    # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
+    # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
+    # in the window, column r sees the tokens below decode._causal_limit. LQ = 1: the one-token code.
     # the walk permutes the operands' channels; "mixed<N>": N walk programs per scatter program
     MIXED: gl.constexpr = mixed_walk_share(GATHER) > 0
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -578,8 +590,13 @@ def _sparse_decode_gluon_kernel(
 
     d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), walks, HEAD_DIM, True, GATHER)
     h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
-    q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
-                  mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
+    ROWS: gl.constexpr = LQ * GROUP
+    if LQ == 1:
+        q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
+                      mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
+    else:
+        q_rows = (h_q // GROUP) * stride_qt + (h * GROUP + h_q % GROUP) * stride_qh
+        q_t = gl.load(q_ptr + b * stride_qb + q_rows[None, :] + d_q[:, None], mask=(h_q < ROWS)[None, :], other=0.0)
     COL: gl.constexpr = gl.SliceLayout(0, MMA)
     m = gl.full([BLOCK_H], float("-inf"), gl.float32, COL)
     l = gl.zeros([BLOCK_H], gl.float32, COL)
@@ -633,10 +650,18 @@ def _sparse_decode_gluon_kernel(
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(gl.int64) * stride_wb + h * stride_wh
+        if LQ > 1:
+            limit = _causal_limit(gl.arange(0, BLOCK_H, layout=COL), b, window, window_lens_ptr, GROUP, LQ,
+                                  HAS_WINDOW_LENS)
         for start in range(w_lo, w_hi, BLOCK_N):
             tk = start + tok_k
             k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_hi)[:, None], other=0.0)
-            p, m, l, alpha = _scores(k, start + tok_s < w_hi, q_t, m, l, qk_scale, MMA)
+            if LQ == 1:
+                p, m, l, alpha = _scores(k, start + tok_s < w_hi, q_t, m, l, qk_scale, MMA)
+            else:
+                ts = start + tok_s
+                causal = (ts < w_hi)[:, None] & (ts[:, None] < limit[None, :])
+                p, m, l, alpha = _scores(k, causal, q_t, m, l, qk_scale, MMA, True)
             tv = start + tok_v
             v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_hi)[None, :], other=0.0)
             acc = _accumulate(v_t, p, acc, alpha, B_OP)
@@ -645,7 +670,7 @@ def _sparse_decode_gluon_kernel(
     out = acc / gl.where(empty, 1.0, l)[None, :]
     lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
     heads = gl.arange(0, BLOCK_H, layout=COL)
-    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * GROUP + heads
+    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
     chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), walks, HEAD_DIM, False, GATHER)
-    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < GROUP)[None, :])
-    gl.store(part_lse_ptr + part, lse, mask=heads < GROUP)
+    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
+    gl.store(part_lse_ptr + part, lse, mask=heads < ROWS)

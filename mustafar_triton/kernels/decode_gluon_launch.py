@@ -42,8 +42,9 @@ GLUON_DECODE_HEAD_DIMS = (32, 64, 128, 256)
 
 def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
     """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
-    fp16 / bf16 (mma.sync operands), HEAD_DIM in GLUON_DECODE_HEAD_DIMS, GQA group <= 16 (the
-    padded group is the mma's N)."""
+    fp16 / bf16 (mma.sync operands), HEAD_DIM in GLUON_DECODE_HEAD_DIMS, query rows per kv head
+    <= 16 (the padded rows are the mma's N): `group` is the GQA group times the query tokens per
+    step (attention.py passes Lq * G; a tuning bucket its G)."""
     return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
             and head_dim in GLUON_DECODE_HEAD_DIMS and group <= 16)
 
@@ -56,7 +57,7 @@ def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
 
 
 def gluon_block_h(group: int) -> int:
-    """The Gluon kernel's padded query group: the mma's N, at least 8."""
+    """The Gluon kernel's padded query rows (GQA group times query tokens): the mma's N, at least 8."""
     return max(8, next_pow2(group))
 
 
@@ -189,7 +190,8 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
 
 def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int, context: int,
          splits_for, sm_shared_bytes: int) -> tuple[str, int, int]:
-    """(gather, splits, register cap) of a launch of a Gluon config. splits_for(programs_per_sm)
+    """(gather, splits, register cap) of a launch of a Gluon config (group: its query rows per kv
+    head, Lq * G). splits_for(programs_per_sm)
     sizes the splits (decode.choose_num_splits) for a gather's resident programs per SM, which
     its registers and shared memory set."""
     block_h = gluon_block_h(group)
