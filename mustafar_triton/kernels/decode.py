@@ -148,27 +148,21 @@ def _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, H
 
 
 @triton.jit
-def _causal_limit(row, b, window, window_lens_ptr, GROUP: tl.constexpr, LQ: tl.constexpr,
-                  HAS_WINDOW_LENS: tl.constexpr):
-    """Per row of the query group (row r = query token r // GROUP, head r % GROUP of the kv head's
-    group): the window tokens it attends are those below this limit. Query token i is window
-    token w_len - LQ + i, so it sees window tokens [0, w_len - LQ + i + 1); a window shorter than
-    LQ gives the first queries a limit <= 0 (no window token), never one past w_len. (w_len is
-    computed as in _window_range, which stays as it was: the one-token kernels' code and line
-    information, and so their SASS, are unchanged.)"""
+def _causal_start(b, window, window_lens_ptr, LQ: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr):
+    """LQ query tokens: the first window token that not every query sees, w_len - LQ + 1. Query
+    token i is window token w_len - LQ + i and sees the window tokens [0, w_len - LQ + i + 1):
+    all of [0, w_len - LQ + 1), then the "causal tail" tokens w_len - LQ + 1 + j for j < i (those
+    >= 0: a window shorter than LQ leaves the first queries fewer window tokens, or none). (w_len
+    as in _window_range, which is left as it was, so the one-token kernels' SASS is unchanged.)"""
     win_len = window
     if HAS_WINDOW_LENS:
         win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
-    return win_len - LQ + 1 + row // GROUP
+    return win_len - LQ + 1
 
 
 @triton.jit
-def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr,
-                         ROW_MASK: tl.constexpr = False):
-    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D].
-    valid: [BLOCK_N] tokens, or (ROW_MASK) [BLOCK_H, BLOCK_N] per row, where a row may have no
-    valid token in the tile (nor before it): its running max then stays -inf, and the exponents
-    are taken against 0 instead, so that row adds exact zeros, not NaN."""
+def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
+    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
@@ -176,17 +170,10 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
         s = tl.dot(q.to(tl.float32), k_t, input_precision="ieee") * qk_scale
     else:
         s = tl.dot(q.to(k_t.dtype), k_t) * qk_scale  # qk_scale = softmax_scale * log2(e)
-    if ROW_MASK:
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_use)
-        p = tl.exp2(s - m_use[:, None])
-    else:
-        s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     if v.dtype == tl.float32:
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
@@ -208,8 +195,11 @@ def _sparse_decode_kernel(
 ):
     """LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
     are the LQ * GROUP (token, head) pairs, row r = token r // GROUP, head r % GROUP (padded to
-    BLOCK_H). They all attend every compressed token; in the window row r sees the tokens below
-    _causal_limit. LQ = 1 is the one-token kernel (stride_qt unused)."""
+    BLOCK_H). They all attend every compressed token and the window tokens before _causal_start;
+    each of the (at most LQ - 1) causal tail tokens after it is then a step of its own, whose
+    update only the rows of later query tokens keep (a select, not a masked P @ V, so a NaN / inf
+    in a tail token's V never reaches a query that does not see it). LQ = 1 is the one-token
+    kernel (stride_qt unused)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -249,20 +239,32 @@ def _sparse_decode_kernel(
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(tl.int64) * stride_wb + h * stride_wh
-        if LQ > 1:
-            limit = _causal_limit(offs_h, b, window, window_lens_ptr, GROUP, LQ, HAS_WINDOW_LENS)
-        for start in range(w_lo, w_hi, BLOCK_N):
+        w_end = w_hi
+        if LQ > 1:  # the tokens every query sees; the causal tail follows
+            causal_start = _causal_start(b, window, window_lens_ptr, LQ, HAS_WINDOW_LENS)
+            w_end = tl.minimum(w_hi, causal_start)
+        for start in range(w_lo, w_end, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
-            valid = tok < w_hi
+            valid = tok < w_end
             offs = base + tok[:, None] * stride_wt + offs_d[None, :]
             in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
             k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
             v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
-            if LQ == 1:
-                m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
-            else:
-                causal = valid[None, :] & (tok[None, :] < limit[:, None])
-                m, l, acc = _online_softmax_step(q, tl.trans(k), v, causal, m, l, acc, qk_scale, FP32_MATH, True)
+            m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+        if LQ > 1:
+            for j in tl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
+                t = causal_start + j
+                if (t >= w_lo) & (t < w_hi):  # in this split (and >= 0)
+                    valid = tl.arange(0, BLOCK_N) == 0
+                    offs = base + t * stride_wt + (tl.arange(0, BLOCK_N) * 0)[:, None] + offs_d[None, :]
+                    in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
+                    k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
+                    v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
+                    m_t, l_t, acc_t = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+                    sees = offs_h // GROUP > j
+                    m = tl.where(sees, m_t, m)
+                    l = tl.where(sees, l_t, l)
+                    acc = tl.where(sees[:, None], acc_t, acc)
 
     empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
     out = acc / tl.where(empty, 1.0, l)[:, None]

@@ -45,7 +45,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .decode import _causal_limit, _split_ranges, _window_range
+from .decode import _causal_start, _split_ranges, _window_range
 from .decode_gluon_launch import (mixed_walk_share, scatter_offsets, scatter_queue_entries, stage_offsets,
                                   staged_row_pitch)
 
@@ -483,24 +483,15 @@ def _prefetch_l2(ptr, nbytes, lane):
 
 
 @gluon.jit
-def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr, ROW_MASK: gl.constexpr = False):
+def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr):
     """Online-softmax step, base 2, transposed: k [BLOCK_N, D] (A operand) against q_t [D, H]
-    (B operand); valid [BLOCK_N] masks tokens, or (ROW_MASK) [BLOCK_N, H] tokens per query row,
-    where a row may have no valid token yet: its max stays -inf and its exponents are taken
-    against 0, so it adds zeros, not NaN (decode._online_softmax_step). Returns the weights
-    P^T [BLOCK_N, H], the new running max and sum, and the factor that rescales the accumulator."""
+    (B operand); valid [BLOCK_N] masks tokens. Returns the weights P^T [BLOCK_N, H], the new
+    running max and sum, and the factor that rescales the accumulator."""
     s = mma_v2(k, q_t, gl.zeros([k.shape[0], q_t.shape[1]], gl.float32, MMA)) * qk_scale
-    if ROW_MASK:
-        s = gl.where(valid, s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=0))
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m - m_use)
-        p = gl.exp2(s - m_use[None, :])
-    else:
-        s = gl.where(valid[:, None], s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=0))
-        alpha = gl.exp2(m - m_new)
-        p = gl.exp2(s - m_new[None, :])
+    s = gl.where(valid[:, None], s, float("-inf"))
+    m_new = gl.maximum(m, gl.max(s, axis=0))
+    alpha = gl.exp2(m - m_new)
+    p = gl.exp2(s - m_new[None, :])
     return p, m_new, l * alpha + gl.sum(p, axis=0), alpha
 
 
@@ -576,7 +567,8 @@ def _sparse_decode_gluon_kernel(
 ):
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
-    # in the window, column r sees the tokens below decode._causal_limit. LQ = 1: the one-token code.
+    # the window up to decode._causal_start as for one token, then each causal tail token as a
+    # step whose update only later query tokens' columns keep. LQ = 1: the one-token code.
     # the walk permutes the operands' channels; "mixed<N>": N walk programs per scatter program
     MIXED: gl.constexpr = mixed_walk_share(GATHER) > 0
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
@@ -650,21 +642,32 @@ def _sparse_decode_gluon_kernel(
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(gl.int64) * stride_wb + h * stride_wh
-        if LQ > 1:
-            limit = _causal_limit(gl.arange(0, BLOCK_H, layout=COL), b, window, window_lens_ptr, GROUP, LQ,
-                                  HAS_WINDOW_LENS)
-        for start in range(w_lo, w_hi, BLOCK_N):
+        w_end = w_hi
+        if LQ > 1:  # the tokens every query sees; the causal tail follows
+            causal_start = _causal_start(b, window, window_lens_ptr, LQ, HAS_WINDOW_LENS)
+            w_end = gl.minimum(w_hi, causal_start)
+        for start in range(w_lo, w_end, BLOCK_N):
             tk = start + tok_k
-            k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_hi)[:, None], other=0.0)
-            if LQ == 1:
-                p, m, l, alpha = _scores(k, start + tok_s < w_hi, q_t, m, l, qk_scale, MMA)
-            else:
-                ts = start + tok_s
-                causal = (ts < w_hi)[:, None] & (ts[:, None] < limit[None, :])
-                p, m, l, alpha = _scores(k, causal, q_t, m, l, qk_scale, MMA, True)
+            k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_end)[:, None], other=0.0)
+            p, m, l, alpha = _scores(k, start + tok_s < w_end, q_t, m, l, qk_scale, MMA)
             tv = start + tok_v
-            v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_hi)[None, :], other=0.0)
+            v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_end)[None, :], other=0.0)
             acc = _accumulate(v_t, p, acc, alpha, B_OP)
+        if LQ > 1:
+            sees_after = gl.arange(0, BLOCK_H, layout=COL) // GROUP  # a column's query token
+            for j in gl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
+                t = causal_start + j
+                if (t >= w_lo) & (t < w_hi):  # in this split (and >= 0)
+                    k = gl.load(k_window_ptr + base + t * stride_wt + tok_k[:, None] * 0 + chan_k,
+                                mask=(tok_k == 0)[:, None], other=0.0)
+                    p, m_t, l_t, alpha = _scores(k, tok_s == 0, q_t, m, l, qk_scale, MMA)
+                    v_t = gl.load(v_window_ptr + base + t * stride_wt + tok_v[None, :] * 0 + chan_v,
+                                  mask=(tok_v == 0)[None, :], other=0.0)
+                    acc_t = _accumulate(v_t, p, acc, alpha, B_OP)
+                    sees = sees_after > j
+                    m = gl.where(sees, m_t, m)
+                    l = gl.where(sees, l_t, l)
+                    acc = gl.where(sees[None, :], acc_t, acc)
 
     empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
     out = acc / gl.where(empty, 1.0, l)[None, :]
