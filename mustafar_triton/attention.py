@@ -92,21 +92,27 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
               so a cache allocated far beyond its contents still spreads its work over the GPU;
               compressed tokens at or past it are not attended.
     GQA: query head h reads kv head h // (Hq // Hkv); MQA (Hkv=1) and MHA work.
-    Several query tokens (q [B, Lq, Hq, D]): the Lq new tokens are the LAST Lq tokens of each
-              sequence's window (already written to k_window / v_window), so a window of at least
-              Lq tokens is required (ValueError otherwise). With w_len = min(window_lens[b], W),
-              query i (0-based) attends every compressed token of its sequence and the window
-              tokens p < w_len - Lq + i + 1 (causal among the new tokens). If window_lens[b] < Lq
-              (not checked: that would need a host sync) the window holds only the last w_len new
-              tokens: queries i < Lq - w_len attend no window token at all, the others those
-              below their limit; nothing outside the window is read. Lq = 1 gives exactly the
-              result of the [B, Hq, D] call. Tuning: Lq > 1 uses the config of its GQA group
-              (Lq = 1) and never tunes on its own; the Gluon kernel serves up to 16 (token, head)
-              rows per kv head (Lq * Hq / Hkv <= 16), decode.py's kernel the rest.
+    Several query tokens (q [B, Lq, Hq, D], out [B, Lq, Hq, D], lse [B, Lq, Hq]): the Lq new
+              tokens are the LAST Lq tokens of each sequence's window (already written to k_window
+              / v_window), so a window of W >= Lq tokens is required (ValueError otherwise). With
+              w_len = min(window_lens[b], W), query i (0-based) attends every compressed token of
+              its sequence and the window tokens p < w_len - Lq + i + 1 (causal among the new
+              tokens). window_lens[b] < Lq is not checked (a host sync): the window's w_len tokens
+              are then taken as the last w_len new tokens, so queries i < Lq - w_len attend no
+              window token and query i >= Lq - w_len the window tokens up to its own; nothing
+              outside [0, w_len) of the window is read. (New tokens already moved to the
+              compressed cache are seen by every query there: keep all Lq in the window.)
+              Lq = 1 gives bit for bit the [B, Hq, D] call's result (the same kernel). Kernels:
+              the Lq * G (token, head) pairs of a kv head are the rows of its program's query
+              tile; the Gluon kernel takes up to 16 (Lq * Hq / Hkv <= 16), decode.py's kernel the
+              rest. The window tokens every query sees run as for one token, then the <= Lq - 1
+              tokens after them one step each (in the split holding them). Tuning: Lq > 1 uses
+              its GQA group's (one-token) config and never tunes on its own.
     Returns out shaped like q in q's dtype, and lse [B, Hq] (or [B, Lq, Hq]) float32 (natural
     log) if return_lse.
     A sequence with no token at all gets out = 0 and lse = -inf. NaN / inf in q or the caches
-    propagate to the affected heads' outputs (as in dense attention), never to other heads.
+    propagate to the affected heads' outputs (as in dense attention), never to other heads (nor,
+    with Lq > 1, to the queries that do not see the token).
     Forward only; no host sync; allocates only out and lse. The checks, the config and the split
     sizing are resolved once per argument layout (shapes, strides, dtypes, devices) and bound, and
     the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).

@@ -1,7 +1,8 @@
 """Fused sparse decode attention ("load compressed, compute dense"), flash-decoding style.
 
 Grid: (split of the sequence, batch * kv head). One program serves all GROUP query heads of its kv
-head (padded to BLOCK_H >= 16 rows for tl.dot), so every compressed byte is read once per step.
+head, times LQ query tokens per step (the LQ * GROUP rows padded to BLOCK_H >= 16 for tl.dot), so
+every compressed byte is read once per step.
 Each split covers a range of the virtual sequence [compressed tokens | dense window tokens]; per
 tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to a dense
 [BLOCK_N, D] tile in registers, and runs QK^T and PV on tensor cores with an online softmax.

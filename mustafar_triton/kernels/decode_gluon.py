@@ -12,7 +12,8 @@ Why it is faster than decode.py's kernel:
     Here the gathered values land directly in the mma operand layouts (Gluon lets us name them).
   * A program is ONE warp that runs its own online softmax over its split, so warps never wait
     for each other; the grid has enough splits to fill every SM with whole waves of programs.
-  * Both products are "swapped" so the padded query group is the small N = 8 (or 16) side:
+  * Both products are "swapped" so the padded query group (its GROUP heads times LQ query
+    tokens per step) is the small N = 8 (or 16) side:
         S^T [BLOCK_N, H] = K [BLOCK_N, D] @ q^T [D, H]
         O^T [D, H]      += V^T [D, BLOCK_N] @ P^T [BLOCK_N, H]
     q^T stays in registers for the whole loop, the accumulator is [D, 8], and P^T comes out of
