@@ -35,8 +35,8 @@ def _check_packed(name: str, p, q: torch.Tensor) -> None:
         raise ValueError(f"{name} head_dim {p.head_dim} != q head dim {q.shape[-1]} (q shape {tuple(q.shape)})")
     if p.shape[0] != q.shape[0]:
         raise ValueError(f"{name} batch {p.shape[0]} != q batch {q.shape[0]}")
-    if q.shape[1] % p.shape[1] != 0:
-        raise ValueError(f"q heads {q.shape[1]} not a multiple of {name} kv heads {p.shape[1]}")
+    if q.shape[-2] % p.shape[1] != 0:
+        raise ValueError(f"q heads {q.shape[-2]} not a multiple of {name} kv heads {p.shape[1]}")
 
 
 def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor) -> None:
@@ -78,7 +78,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
                             return_lse: bool = False, num_splits: int = 0, max_seq_len: int | None = None):
     """One decode step of attention over a compressed cache plus a dense window of recent tokens.
 
-    q:        [B, Hq, D] fp16 / bf16 / fp32, one query token per sequence.
+    q:        [B, Hq, D] fp16 / bf16 / fp32, one query token per sequence, or [B, Lq, Hq, D] with
+              1 <= Lq <= MAX_QUERY_TOKENS (8): several new tokens per sequence and step
+              (speculative decoding, multi-token prediction, chunked prefill); see below.
     packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype);
               sequence b attends its first packed_k.seq_lens[b] tokens (all T when seq_lens is
               None; packed_v must use the same lengths). 0 compressed tokens is allowed.
@@ -90,9 +92,27 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
               so a cache allocated far beyond its contents still spreads its work over the GPU;
               compressed tokens at or past it are not attended.
     GQA: query head h reads kv head h // (Hq // Hkv); MQA (Hkv=1) and MHA work.
-    Returns out [B, Hq, D] in q's dtype, and lse [B, Hq] float32 (natural log) if return_lse.
+    Several query tokens (q [B, Lq, Hq, D], out [B, Lq, Hq, D], lse [B, Lq, Hq]): the Lq new
+              tokens are the LAST Lq tokens of each sequence's window (already written to k_window
+              / v_window), so a window of W >= Lq tokens is required (ValueError otherwise). With
+              w_len = min(window_lens[b], W), query i (0-based) attends every compressed token of
+              its sequence and the window tokens p < w_len - Lq + i + 1 (causal among the new
+              tokens). window_lens[b] < Lq is not checked (a host sync): the window's w_len tokens
+              are then taken as the last w_len new tokens, so queries i < Lq - w_len attend no
+              window token and query i >= Lq - w_len the window tokens up to its own; nothing
+              outside [0, w_len) of the window is read. (New tokens already moved to the
+              compressed cache are seen by every query there: keep all Lq in the window.)
+              Lq = 1 gives bit for bit the [B, Hq, D] call's result (the same kernel). Kernels:
+              the Lq * G (token, head) pairs of a kv head are the rows of its program's query
+              tile; the Gluon kernel takes up to 16 (Lq * Hq / Hkv <= 16), decode.py's kernel the
+              rest. The window tokens every query sees run as for one token, then the <= Lq - 1
+              tokens after them one step each (in the split holding them). Tuning: Lq > 1 uses
+              its GQA group's (one-token) config and never tunes on its own.
+    Returns out shaped like q in q's dtype, and lse [B, Hq] (or [B, Lq, Hq]) float32 (natural
+    log) if return_lse.
     A sequence with no token at all gets out = 0 and lse = -inf. NaN / inf in q or the caches
-    propagate to the affected heads' outputs (as in dense attention), never to other heads.
+    propagate to the affected heads' outputs (as in dense attention), never to other heads (nor,
+    with Lq > 1, to the queries that do not see the token).
     Forward only; no host sync; allocates only out and lse. The checks, the config and the split
     sizing are resolved once per argument layout (shapes, strides, dtypes, devices) and bound, and
     the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).
@@ -122,6 +142,7 @@ def launched_gather(q, packed_k, packed_v, *, k_window=None, v_window=None, wind
 
 
 def _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits) -> tuple:
+    """q's key holds its shape, so its rank and Lq (the query tokens, a kernel constexpr) too."""
     return (_tensor_key(q), _packed_key(packed_k), _packed_key(packed_v), _tensor_key(k_window),
             _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits)
 
@@ -140,6 +161,10 @@ def _packed_key(p):
 _plans: dict[tuple, "_DecodePlan"] = {}
 _MAX_PLANS = 256
 
+# Query tokens per sequence and step (q [B, Lq, Hq, D]): the kernels give each (token, head) pair
+# of a kv head's group a row of their query tile.
+MAX_QUERY_TOKENS = 8
+
 
 class _DecodePlan:
     """One argument layout of sparse_decode_attention, checked once: its constants, a launch per
@@ -151,8 +176,12 @@ class _DecodePlan:
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise TypeError(f"q dtype {q.dtype} not supported (fp16, bf16, fp32)")
-        if q.dim() != 3:
-            raise ValueError(f"q must be [B, Hq, D], got shape {tuple(q.shape)}")
+        if q.dim() not in (3, 4):
+            raise ValueError(f"q must be [B, Hq, D] or [B, Lq, Hq, D], got shape {tuple(q.shape)}")
+        self.lq = 1 if q.dim() == 3 else q.shape[1]
+        if not 1 <= self.lq <= MAX_QUERY_TOKENS:
+            raise ValueError(f"several query tokens per step: q [B, Lq, Hq, D] needs 1 <= Lq <= "
+                             f"{MAX_QUERY_TOKENS}, got Lq={self.lq} (shape {tuple(q.shape)})")
         check_device("q", q)
         _check_packed("packed_k", packed_k, q)
         _check_packed("packed_v", packed_v, q)
@@ -163,13 +192,20 @@ class _DecodePlan:
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
             raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
         _check_window(k_window, v_window, window_lens, packed_k, q)
+        if self.lq > 1 and k_window is None:
+            raise ValueError(f"several query tokens per step (q [B, Lq, Hq, D], Lq={self.lq}) need a dense "
+                             "window (k_window / v_window) whose last Lq tokens are the new ones")
+        if self.lq > 1 and k_window.shape[2] < self.lq:
+            raise ValueError(f"several query tokens per step (q [B, Lq, Hq, D], Lq={self.lq}) need a window "
+                             f"of at least Lq tokens holding the new ones, got W={k_window.shape[2]}")
         self.copy_q = q.stride(-1) != 1
         self.copy_window = k_window is not None and not (
             k_window.is_contiguous() and v_window.is_contiguous()
             and (window_lens is None or window_lens.is_contiguous()))
-        self.batch, self.hq, self.d = q.shape
+        self.batch, self.hq, self.d = q.shape[0], q.shape[-2], q.shape[-1]
         self.hkv = packed_k.shape[1]
         self.group = self.hq // self.hkv
+        self.rows = self.lq * self.group  # query rows per kv head: (token, head) pairs
         self.tokens = packed_k.shape[2]
         self.window = 0 if k_window is None else k_window.shape[2]
         self.window_stride = k_window.contiguous().stride() if k_window is not None else (0, 0, 0, 1)
@@ -180,7 +216,7 @@ class _DecodePlan:
         self.on_interpreter = interpreting()
         self.flags = dict(GROUP=self.group, HEAD_DIM=self.d, K_CAPACITY=self.k_capacity,
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
-                          HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None)
+                          HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None, LQ=self.lq)
         self.launches: dict[int, _Launch] = {}
         self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
         self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -192,7 +228,7 @@ class _DecodePlan:
             k_window, v_window = k_window.contiguous(), v_window.contiguous()
             window_lens = None if window_lens is None else window_lens.contiguous()
         out = torch.empty_like(q)
-        lse = torch.empty((self.batch, self.hq), dtype=torch.float32, device=q.device)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if self.batch == 0 or self.hq == 0:
             return (out, lse) if return_lse else out
         bound = self.tokens if max_seq_len is None else max_seq_len
@@ -214,21 +250,27 @@ class _DecodePlan:
         """The launch for a bound: its config (looked up once per bound; tuning, when requested,
         times run(cfg) on this call's tensors) and split sizing."""
         context = bound + self.window  # the virtual sequence the splits divide
-        run = lambda cfg: _Launch(self, cfg, context)(self, *tensors)  # noqa: E731
         dtype = tensors[0].dtype
+
+        def runnable(cfg):
+            if cfg.get("kernel") == "gluon" and not (
+                    gluon_launch.gluon_decode_supports(dtype, self.d, self.rows, self.on_interpreter)
+                    and gluon_runs_on(self.device)):
+                # e.g. the interpreter, an fp32 cache, a T4, more than 16 (token, head) rows
+                return autotune.heuristic_config("decode", self.device)
+            return cfg
+        # Several query tokens take their GQA group's (one-token) config and never tune: a config
+        # tuned on them would be stored under the same bucket and serve one-token calls.
+        run = (lambda cfg: _Launch(self, runnable(cfg), context)(self, *tensors)) if self.lq == 1 else None  # noqa: E731
         cfg = autotune.config_for("decode", self.device, run=run, head_dim=self.d, group=self.group, dtype=dtype,
                                   capacity=max(self.k_capacity, self.v_capacity),
                                   batch_heads=self.batch * self.hkv, context=context)
-        if cfg.get("kernel") == "gluon" and not (
-                gluon_launch.gluon_decode_supports(dtype, self.d, self.group, self.on_interpreter)
-                and gluon_runs_on(self.device)):
-            cfg = autotune.heuristic_config("decode", self.device)  # e.g. the interpreter, an fp32 cache, a T4
-        return _Launch(self, cfg, context)
+        return _Launch(self, runnable(cfg), context)
 
     def buffers(self, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat float32 split buffers of this stream holding at least [B * Hkv, splits, G, (D)]."""
+        """Flat float32 split buffers of this stream holding at least [B * Hkv, splits, Lq * G, (D)]."""
         stream = torch._C._cuda_getCurrentRawStream(self.device.index) if self.device.type == "cuda" else 0
-        rows = self.batch * self.hkv * splits * self.group
+        rows = self.batch * self.hkv * splits * self.rows
         bufs = self.split_buffers.get(stream)
         if bufs is None or bufs[1].numel() < rows:
             bufs = (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
@@ -241,7 +283,7 @@ class _Launch:
     """The two launches of one config at one context: split sizing, grid, constants."""
 
     def __init__(self, plan: _DecodePlan, cfg: dict, context: int):
-        d, group, batch, hkv = plan.d, plan.group, plan.batch, plan.hkv
+        d, rows, batch, hkv = plan.d, plan.rows, plan.batch, plan.hkv
         self.cfg = cfg
         self.context = context
         self.gluon = cfg.get("kernel") == "gluon"
@@ -251,13 +293,13 @@ class _Launch:
                                      context, cfg["BLOCK_N"], programs_per_sm)
 
         if self.gluon:
-            self.block_h = gluon_launch.gluon_block_h(group)
+            self.block_h = gluon_launch.gluon_block_h(rows)
             self.gather, splits, self.maxnreg = gluon_launch.plan(
-                cfg, d, group, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device))
+                cfg, d, rows, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device))
         else:
             splits = splits_for(0)
             self.slot_table = _slot_table(plan.device)
-            self.block_h = max(16, next_pow2(group))  # tl.dot's smallest M
+            self.block_h = max(16, next_pow2(rows))  # tl.dot's smallest M
         self.per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         self.splits = max(1, cdiv(context, self.per_split))
         # splits merged per step: all of them in one step up to 128 (a merge is latency-bound; 128
@@ -271,10 +313,13 @@ class _Launch:
         part_out, part_lse = plan.buffers(splits)
         wstride = plan.window_stride
         common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
+        # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same kernel).
+        # stride_qt comes last: the one-token kernel's parameters keep their offsets (same SASS)
+        stride_qt = q.stride(1) if plan.lq > 1 else 0
         rest = (k_window, v_window, window_lens, part_out, part_lse,
-                q.stride(0), q.stride(1), wstride[0], wstride[1], wstride[2],
+                q.stride(0), q.stride(-2), wstride[0], wstride[1], wstride[2],
                 hkv, plan.tokens, self.context - plan.window, plan.window, self.per_split,
-                plan.scale * 1.4426950408889634)
+                plan.scale * 1.4426950408889634, stride_qt)
         if self.gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, plan.batch * hkv)](
                 *common, *rest, **plan.flags, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather,
@@ -286,8 +331,9 @@ class _Launch:
                 BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        _merge_splits_kernel[(plan.batch * plan.hq, d // self.block_d)](
-            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(1), plan.hq,
+        _merge_splits_kernel[(plan.batch * plan.lq * plan.hq, d // self.block_d)](
+            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2), plan.hq,
+            out.stride(1) if plan.lq > 1 else 0, LQ=plan.lq,
             GROUP=group, HEAD_DIM=d, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
             MAX_SPLITS_POW2=self.max_splits_pow2, num_warps=cfg.get("merge_warps", 4),
         )

@@ -24,9 +24,9 @@ def _sparse_decode_attention(
     v_window: torch.Tensor | None = None, window_lens: torch.Tensor | None = None,
     softmax_scale: float | None = None, num_splits: int = 0, max_seq_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Hq, D]; k/v_bitmap int32 [B, Hkv, T, D // 32]; k/v_values [B, Hkv, T, capacity];
-    seq_lens int32 [B] (used for K and V); windows [B, Hkv, W, D]; window_lens int32 [B].
-    Returns out [B, Hq, D] (contiguous, q's dtype) and lse [B, Hq] float32."""
+    """q [B, Hq, D] or [B, Lq, Hq, D]; k/v_bitmap int32 [B, Hkv, T, D // 32]; k/v_values [B, Hkv, T,
+    capacity]; seq_lens int32 [B] (used for K and V); windows [B, Hkv, W, D]; window_lens int32 [B].
+    Returns out shaped like q (contiguous, q's dtype) and lse q.shape[:-1] float32."""
     d = q.shape[-1]
     packed_k = PackedKV(k_bitmap, k_values, k_values.shape[-1], d, seq_lens)
     packed_v = PackedKV(v_bitmap, v_values, v_values.shape[-1], d, seq_lens)
@@ -39,7 +39,7 @@ def _sparse_decode_attention(
 @_sparse_decode_attention.register_fake
 def _(q, k_bitmap, k_values, v_bitmap, v_values, seq_lens=None, k_window=None, v_window=None,
       window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: PackedKV, *,

@@ -97,7 +97,24 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64):
     """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
-    [0, window_len), computed in `compute_dtype`. Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]]."""
+    [0, window_len), computed in `compute_dtype`. Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]].
+
+    q [B, Lq, Hq, D]: the Lq new tokens are the window's last Lq; query i attends the compressed
+    tokens and the window tokens [0, w_len - Lq + i + 1) (none if that is <= 0), w_len =
+    min(window_lens[b], W). Returns out [B, Lq, Hq, D] [, lse [B, Lq, Hq]]."""
+    if q.dim() == 4:
+        lq, w = q.shape[1], (0 if k_window is None else k_window.shape[2])
+        if k_window is None or w < lq:
+            raise ValueError(f"q [B, Lq, Hq, D] with Lq={lq} needs a window of at least Lq tokens")
+        w_len = torch.full((q.shape[0],), w, dtype=torch.int64, device=q.device)
+        if window_lens is not None:
+            w_len = window_lens.to(q.device, torch.int64).clamp(max=w)
+        outs = [sparse_decode_attention(q[:, i], packed_k, packed_v, k_window=k_window, v_window=v_window,
+                                        window_lens=(w_len - lq + i + 1).clamp(min=0),
+                                        softmax_scale=softmax_scale, return_lse=True, max_seq_len=max_seq_len,
+                                        compute_dtype=compute_dtype) for i in range(lq)]
+        out, lse = torch.stack([o for o, _ in outs], 1), torch.stack([s for _, s in outs], 1)
+        return (out, lse) if return_lse else out
     b, hq, d = q.shape
     k, v = unpack(packed_k), unpack(packed_v)
     hkv, t = k.shape[1], k.shape[2]

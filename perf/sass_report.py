@@ -4,10 +4,12 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
     python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
-                               [--group 4] [--dtype fp16] [--maxnreg N] [--dump DIR]
+                               [--group 4] [--lq 1] [--window] [--dtype fp16] [--maxnreg N] [--dump DIR]
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
-default, its register cap; --block-n / --maxnreg override). Costs no device time: use it to
+default, its register cap; --block-n / --maxnreg override). --lq N: N query tokens per step (q
+[B, N, Hq, D], N * group query rows), which needs the dense window: it compiles with the window
+and window_lens, as --window does for one token. Costs no device time: use it to
 check an idea's instruction count before spending a GPU run (the one-warp Gluon kernel's
 measurements up to 2f21df9 showed the ALU-pipe share of the loop, not its length, to be what
 predicts its speed).
@@ -35,19 +37,21 @@ POINTER_ARGS = {"k_bitmap_ptr": "*i32", "v_bitmap_ptr": "*i32", "seq_lens_ptr": 
 
 def compile_decode(args):
     gluon = args.kernel == "gluon"
+    window = args.window or args.lq > 1
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
-                  HAS_SEQ_LENS=False, HAS_WINDOW=False, HAS_WINDOW_LENS=False)
+                  HAS_SEQ_LENS=False, HAS_WINDOW=window, HAS_WINDOW_LENS=window, LQ=args.lq)
+    rows = args.group * args.lq
     if gluon:
         from mustafar_triton._gluon_compat import GluonASTSource
         from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
-        block_h = gluon_launch.gluon_block_h(args.group)
+        block_h = gluon_launch.gluon_block_h(rows)
         constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or gluon_launch.GLUON_CONFIG["BLOCK_N"],
                           GATHER=args.gather)
         options = dict(num_warps=1, maxnreg=args.maxnreg or gluon_launch.register_cap(args.head_dim, block_h, args.gather))
     else:
         kernel, source = decode._sparse_decode_kernel, ASTSource
-        constexprs = dict(common, BLOCK_H=max(16, triton.next_power_of_2(args.group)), BLOCK_N=args.block_n or 64,
+        constexprs = dict(common, BLOCK_H=max(16, triton.next_power_of_2(rows)), BLOCK_N=args.block_n or 64,
                           SLOTS=args.slots, PREFETCH=args.prefetch, FP32_MATH=False)
         options = dict(num_warps=args.warps, num_stages=args.stages)
         if args.maxnreg:
@@ -111,7 +115,7 @@ def main():
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
-    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter"), help="the Gluon kernel's gather")
+    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter", "mixed1", "mixed2", "mixed3"), help="the Gluon kernel's gather")
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
@@ -120,6 +124,8 @@ def main():
     ap.add_argument("--capacity", type=int, default=40)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--lq", type=int, default=1, help="query tokens per step (> 1 implies --window)")
+    ap.add_argument("--window", action="store_true", help="compile with the dense window and window_lens")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")

@@ -68,8 +68,21 @@ def test_fake_shapes():
         kb, vb = torch.empty(3, 2, 50, 4, dtype=torch.int32), torch.empty(3, 2, 50, 4, dtype=torch.int32)
         kv, vv = torch.empty(3, 2, 50, 40, dtype=torch.bfloat16), torch.empty(3, 2, 50, 64, dtype=torch.bfloat16)
         out, lse = OP(q, kb, kv, vb, vv)
+        # several query tokens: q [B, Lq, Hq, D], lse [B, Lq, Hq]
+        out4, lse4 = OP(torch.empty(3, 4, 8, 128, dtype=torch.bfloat16), kb, kv, vb, vv)
     assert out.shape == (3, 8, 128) and out.dtype == torch.bfloat16 and out.is_contiguous()
     assert lse.shape == (3, 8) and lse.dtype == torch.float32
+    assert out4.shape == (3, 4, 8, 128) and lse4.shape == (3, 4, 8) and lse4.dtype == torch.float32
+
+
+def test_op_multi_query(device):
+    """q [B, Lq, Hq, D] through the op: the direct call's results, and opcheck's checks."""
+    q, pk, pv, window = make_case(device, seed=13)
+    q4 = randn((2, 3, 4, 64), torch.float16, 14, device)
+    want, want_lse = mt.sparse_decode_attention(q4, pk, pv, num_splits=2, return_lse=True, **window)
+    out, lse = OP(*op_args(q4, pk, pv, window, None, 2))
+    assert torch.equal(out, want) and torch.equal(lse, want_lse) and lse.shape == (2, 3, 4)
+    torch.library.opcheck(OP, op_args(q4, pk, pv, window))
 
 
 def test_opcheck(device):

@@ -28,11 +28,12 @@ FP32_TOL = FLOOR[torch.float32]  # for direct fp32 comparisons (exact fp32 dots 
 
 
 def make_case(device, *, b=2, hq=4, hkv=2, t=40, d=64, dtype=torch.float16, seed=0, sk=0.7, sv=0.5,
-              seq_lens=None, w=None, window_lens=None, q_scale=1.0):
-    """q [B, Hq, D] and K / V caches [B, Hkv, T, D] pruned + packed by the library kernels."""
+              seq_lens=None, w=None, window_lens=None, q_scale=1.0, lq=None):
+    """q [B, Hq, D] (or [B, lq, Hq, D]) and K / V caches [B, Hkv, T, D] pruned + packed by the
+    library kernels."""
     k = randn((b, hkv, t, d), dtype, seed, device)
     v = randn((b, hkv, t, d), dtype, seed + 1, device)
-    q = randn((b, hq, d), dtype, seed + 2, device, scale=q_scale)
+    q = randn((b, hq, d) if lq is None else (b, lq, hq, d), dtype, seed + 2, device, scale=q_scale)
     sl = None if seq_lens is None else torch.tensor(seq_lens, dtype=torch.int32, device=device)
     pk = mt.prune_and_pack(k, sk, seq_lens=sl)
     pv = mt.prune_and_pack(v, sv, seq_lens=sl)
@@ -63,9 +64,8 @@ def reference64(q, pk, pv, **kw):
 def check_decode(q, pk, pv, **kw):
     """Run the kernel, compare with the float64 reference under the 2x rule; return (out, lse)."""
     out, lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True, **kw)
-    b, hq, d = q.shape
-    assert out.shape == (b, hq, d) and out.dtype == q.dtype and out.device == q.device
-    assert lse.shape == (b, hq) and lse.dtype == torch.float32
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device  # [B, (Lq,) Hq, D]
+    assert lse.shape == q.shape[:-1] and lse.dtype == torch.float32
     want, want_lse = reference64(q, pk, pv, **kw)
     kw_ref = {k: v for k, v in kw.items() if k != "num_splits"}
     same, same_lse = ref.sparse_decode_attention(q, pk, pv, return_lse=True, compute_dtype=q.dtype, **kw_ref)
@@ -486,6 +486,171 @@ def test_seq_lens_beyond_allocated_tokens_are_clamped(seq_lens, device):
     q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=40, d=64, dtype=torch.float32, seed=36,
                               seq_lens=seq_lens, w=5)
     check_decode(q, pk, pv, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# Several query tokens per step: q [B, Lq, Hq, D], the last Lq window tokens, causal among them
+# ------------------------------------------------------------------------------------------------
+def one_token_window_lens(kw, b, lq, i, device):
+    """window_lens of the one-token call that query i of an Lq call must equal: the window
+    tokens [0, w_len - Lq + i + 1), none where that is <= 0."""
+    w = kw["k_window"].shape[2]
+    w_len = kw["window_lens"].clamp(max=w) if "window_lens" in kw else torch.full((b,), w, device=device)
+    return (w_len - lq + i + 1).clamp(min=0).to(torch.int32)
+
+
+@pytest.mark.parametrize("lq", [1, 2, 3, 8])
+@pytest.mark.parametrize("hq,hkv", [(3, 3), (8, 2)], ids=["g1", "g4"])
+def test_multi_query(lq, hq, hkv, device):
+    """Ragged compressed lengths (one empty) and window lengths, some below Lq (sequence 1's
+    first queries see no token at all: out 0, lse -inf), with and without splits."""
+    q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=37, d=64, seed=seed_of(lq, hq, "mq"),
+                              seq_lens=[37, 0, 19], w=11, window_lens=[11, 1, 6], lq=lq)
+    out, lse = check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=4, **kw)
+    assert torch.isneginf(lse[1, :lq - 1]).all() and torch.isfinite(lse[1, lq - 1]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_multi_query_dtypes(dtype, device):
+    q, pk, pv, kw = make_case(device, b=2, hq=6, hkv=2, t=45, d=128, dtype=dtype, seed=seed_of(dtype, "mq"),
+                              seq_lens=[45, 13], w=7, lq=3)
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=3, **kw)
+
+
+def test_multi_query_lq1_is_the_one_token_call(device):
+    """q [B, 1, Hq, D] runs the one-token kernel with the same arguments: bit for bit its result,
+    contiguous or not, with splits."""
+    q, pk, pv, kw = make_case(device, b=3, hq=8, hkv=2, t=41, d=64, seed=61, seq_lens=[41, 7, 0], w=5,
+                              window_lens=[5, 2, 0])
+    strided = randn((3, 2, 8, 64), torch.float16, 62, device)[:, 1:]    # token stride 1024, head 64
+    q_t = randn((3, 8, 64, 1), torch.float16, 63, device).permute(0, 3, 1, 2)  # stride(-1) != 1
+    for q4 in (q[:, None], strided, q_t):
+        for splits in (0, 3):
+            want, want_lse = mt.sparse_decode_attention(q4[:, 0], pk, pv, num_splits=splits, return_lse=True, **kw)
+            out, lse = mt.sparse_decode_attention(q4, pk, pv, num_splits=splits, return_lse=True, **kw)
+            assert out.shape == (3, 1, 8, 64) and lse.shape == (3, 1, 8)
+            assert torch.equal(out[:, 0], want) and torch.equal(lse[:, 0], want_lse)
+
+
+@pytest.mark.parametrize("lq", [2, 5])
+def test_multi_query_equals_one_token_calls(lq, device):
+    """Query i of an Lq call is the one-token call of q[:, i] over the window tokens
+    [0, w_len - Lq + i + 1): the causal semantics, checked without the reference."""
+    q, pk, pv, kw = make_case(device, b=3, hq=4, hkv=1, t=50, d=64, dtype=torch.float32, seed=64 + lq,
+                              seq_lens=[50, 3, 0], w=9, window_lens=[9, 4, 2], lq=lq)
+    out, lse = mt.sparse_decode_attention(q, pk, pv, num_splits=2, return_lse=True, **kw)
+    for i in range(lq):
+        one = dict(kw, window_lens=one_token_window_lens(kw, 3, lq, i, device))
+        want, want_lse = mt.sparse_decode_attention(q[:, i], pk, pv, num_splits=2, return_lse=True, **one)
+        torch.testing.assert_close(out[:, i], want, rtol=FP32_TOL, atol=FP32_TOL)
+        torch.testing.assert_close(lse[:, i], want_lse, rtol=FP32_TOL, atol=FP32_TOL)
+
+
+def test_multi_query_strided_q(device):
+    """q at any strides (token stride not Hq * D, heads not contiguous with tokens): the result of
+    the contiguous copy."""
+    q, pk, pv, kw = make_case(device, b=2, hq=8, hkv=2, t=30, d=64, seed=66, seq_lens=[30, 11], w=6, lq=3)
+    views = [randn((2, 6, 8, 64), torch.float16, 67, device)[:, ::2],                    # token stride 1024
+             randn((2, 8, 3, 64), torch.float16, 68, device).transpose(1, 2),            # heads outer
+             randn((2, 3, 64, 8), torch.float16, 69, device).transpose(2, 3)]            # stride(-1) != 1
+    for qq in views:
+        out, _ = check_decode(qq, pk, pv, num_splits=2, **kw)
+        assert_same_result(out, mt.sparse_decode_attention(qq.contiguous(), pk, pv, num_splits=2, **kw))
+
+
+def test_multi_query_short_window_lens(device):
+    """window_lens below Lq (not checked: it would need a host sync): the window holds the last
+    w_len new tokens, so queries i < Lq - w_len see no window token, the others the tokens up to
+    their own; tokens past window_lens (NaN here) are never read."""
+    lq, w = 4, 6
+    q, pk, pv, kw = make_case(device, b=3, hq=4, hkv=2, t=20, d=64, dtype=torch.float32, seed=70,
+                              seq_lens=[0, 9, 20], w=w, window_lens=[0, 2, 3], lq=lq)
+    for name in ("k_window", "v_window"):
+        for b, n in enumerate([0, 2, 3]):
+            kw[name][b, :, n:] = float("nan")
+    out, lse = check_decode(q, pk, pv, num_splits=3, **kw)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[0] == 0) and torch.isneginf(lse[0]).all()      # nothing at all to attend
+    for i in range(lq):  # i < Lq - w_len: the compressed tokens only
+        no_window = mt.sparse_decode_attention(q[:, i], pk, pv)
+        for b, n in enumerate([0, 2, 3]):
+            if i < lq - n:
+                torch.testing.assert_close(out[b, i], no_window[b], rtol=FP32_TOL, atol=FP32_TOL)
+            else:
+                assert rel_err(out[b, i], no_window[b]) > 1e-3
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_multi_query_nan_in_a_new_token_reaches_only_later_queries(num_splits, device):
+    """NaN in the K of new token Lq - 1 and inf in the V of new token Lq - 2 (sequence 0, kv
+    head 1): only the queries that see them (of kv head 1's query heads) turn NaN; the earlier
+    queries, the other heads and sequence 1 keep the clean result exactly."""
+    lq, w = 4, 8
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=30, d=64, seed=71, seq_lens=[30, 30], w=w,
+                              window_lens=[7, 8], lq=lq)
+    clean, clean_lse = mt.sparse_decode_attention(q, pk, pv, num_splits=num_splits, return_lse=True, **kw)
+    kw["k_window"][0, 1, 6, 3] = float("nan")    # new token 3 of sequence 0 (w_len 7)
+    kw["v_window"][0, 1, 5, 9] = float("inf")    # new token 2
+    out, lse = mt.sparse_decode_attention(q, pk, pv, num_splits=num_splits, return_lse=True, **kw)
+    affected = torch.zeros(2, lq, 4, dtype=torch.bool, device=device)
+    affected[0, 2:, 2:] = True                   # queries 2, 3 of query heads 2, 3 (kv head 1)
+    assert not torch.isfinite(out[affected].float()).all(dim=-1).any()
+    assert torch.equal(out[~affected], clean[~affected]) and torch.equal(lse[~affected], clean_lse[~affected])
+    assert torch.isnan(lse[0, 3, 2:]).all()
+
+
+def test_multi_query_plans_key_on_lq(device):
+    """Each Lq (and the 3-D q) has a plan of its own (attention._plan_key holds q's shape)."""
+    from mustafar_triton import attention
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=20, d=64, seed=72, w=4, lq=4)
+    attention._plans.clear()
+    outs = {lq: mt.sparse_decode_attention(q[:, :lq].contiguous(), pk, pv, **kw) for lq in (1, 2, 4)}
+    mt.sparse_decode_attention(q[:, 0], pk, pv, **kw)
+    assert sorted(p.lq for p in attention._plans.values()) == [1, 1, 2, 4]
+    assert len({attention._plan_key(q[:, :lq].contiguous(), pk, pv, kw["k_window"], kw["v_window"], None, None, 0)
+                for lq in (1, 2, 4)}) == 3
+    for lq, out in outs.items():  # and every plan gives its own Lq's answer
+        assert_same_result(out, mt.sparse_decode_attention(q[:, :lq].contiguous(), pk, pv, **kw))
+        torch.testing.assert_close(out.float(), reference64(q[:, :lq], pk, pv, **kw)[0].float(), rtol=2e-2, atol=2e-2)
+
+
+@st.composite
+def multi_query_cases(draw):
+    b = draw(st.integers(1, 3))
+    lq = draw(st.integers(1, 8))
+    w = draw(st.integers(lq, lq + 12))
+    t = draw(st.integers(0, 60))
+    return dict(b=b, lq=lq, w=w, t=t, hkv=draw(st.integers(1, 2)), group=draw(st.sampled_from([1, 2, 3, 4])),
+                d=draw(st.sampled_from([32, 64])), dtype=draw(st.sampled_from(DTYPES)),
+                lens=draw(st.one_of(st.none(), st.lists(st.integers(0, t), min_size=b, max_size=b))),
+                wlens=draw(st.one_of(st.none(), st.lists(st.integers(0, w), min_size=b, max_size=b))),
+                splits=draw(st.sampled_from([0, 1, 2, 5])), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+@settings(max_examples=12, deadline=None)
+@given(c=multi_query_cases())
+def test_property_multi_query_matches_reference(c, device):
+    q, pk, pv, kw = make_case(device, b=c["b"], hq=c["hkv"] * c["group"], hkv=c["hkv"], t=c["t"], d=c["d"],
+                              dtype=c["dtype"], seed=c["seed"], seq_lens=c["lens"], w=c["w"],
+                              window_lens=c["wlens"], lq=c["lq"])
+    check_decode(q, pk, pv, num_splits=c["splits"], **kw)
+
+
+# The Gluon kernel with several query tokens: up to 16 (token, head) rows; more run decode.py's kernel.
+@pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
+@pytest.mark.parametrize("hq,hkv,lq", [(8, 2, 2), (8, 2, 4), (4, 2, 8), (4, 4, 3), (8, 2, 8)],
+                         ids=["g4-lq2", "g4-lq4-16rows", "g2-lq8-16rows", "g1-lq3", "g4-lq8-32rows-tl"])
+@pytest.mark.parametrize("gather", gluon_launch.GATHERS)
+def test_gluon_kernel_multi_query(hq, hkv, lq, gather, device, decode_config):
+    q, pk, pv, kw = make_case(device, b=3, hq=hq, hkv=hkv, t=150, d=128, dtype=torch.float16,
+                              seed=seed_of(hq, lq, gather), seq_lens=[150, 77, 0], w=11,
+                              window_lens=[11, 3, 5], lq=lq)
+    assert gluon_launch.gluon_decode_supports(torch.float16, 128, lq * hq // hkv, False) == (lq * hq // hkv <= 16)
+    decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)
+    check_decode(q, pk, pv, **kw)
+    check_decode(q, pk, pv, num_splits=4, **kw)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -218,11 +218,39 @@ def test_decode_bad_q(dec, device):
         mt.sparse_decode_attention(torch.zeros(2, 4, 64, dtype=torch.float64, device=device), pk, pv)
     with pytest.raises(TypeError, match="q dtype torch.int32 not supported"):
         mt.sparse_decode_attention(torch.zeros(2, 4, 64, dtype=torch.int32, device=device), pk, pv)
-    for shape in [(2, 64), (2, 4, 1, 64)]:
-        with pytest.raises(ValueError, match=r"q must be \[B, Hq, D\], got shape"):
+    for shape in [(2, 64), (2, 1, 4, 1, 64)]:
+        with pytest.raises(ValueError, match=r"q must be \[B, Hq, D\] or \[B, Lq, Hq, D\], got shape"):
             mt.sparse_decode_attention(torch.zeros(shape, dtype=torch.float16, device=device), pk, pv)
     with pytest.raises(ValueError, match="q is on meta"):
         mt.sparse_decode_attention(torch.zeros(2, 4, 64, dtype=torch.float16, device=META), pk, pv)
+
+
+def test_decode_bad_multi_query(dec, device):
+    """q [B, Lq, Hq, D]: 1 <= Lq <= 8, a window of at least Lq tokens, the same checks as [B, Hq, D]."""
+    _, pk, pv = dec
+    w = randn((2, 2, 3, 64), torch.float16, 4, device)
+    q = lambda lq, dtype=torch.float16, hq=4: torch.zeros(2, lq, hq, 64, dtype=dtype, device=device)  # noqa: E731
+    cases = [
+        (q(9), dict(k_window=w, v_window=w), ValueError, r"1 <= Lq <= 8, got Lq=9 \(shape \(2, 9, 4, 64\)\)"),
+        (q(0), dict(k_window=w, v_window=w), ValueError, r"1 <= Lq <= 8, got Lq=0"),
+        (q(2), {}, ValueError, r"Lq=2\) need a dense window \(k_window / v_window\)"),
+        (q(4), dict(k_window=w, v_window=w), ValueError, r"Lq=4\) need a window of at least Lq tokens .* got W=3"),
+        (q(2), dict(k_window=w[:, :, :0], v_window=w[:, :, :0]), ValueError, "got W=0"),
+        (q(2, torch.float64), dict(k_window=w, v_window=w), TypeError, "q dtype torch.float64 not supported"),
+        (q(2, hq=3), dict(k_window=w, v_window=w), ValueError, "q heads 3 not a multiple of packed_k kv heads 2"),
+        (torch.zeros(2, 2, 4, 32, dtype=torch.float16, device=device), dict(k_window=w, v_window=w), ValueError,
+         r"packed_k head_dim 64 != q head dim 32 \(q shape \(2, 2, 4, 32\)\)"),
+        (torch.zeros(3, 2, 4, 64, dtype=torch.float16, device=device), dict(k_window=w, v_window=w), ValueError,
+         "packed_k batch 2 != q batch 3"),
+        (q(2), dict(k_window=w, v_window=w.float()), TypeError, "v_window dtype torch.float32 != q dtype"),
+    ]
+    for qq, kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            mt.sparse_decode_attention(qq, pk, pv, **kw)
+    # Lq = 1 needs no window; Lq = W is the longest
+    assert mt.sparse_decode_attention(q(1), pk, pv).shape == (2, 1, 4, 64)
+    out, lse = mt.sparse_decode_attention(q(3), pk, pv, k_window=w, v_window=w, return_lse=True)
+    assert out.shape == (2, 3, 4, 64) and lse.shape == (2, 3, 4)
 
 
 def test_decode_mismatched_packed(dec, device):

@@ -1,7 +1,8 @@
 """Fused sparse decode attention ("load compressed, compute dense"), flash-decoding style.
 
 Grid: (split of the sequence, batch * kv head). One program serves all GROUP query heads of its kv
-head (padded to BLOCK_H >= 16 rows for tl.dot), so every compressed byte is read once per step.
+head, times LQ query tokens per step (the LQ * GROUP rows padded to BLOCK_H >= 16 for tl.dot), so
+every compressed byte is read once per step.
 Each split covers a range of the virtual sequence [compressed tokens | dense window tokens]; per
 tile of BLOCK_N tokens it loads the bitmap words and value rows, expands them to a dense
 [BLOCK_N, D] tile in registers, and runs QK^T and PV on tensor cores with an online softmax.
@@ -148,6 +149,19 @@ def _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, H
 
 
 @triton.jit
+def _causal_start(b, window, window_lens_ptr, LQ: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr):
+    """LQ query tokens: the first window token that not every query sees, w_len - LQ + 1. Query
+    token i is window token w_len - LQ + i and sees the window tokens [0, w_len - LQ + i + 1):
+    all of [0, w_len - LQ + 1), then the "causal tail" tokens w_len - LQ + 1 + j for j < i (those
+    >= 0: a window shorter than LQ leaves the first queries fewer window tokens, or none). (w_len
+    as in _window_range, which is left as it was, so the one-token kernels' SASS is unchanged.)"""
+    win_len = window
+    if HAS_WINDOW_LENS:
+        win_len = tl.minimum(tl.load(window_lens_ptr + b), window)
+    return win_len - LQ + 1
+
+
+@triton.jit
 def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
     """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
@@ -174,12 +188,19 @@ def _sparse_decode_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr, lut_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
-    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale, stride_qt,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
     K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
-    SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr,
+    SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr, LQ: tl.constexpr = 1,
 ):
+    """LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
+    are the LQ * GROUP (token, head) pairs, row r = token r // GROUP, head r % GROUP (padded to
+    BLOCK_H). They all attend every compressed token and the window tokens before _causal_start;
+    each of the (at most LQ - 1) causal tail tokens after it is then a step of its own, whose
+    update only the rows of later query tokens keep (a select, not a masked P @ V, so a NaN / inf
+    in a tail token's V never reaches a query that does not see it). LQ = 1 is the one-token
+    kernel (stride_qt unused)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -187,9 +208,13 @@ def _sparse_decode_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)  # D=96 runs as 128, channels 96+ zero
     offs_d = tl.arange(0, D_TILE)
-    head_ok = offs_h < GROUP
-    q = tl.load(q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
-                mask=_in_head(head_ok[:, None], offs_d[None, :], HEAD_DIM), other=0.0)
+    ROWS: tl.constexpr = LQ * GROUP
+    head_ok = offs_h < ROWS
+    if LQ == 1:
+        q_rows = q_ptr + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh
+    else:
+        q_rows = q_ptr + b * stride_qb + ((offs_h // GROUP) * stride_qt + (h * GROUP + offs_h % GROUP) * stride_qh)[:, None]
+    q = tl.load(q_rows + offs_d[None, :], mask=_in_head(head_ok[:, None], offs_d[None, :], HEAD_DIM), other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D_TILE], tl.float32)
@@ -215,19 +240,37 @@ def _sparse_decode_kernel(
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(tl.int64) * stride_wb + h * stride_wh
-        for start in range(w_lo, w_hi, BLOCK_N):
+        w_end = w_hi
+        if LQ > 1:  # the tokens every query sees; the causal tail follows
+            causal_start = _causal_start(b, window, window_lens_ptr, LQ, HAS_WINDOW_LENS)
+            w_end = tl.minimum(w_hi, causal_start)
+        for start in range(w_lo, w_end, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
-            valid = tok < w_hi
+            valid = tok < w_end
             offs = base + tok[:, None] * stride_wt + offs_d[None, :]
             in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
             k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
             v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
             m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+        if LQ > 1:
+            for j in tl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
+                t = causal_start + j
+                if (t >= w_lo) & (t < w_hi):  # in this split (and >= 0)
+                    valid = tl.arange(0, BLOCK_N) == 0
+                    offs = base + t * stride_wt + (tl.arange(0, BLOCK_N) * 0)[:, None] + offs_d[None, :]
+                    in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
+                    k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
+                    v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
+                    m_t, l_t, acc_t = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+                    sees = offs_h // GROUP > j
+                    m = tl.where(sees, m_t, m)
+                    l = tl.where(sees, l_t, l)
+                    acc = tl.where(sees[:, None], acc_t, acc)
 
     empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
     out = acc / tl.where(empty, 1.0, l)[:, None]
     lse = tl.where(empty, float("-inf"), m + tl.log2(tl.where(empty, 1.0, l)))
-    part = (bh.to(tl.int64) * tl.num_programs(0) + split) * GROUP + offs_h
+    part = (bh.to(tl.int64) * tl.num_programs(0) + split) * ROWS + offs_h
     tl.store(part_out_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out,
              mask=_in_head(head_ok[:, None], offs_d[None, :], HEAD_DIM))
     tl.store(part_lse_ptr + part, lse, mask=head_ok)
@@ -239,21 +282,32 @@ MERGE_BLOCK_D = 32
 
 @triton.jit
 def _merge_splits_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, num_q_heads,
+    part_out_ptr, part_lse_ptr, out_ptr, lse_ptr, num_splits, stride_ob, stride_oh, num_q_heads, stride_ot,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    MAX_SPLITS_POW2: tl.constexpr,
+    MAX_SPLITS_POW2: tl.constexpr, LQ: tl.constexpr = 1,
 ):
-    """out[b, hq, d block] = sum_s 2^(lse_s - lse) * out_s over the splits; lse returned in natural
-    log (by the first d block). Grid (B * Hq, HEAD_DIM // BLOCK_D): at B=1 a program per query head
-    alone (32 programs, 264 splits) took 17 us, a third of the whole call."""
+    """out[b, (i,) hq, d block] = sum_s 2^(lse_s - lse) * out_s over the splits; lse returned in
+    natural log (by the first d block). Grid (B * LQ * Hq, HEAD_DIM // BLOCK_D): at B=1 a program
+    per query head alone (32 programs, 264 splits) took 17 us, a third of the whole call.
+    LQ > 1: query token i = (pid // Hq) % LQ, at out's token stride stride_ot (lse contiguous
+    [B, LQ, Hq]); a decode program wrote LQ * GROUP partial rows per split, row i * GROUP + g."""
+    ROWS: tl.constexpr = LQ * GROUP
     pid = tl.program_id(0)
     d_block = tl.program_id(1)
-    b = pid // num_q_heads
     hq = pid % num_q_heads
+    if LQ == 1:
+        b = pid // num_q_heads
+        row = hq % GROUP
+        out_row = out_ptr + b * stride_ob + hq * stride_oh
+    else:
+        b = pid // num_q_heads // LQ
+        i = (pid // num_q_heads) % LQ
+        row = i * GROUP + hq % GROUP
+        out_row = out_ptr + b * stride_ob + i * stride_ot + hq * stride_oh
     bh = b * (num_q_heads // GROUP) + hq // GROUP
-    first = bh.to(tl.int64) * num_splits * GROUP + hq % GROUP   # partial row of split 0
+    first = bh.to(tl.int64) * num_splits * ROWS + row   # partial row of split 0
     s_all = tl.arange(0, MAX_SPLITS_POW2)
-    lse_all = tl.load(part_lse_ptr + first + s_all * GROUP, mask=s_all < num_splits, other=float("-inf"))
+    lse_all = tl.load(part_lse_ptr + first + s_all * ROWS, mask=s_all < num_splits, other=float("-inf"))
     m = tl.max(lse_all, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     offs_d = d_block * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -262,17 +316,17 @@ def _merge_splits_kernel(
     for s0 in range(0, num_splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         ok = s < num_splits
-        lse_s = tl.load(part_lse_ptr + first + s * GROUP, mask=ok, other=float("-inf"))
+        lse_s = tl.load(part_lse_ptr + first + s * ROWS, mask=ok, other=float("-inf"))
         weight = tl.exp2(lse_s - m_safe)
         # not masked by weight > 0: the rows load alongside the weights instead of after them (an
         # empty split's row holds zeros)
-        part = tl.load(part_out_ptr + (first + s * GROUP)[:, None] * HEAD_DIM + offs_d[None, :],
+        part = tl.load(part_out_ptr + (first + s * ROWS)[:, None] * HEAD_DIM + offs_d[None, :],
                        mask=ok[:, None], other=0.0)
         acc += tl.sum(weight[:, None] * part, axis=0)
         denom += tl.sum(weight, axis=0)
     empty = denom == 0  # every split empty; NaN must propagate, so test equality, not > 0
     out = acc / tl.where(empty, 1.0, denom)
-    tl.store(out_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_row + offs_d, out.to(out_ptr.dtype.element_ty))
     lse = tl.where(empty, float("-inf"), (m_safe + tl.log2(tl.where(empty, 1.0, denom))) * 0.6931471805599453)
     tl.store(lse_ptr + pid, lse, mask=d_block == 0)
 

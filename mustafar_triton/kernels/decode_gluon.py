@@ -12,7 +12,8 @@ Why it is faster than decode.py's kernel:
     Here the gathered values land directly in the mma operand layouts (Gluon lets us name them).
   * A program is ONE warp that runs its own online softmax over its split, so warps never wait
     for each other; the grid has enough splits to fill every SM with whole waves of programs.
-  * Both products are "swapped" so the padded query group is the small N = 8 (or 16) side:
+  * Both products are "swapped" so the padded query group (its GROUP heads times LQ query
+    tokens per step) is the small N = 8 (or 16) side:
         S^T [BLOCK_N, H] = K [BLOCK_N, D] @ q^T [D, H]
         O^T [D, H]      += V^T [D, BLOCK_N] @ P^T [BLOCK_N, H]
     q^T stays in registers for the whole loop, the accumulator is [D, 8], and P^T comes out of
@@ -45,8 +46,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from .decode import _split_ranges, _window_range
-from .decode_gluon_launch import scatter_offsets, scatter_queue_entries, stage_offsets, staged_row_pitch
+from .decode import _causal_start, _split_ranges, _window_range
+from .decode_gluon_launch import (mixed_walk_share, scatter_offsets, scatter_queue_entries, stage_offsets,
+                                  staged_row_pitch)
 
 
 @gluon.jit
@@ -388,21 +390,20 @@ def _v_operand(v4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
-def _k_channel(col, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
-    """The channel in column col of the K operand (and row col of q^T)."""
-    if WALK:
-        return ((col // 2) % 4) * (HEAD_DIM // 4) + (col // 16) * 4 + ((col // 8) % 2) * 2 + col % 2
+def _operand_channel(idx, walks, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: gl.constexpr):
+    """The channel in column idx of the K operand (and row idx of q^T; K_SIDE) or in row idx of V^T
+    (and of the output O^T): the walk's permutation (decode_gluon.py's docstring), or idx itself.
+    A "mixed" program picks by `walks`."""
+    if K_SIDE:
+        walk = ((idx // 2) % 4) * (HEAD_DIM // 4) + (idx // 16) * 4 + ((idx // 8) % 2) * 2 + idx % 2
     else:
-        return col
-
-
-@gluon.jit
-def _v_channel(row, HEAD_DIM: gl.constexpr, WALK: gl.constexpr):
-    """The channel in row `row` of V^T (and of the output O^T)."""
-    if WALK:
-        return (row % 8) * (HEAD_DIM // 8) + (row // 16) * 2 + (row // 8) % 2
+        walk = (idx % 8) * (HEAD_DIM // 8) + (idx // 16) * 2 + (idx // 8) % 2
+    if GATHER == "walk":
+        return walk
+    elif mixed_walk_share(GATHER) > 0:
+        return gl.where(walks, walk, idx)
     else:
-        return row
+        return idx
 
 
 @gluon.jit
@@ -504,37 +505,99 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
 
 
 @gluon.jit
+def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
+                A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
+                V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The walk over the tiles [lo, c_hi) (staged one tile ahead in mt_dstage's two stages):
+    returns the online softmax's running max and sum and the accumulator O^T."""
+    gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
+    _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    for start in range(lo, c_hi, BLOCK_N):
+        stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
+                            K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        k4 = _gather_walk(stage + KB_OFF, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True)
+        k = _k_operand(k4, A_OP, HEAD_DIM)
+        p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
+        v4 = _gather_walk(stage + VB_OFF, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+        v_t = _v_operand(v4, A_OP, HEAD_DIM)
+        acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    return m, l, acc
+
+
+@gluon.jit
+def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
+                   A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
+                   V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+    """The scatter over the tiles [lo, c_hi): the same staging as the walk, then dense tiles and
+    ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns."""
+    gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
+    STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
+    DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    _zero_dense(DENSE, lane, HEAD_DIM)
+    _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    for start in range(lo, c_hi, BLOCK_N):
+        stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
+                            K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _scatter_tile(stage, start, c_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+        _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+        k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
+        p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
+        v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
+        acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+        _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+        _zero_dense(DENSE, lane, HEAD_DIM)
+    return m, l, acc
+
+
+@gluon.jit
 def _sparse_decode_gluon_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
     stride_qb, stride_qh, stride_wb, stride_wh, stride_wt,
-    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale,
+    num_kv_heads, tokens, seq_bound, window, tokens_per_split, qk_scale, stride_qt,
     GROUP: gl.constexpr, BLOCK_H: gl.constexpr, HEAD_DIM: gl.constexpr,
     K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, BLOCK_N: gl.constexpr,
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
-    GATHER: gl.constexpr,
+    GATHER: gl.constexpr, LQ: gl.constexpr = 1,
 ):
-    WALK: gl.constexpr = GATHER == "walk"  # the walk permutes the operands' channels
+    # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
+    # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
+    # the window up to decode._causal_start as for one token, then each causal tail token as a
+    # step whose update only later query tokens' columns keep. LQ = 1: the one-token code.
+    # the walk permutes the operands' channels; "mixed<N>": N walk programs per scatter program
+    MIXED: gl.constexpr = mixed_walk_share(GATHER) > 0
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
     split = gl.program_id(0)
     bh = gl.program_id(1)
+    walks = split % (mixed_walk_share(GATHER) + 1) != 0  # a "mixed" program that walks
     b = bh // num_kv_heads
     h = bh % num_kv_heads
 
-    d_q = _k_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), HEAD_DIM, WALK)
+    d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), walks, HEAD_DIM, True, GATHER)
     h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
-    q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
-                  mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
+    ROWS: gl.constexpr = LQ * GROUP
+    if LQ == 1:
+        q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
+                      mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
+    else:
+        q_rows = (h_q // GROUP) * stride_qt + (h * GROUP + h_q % GROUP) * stride_qh
+        q_t = gl.load(q_ptr + b * stride_qb + q_rows[None, :] + d_q[:, None], mask=(h_q < ROWS)[None, :], other=0.0)
     COL: gl.constexpr = gl.SliceLayout(0, MMA)
     m = gl.full([BLOCK_H], float("-inf"), gl.float32, COL)
     l = gl.zeros([BLOCK_H], gl.float32, COL)
     acc = gl.zeros([HEAD_DIM, BLOCK_H], gl.float32, MMA)
 
     tok_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))               # K rows: tokens
-    chan_k = _k_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP)), HEAD_DIM, WALK)[None, :]
-    chan_v = _v_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP)), HEAD_DIM, WALK)[:, None]
+    chan_k = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP)), walks, HEAD_DIM, True, GATHER)[None, :]
+    chan_v = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP)), walks, HEAD_DIM, False, GATHER)[:, None]
     tok_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, A_OP))               # V^T columns: tokens
     tok_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
 
@@ -542,43 +605,22 @@ def _sparse_decode_gluon_kernel(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
         k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    if WALK:
-        gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
-        V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-        KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-        VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-        STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-        _lane_asm(_stage_decl(2 * STAGE), lane)
-        _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        for start in range(lo, c_hi, BLOCK_N):
-            stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
-                                K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-            k4 = _gather_walk(stage + KB_OFF, start, c_hi, stage, K_CAPACITY, HEAD_DIM, True)
-            k = _k_operand(k4, A_OP, HEAD_DIM)
-            p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
-            v4 = _gather_walk(stage + VB_OFF, start, c_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
-            v_t = _v_operand(v4, A_OP, HEAD_DIM)
-            acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    if GATHER == "walk":
+        _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
+        m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
+                                A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
     elif GATHER == "scatter":
-        gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
-        STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-        DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-        DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-        QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
-        _zero_dense(DENSE, lane, HEAD_DIM)
-        _stage_tile(k_vals, v_vals, k_bits, v_bits, lo, c_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        for start in range(lo, c_hi, BLOCK_N):
-            stage = _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE,
-                                K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-            _scatter_tile(stage, start, c_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
-            _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
-            p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
-            v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
-            acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
-            _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-            _zero_dense(DENSE, lane, HEAD_DIM)
+        m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
+                                   tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+    elif MIXED:  # one shared buffer: the walk's stages are the scatter's
+        _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
+        if walks:
+            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
+                                    tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        else:
+            m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
+                                       tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
@@ -601,19 +643,38 @@ def _sparse_decode_gluon_kernel(
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
         base = b.to(gl.int64) * stride_wb + h * stride_wh
-        for start in range(w_lo, w_hi, BLOCK_N):
+        w_end = w_hi
+        if LQ > 1:  # the tokens every query sees; the causal tail follows
+            causal_start = _causal_start(b, window, window_lens_ptr, LQ, HAS_WINDOW_LENS)
+            w_end = gl.minimum(w_hi, causal_start)
+        for start in range(w_lo, w_end, BLOCK_N):
             tk = start + tok_k
-            k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_hi)[:, None], other=0.0)
-            p, m, l, alpha = _scores(k, start + tok_s < w_hi, q_t, m, l, qk_scale, MMA)
+            k = gl.load(k_window_ptr + base + tk[:, None] * stride_wt + chan_k, mask=(tk < w_end)[:, None], other=0.0)
+            p, m, l, alpha = _scores(k, start + tok_s < w_end, q_t, m, l, qk_scale, MMA)
             tv = start + tok_v
-            v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_hi)[None, :], other=0.0)
+            v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_end)[None, :], other=0.0)
             acc = _accumulate(v_t, p, acc, alpha, B_OP)
+        if LQ > 1:
+            sees_after = gl.arange(0, BLOCK_H, layout=COL) // GROUP  # a column's query token
+            for j in gl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
+                t = causal_start + j
+                if (t >= w_lo) & (t < w_hi):  # in this split (and >= 0)
+                    k = gl.load(k_window_ptr + base + t * stride_wt + tok_k[:, None] * 0 + chan_k,
+                                mask=(tok_k == 0)[:, None], other=0.0)
+                    p, m_t, l_t, alpha = _scores(k, tok_s == 0, q_t, m, l, qk_scale, MMA)
+                    v_t = gl.load(v_window_ptr + base + t * stride_wt + tok_v[None, :] * 0 + chan_v,
+                                  mask=(tok_v == 0)[None, :], other=0.0)
+                    acc_t = _accumulate(v_t, p, acc, alpha, B_OP)
+                    sees = sees_after > j
+                    m = gl.where(sees, m_t, m)
+                    l = gl.where(sees, l_t, l)
+                    acc = gl.where(sees[None, :], acc_t, acc)
 
     empty = l == 0  # no token in this split (NaN in l is not empty: it must propagate)
     out = acc / gl.where(empty, 1.0, l)[None, :]
     lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
     heads = gl.arange(0, BLOCK_H, layout=COL)
-    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * GROUP + heads
-    chans = _v_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), HEAD_DIM, WALK)
-    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < GROUP)[None, :])
-    gl.store(part_lse_ptr + part, lse, mask=heads < GROUP)
+    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
+    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), walks, HEAD_DIM, False, GATHER)
+    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
+    gl.store(part_lse_ptr + part, lse, mask=heads < ROWS)

@@ -21,7 +21,7 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 # decode.choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
 # Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
-GATHERS = ("walk", "popc", "scatter")
+GATHERS = ("walk", "popc", "scatter", "mixed2")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
@@ -42,8 +42,9 @@ GLUON_DECODE_HEAD_DIMS = (32, 64, 128, 256)
 
 def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) -> bool:
     """Whether decode_gluon.py's kernel handles a shape: GPU only (Gluon has no interpreter),
-    fp16 / bf16 (mma.sync operands), HEAD_DIM in GLUON_DECODE_HEAD_DIMS, GQA group <= 16 (the
-    padded group is the mma's N)."""
+    fp16 / bf16 (mma.sync operands), HEAD_DIM in GLUON_DECODE_HEAD_DIMS, query rows per kv head
+    <= 16 (the padded rows are the mma's N): `group` is the GQA group times the query tokens per
+    step (attention.py passes Lq * G; a tuning bucket its G)."""
     return (not interpreting and str(dtype).replace("torch.", "") in ("float16", "bfloat16")
             and head_dim in GLUON_DECODE_HEAD_DIMS and group <= 16)
 
@@ -56,8 +57,18 @@ def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
 
 
 def gluon_block_h(group: int) -> int:
-    """The Gluon kernel's padded query group: the mma's N, at least 8."""
+    """The Gluon kernel's padded query rows (GQA group times query tokens): the mma's N, at least 8."""
     return max(8, next_pow2(group))
+
+
+@constexpr_function  # also called by the kernel at compile time
+def mixed_walk_share(gather: str) -> int:
+    """N for the gather "mixed<N>" (N walk programs per scatter program, so that the walk's
+    instruction issue and the scatter's shared-memory traffic overlap on an SM), else 0."""
+    gather = getattr(gather, "value", gather)  # a constexpr inside the kernel
+    if gather.startswith("mixed") and gather[5:].isdigit() and int(gather[5:]) > 0:
+        return int(gather[5:])
+    return 0
 
 
 def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
@@ -66,7 +77,7 @@ def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
         return True
     if gather == "walk":
         return head_dim in (64, 128, 256) and block_n == 16
-    if gather == "scatter":
+    if gather == "scatter" or mixed_walk_share(gather):
         return head_dim in (64, 128) and block_n == 16
     raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
 
@@ -179,7 +190,8 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
 
 def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int, context: int,
          splits_for, sm_shared_bytes: int) -> tuple[str, int, int]:
-    """(gather, splits, register cap) of a launch of a Gluon config. splits_for(programs_per_sm)
+    """(gather, splits, register cap) of a launch of a Gluon config (group: its query rows per kv
+    head, Lq * G). splits_for(programs_per_sm)
     sizes the splits (decode.choose_num_splits) for a gather's resident programs per SM, which
     its registers and shared memory set."""
     block_h = gluon_block_h(group)
