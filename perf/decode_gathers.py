@@ -9,7 +9,7 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
 
 Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16, K and V at the same
 sparsity, no window. Configs are forced (autotune.forced_config), one wave of programs
-(num_splits=-1) for every gather.
+(num_splits=-1; --num-splits) for every gather.
 """
 from __future__ import annotations
 
@@ -62,6 +62,8 @@ def main():
     ap.add_argument("--gathers", default=",".join(GATHERS))
     ap.add_argument("--baseline", type=Path, help="another decode_gluon.py, timed as base-<gather>")
     ap.add_argument("--baseline-gathers", default="walk")
+    ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
+                    help="splits for every gather (-k: k waves of programs)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -73,7 +75,7 @@ def main():
         base = load_baseline(args.baseline)
         variants += [(f"base-{g}", g, lambda: base) for g in args.baseline_gathers.split(",")]
     m = LLAMA3_8B
-    meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants],
+    meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
                 baseline=str(args.baseline) if args.baseline else None)
     rows = []
     for shape in args.shapes.split(","):
@@ -101,7 +103,7 @@ def main():
             for label, gather, kernel in variants:
                 attention._sparse_decode_gluon_kernel = kernel
                 try:
-                    with autotune.forced_config("decode", dict(GLUON_CONFIG, gather=gather)):
+                    with autotune.forced_config("decode", dict(GLUON_CONFIG, gather=gather, num_splits=args.num_splits)):
                         outs[label] = mt.sparse_decode_attention(q, pk, pv).float()
                         us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv), dev)
                 finally:
