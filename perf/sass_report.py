@@ -115,7 +115,7 @@ def main():
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
-    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter", "mixed1", "mixed2", "mixed3"), help="the Gluon kernel's gather")
+    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter"), help="the Gluon kernel's gather")
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)

@@ -47,7 +47,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _split_ranges, _window_range
-from .decode_gluon_launch import (mixed_walk_share, scatter_offsets, scatter_queue_entries, stage_offsets,
+from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, stage_offsets,
                                   staged_row_pitch)
 
 
@@ -390,20 +390,15 @@ def _v_operand(v4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
-def _operand_channel(idx, walks, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: gl.constexpr):
+def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: gl.constexpr):
     """The channel in column idx of the K operand (and row idx of q^T; K_SIDE) or in row idx of V^T
-    (and of the output O^T): the walk's permutation (decode_gluon.py's docstring), or idx itself.
-    A "mixed" program picks by `walks`."""
-    if K_SIDE:
-        walk = ((idx // 2) % 4) * (HEAD_DIM // 4) + (idx // 16) * 4 + ((idx // 8) % 2) * 2 + idx % 2
-    else:
-        walk = (idx % 8) * (HEAD_DIM // 8) + (idx // 16) * 2 + (idx // 8) % 2
-    if GATHER == "walk":
-        return walk
-    elif mixed_walk_share(GATHER) > 0:
-        return gl.where(walks, walk, idx)
-    else:
+    (and of the output O^T): the walk's permutation (decode_gluon.py's docstring), or idx itself."""
+    if GATHER != "walk":
         return idx
+    elif K_SIDE:
+        return ((idx // 2) % 4) * (HEAD_DIM // 4) + (idx // 16) * 4 + ((idx // 8) % 2) * 2 + idx % 2
+    else:
+        return (idx % 8) * (HEAD_DIM // 8) + (idx // 16) * 2 + (idx // 8) % 2
 
 
 @gluon.jit
@@ -570,18 +565,16 @@ def _sparse_decode_gluon_kernel(
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
     # the window up to decode._causal_start as for one token, then each causal tail token as a
     # step whose update only later query tokens' columns keep. LQ = 1: the one-token code.
-    # the walk permutes the operands' channels; "mixed<N>": N walk programs per scatter program
-    MIXED: gl.constexpr = mixed_walk_share(GATHER) > 0
+    # the walk permutes the operands' channels
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
     split = gl.program_id(0)
     bh = gl.program_id(1)
-    walks = split % (mixed_walk_share(GATHER) + 1) != 0  # a "mixed" program that walks
     b = bh // num_kv_heads
     h = bh % num_kv_heads
 
-    d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), walks, HEAD_DIM, True, GATHER)
+    d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), HEAD_DIM, True, GATHER)
     h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
     ROWS: gl.constexpr = LQ * GROUP
     if LQ == 1:
@@ -596,8 +589,8 @@ def _sparse_decode_gluon_kernel(
     acc = gl.zeros([HEAD_DIM, BLOCK_H], gl.float32, MMA)
 
     tok_k = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, A_OP))               # K rows: tokens
-    chan_k = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP)), walks, HEAD_DIM, True, GATHER)[None, :]
-    chan_v = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP)), walks, HEAD_DIM, False, GATHER)[:, None]
+    chan_k = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP)), HEAD_DIM, True, GATHER)[None, :]
+    chan_v = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, A_OP)), HEAD_DIM, False, GATHER)[:, None]
     tok_v = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, A_OP))               # V^T columns: tokens
     tok_s = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
 
@@ -613,14 +606,6 @@ def _sparse_decode_gluon_kernel(
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
                                    tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-    elif MIXED:  # one shared buffer: the walk's stages are the scatter's
-        _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
-        if walks:
-            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
-                                    tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-        else:
-            m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
-                                       tok_s, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
@@ -675,6 +660,6 @@ def _sparse_decode_gluon_kernel(
     lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
     heads = gl.arange(0, BLOCK_H, layout=COL)
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
-    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), walks, HEAD_DIM, False, GATHER)
+    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), HEAD_DIM, False, GATHER)
     gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
     gl.store(part_lse_ptr + part, lse, mask=heads < ROWS)

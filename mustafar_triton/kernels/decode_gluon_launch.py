@@ -21,7 +21,7 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 # decode.choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
 # Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
-GATHERS = ("walk", "popc", "scatter", "mixed2")
+GATHERS = ("walk", "popc", "scatter")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
@@ -61,23 +61,13 @@ def gluon_block_h(group: int) -> int:
     return max(8, next_pow2(group))
 
 
-@constexpr_function  # also called by the kernel at compile time
-def mixed_walk_share(gather: str) -> int:
-    """N for the gather "mixed<N>" (N walk programs per scatter program, so that the walk's
-    instruction issue and the scatter's shared-memory traffic overlap on an SM), else 0."""
-    gather = getattr(gather, "value", gather)  # a constexpr inside the kernel
-    if gather.startswith("mixed") and gather[5:].isdigit() and int(gather[5:]) > 0:
-        return int(gather[5:])
-    return 0
-
-
 def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
     """Whether a gather handles the shape (the staged gathers work on 16-token tiles)."""
     if gather == "popc":
         return True
     if gather == "walk":
         return head_dim in (64, 128, 256) and block_n == 16
-    if gather == "scatter" or mixed_walk_share(gather):
+    if gather == "scatter":
         return head_dim in (64, 128) and block_n == 16
     raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
 
