@@ -258,6 +258,10 @@ class _DecodePlan:
                     and gluon_runs_on(self.device)):
                 # e.g. the interpreter, an fp32 cache, a T4, more than 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
+            if cfg.get("kernel") == "gluon" and gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group):
+                # Lq > 1 on more padded rows than the group's config was tuned on: its gather does not
+                # carry over (16 rows: the walk's registers), so default_gather picks
+                cfg = {key: value for key, value in cfg.items() if key != "gather"}
             return cfg
         # Several query tokens take their GQA group's (one-token) config and never tune: a config
         # tuned on them would be stored under the same bucket and serve one-token calls.

@@ -537,6 +537,10 @@ def test_gluon_gather_choice():
     assert gather(dict(GLUON_CONFIG, gather="walk"), 32, (16, 16), 16384, 16) == "popc"     # D=32: popc only
     assert gather(dict(GLUON_CONFIG, gather="scatter"), 256, (16, 16), 16384, 16) == "popc"
     assert gather(dict(GLUON_CONFIG, BLOCK_N=32, gather="walk"), 128, (40, 40), 16384, 16) == "popc"
+    # 16 query rows (Lq * G): the scatter at every capacity it takes
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 16384, lambda g: 16, block_h=16) == "scatter"
+    assert choose_gather(GLUON_CONFIG, 128, 64, 64, 16384, lambda g: 16, block_h=16) == "scatter"
+    assert choose_gather(GLUON_CONFIG, 256, 64, 64, 16384, lambda g: 16, block_h=16) == "walk"
 
 
 def test_decode_default_is_the_gluon_kernel_where_it_runs():

@@ -154,17 +154,20 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     return min(programs, sm_shared_bytes // shared) if shared else programs
 
 
-def default_gather(head_dim: int, k_capacity: int, v_capacity: int) -> str:
+def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8) -> str:
     """The staged gather for a cache when the config names none: the scatter where the stored
-    values are few enough for its per-value cost to beat the walk's per-element cost."""
-    if (gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"])
-            and max(k_capacity, v_capacity) <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
+    values are few enough for its per-value cost to beat the walk's per-element cost, and for 16
+    query rows (block_h), where the walk's 224 registers leave too few programs per SM. H200,
+    B=16 T=16k, Lq=4 G=4 with a 32-token window (perf/NOTES.md, 2026-12-03): K0.7 scatter 271.6
+    against walk 341.7 us (walk at Lq=1: 217.3); K0.9 190.1 against 346.0."""
+    if gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]) and (
+            block_h > 8 or max(k_capacity, v_capacity) <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
         return "scatter"
     return "walk"
 
 
 def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, context: int,
-                  splits_for) -> str:
+                  splits_for, block_h: int = 8) -> str:
     """The gather a Gluon config runs: its "gather" key where that gather supports the shape;
     otherwise the default staged gather, unless its splits (splits_for(gather) of them) would
     hold fewer than MIN_STAGED_SPLIT_TOKENS tokens; then (and where nothing staged runs) popc."""
@@ -172,7 +175,7 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
     named = cfg.get("gather")
     if named is not None:
         return named if gather_supports(named, head_dim, block_n) else "popc"
-    gather = default_gather(head_dim, k_capacity, v_capacity)
+    gather = default_gather(head_dim, k_capacity, v_capacity, block_h)
     if not gather_supports(gather, head_dim, block_n):
         return "popc"
     return gather if context >= MIN_STAGED_SPLIT_TOKENS * splits_for(gather) else "popc"
@@ -190,5 +193,5 @@ def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int,
         shared = shared_bytes(gather, head_dim, k_capacity, v_capacity)
         return splits_for(programs_per_sm(head_dim, block_h, gather, shared, sm_shared_bytes))
 
-    gather = choose_gather(cfg, head_dim, k_capacity, v_capacity, context, splits_with)
+    gather = choose_gather(cfg, head_dim, k_capacity, v_capacity, context, splits_with, block_h)
     return gather, splits_with(gather), register_cap(head_dim, block_h, gather)
