@@ -258,7 +258,8 @@ class _DecodePlan:
                     and gluon_runs_on(self.device)):
                 # e.g. the interpreter, an fp32 cache, a T4, more than 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
-            if cfg.get("kernel") == "gluon" and gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group):
+            wider = gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group)
+            if cfg.get("kernel") == "gluon" and wider:
                 # Lq > 1 on more padded rows than the group's config was tuned on: its gather does not
                 # carry over (16 rows: the walk's registers), so default_gather picks
                 cfg = {key: value for key, value in cfg.items() if key != "gather"}

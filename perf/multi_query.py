@@ -53,7 +53,7 @@ def main():
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     m, w = LLAMA3_8B, args.window
-    lqs = [int(x) for x in args.lqs.split(",")]
+    lqs = sorted({1} | {int(x) for x in args.lqs.split(",")})  # Lq = 1 first: the others are timed against it
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))

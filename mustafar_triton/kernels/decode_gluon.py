@@ -565,7 +565,6 @@ def _sparse_decode_gluon_kernel(
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
     # the window up to decode._causal_start as for one token, then each causal tail token as a
     # step whose update only later query tokens' columns keep. LQ = 1: the one-token code.
-    # the walk permutes the operands' channels
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
     B_OP: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
