@@ -1,4 +1,5 @@
-"""The compressed KV-cache format, `PackedKV`.
+"""The compressed KV-cache formats: `PackedKV` (one contiguous stream per sequence and kv head) and
+`PagedKV` (pages from a pool and block tables, for serving engines).
 
 Layout (HND, one contiguous stream per (batch, kv head)):
 
@@ -113,3 +114,88 @@ class PackedKV:
     def to(self, device) -> "PackedKV":
         return PackedKV(self.bitmap.to(device), self.values.to(device), self.capacity, self.head_dim,
                         None if self.seq_lens is None else self.seq_lens.to(device))
+
+
+@dataclass
+class PagedKV:
+    """A paged compressed K or V cache, for serving engines: pages of `page_size` tokens from a pool,
+    and a block table per sequence (forward only, no autograd).
+
+    Layout (vLLM's head-major pages; flash-attn's `flash_attn_with_kvcache(..., cache_seqlens=,
+    block_table=)` convention for the table):
+
+        bitmap      int32 [num_pages, Hkv, page_size, D // 32]   as PackedKV's, per page and kv head
+        values      dtype [num_pages, Hkv, page_size, capacity]
+        block_table int32 [B, max_pages]  sequence b's tokens [i * page_size, (i + 1) * page_size)
+                                          live in page block_table[b, i]
+        seq_lens    int32 [B]             tokens of sequence b (required)
+
+    page_size is a multiple of 16, so a decode tile of 16 tokens never crosses a page. A K and a V
+    cache are two PagedKV over their own pools that share one block_table and seq_lens (the same
+    tensors). Block-table entries outside [0, num_pages) for tokens below seq_lens are never read
+    through: the decode kernels skip those tokens (not attended) and the writes skip them.
+    Several sequences may list the same page (prefix caching).
+    """
+
+    bitmap: torch.Tensor
+    values: torch.Tensor
+    capacity: int
+    head_dim: int
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+
+    def __post_init__(self):
+        PackedKV(self.bitmap, self.values, self.capacity, self.head_dim)  # the pools' own checks
+        if self.values.dim() != 4:
+            raise ValueError(f"PagedKV: values must be [num_pages, Hkv, page_size, capacity], got "
+                             f"{tuple(self.values.shape)}")
+        if self.page_size % 16 != 0 or self.page_size == 0:
+            raise ValueError(f"PagedKV: page_size (values.shape[2]) must be a positive multiple of 16, "
+                             f"got {self.page_size}")
+        for name, t in (("block_table", self.block_table), ("seq_lens", self.seq_lens)):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.int32:
+                raise TypeError(f"PagedKV: {name} must be an int32 tensor, got {getattr(t, 'dtype', type(t))}")
+            if t.device != self.values.device:
+                raise ValueError(f"PagedKV: {name} on {t.device}, values on {self.values.device}")
+        if self.block_table.dim() != 2 or not self.block_table.is_contiguous():
+            raise ValueError(f"PagedKV: block_table must be a contiguous [B, max_pages], got "
+                             f"{tuple(self.block_table.shape)} strides {self.block_table.stride()}")
+        if tuple(self.seq_lens.shape) != (self.block_table.shape[0],):
+            raise ValueError(f"PagedKV: seq_lens shape {tuple(self.seq_lens.shape)} != [B] = "
+                             f"[{self.block_table.shape[0]}] (block_table {tuple(self.block_table.shape)})")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def page_size(self) -> int:
+        return self.values.shape[2]
+
+    @property
+    def num_pages(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens a sequence's block table can address: max_pages * page_size."""
+        return self.block_table.shape[1] * self.page_size
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The dense shape [B, Hkv, max_pages * page_size, D] of the sequences' caches."""
+        return (self.block_table.shape[0], self.values.shape[1], self.num_tokens, self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every buffer: the pools, the block table and seq_lens."""
+        return (self.bitmap.numel() * 4 + self.values.numel() * self.values.element_size()
+                + self.block_table.numel() * 4 + self.seq_lens.numel() * 4)
+
+    def with_tables(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> "PagedKV":
+        """The same pools under another batch's block table and lengths (no copy)."""
+        return PagedKV(self.bitmap, self.values, self.capacity, self.head_dim, block_table, seq_lens)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from .format import PackedKV, default_capacity, kept_per_token, round_up
+from .format import PackedKV, PagedKV, default_capacity, kept_per_token, round_up
 
 
 def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
@@ -93,11 +93,32 @@ def unpack(packed: PackedKV) -> torch.Tensor:
     return torch.where(mask, vals, 0).view(packed.dtype)
 
 
+def gather_pages(paged: PagedKV) -> tuple[PackedKV, torch.Tensor]:
+    """A PagedKV as the contiguous PackedKV [B, Hkv, max_pages * page_size] its block table
+    describes (seq_lens kept), and bool [B, T]: the token's page entry is inside the pool (tokens
+    on other entries read as empty rows here and are not attended by the decode)."""
+    bt = paged.block_table.to(torch.int64)
+    page_ok = (bt >= 0) & (bt < paged.num_pages)                              # [B, P]
+    pages = torch.where(page_ok, bt, 0)
+    b, p = bt.shape
+    hkv, ps = paged.values.shape[1], paged.page_size
+
+    def rows(pool):  # [pages, Hkv, ps, X] -> [B, Hkv, P * ps, X], empty where the entry is bad
+        g = _int_view(pool)[pages] if pool.is_floating_point() else pool[pages]  # [B, P, Hkv, ps, X]
+        g = torch.where(page_ok[:, :, None, None, None], g, 0)
+        return g.permute(0, 2, 1, 3, 4).reshape(b, hkv, p * ps, pool.shape[-1]).contiguous()
+
+    values = rows(paged.values).view(paged.dtype)
+    packed = PackedKV(rows(paged.bitmap), values, paged.capacity, paged.head_dim, paged.seq_lens)
+    return packed, page_ok.repeat_interleave(ps, dim=1)
+
+
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64):
     """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
-    [0, window_len), computed in `compute_dtype`. Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]].
+    [0, window_len), computed in `compute_dtype`. PagedKV caches: through gather_pages (tokens on
+    block-table entries outside the pool are not attended). Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]].
 
     q [B, Lq, Hq, D]: the Lq new tokens are the window's last Lq; query i attends the compressed
     tokens and the window tokens [0, w_len - Lq + i + 1) (none if that is <= 0), w_len =
@@ -116,11 +137,16 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
         out, lse = torch.stack([o for o, _ in outs], 1), torch.stack([s for _, s in outs], 1)
         return (out, lse) if return_lse else out
     b, hq, d = q.shape
+    attendable = None
+    if isinstance(packed_k, PagedKV):
+        (packed_k, attendable), (packed_v, _) = gather_pages(packed_k), gather_pages(packed_v)
     k, v = unpack(packed_k), unpack(packed_v)
     hkv, t = k.shape[1], k.shape[2]
     dev = q.device
     lens = packed_k.seq_lens.to(dev)[:, None] if packed_k.seq_lens is not None else torch.full((b, 1), t, device=dev)
     valid = torch.arange(t, device=dev)[None, :] < lens.clamp(max=t if max_seq_len is None else max_seq_len)
+    if attendable is not None:
+        valid = valid & attendable.to(dev)
     if k_window is not None:
         w = k_window.shape[2]
         wl = window_lens.to(dev) if window_lens is not None else torch.full((b,), w, device=dev)
