@@ -8,7 +8,7 @@ import torch
 from . import autotune
 from ._gluon_compat import gluon_runs_on
 from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms, sm_shared_bytes
-from .format import PackedKV
+from .format import PackedKV, PagedKV
 from .kernels import decode_gluon_launch as gluon_launch
 from .kernels.decode import MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
 
@@ -23,8 +23,8 @@ def _slot_table(device: torch.device) -> torch.Tensor:
 
 
 def _check_packed(name: str, p, q: torch.Tensor) -> None:
-    if not isinstance(p, PackedKV):
-        raise TypeError(f"{name} must be a PackedKV, got {type(p).__name__}")
+    if not isinstance(p, (PackedKV, PagedKV)):
+        raise TypeError(f"{name} must be a PackedKV or PagedKV, got {type(p).__name__}")
     if p.values.dim() != 4:
         raise ValueError(f"{name} must hold a [B, Hkv, T, D] cache, got dense shape {p.shape}")
     if p.dtype != q.dtype:
@@ -37,6 +37,26 @@ def _check_packed(name: str, p, q: torch.Tensor) -> None:
         raise ValueError(f"{name} batch {p.shape[0]} != q batch {q.shape[0]}")
     if q.shape[-2] % p.shape[1] != 0:
         raise ValueError(f"q heads {q.shape[-2]} not a multiple of {name} kv heads {p.shape[1]}")
+
+
+def _check_pages(packed_k, packed_v) -> None:
+    """K and V caches are both contiguous or both paged; paged ones share one block table and
+    seq_lens (the same tensors) and page ids (the same page count and size)."""
+    if isinstance(packed_k, PagedKV) != isinstance(packed_v, PagedKV):
+        raise TypeError(f"packed_k is a {type(packed_k).__name__} but packed_v a {type(packed_v).__name__}: "
+                        "give two PackedKV or two PagedKV")
+    if not isinstance(packed_k, PagedKV):
+        return
+    if not (_same_tensor(packed_k.block_table, packed_v.block_table)
+            and _same_tensor(packed_k.seq_lens, packed_v.seq_lens)):
+        raise ValueError("paged packed_k and packed_v must share one block_table and one seq_lens tensor")
+    if (packed_k.num_pages, packed_k.page_size) != (packed_v.num_pages, packed_v.page_size):
+        raise ValueError(f"paged packed_k has {packed_k.num_pages} pages of {packed_k.page_size} tokens, packed_v "
+                         f"{packed_v.num_pages} of {packed_v.page_size}: a page id must mean the same tokens in both")
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def _check_window(k_window, v_window, window_lens, packed_k: PackedKV, q: torch.Tensor) -> None:
@@ -84,6 +104,10 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype);
               sequence b attends its first packed_k.seq_lens[b] tokens (all T when seq_lens is
               None; packed_v must use the same lengths). 0 compressed tokens is allowed.
+              Or two PagedKV (serving engines: pages from a pool, one block table and seq_lens
+              shared by K and V; format.PagedKV): the same kernels, the page of each 16-token
+              tile looked up once per tile; tokens whose block-table entry is outside the pool
+              are not attended (nothing outside the pools is read). T = max_pages * page_size.
     k_window, v_window: optional dense [B, Hkv, W, D] recent tokens, later in time than every
               compressed token; window_lens int32 [B] valid window tokens (default all W).
     softmax_scale: default 1 / sqrt(D).
@@ -155,7 +179,8 @@ def _packed_key(p):
     """What the checks read of a PackedKV (its constructor checked the rest: bitmap and seq_lens
     shapes, dtypes and devices against the values)."""
     v = p.values
-    return (type(p), v.shape, v.dtype, v.device, p.capacity, p.head_dim, p.seq_lens is None)
+    key = (type(p), v.shape, v.dtype, v.device, p.capacity, p.head_dim, p.seq_lens is None)
+    return key + (p.block_table.shape,) if isinstance(p, PagedKV) else key
 
 
 _plans: dict[tuple, "_DecodePlan"] = {}
@@ -185,6 +210,7 @@ class _DecodePlan:
         check_device("q", q)
         _check_packed("packed_k", packed_k, q)
         _check_packed("packed_v", packed_v, q)
+        _check_pages(packed_k, packed_v)
         if packed_k.shape[:3] != packed_v.shape[:3]:
             raise ValueError(f"packed_k dense shape {packed_k.shape} != packed_v dense shape {packed_v.shape}")
         if (packed_k.seq_lens is None) != (packed_v.seq_lens is None):
@@ -217,11 +243,17 @@ class _DecodePlan:
         self.flags = dict(GROUP=self.group, HEAD_DIM=self.d, K_CAPACITY=self.k_capacity,
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
                           HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None, LQ=self.lq)
+        self.paged = isinstance(packed_k, PagedKV)
+        if self.paged:  # the block table's row length and the pool's pages are constant per layout
+            self.flags.update(PAGE_SIZE=packed_k.page_size, max_pages=packed_k.block_table.shape[1],
+                              num_pages=packed_k.num_pages)
         self.launches: dict[int, _Launch] = {}
         self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
         self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse):
+        if self.paged:  # which tensors K and V share is not part of the layout: checked per call
+            _check_pages(packed_k, packed_v)
         if self.copy_q:
             q = q.contiguous()
         if self.copy_window:
@@ -325,14 +357,15 @@ class _Launch:
                 q.stride(0), q.stride(-2), wstride[0], wstride[1], wstride[2],
                 hkv, plan.tokens, self.context - plan.window, plan.window, self.per_split,
                 plan.scale * 1.4426950408889634, stride_qt)
+        pages = {"block_table_ptr": packed_k.block_table} if plan.paged else {}
         if self.gluon:  # its register cap is part of the kernel: the splits count on it
             _sparse_decode_gluon_kernel()[(splits, plan.batch * hkv)](
-                *common, *rest, **plan.flags, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather,
-                num_warps=1, maxnreg=self.maxnreg)
+                *common, *rest, **plan.flags, **pages, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"],
+                GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
             _sparse_decode_kernel[(splits, plan.batch * hkv)](
-                *common, self.slot_table, *rest, **plan.flags,
+                *common, self.slot_table, *rest, **plan.flags, **pages,
                 BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                 PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)

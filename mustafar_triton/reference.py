@@ -113,6 +113,35 @@ def gather_pages(paged: PagedKV) -> tuple[PackedKV, torch.Tensor]:
     return packed, page_ok.repeat_interleave(ps, dim=1)
 
 
+def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=None):
+    """The inverse of gather_pages, for tests and benchmarks: contiguous PackedKV caches (same B,
+    Hkv, T; seq_lens required, shared) copied into pools of page_size-token pages, each sequence's
+    pages at random page ids (one block table for all of them; `extra_pages` unused pages, which
+    hold garbage, are added to the pool). Returns a list of PagedKV sharing block_table and
+    seq_lens."""
+    b, hkv, t, _ = caches[0].shape
+    pages = -(-t // page_size)
+    num_pages = b * pages + extra_pages
+    dev = caches[0].device
+    gen_dev = dev if generator is None else "cpu"  # a generator decides where the draws happen
+    order = torch.randperm(num_pages, generator=generator, device=gen_dev).to(dev)
+    block_table = order[:b * pages].reshape(b, pages).to(torch.int32).contiguous()
+    seq_lens = caches[0].seq_lens
+    out = []
+    for c in caches:
+        def pool(x):  # [B, Hkv, T, X] -> [num_pages, Hkv, page_size, X]
+            xi = _int_view(x) if x.is_floating_point() else x
+            xi = torch.nn.functional.pad(xi, (0, 0, 0, pages * page_size - t))
+            garbage = torch.randint(-2**15, 2**15, (num_pages, hkv, page_size, x.shape[-1]), generator=generator,
+                                    device=gen_dev)
+            p = garbage.to(dev, xi.dtype)
+            p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, -1).transpose(1, 2).reshape(
+                b * pages, hkv, page_size, -1)
+            return p.view(x.dtype)
+        out.append(PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens))
+    return out
+
+
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64):

@@ -4,7 +4,8 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
     python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
-                               [--group 4] [--lq 1] [--window] [--dtype fp16] [--maxnreg N] [--dump DIR]
+                               [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--maxnreg N]
+                               [--dump DIR]
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
 default, its register cap; --block-n / --maxnreg override). --lq N: N query tokens per step (q
@@ -32,14 +33,18 @@ from mustafar_triton.kernels import decode, decode_gluon_launch as gluon_launch
 
 NVIDIA_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 POINTER_ARGS = {"k_bitmap_ptr": "*i32", "v_bitmap_ptr": "*i32", "seq_lens_ptr": "*i32", "lut_ptr": "*i32",
-                "window_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+                "window_lens_ptr": "*i32", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+                "block_table_ptr": "*i32"}
 
 
 def compile_decode(args):
     gluon = args.kernel == "gluon"
     window = args.window or args.lq > 1
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
-                  HAS_SEQ_LENS=False, HAS_WINDOW=window, HAS_WINDOW_LENS=window, LQ=args.lq)
+                  HAS_SEQ_LENS=args.page_size > 0, HAS_WINDOW=window, HAS_WINDOW_LENS=window, LQ=args.lq,
+                  PAGE_SIZE=args.page_size)
+    if not args.page_size:  # contiguous: the block table is None (a constexpr)
+        common["block_table_ptr"] = None
     rows = args.group * args.lq
     if gluon:
         from mustafar_triton._gluon_compat import GluonASTSource
@@ -126,6 +131,7 @@ def main():
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--lq", type=int, default=1, help="query tokens per step (> 1 implies --window)")
     ap.add_argument("--window", action="store_true", help="compile with the dense window and window_lens")
+    ap.add_argument("--page-size", type=int, default=0, help="a paged cache (format.PagedKV) of this page size")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")

@@ -121,22 +121,38 @@ def _prefetch_rows(values_ptr, first_tok, end_tok, CAPACITY: tl.constexpr, BLOCK
 def _split_ranges(split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
                   k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr,
                   HEAD_DIM: tl.constexpr, K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr,
-                  HAS_SEQ_LENS: tl.constexpr):
+                  HAS_SEQ_LENS: tl.constexpr, PAGE_SIZE: tl.constexpr = 0):
     """Scalar set-up shared by the decode kernels (this one and decode_gluon.py's).
 
     A split covers [lo, lo + tokens_per_split) of the virtual sequence [compressed tokens | window
     tokens], where the window starts at seq_bound: the host's upper bound of every sequence's
     compressed length (at most the allocation `tokens`), so splits cover what is there, not what
     is allocated. Returns the split's compressed tokens [lo, c_hi) and the (batch, kv head)
-    stream's bitmap / value pointers (token offsets inside a stream stay int32)."""
+    stream's bitmap / value pointers (token offsets inside a stream stay int32). Paged caches
+    (PAGE_SIZE > 0): the pointers are the pools' rows of kv head h in page 0 (a token's row is then
+    _page_row's), and `tokens` is max_pages * PAGE_SIZE."""
     lo = split * tokens_per_split
     seq_len = seq_bound
     if HAS_SEQ_LENS:
         seq_len = tl.minimum(tl.load(seq_lens_ptr + bh // num_kv_heads), seq_bound)
-    stream = bh.to(tl.int64) * tokens
+    if PAGE_SIZE > 0:
+        stream = (bh % num_kv_heads).to(tl.int64) * PAGE_SIZE
+    else:
+        stream = bh.to(tl.int64) * tokens
     return (lo, tl.minimum(lo + tokens_per_split, seq_len),
             k_bitmap_ptr + stream * (HEAD_DIM // 32), k_values_ptr + stream * K_CAPACITY,
             v_bitmap_ptr + stream * (HEAD_DIM // 32), v_values_ptr + stream * V_CAPACITY)
+
+
+@triton.jit
+def _page_row(tok, in_seq, block_table_row, num_pages, num_kv_heads, PAGE_SIZE: tl.constexpr):
+    """Paged caches: the pool row (int64, from the kv head's row in page 0) of tokens `tok` of one
+    sequence (block_table_row: its block-table row), and whether it is attended: in_seq and its
+    block-table entry inside the pool [0, num_pages). Rows of other entries are row tok % PAGE_SIZE
+    of page 0, in the pool, and must be masked by the caller."""
+    page = tl.load(block_table_row + tok // PAGE_SIZE, mask=in_seq, other=-1)
+    ok = in_seq & (page >= 0) & (page < num_pages)
+    return tl.where(ok, page, 0).to(tl.int64) * (num_kv_heads * PAGE_SIZE) + tok % PAGE_SIZE, ok
 
 
 @triton.jit
@@ -193,6 +209,7 @@ def _sparse_decode_kernel(
     K_CAPACITY: tl.constexpr, V_CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
     SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr, LQ: tl.constexpr = 1,
+    block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: tl.constexpr = 0,
 ):
     """LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
     are the LQ * GROUP (token, head) pairs, row r = token r // GROUP, head r % GROUP (padded to
@@ -200,7 +217,8 @@ def _sparse_decode_kernel(
     each of the (at most LQ - 1) causal tail tokens after it is then a step of its own, whose
     update only the rows of later query tokens keep (a select, not a masked P @ V, so a NaN / inf
     in a tail token's V never reaches a query that does not see it). LQ = 1 is the one-token
-    kernel (stride_qt unused)."""
+    kernel (stride_qt unused). PAGE_SIZE > 0: a paged cache (format.PagedKV), tokens looked up per
+    token in block_table_ptr [B, max_pages] (this kernel's tiles may cross pages)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // num_kv_heads
@@ -221,21 +239,33 @@ def _sparse_decode_kernel(
 
     lo, c_hi, k_bits, k_vals, v_bits, v_vals = _split_ranges(
         split, bh, num_kv_heads, tokens, seq_bound, tokens_per_split, seq_lens_ptr,
-        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS)
-    tok = lo + tl.arange(0, BLOCK_N)
-    k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
-    v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
-    for start in range(lo, c_hi, BLOCK_N):
-        tok = start + tl.arange(0, BLOCK_N)
-        k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-        v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-        # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
-        k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
-        v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
-        if PREFETCH > 0:  # and the value rows PREFETCH tiles ahead
-            _prefetch_rows(k_vals, start + PREFETCH * BLOCK_N, c_hi, K_CAPACITY, BLOCK_N)
-            _prefetch_rows(v_vals, start + PREFETCH * BLOCK_N, c_hi, V_CAPACITY, BLOCK_N)
-        m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
+        k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, HEAD_DIM, K_CAPACITY, V_CAPACITY, HAS_SEQ_LENS,
+        PAGE_SIZE)
+    if PAGE_SIZE > 0:
+        block_table_row = block_table_ptr + b.to(tl.int64) * max_pages
+        for start in range(lo, c_hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            row, ok = _page_row(tok, tok < c_hi, block_table_row, num_pages, num_kv_heads, PAGE_SIZE)
+            k_t = _expand_tile_t(_load_words(k_bits, row, ok, HEAD_DIM), k_vals, lut_ptr, row,
+                                 HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+            v_t = _expand_tile_t(_load_words(v_bits, row, ok, HEAD_DIM), v_vals, lut_ptr, row,
+                                 HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+            m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale, FP32_MATH)
+    else:
+        tok = lo + tl.arange(0, BLOCK_N)
+        k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
+        v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
+        for start in range(lo, c_hi, BLOCK_N):
+            tok = start + tl.arange(0, BLOCK_N)
+            k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+            v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+            # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
+            k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+            v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
+            if PREFETCH > 0:  # and the value rows PREFETCH tiles ahead
+                _prefetch_rows(k_vals, start + PREFETCH * BLOCK_N, c_hi, K_CAPACITY, BLOCK_N)
+                _prefetch_rows(v_vals, start + PREFETCH * BLOCK_N, c_hi, V_CAPACITY, BLOCK_N)
+            m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
