@@ -70,15 +70,17 @@ def test_paged_page_shared_by_sequences(device):
 def test_paged_entries_outside_the_pool_are_not_attended(bad, device):
     """Block-table entries outside [0, num_pages) for tokens below seq_lens: their tokens are
     skipped (not attended), nothing outside the pools is read, other sequences unchanged."""
-    q, pk, pv, gk, gv, kw = case(device, seq_lens=(70, 40, 33), w=4,
-                                 dtype=torch.float32 if INTERPRETING else torch.float16)
+    q, pk, pv, gk, gv, _ = case(device, b=4, seq_lens=(70, 40, 33, 20),
+                                dtype=torch.float32 if INTERPRETING else torch.float16)
     table = gk.block_table.clone()
     entry = gk.num_pages if bad == "num_pages" else bad
     table[0, 1] = entry                                  # a middle page of sequence 0
-    table[2, 0] = entry                                  # the first page of sequence 2
+    table[2, :2] = entry                                 # the first two pages of sequence 2
+    table[3, :] = entry                                  # every page of sequence 3: no token at all
     gk2, gv2 = gk.with_tables(table, gk.seq_lens), gv.with_tables(table, gk.seq_lens)
-    out = check_decode(q, gk2, gv2, **kw)[0]
-    assert torch.equal(out[1], mt.sparse_decode_attention(q, gk, gv, **kw)[1])
+    out, lse = check_decode(q, gk2, gv2)
+    assert torch.equal(out[1], mt.sparse_decode_attention(q, gk, gv)[1])
+    assert torch.all(out[3] == 0) and torch.all(torch.isneginf(lse[3]))
 
 
 def test_paged_errors(device):

@@ -246,11 +246,12 @@ def _sparse_decode_kernel(
         for start in range(lo, c_hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
             row, ok = _page_row(tok, tok < c_hi, block_table_row, num_pages, num_kv_heads, PAGE_SIZE)
-            k_t = _expand_tile_t(_load_words(k_bits, row, ok, HEAD_DIM), k_vals, lut_ptr, row,
-                                 HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-            v_t = _expand_tile_t(_load_words(v_bits, row, ok, HEAD_DIM), v_vals, lut_ptr, row,
-                                 HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-            m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale, FP32_MATH)
+            if tl.max(ok.to(tl.int32), axis=0) > 0:  # pages outside the pool only: all -inf scores, skipped
+                k_t = _expand_tile_t(_load_words(k_bits, row, ok, HEAD_DIM), k_vals, lut_ptr, row,
+                                     HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+                v_t = _expand_tile_t(_load_words(v_bits, row, ok, HEAD_DIM), v_vals, lut_ptr, row,
+                                     HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+                m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale, FP32_MATH)
     else:
         tok = lo + tl.arange(0, BLOCK_N)
         k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)

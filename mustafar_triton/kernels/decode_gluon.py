@@ -522,6 +522,22 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
 
 
 @gluon.jit
+def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
+               MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
+    """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step."""
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    k4 = _gather_walk(stage + KB_OFF, start, tile_hi, stage, K_CAPACITY, HEAD_DIM, True)
+    k = _k_operand(k4, A_OP, HEAD_DIM)
+    p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
+    v4 = _gather_walk(stage + VB_OFF, start, tile_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+    v_t = _v_operand(v4, A_OP, HEAD_DIM)
+    acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    return m, l, acc
+
+
+@gluon.jit
 def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
                 block_table_row, num_pages, num_kv_heads,
                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
@@ -530,24 +546,41 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
     returns the online softmax's running max and sum and the accumulator O^T. A paged cache's
     block-table row, num_pages and num_kv_heads go to _tile_source."""
     gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
-    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-    kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages, num_kv_heads,
-                                           K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
+    kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
+                                           num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     for start in range(lo, c_hi, BLOCK_N):
-        kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row, num_pages, num_kv_heads,
-                                               K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
+        kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
+                                               num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
         stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-        k4 = _gather_walk(stage + KB_OFF, start, tile_hi, stage, K_CAPACITY, HEAD_DIM, True)
-        k = _k_operand(k4, A_OP, HEAD_DIM)
-        p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-        v4 = _gather_walk(stage + VB_OFF, start, tile_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
-        v_t = _v_operand(v4, A_OP, HEAD_DIM)
-        acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+        if PAGE_SIZE == 0:
+            m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM)
+        elif start < tile_hi:  # not a page outside the pool (all -inf scores: NaN from a -inf running max)
+            m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
+    return m, l, acc
+
+
+@gluon.jit
+def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr,
+                  B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
+                  HEAD_DIM: gl.constexpr):
+    """One staged tile of the scatter (tokens [start, tile_hi) attended): dense tiles, the online
+    softmax step, and the dense tiles zeroed again."""
+    DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    _scatter_tile(stage, start, tile_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+    k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
+    p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
+    v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
+    acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+    _zero_dense(DENSE, lane, HEAD_DIM)
     return m, l, acc
 
 
@@ -560,25 +593,20 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
     ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns."""
     gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-    DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-    DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-    QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    _zero_dense(DENSE, lane, HEAD_DIM)
-    kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages, num_kv_heads,
-                                           K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
+    _zero_dense(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0], lane, HEAD_DIM)
+    kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
+                                           num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     for start in range(lo, c_hi, BLOCK_N):
-        kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row, num_pages, num_kv_heads,
-                                               K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
+        kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
+                                               num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
         stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-        _scatter_tile(stage, start, tile_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-        k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
-        p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-        v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
-        acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
-        _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-        _zero_dense(DENSE, lane, HEAD_DIM)
+        if PAGE_SIZE == 0:
+            m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+                                      K_CAPACITY, V_CAPACITY, HEAD_DIM)
+        elif start < tile_hi:  # not a page outside the pool (as in _walk_tiles)
+            m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+                                      K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
     return m, l, acc
 
@@ -639,24 +667,29 @@ def _sparse_decode_gluon_kernel(
     if GATHER == "walk":
         _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
-                                block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE)
+                                block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
+                                HEAD_DIM, BLOCK_N, PAGE_SIZE)
     elif GATHER == "scatter":
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
-                                   tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE)
+                                   tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
+                                   V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
         below_v, own_v = _channel_masks(chan_v)
         if PAGE_SIZE > 0:  # the tile's rows from its page, looked up once per tile (no L2 prefetch)
             for start in range(lo, c_hi, BLOCK_N):
-                kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start, c_hi, block_table_row, num_pages, num_kv_heads,
-                                                       K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-                k = _gather_tile(kb, kv, tok_k, start + tok_k < tile_hi, chan_k, below_k, own_k, K_CAPACITY, HEAD_DIM, 0)
-                p, m, l, alpha = _scores(k, start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-                v_t = _gather_tile(vb, vv, tok_v, start + tok_v < tile_hi, chan_v, below_v, own_v, V_CAPACITY,
-                                   HEAD_DIM, 1)
-                acc = _accumulate(v_t, p, acc, alpha, B_OP)
+                kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start, c_hi, block_table_row,
+                                                       num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM,
+                                                       PAGE_SIZE)
+                if start < tile_hi:  # not a page outside the pool (as in _walk_tiles)
+                    k = _gather_tile(kb, kv, tok_k, start + tok_k < tile_hi, chan_k, below_k, own_k, K_CAPACITY,
+                                     HEAD_DIM, 0)
+                    p, m, l, alpha = _scores(k, start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
+                    v_t = _gather_tile(vb, vv, tok_v, start + tok_v < tile_hi, chan_v, below_v, own_v, V_CAPACITY,
+                                       HEAD_DIM, 1)
+                    acc = _accumulate(v_t, p, acc, alpha, B_OP)
         else:
             for start in range(lo, c_hi, BLOCK_N):
                 # the next tile's bitmap words and value rows: 1.07-1.10x (2 tiles ahead: less; L1: same)
