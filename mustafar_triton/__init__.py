@@ -4,6 +4,7 @@
     pack(x, capacity=None, seq_lens=None)        bitmap + values of any sparsity pattern
     prune_and_pack(x, sparsity, seq_lens=None)   both in one pass
     unpack(packed)                               exact inverse of packing
+    write_pages(cache, x, slot_mapping, sparsity)  prune_and_pack new tokens into a PagedKV's pages
     sparse_decode_attention(q, packed_k, packed_v, ...)  fused decode attention
     reference                                    pure-torch versions of all of the above
     sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
@@ -14,12 +15,12 @@
 from . import reference
 from .attention import sparse_decode_attention
 from .cache import SparseKVCache
-from .compress import pack, prune_and_pack, prune_topk, unpack
+from .compress import pack, prune_and_pack, prune_topk, unpack, write_pages
 from .custom_op import sparse_decode_attention_op
-from .format import PackedKV, default_capacity, kept_per_token
+from .format import PackedKV, PagedKV, default_capacity, kept_per_token
 from .presets import PRESETS, preset
 
-__all__ = ["PackedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "sparse_decode_attention",
-           "sparse_decode_attention_op", "SparseKVCache", "reference", "kept_per_token", "default_capacity",
-           "preset", "PRESETS"]
+__all__ = ["PackedKV", "PagedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "write_pages",
+           "sparse_decode_attention", "sparse_decode_attention_op", "SparseKVCache", "reference",
+           "kept_per_token", "default_capacity", "preset", "PRESETS"]
 __version__ = "0.1.0"
