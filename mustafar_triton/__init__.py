@@ -10,6 +10,7 @@
     sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
                                                  torch.ops.mustafar_triton.sparse_decode_attention
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
+    PagedSparseKVCache(...)                      per-layer paged cache for continuous batching
     preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
 """
 from . import reference
@@ -18,9 +19,10 @@ from .cache import SparseKVCache
 from .compress import pack, prune_and_pack, prune_topk, unpack, write_pages
 from .custom_op import sparse_decode_attention_op
 from .format import PackedKV, PagedKV, default_capacity, kept_per_token
+from .paged_cache import PagedSparseKVCache
 from .presets import PRESETS, preset
 
 __all__ = ["PackedKV", "PagedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "write_pages",
-           "sparse_decode_attention", "sparse_decode_attention_op", "SparseKVCache", "reference",
+           "sparse_decode_attention", "sparse_decode_attention_op", "SparseKVCache", "PagedSparseKVCache", "reference",
            "kept_per_token", "default_capacity", "preset", "PRESETS"]
 __version__ = "0.1.0"
