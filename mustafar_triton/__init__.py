@@ -4,22 +4,25 @@
     pack(x, capacity=None, seq_lens=None)        bitmap + values of any sparsity pattern
     prune_and_pack(x, sparsity, seq_lens=None)   both in one pass
     unpack(packed)                               exact inverse of packing
+    write_pages(cache, x, slot_mapping, sparsity)  prune_and_pack new tokens into a PagedKV's pages
     sparse_decode_attention(q, packed_k, packed_v, ...)  fused decode attention
     reference                                    pure-torch versions of all of the above
     sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
                                                  torch.ops.mustafar_triton.sparse_decode_attention
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
+    PagedSparseKVCache(...)                      per-layer paged cache for continuous batching
     preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
 """
 from . import reference
 from .attention import sparse_decode_attention
 from .cache import SparseKVCache
-from .compress import pack, prune_and_pack, prune_topk, unpack
+from .compress import pack, prune_and_pack, prune_topk, unpack, write_pages
 from .custom_op import sparse_decode_attention_op
-from .format import PackedKV, default_capacity, kept_per_token
+from .format import PackedKV, PagedKV, default_capacity, kept_per_token
+from .paged_cache import PagedSparseKVCache
 from .presets import PRESETS, preset
 
-__all__ = ["PackedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "sparse_decode_attention",
-           "sparse_decode_attention_op", "SparseKVCache", "reference", "kept_per_token", "default_capacity",
-           "preset", "PRESETS"]
+__all__ = ["PackedKV", "PagedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "write_pages",
+           "sparse_decode_attention", "sparse_decode_attention_op", "SparseKVCache", "PagedSparseKVCache", "reference",
+           "kept_per_token", "default_capacity", "preset", "PRESETS"]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Public compression API: prune_topk, pack, prune_and_pack, unpack (forward only, no autograd).
+"""Public compression API: prune_topk, pack, prune_and_pack, unpack, and write_pages (prune_and_pack
+of new tokens straight into a PagedKV's pools) (forward only, no autograd).
 
 Inputs are dense caches [*lead, T, D], usually [B, H, T, D] (HND). Non-contiguous inputs are copied
 once. prune_and_pack runs kernels/prune_pack_gluon.py on GPUs with mma.sync (fp16 / bf16, D 64 / 128
@@ -15,7 +16,8 @@ import torch
 from . import autotune
 from ._gluon_compat import gluon_runs_on
 from ._runtime import cdiv, check_device, check_same_device, interpreting, next_pow2
-from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity, kept_per_token, round_up
+from .format import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity, kept_per_token,
+                     round_up)
 from .kernels.prune_pack import _select_kernel, _unpack_kernel, gluon_prune_supports
 
 
@@ -55,10 +57,6 @@ def _check_seq_lens(seq_lens, x: torch.Tensor):
 def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
     x = x.contiguous()
     head_dim = x.shape[-1]
-    n_rows = x.numel() // head_dim
-    tokens = x.shape[-2]
-    # x.shape[0] may be 0 (empty batch): nothing is launched then, avoid dividing by it.
-    rows_per_batch = n_rows // x.shape[0] if x.dim() == 4 and x.shape[0] > 0 else n_rows
     if write_packed:
         out = None
         bitmap = torch.empty(x.shape[:-1] + (head_dim // 32,), dtype=torch.int32, device=x.device)
@@ -66,29 +64,44 @@ def _launch_select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
     else:
         out = torch.empty_like(x)
         bitmap = values = None
+    _run_select(x, out, bitmap, values, keep=keep, capacity=capacity, seq_lens=seq_lens,
+                select_topk=select_topk, write_packed=write_packed)
+    if write_packed:
+        return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
+    return out
+
+
+def _run_select(x, out, bitmap, values, *, keep, capacity, seq_lens, select_topk, write_packed, pages=None):
+    """One launch of the select kernel (prune_pack_gluon.py's where it runs and the config says so,
+    else prune_pack.py's) over the rows of contiguous x. pages: None (row r of x -> row r of out /
+    bitmap / values), or (slot_mapping, num_heads, page_size, num_slots): row n * Hkv + h of x
+    [N, Hkv, D] -> its slot's row of the pools bitmap / values (write_pages)."""
+    head_dim = x.shape[-1]
+    n_rows = x.numel() // head_dim
+    tokens = x.shape[-2]
+    # x.shape[0] may be 0 (empty batch): nothing is launched then, avoid dividing by it.
+    rows_per_batch = n_rows // x.shape[0] if x.dim() == 4 and x.shape[0] > 0 else n_rows
     cfg = autotune.config_for("select", x.device, head_dim=head_dim, dtype=x.dtype, rows=n_rows)
     if cfg.get("kernel") == "gluon":
         if select_topk and write_packed and _gluon_prune_runs(x):
             if n_rows > 0:
                 _prune_pack_gluon().launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows, tokens,
-                                                          rows_per_batch, keep, capacity)
-            return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
+                                                          rows_per_batch, keep, capacity, pages=pages)
+            return
         cfg = autotune.tl_select_config(interpreting())  # prune_topk, pack, fp32, pre-Ampere GPUs
+    slot_mapping, num_heads, page_size, num_slots = pages if pages is not None else (None, 0, 0, 0)
     block_t = cfg["BLOCK_T"]
     if n_rows > 0:
         _select_kernel[(cdiv(n_rows, block_t),)](
-            x, out, bitmap, values, seq_lens,
-            n_rows, tokens, rows_per_batch, keep,
+            x, out, bitmap, values, seq_lens, slot_mapping,
+            n_rows, tokens, rows_per_batch, keep, num_heads, page_size, num_slots,
             HEAD_DIM=head_dim, CAPACITY=capacity,
             CAPACITY_POW2=next_pow2(capacity),
             MAG_BITS=31 if x.dtype == torch.float32 else 15,
             BLOCK_T=block_t, SELECT_TOPK=select_topk, WRITE_PACKED=write_packed,
-            HAS_SEQ_LENS=seq_lens is not None,
+            HAS_SEQ_LENS=seq_lens is not None, PAGED=pages is not None,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    if write_packed:
-        return PackedKV(bitmap, values, capacity, head_dim, seq_lens)
-    return out
 
 
 def _prune_pack_gluon():
@@ -156,6 +169,60 @@ def pack(x: torch.Tensor, capacity: int | None = None, seq_lens: torch.Tensor | 
             raise ValueError(f"a row of x has {max_nnz} nonzeros, more than capacity={capacity}")
     return _launch_select(x, keep=0, capacity=capacity, seq_lens=seq_lens,
                           select_topk=False, write_packed=True)
+
+
+def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, sparsity: float,
+                validate: bool = False) -> None:
+    """Prune new tokens to their top-k and write them into a PagedKV's pools, in place (vLLM's
+    `reshape_and_cache` for the compressed format).
+
+    x: [N, Hkv, D] new tokens of any mix of sequences, in the cache's dtype and on its device.
+    slot_mapping: int32 or int64 [N], vLLM's convention: token n goes to page
+    slot_mapping[n] // page_size at offset slot_mapping[n] % page_size (which page a sequence's
+    token lives in is the caller's block table: block_table[b, pos // page_size]); -1 (any slot
+    outside [0, num_pages * page_size)) skips the token, so padded batches need no compaction.
+    Each (token, kv head) row keeps kept_per_token(D, sparsity) values, chosen as by
+    prune_and_pack (largest |x|, ties to the lower channel, bit-exact values), and its bitmap row
+    and value row (kept values, then zeros up to cache.capacity) replace the slot's rows in
+    cache.bitmap / cache.values. Nothing else in the pools changes; block_table and seq_lens are
+    not touched (the caller advances its lengths). Two tokens with the same slot: one of them is
+    written (unspecified which), as in vLLM.
+
+    One kernel launch for all N tokens, no dense intermediate, no host sync. validate=True also
+    checks every slot on the host (a sync) and raises ValueError naming the slots outside the
+    pool other than -1. Runs prune_pack_gluon.py's kernel where prune_and_pack does (GPU, fp16 /
+    bf16, D 64 / 128 / 256), else prune_pack.py's; both give the same bits.
+    Raises ValueError if kept_per_token(D, sparsity) > cache.capacity.
+    """
+    if not isinstance(cache, PagedKV):
+        raise TypeError(f"cache must be a PagedKV, got {type(cache).__name__}")
+    _check_dense("x", x)
+    sparsity = _check_sparsity(sparsity)
+    heads, d = cache.values.shape[1], cache.head_dim
+    if x.dim() != 3 or tuple(x.shape[1:]) != (heads, d):
+        raise ValueError(f"x must be [N, Hkv={heads}, D={d}] for this cache, got {tuple(x.shape)}")
+    if x.dtype != cache.dtype:
+        raise TypeError(f"x dtype {x.dtype} != cache dtype {cache.dtype}")
+    if not isinstance(slot_mapping, torch.Tensor) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be an int32 or int64 tensor, got "
+                        f"{getattr(slot_mapping, 'dtype', type(slot_mapping).__name__)}")
+    if tuple(slot_mapping.shape) != (x.shape[0],):
+        raise ValueError(f"slot_mapping shape {tuple(slot_mapping.shape)} != [N] = [{x.shape[0]}]")
+    check_same_device(cache=cache.values, x=x, slot_mapping=slot_mapping)
+    keep = kept_per_token(d, sparsity)
+    if keep > cache.capacity:
+        raise ValueError(f"sparsity {sparsity} keeps {keep} of D={d} values per token, more than the "
+                         f"cache's capacity {cache.capacity}")
+    num_slots = cache.num_pages * cache.page_size
+    if validate:
+        bad = slot_mapping[(slot_mapping != -1) & ((slot_mapping < 0) | (slot_mapping >= num_slots))]
+        if bad.numel():
+            raise ValueError(f"slot_mapping has {bad.numel()} slot(s) outside [0, {num_slots}) (num_pages "
+                             f"{cache.num_pages} x page_size {cache.page_size}) other than -1: from "
+                             f"{int(bad.min())} to {int(bad.max())}, e.g. {bad[:8].tolist()}")
+    _run_select(x.contiguous(), None, cache.bitmap, cache.values, keep=keep, capacity=cache.capacity,
+                seq_lens=None, select_topk=True, write_packed=True,
+                pages=(slot_mapping.contiguous(), heads, cache.page_size, num_slots))
 
 
 def unpack(packed: PackedKV) -> torch.Tensor:

@@ -142,6 +142,27 @@ def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=No
     return out
 
 
+def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, sparsity: float,
+                validate: bool = False) -> None:
+    """compress.write_pages in torch: top-k prune x [N, Hkv, D] and write each (token, head) row's
+    bitmap and values (zeros up to cache.capacity) at its slot (page = slot // page_size, offset =
+    slot % page_size); slots outside [0, num_pages * page_size) are skipped (validate: ValueError
+    for those other than -1)."""
+    if kept_per_token(x.shape[-1], sparsity) > cache.capacity:
+        raise ValueError(f"sparsity {sparsity} keeps more values than the cache's capacity {cache.capacity}")
+    num_slots = cache.num_pages * cache.page_size
+    slots = slot_mapping.to(torch.int64)
+    inside = (slots >= 0) & (slots < num_slots)
+    if validate and bool((~inside & (slots != -1)).any()):
+        raise ValueError(f"slot_mapping has slots outside [0, {num_slots}) other than -1")
+    mask = topk_mask(x, sparsity)
+    packed = _pack_mask(x, mask, cache.capacity, None)
+    page, offset = slots[inside] // cache.page_size, slots[inside] % cache.page_size
+    # [n, Hkv, X] rows -> pool[page, :, offset]; the values move as integers (bit-exact NaN payloads)
+    cache.bitmap[page, :, offset] = packed.bitmap[inside]
+    _int_view(cache.values)[page, :, offset] = _int_view(packed.values)[inside]
+
+
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64):

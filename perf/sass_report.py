@@ -80,15 +80,18 @@ def compile_decode(args):
 
 
 def compile_prune(args):
-    """prune_pack_gluon.py's kernel as compress.py launches it (with seq_lens: the larger variant)."""
+    """prune_pack_gluon.py's kernel as compress.py launches it: prune_and_pack with seq_lens (its
+    larger variant), or with --paged write_pages (no seq_lens, a slot mapping)."""
     from mustafar_triton._gluon_compat import GluonASTSource
     from mustafar_triton.kernels import prune_pack_gluon as pp
     kernel = pp._prune_pack_gluon_kernel
     names = kernel.arg_names
     stage = pp.ROWS * args.capacity * 2 + pp.ROWS * args.head_dim // 8
-    constexprs = dict(HEAD_DIM=args.head_dim, CAPACITY=args.capacity, HAS_SEQ_LENS=True,
+    constexprs = dict(HEAD_DIM=args.head_dim, CAPACITY=args.capacity, HAS_SEQ_LENS=not args.paged,
+                      PAGED=args.paged,
                       STAGE_DECL=f".shared .align 16 .b8 mt_stage[{stage}]; mov.b32 $0, $1; mov.b32 $0, $2;")
     signature = {n: "constexpr" if n in constexprs else ("*i32" if n in ("bitmap_ptr", "seq_lens_ptr") else
+                 "*i64" if n == "slot_mapping_ptr" else
                  f"*{args.dtype}" if n.endswith("_ptr") else "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n.endswith("_ptr")}
     src = GluonASTSource(fn=kernel, signature=signature,
@@ -135,6 +138,7 @@ def main():
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
+    ap.add_argument("--paged", action="store_true", help="--kernel prune: its write_pages variant (PAGED)")
     args = ap.parse_args()
     compiled = compile_prune(args) if args.kernel == "prune" else compile_decode(args)
     # a file of its own: parallel runs (pytest -n) once read each other's cubin through a shared name

@@ -5,6 +5,12 @@ One streaming kernel, `_select_kernel`, reads a tile of tokens once and either
   * writes the result dense (prune_topk) or as bitmap + values (pack, prune_and_pack).
 `_unpack_kernel` is the exact inverse of packing.
 
+PAGED (compress.write_pages): input row r = n * Hkv + h (token n, kv head h) is written to the row
+of its slot in a PagedKV pool [num_pages, Hkv, page_size, ...]: slot = slot_mapping[n] (vLLM's
+convention, slot = page * page_size + offset), output row (page * Hkv + h) * page_size + offset.
+Rows whose slot is outside [0, num_slots) (-1: padding) are neither read nor written. Without
+PAGED the output row is the input row, and the kernel compiles to the code it had before.
+
 Exact per-token top-k without sorting: the k-th largest magnitude is found by bisection on the
 bit pattern of |x| (non-negative floats order like their bit patterns), one `tl.sum` count per
 bit; ties at the threshold go to the lowest channel index via a `tl.cumsum`.
@@ -40,6 +46,16 @@ def _in_head(mask, channel, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
+def _paged_rows(rows, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots):
+    """Output rows int64 of input rows (token n = row // num_heads, kv head row % num_heads) in a
+    head-major page pool, and whether each is written (its slot in [0, num_slots))."""
+    slot = tl.load(slot_mapping_ptr + rows // num_heads, mask=rows < n_rows, other=-1).to(tl.int64)
+    writable = (slot >= 0) & (slot < num_slots) & (rows < n_rows)
+    page = slot // page_size
+    return (page * num_heads + rows % num_heads) * page_size + slot % page_size, writable
+
+
+@triton.jit
 def _magnitude_bits(x, MAG_BITS: tl.constexpr):
     """|x| as a non-negative integer that orders like |x| (NaN above inf, -0.0 equal to 0)."""
     if MAG_BITS == 31:
@@ -50,11 +66,12 @@ def _magnitude_bits(x, MAG_BITS: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    x_ptr, out_ptr, bitmap_ptr, values_ptr, seq_lens_ptr,
-    n_rows, tokens_per_seq, rows_per_batch, keep,
+    x_ptr, out_ptr, bitmap_ptr, values_ptr, seq_lens_ptr, slot_mapping_ptr,
+    n_rows, tokens_per_seq, rows_per_batch, keep, num_heads, page_size, num_slots,
     HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, CAPACITY_POW2: tl.constexpr,
     MAG_BITS: tl.constexpr, BLOCK_T: tl.constexpr,
     SELECT_TOPK: tl.constexpr, WRITE_PACKED: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
+    PAGED: tl.constexpr,
 ):
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
@@ -63,6 +80,11 @@ def _select_kernel(
     if HAS_SEQ_LENS:
         seq_len = tl.load(seq_lens_ptr + rows // rows_per_batch, mask=valid, other=0)
         valid = valid & ((rows % tokens_per_seq) < seq_len)
+    if PAGED:  # with WRITE_PACKED only
+        out_rows, written = _paged_rows(rows, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots)
+        valid = valid & written
+    else:
+        out_rows, written = rows, rows < n_rows
     d = tl.arange(0, D_TILE)
     in_row = _in_head(valid[:, None], d[None, :], HEAD_DIM)   # padded channels read 0, never kept
     x = tl.load(x_ptr + rows[:, None] * HEAD_DIM + d[None, :], mask=in_row, other=0.0)
@@ -94,18 +116,18 @@ def _select_kernel(
         slot = tl.cumsum(kept_i, axis=1) - 1
         count = tl.sum(kept_i, axis=1)
         # Kept values go to slots [0, count); zeros to [count, CAPACITY): disjoint stores, no race.
-        tl.store(values_ptr + rows[:, None] * CAPACITY + slot, x,
-                 mask=kept & (slot < CAPACITY) & (rows < n_rows)[:, None])
+        tl.store(values_ptr + out_rows[:, None] * CAPACITY + slot, x,
+                 mask=kept & (slot < CAPACITY) & written[:, None])
         j = tl.arange(0, CAPACITY_POW2)
-        zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & (rows < n_rows)[:, None]
-        tl.store(values_ptr + rows[:, None] * CAPACITY + j[None, :],
+        zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & written[:, None]
+        tl.store(values_ptr + out_rows[:, None] * CAPACITY + j[None, :],
                  tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=x.dtype), mask=zero_slots)
         bits = tl.reshape(kept_i, [BLOCK_T, D_TILE // 32, 32]).to(tl.uint32)
         shifts = tl.arange(0, 32).to(tl.uint32)
         words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
         w = tl.arange(0, D_TILE // 32)
-        tl.store(bitmap_ptr + rows[:, None] * NUM_WORDS + w[None, :], words,
-                 mask=_in_head((rows < n_rows)[:, None], 32 * w[None, :], HEAD_DIM))
+        tl.store(bitmap_ptr + out_rows[:, None] * NUM_WORDS + w[None, :], words,
+                 mask=_in_head(written[:, None], 32 * w[None, :], HEAD_DIM))
     else:
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], tl.where(kept, x, 0.0),
                  mask=_in_head((rows < n_rows)[:, None], d[None, :], HEAD_DIM))

@@ -34,6 +34,10 @@ The shared staging buffer is declared in PTX (`mt_stage`): Gluon's shared-memory
 only load and store whole tiles, and the scatter needs per-element addresses.
 
 Shapes: fp16 / bf16, HEAD_DIM 64, 128 or 256 (the per-byte mma needs N = D / 8 >= 8).
+
+PAGED (compress.write_pages): as prune_pack.py's `_select_kernel` with PAGED, each row goes to the
+row of its slot in a page pool, and rows whose slot is outside the pool are neither read nor
+written. Only the final stores' addresses and masks change (`_paged_rows`).
 """
 from __future__ import annotations
 
@@ -237,10 +241,21 @@ def _scatter_byte(x8, info):
 
 
 @gluon.jit
+def _paged_rows(rows, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots):
+    """prune_pack._paged_rows in Gluon: output rows int64 of input rows rows (any layout) in a
+    head-major page pool, and whether each is written (its slot in [0, num_slots))."""
+    slot = gl.load(slot_mapping_ptr + rows // num_heads, mask=rows < n_rows, other=-1).to(gl.int64)
+    writable = (slot >= 0) & (slot < num_slots) & (rows < n_rows)
+    page = slot // page_size
+    return (page * num_heads + rows % num_heads) * page_size + slot % page_size, writable
+
+
+@gluon.jit
 def _prune_pack_gluon_kernel(
-    x_ptr, bitmap_ptr, values_ptr, seq_lens_ptr,
-    n_rows, tokens_per_seq, rows_per_batch, keep,
-    HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, HAS_SEQ_LENS: gl.constexpr, STAGE_DECL: gl.constexpr,
+    x_ptr, bitmap_ptr, values_ptr, seq_lens_ptr, slot_mapping_ptr,
+    n_rows, tokens_per_seq, rows_per_batch, keep, num_heads, page_size, num_slots,
+    HEAD_DIM: gl.constexpr, CAPACITY: gl.constexpr, HAS_SEQ_LENS: gl.constexpr, PAGED: gl.constexpr,
+    STAGE_DECL: gl.constexpr,
 ):
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(0, MMA, 8)  # 8 consecutive channels per lane: 16-byte loads
@@ -259,6 +274,9 @@ def _prune_pack_gluon_kernel(
     if HAS_SEQ_LENS:
         seq_len = gl.load(seq_lens_ptr + rows // rows_per_batch, mask=valid, other=0)
         valid = valid & ((rows % tokens_per_seq) < seq_len)
+    if PAGED:  # rows that are not written are not read
+        _, written = _paged_rows(rows, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots)
+        valid = valid & written
     ch = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, A_OP))
     x_ptrs = x_ptr + rows.to(gl.int64)[:, None] * HEAD_DIM + ch[None, :]
     x = gl.load(x_ptrs, mask=valid[:, None], other=0.0).to(gl.float16, bitcast=True)
@@ -312,43 +330,58 @@ def _prune_pack_gluon_kernel(
              byte_offset, kept)
     _warp_sync(lane)
 
-    # Out in 16-byte chunks; rows past n_rows are not written.
+    # Out in 16-byte chunks; rows past n_rows (PAGED: rows without a slot in the pool) are not written.
     CL: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [1, 1], [1, 0])
     CHUNKS_PER_ROW: gl.constexpr = CAPACITY * 2 // 16
     NCH: gl.constexpr = 16 * CHUNKS_PER_ROW
+    values_i32 = values_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + gl.arange(0, 32, layout=gl.SliceLayout(1, CL))
-        cw, _ = gl.broadcast(c[:, None] * 4 + gl.arange(0, 4, layout=gl.SliceLayout(0, CL))[None, :],
-                             gl.zeros([32, 4], gl.int32, CL))
+        j4 = gl.arange(0, 4, layout=gl.SliceLayout(0, CL))[None, :]
+        cw, _ = gl.broadcast(c[:, None] * 4 + j4, gl.zeros([32, 4], gl.int32, CL))
         vals = gl.inline_asm_elementwise(
             "{ .reg .b32 a; .reg .pred p; setp.ge.s32 p, $4, 0; mov.u32 a, mt_stage; mad.lo.u32 a, $4, 4, a;"
             " mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; @p ld.shared.v4.b32 {$0, $1, $2, $3}, [a]; }",
             "=r,=r,=r,=r,r,r,r,r", [gl.where(cw < NCH * 4, cw, -1)], dtype=gl.int32, is_pure=False, pack=4)
-        ok = ((c < NCH) & (row0 + c // CHUNKS_PER_ROW < n_rows))[:, None]
-        gl.store(values_ptr.to(gl.pointer_type(gl.int32), bitcast=True) + row0.to(gl.int64) * (CAPACITY // 2) + cw,
-                 vals, mask=ok)
+        if PAGED:
+            out_row, written = _paged_rows(row0 + c // CHUNKS_PER_ROW, n_rows, slot_mapping_ptr, num_heads,
+                                           page_size, num_slots)
+            ok = ((c < NCH) & written)[:, None]
+            dst = values_i32 + out_row[:, None] * (CAPACITY // 2) + ((c % CHUNKS_PER_ROW)[:, None] * 4 + j4)
+        else:
+            ok = ((c < NCH) & (row0 + c // CHUNKS_PER_ROW < n_rows))[:, None]
+            dst = values_i32 + row0.to(gl.int64) * (CAPACITY // 2) + cw
+        gl.store(dst, vals, mask=ok)
     BW: gl.constexpr = HEAD_DIM // 32
     BL: gl.constexpr = gl.BlockedLayout([1, BW], [32, 1], [1, 1], [1, 0])
     br = gl.arange(0, 32, layout=gl.SliceLayout(1, BL))
-    bo, _ = gl.broadcast(br[:, None] * BW + gl.arange(0, BW, layout=gl.SliceLayout(0, BL))[None, :],
-                         gl.zeros([32, BW], gl.int32, BL))
+    bw = gl.arange(0, BW, layout=gl.SliceLayout(0, BL))[None, :]
+    bo, _ = gl.broadcast(br[:, None] * BW + bw, gl.zeros([32, BW], gl.int32, BL))
     words = gl.inline_asm_elementwise(
         "{ .reg .b32 a; .reg .pred p; setp.ge.s32 p, $1, 0; mov.u32 a, mt_stage; add.u32 a, $1, a;"
         " mov.b32 $0, 0; @p ld.shared.b32 $0, [a]; }",
         "=r,r", [gl.where(br[:, None] < 16, bo * 4 + STAGE_VALUES, -1)], dtype=gl.int32, is_pure=False, pack=1)
-    gl.store(bitmap_ptr + row0.to(gl.int64) * BW + bo, words, mask=((br < 16) & (row0 + br < n_rows))[:, None])
+    if PAGED:
+        out_row, written = _paged_rows(row0 + br, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots)
+        gl.store(bitmap_ptr + out_row[:, None] * BW + bw, words, mask=((br < 16) & written)[:, None])
+    else:
+        gl.store(bitmap_ptr + row0.to(gl.int64) * BW + bo, words, mask=((br < 16) & (row0 + br < n_rows))[:, None])
 
 
 def launch_prune_and_pack(x, bitmap, values, seq_lens, n_rows: int, tokens: int, rows_per_batch: int,
-                          keep: int, capacity: int) -> None:
-    """x contiguous [*lead, T, D] fp16 / bf16 on a GPU with mma.sync (gluon_prune_supports)."""
+                          keep: int, capacity: int, pages=None) -> None:
+    """x contiguous [*lead, T, D] fp16 / bf16 on a GPU with mma.sync (gluon_prune_supports).
+    pages: None, or (slot_mapping, num_heads, page_size, num_slots) to write x [N, Hkv, D] into
+    the page pools bitmap / values (PAGED, see the module docstring)."""
     head_dim = x.shape[-1]
     if head_dim not in GLUON_PRUNE_HEAD_DIMS:
         raise ValueError(f"the Gluon prune_and_pack kernel handles head dims {GLUON_PRUNE_HEAD_DIMS}, got "
                          f"{head_dim} (x shape {tuple(x.shape)}); compress.prune_and_pack runs the tl kernel there")
     stage_bytes = ROWS * capacity * 2 + ROWS * head_dim // 8
     decl = f".shared .align 16 .b8 mt_stage[{stage_bytes}]; mov.b32 $0, $1; mov.b32 $0, $2;"
+    slot_mapping, num_heads, page_size, num_slots = pages if pages is not None else (None, 0, 0, 0)
     _prune_pack_gluon_kernel[(triton.cdiv(n_rows, ROWS),)](
-        x, bitmap, values, seq_lens, n_rows, tokens, rows_per_batch, keep,
-        HEAD_DIM=head_dim, CAPACITY=capacity, HAS_SEQ_LENS=seq_lens is not None, STAGE_DECL=decl,
-        num_warps=1, maxnreg=register_cap(head_dim))
+        x, bitmap, values, seq_lens, slot_mapping, n_rows, tokens, rows_per_batch, keep,
+        num_heads, page_size, num_slots,
+        HEAD_DIM=head_dim, CAPACITY=capacity, HAS_SEQ_LENS=seq_lens is not None, PAGED=pages is not None,
+        STAGE_DECL=decl, num_warps=1, maxnreg=register_cap(head_dim))
