@@ -434,12 +434,7 @@ def test_attend(device):
     cache.finish(a)
     cache.append([b, c], randn((2, 2, 64), torch.float32, 7, device), randn((2, 2, 64), torch.float32, 8, device))
     q = randn((cache.max_seqs, 8, 64), torch.float32, 9, device)
-    try:
-        out, lse = cache.attend(q, return_lse=True)
-    except TypeError as err:
-        if "PackedKV" not in str(err):
-            raise
-        pytest.skip(f"sparse_decode_attention does not take a PagedKV yet: {err}")
+    out, lse = cache.attend(q, return_lse=True)
     window = dict(k_window=cache.k_window, v_window=cache.v_window, window_lens=cache.window_lens)
     want, want_lse = ref.sparse_decode_attention(q, cache.paged_k, cache.paged_v, return_lse=True, **window)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)

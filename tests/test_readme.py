@@ -42,7 +42,7 @@ def run(code: str, replace=(), **names) -> dict:
 
 
 def test_every_snippet_is_checked():
-    assert len(snippets()) == 3  # the API, the decode loop, transformers: one test each below
+    assert len(snippets()) == 4  # the API, the decode loop, transformers, the paged cache: one test each
 
 
 def test_api_snippet(device):
@@ -103,3 +103,15 @@ def test_transformers_snippet(device):
              replace=[("k_sparsity=0.5, v_sparsity=0.5", "k_sparsity=0.0, v_sparsity=0.0"),
                       ("max_tokens=4096", "max_tokens=64"), ("max_new_tokens=64", "max_new_tokens=3")] + keyword)
     assert torch.equal(ns["out"], dense)
+
+
+def test_paged_snippet(device):
+    """The engine section: write_pages filled each sequence's pages with its pruned tokens, and the
+    paged decode equals the float64 reference."""
+    ns = run(small(snippet_with("mt.write_pages(k_cache"), device, batch=2, tokens=40))
+    k, kc, vc, q, out = ns["k"], ns["k_cache"], ns["v_cache"], ns["q"], ns["out"]
+    packed, _ = mt.reference.gather_pages(kc)
+    want_k = mt.reference.prune_topk(k.view(2, 40, 8, 128).transpose(1, 2), 0.7)
+    assert torch.equal(mt.unpack(packed)[:, :, :40], want_k)
+    want = mt.reference.sparse_decode_attention(q, kc, vc)
+    assert out.shape == q.shape and (out.double() - want.double()).abs().max() < 2e-3
