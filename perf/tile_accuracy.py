@@ -101,8 +101,8 @@ def tile_mask(x: torch.Tensor, m: int, score: str = "abs", sinks: int = 0, tile:
     return keep.repeat_interleave(tile, dim=-2)[..., :t, :]
 
 
-def tile_prune(x: torch.Tensor, m: int, score: str = "abs", sinks: int = 0) -> torch.Tensor:
-    return torch.where(tile_mask(x, m, score, sinks), x, torch.zeros((), dtype=x.dtype))
+def tile_prune(x: torch.Tensor, m: int, score: str = "abs", sinks: int = 0, tile: int = TILE) -> torch.Tensor:
+    return torch.where(tile_mask(x, m, score, sinks, tile), x, torch.zeros((), dtype=x.dtype))
 
 
 @dataclass(frozen=True)
@@ -113,20 +113,22 @@ class Prune:
     sparsity: float = 0.0
     m: int = 0
     score: str = "abs"
+    tile: int = TILE
 
     @property
     def name(self) -> str:
-        return {"dense": "dense", "topk": f"{self.sparsity:g}", "tile": f"tile{self.m}{self.score}"}[self.kind]
+        size = "" if self.tile == TILE else f"/{self.tile}"
+        return {"dense": "dense", "topk": f"{self.sparsity:g}", "tile": f"tile{self.m}{self.score}{size}"}[self.kind]
 
     def bytes(self, head_dim: int) -> float:
         return {"dense": 2.0 * head_dim, "topk": unstructured_bytes(head_dim, self.sparsity),
-                "tile": tile_bytes(self.m)}[self.kind]
+                "tile": tile_bytes(self.m, self.tile)}[self.kind]
 
     def apply(self, x: torch.Tensor, sinks: int) -> torch.Tensor:
         if self.kind == "topk":
             return reference.prune_topk(x, self.sparsity) if self.sparsity else x
         if self.kind == "tile":
-            return tile_prune(x, self.m, self.score, sinks)
+            return tile_prune(x, self.m, self.score, sinks, self.tile)
         return x
 
 
@@ -150,7 +152,7 @@ class Config:
         n = tokens - dense_tokens
         for p in (self.k, self.v):
             if p.kind == "tile":
-                lists += -(-n // TILE) * p.m - n * p.m / TILE
+                lists += -(-n // p.tile) * p.m - n * p.m / p.tile
         total = n * per_token + lists + dense_tokens * 4 * head_dim
         return total / (tokens * 4 * head_dim), per_token / (4 * head_dim)
 
@@ -173,6 +175,21 @@ def grid(head_dim: int) -> list[Config]:
         rows.append(Config(u(ks), u(vs), sinks=4, budget=b))
         rows += [Config(t(ks, sc), t(vs, sc), sinks=4, budget=b) for sc in ("abs", "sq")]
     return rows
+
+
+def grid_extra(head_dim: int) -> list[Config]:
+    """Diagnostics, S0 W32, V unstructured 0.7, K tile scored by x^2: (1) more channels per
+    16-token tile (what byte cost matches per-token K0.7's accuracy), (2) smaller tiles at K0.7's
+    bytes (m from 2m + m/tile <= 56 at D=64: 8 tokens m=26, 4 tokens m=24)."""
+    v = Prune("topk", 0.7)
+    out = [Config(Prune("tile", m=m, score="sq"), v, budget="more channels") for m in (32, 40, 48)]
+    for size in (8, 4):
+        m = min(head_dim, math.floor(unstructured_bytes(head_dim, 0.7) / (2 + 1 / size)))
+        out.append(Config(Prune("tile", m=m, score="sq", tile=size), v, budget="K0.7V0.7"))
+    return out
+
+
+GRIDS = {"main": grid, "extra": grid_extra}
 
 
 def make_attention(cfg: Config):
@@ -209,6 +226,8 @@ def main():
     ap.add_argument("--texts", nargs="*", default=None, help="a subset of: prose code")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "perf" / "results" / "tile_accuracy_smollm2.json")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="main",
+                    help="main: the equal-bytes comparison; extra: channel count and tile size diagnostics")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     ap.add_argument("--merge", nargs="*", type=Path, default=None, help="join these result files into --out")
     args = ap.parse_args()
@@ -248,7 +267,7 @@ def main():
             continue
         ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.tokens]
         assert ids.shape[1] == args.tokens, f"{name}: only {ids.shape[1]} tokens"
-        todo = [c for c in grid(d) if (name, args.tokens, c.name) not in done]
+        todo = [c for c in GRIDS[args.grid](d) if (name, args.tokens, c.name) not in done]
         if not todo:
             continue
         start = time.time()
