@@ -233,9 +233,14 @@ def main():
     args = ap.parse_args()
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        meta = parts[0]["meta"]
-        meta["merged_from"] = [str(p) for p in args.merge]
-        meta["seconds_total"] = sum(p["meta"].get("seconds_total", 0) for p in parts)
+        meta = dict(parts[0]["meta"])
+        meta["parts"] = [dict(file=p.name, commit=part["meta"]["commit"], dirty=part["meta"]["dirty"],
+                              grid=part["meta"].get("grid", "main"), date_utc=part["meta"]["date_utc"],
+                              seconds_total=part["meta"].get("seconds_total"),
+                              texts=sorted({r["text"] for r in part["rows"]}), rows=len(part["rows"]))
+                         for p, part in zip(args.merge, parts)]
+        for key in ("commit", "dirty", "date_utc", "seconds_total", "grid"):
+            meta.pop(key, None)
         args.out.write_text(json.dumps(dict(meta=meta, rows=[r for p in parts for r in p["rows"]]), indent=1) + "\n")
         print(f"wrote {args.out}")
         return
@@ -246,7 +251,7 @@ def main():
     tokenizer, model = accuracy.load_model()
     hkv = model.config.num_key_value_heads
     d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    meta = dict(script=SCRIPT, date="2026-12-03", model=accuracy.MODEL, tokens=args.tokens,
+    meta = dict(script=SCRIPT, grid=args.grid, date="2026-12-03", model=accuracy.MODEL, tokens=args.tokens,
                 num_kv_heads=hkv, head_dim=d, tile=TILE,
                 path="torch reference, CPU float32, SDPA over [pruned | dense] (perf/accuracy.py's harness)",
                 texts="prose: pydoc_data.topics compound + types (Python language reference); code: CPython argparse.py",
