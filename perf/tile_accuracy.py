@@ -180,13 +180,15 @@ def grid(head_dim: int) -> list[Config]:
 def grid_extra(head_dim: int) -> list[Config]:
     """Diagnostics, S0 W32, V unstructured 0.7, K tile scored by x^2: (1) more channels per
     16-token tile (what byte cost matches per-token K0.7's accuracy), (2) smaller tiles at K0.7's
-    bytes (m from 2m + m/tile <= 56 at D=64: 8 tokens m=26, 4 tokens m=24)."""
+    bytes (m from 2m + m/tile <= 56 at D=64: 8 tokens m=26, 4 tokens m=24); (3) per-token K at
+    the same V for reference: K0.625 (K0.7's bytes, capacity filled) and K0.5."""
     v = Prune("topk", 0.7)
+    refs = [Config(Prune("topk", s), v, budget="unstructured K, V0.7") for s in (0.625, 0.5)]
     out = [Config(Prune("tile", m=m, score="sq"), v, budget="more channels") for m in (32, 40, 48)]
     for size in (8, 4):
         m = min(head_dim, math.floor(unstructured_bytes(head_dim, 0.7) / (2 + 1 / size)))
         out.append(Config(Prune("tile", m=m, score="sq", tile=size), v, budget="K0.7V0.7"))
-    return out
+    return out + refs
 
 
 GRIDS = {"main": grid, "extra": grid_extra}
