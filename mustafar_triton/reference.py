@@ -113,18 +113,19 @@ def gather_pages(paged: PagedKV) -> tuple[PackedKV, torch.Tensor]:
     return packed, page_ok.repeat_interleave(ps, dim=1)
 
 
-def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=None):
+def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=None, shuffle: bool = True):
     """The inverse of gather_pages, for tests and benchmarks: contiguous PackedKV caches (same B,
     Hkv, T; seq_lens required, shared) copied into pools of page_size-token pages, each sequence's
-    pages at random page ids (one block table for all of them; `extra_pages` unused pages, which
-    hold garbage, are added to the pool). Returns a list of PagedKV sharing block_table and
-    seq_lens."""
+    pages at random page ids (shuffle False: in order, sequence after sequence; one block table for
+    all of them; `extra_pages` unused pages, which hold garbage, are added to the pool). Returns a
+    list of PagedKV sharing block_table and seq_lens."""
     b, hkv, t, _ = caches[0].shape
     pages = -(-t // page_size)
     num_pages = b * pages + extra_pages
     dev = caches[0].device
     gen_dev = dev if generator is None else "cpu"  # a generator decides where the draws happen
-    order = torch.randperm(num_pages, generator=generator, device=gen_dev).to(dev)
+    order = (torch.randperm(num_pages, generator=generator, device=gen_dev) if shuffle
+             else torch.arange(num_pages, device=gen_dev)).to(dev)
     block_table = order[:b * pages].reshape(b, pages).to(torch.int32).contiguous()
     seq_lens = caches[0].seq_lens
     out = []

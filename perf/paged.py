@@ -1,6 +1,6 @@
 """Paged against contiguous decode (issue 20): GPU time of sparse_decode_attention over the same
 pruned data held contiguously (PackedKV) and in pages at shuffled page ids (PagedKV, one block
-table), per shape, sparsity and page size. Writes JSON (meta + rows) and prints a table.
+table; --ordered: in order), per shape, sparsity and page size. Writes JSON (meta + rows) and prints a table.
 
     python perf/paged.py --out perf/results/h200/paged.json
     python perf/paged.py --device cpu --shapes 2x200 --page-sizes 16 --sparsities 0.7   # smoke run
@@ -29,6 +29,7 @@ def main():
     ap.add_argument("--page-sizes", default="16,64,256")
     ap.add_argument("--sparsities", default="0.7")
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--ordered", action="store_true", help="pages in order (sequence after sequence), not shuffled")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = torch.float16 if dev.type == "cuda" else torch.float32
@@ -46,11 +47,12 @@ def main():
             contiguous_us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv), dev)
             gather = attention.launched_gather(q, pk, pv)
             for page_size in map(int, args.page_sizes.split(",")):
-                gk, gv = reference.pages_from_packed([pk, pv], page_size)
+                gk, gv = reference.pages_from_packed([pk, pv], page_size, shuffle=not args.ordered)
                 out = mt.sparse_decode_attention(q, gk, gv)
                 us = bench_us(lambda: mt.sparse_decode_attention(q, gk, gv), dev)
                 row = dict(batch=b, tokens=t, hq=m.hq, hkv=m.hkv, d=m.d, dtype=str(dtype).replace("torch.", ""),
-                           sparsity=sparsity, page_size=page_size, contiguous_us=contiguous_us, paged_us=us,
+                           sparsity=sparsity, page_size=page_size, shuffled=not args.ordered,
+                           contiguous_us=contiguous_us, paged_us=us,
                            paged_vs_contiguous=us / contiguous_us, equal=bool(torch.equal(out, ref_out)),
                            gather=gather, paged_gather=attention.launched_gather(q, gk, gv))
                 rows.append(row)
