@@ -6,6 +6,7 @@ import math
 import torch
 
 from . import autotune
+from ._fast_launch import CompiledLauncher
 from ._gluon_compat import gluon_runs_on
 from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV, PagedKV
@@ -344,6 +345,9 @@ class _Launch:
         self.block_s = cfg.get("merge_block", min(128, max(16, next_pow2(self.splits))))
         self.block_d = min(d, MERGE_BLOCK_D)
         self.max_splits_pow2 = max(self.block_s, next_pow2(self.splits))
+        decode = _sparse_decode_gluon_kernel() if self.gluon else _sparse_decode_kernel
+        self.decode = CompiledLauncher(decode, (self.splits, batch * hkv))
+        self.merge = CompiledLauncher(_merge_splits_kernel, (batch * plan.lq * plan.hq, d // self.block_d))
 
     def __call__(self, plan, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse):
         cfg, splits, d, group, hkv = self.cfg, self.splits, plan.d, plan.group, plan.hkv
@@ -359,18 +363,16 @@ class _Launch:
                 plan.scale * 1.4426950408889634, stride_qt)
         pages = {"block_table_ptr": packed_k.block_table} if plan.paged else {}
         if self.gluon:  # its register cap is part of the kernel: the splits count on it
-            _sparse_decode_gluon_kernel()[(splits, plan.batch * hkv)](
-                *common, *rest, **plan.flags, **pages, BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"],
-                GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
+            self.decode(plan.device, *common, *rest, **plan.flags, **pages, BLOCK_H=self.block_h,
+                        BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-            _sparse_decode_kernel[(splits, plan.batch * hkv)](
-                *common, self.slot_table, *rest, **plan.flags, **pages,
-                BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
-                PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        _merge_splits_kernel[(plan.batch * plan.lq * plan.hq, d // self.block_d)](
-            part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2), plan.hq,
+            self.decode(plan.device, *common, self.slot_table, *rest, **plan.flags, **pages,
+                        BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
+                        PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
+                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+        self.merge(
+            plan.device, part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2), plan.hq,
             out.stride(1) if plan.lq > 1 else 0, LQ=plan.lq,
             GROUP=group, HEAD_DIM=d, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
             MAX_SPLITS_POW2=self.max_splits_pow2, num_warps=cfg.get("merge_warps", 4),

@@ -1,0 +1,49 @@
+"""Launching a compiled kernel again without the JIT's per-call work.
+
+`kernel[grid](*args, **kwargs)` binds the arguments, computes their specialization (each int's
+value class, each pointer's 16-byte alignment), hashes it and looks the compiled kernel up, every
+call: most of the host time of a small decode step (perf/NOTES.md, 2026-12-03). A
+`CompiledLauncher` makes the first launch that way, keeps the compiled kernel's launcher for the
+grid, and sends later launches straight to it, as long as every tensor argument keeps the address
+alignment the first call had (a different one takes the JIT path again, which compiles or finds
+that specialization). The caller guarantees that everything else (shapes, dtypes, strides, ints,
+constexprs, options, grid) is the same at every call: decode's _Launch is per argument layout.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _alignment(args) -> tuple:
+    return tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+
+
+class CompiledLauncher:
+    """fn[grid](*args, **kwargs) with the JIT's binding done once (see the module docstring)."""
+
+    def __init__(self, fn, grid: tuple, option_names=("num_warps", "num_stages", "maxnreg")):
+        self.fn, self.grid = fn, grid
+        self.option_names = option_names
+        self.runner = None      # the compiled kernel's launcher for `grid`
+        self.alignment = None   # the tensors' 16-byte alignment it was compiled for
+        self.tail = None        # the names of the parameters after the positional ones, in order
+
+    def __call__(self, device: torch.device, *args, **kwargs) -> None:
+        if self.runner is not None:
+            full = args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)
+            if _alignment(full) == self.alignment:
+                self.runner(*full, stream=torch._C._cuda_getCurrentRawStream(device.index))
+                return
+        compiled = self.fn[self.grid](*args, **kwargs)
+        self._keep(compiled, args, kwargs)
+
+    def _keep(self, compiled, args, kwargs) -> None:
+        """Keep the compiled kernel's launcher (not for stand-ins that return no compiled kernel,
+        as perf/host_cost.py's stubs)."""
+        if compiled is None or not hasattr(compiled, "packed_metadata"):
+            return
+        params = self.fn.params
+        self.tail = [(p.name, p.default) for p in params[len(args):]]
+        full = args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)
+        self.alignment = _alignment(full)
+        self.runner = compiled[self.grid]

@@ -1,0 +1,62 @@
+"""_fast_launch.CompiledLauncher: the first launch through the JIT, later ones straight to the
+compiled kernel's launcher with every parameter in signature order, and back to the JIT when a
+tensor's 16-byte alignment changes. A stand-in JIT function records what it gets (no GPU needed;
+on a GPU every decode test runs the real path)."""
+import inspect
+from types import SimpleNamespace
+
+import torch
+
+from mustafar_triton._fast_launch import CompiledLauncher
+
+
+class FakeCompiled:
+    packed_metadata = object()
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getitem__(self, grid):
+        def runner(*args, stream=None):
+            self.log.append(("compiled", grid, args, stream))
+        return runner
+
+
+class FakeJIT:
+    """fn(x_ptr, n, BLOCK: constexpr, flag=0, LAST: constexpr = 7) as triton.jit exposes it."""
+
+    def __init__(self):
+        self.log = []
+        sig = inspect.signature(lambda x_ptr, n, BLOCK, flag=0, LAST=7: None)
+        self.params = [SimpleNamespace(name=p.name, default=p.default) for p in sig.parameters.values()]
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.log.append(("jit", grid, args, kwargs))
+            return FakeCompiled(self.log)
+        return run
+
+
+def test_later_launches_skip_the_jit_until_alignment_changes(monkeypatch):
+    fn = FakeJIT()
+    launch = CompiledLauncher(fn, (1,))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
+    dev = torch.device("cuda", 0)
+    buf = torch.zeros(64)
+    launch(dev, buf, 5, BLOCK=16, flag=1, num_warps=4)               # JIT, compiled kept
+    launch(dev, buf, 5, BLOCK=16, flag=1, num_warps=4)               # straight to the launcher
+    launch(dev, buf[1:], 5, BLOCK=16, flag=1, num_warps=4)           # 4-byte offset: JIT again
+    kinds = [entry[0] for entry in fn.log]
+    assert kinds == ["jit", "compiled", "jit"]
+    _, grid, args, stream = fn.log[1]
+    assert grid == (1,) and stream == 1234
+    assert args == (buf, 5, 16, 1, 7)   # every parameter in signature order, defaults filled in
+
+
+def test_stand_ins_without_a_compiled_kernel_are_not_kept():
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+    launch = CompiledLauncher(Stub(), (1,))
+    launch(torch.device("cpu"), torch.zeros(4), 1)
+    assert launch.runner is None
