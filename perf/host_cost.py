@@ -53,8 +53,13 @@ def main():
     ap.add_argument("--gpu", action="store_true", help="real launches on the GPU instead of stubs")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16"),
                     help="float16: the Gluon decode kernel on a GPU (float32: the tl kernel)")
+    ap.add_argument("--jit-launches", action="store_true",
+                    help="every launch through the JIT (as before _fast_launch), for comparison")
     args = ap.parse_args()
     dev = torch.device("cuda" if args.gpu else "cpu")
+    if args.jit_launches:
+        from mustafar_triton import _fast_launch
+        _fast_launch.CompiledLauncher._keep = lambda *_: None
     if not args.gpu:
         attention._sparse_decode_kernel = attention._merge_splits_kernel = _NoLaunch()
     dtype = getattr(torch, args.dtype)
