@@ -46,4 +46,4 @@ class CompiledLauncher:
         self.tail = [(p.name, p.default) for p in params[len(args):]]
         full = args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)
         self.alignment = _alignment(full)
-        self.runner = compiled[self.grid]
+        self.runner = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]  # it reads all three

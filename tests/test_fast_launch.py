@@ -49,7 +49,7 @@ def test_later_launches_skip_the_jit_until_alignment_changes(monkeypatch):
     kinds = [entry[0] for entry in fn.log]
     assert kinds == ["jit", "compiled", "jit"]
     _, grid, args, stream = fn.log[1]
-    assert grid == (1,) and stream == 1234
+    assert grid == (1, 1, 1) and stream == 1234   # the compiled kernel's launcher reads three dims
     assert args == (buf, 5, 16, 1, 7)   # every parameter in signature order, defaults filled in
 
 
