@@ -286,7 +286,7 @@ def test_prune_and_pack_kernels(kernel, dtype, d, sparsity, device, monkeypatch)
     from mustafar_triton.kernels import prune_pack_gluon
     launches = []
     launch = prune_pack_gluon.launch_prune_and_pack
-    monkeypatch.setattr(prune_pack_gluon, "launch_prune_and_pack", lambda *a: launches.append(1) or launch(*a))
+    monkeypatch.setattr(prune_pack_gluon, "launch_prune_and_pack", lambda *a, **kw: launches.append(1) or launch(*a, **kw))
     x = hard_rows((3, 2, 301, d), dtype, seed_of(dtype, d, 301), device)
     seq_lens = torch.tensor([301, 0, 117], dtype=torch.int32, device=device)
     cfg = autotune.GLUON_SELECT_CONFIG if kernel == "gluon" else autotune.tl_select_config(False)

@@ -256,8 +256,8 @@ def test_decode_bad_multi_query(dec, device):
 def test_decode_mismatched_packed(dec, device):
     q, pk, pv = dec
     cases = [
-        (dict(packed_k=q), TypeError, "packed_k must be a PackedKV, got Tensor"),
-        (dict(packed_v=None), TypeError, "packed_v must be a PackedKV, got NoneType"),
+        (dict(packed_k=q), TypeError, "packed_k must be a PackedKV or PagedKV, got Tensor"),
+        (dict(packed_v=None), TypeError, "packed_v must be a PackedKV or PagedKV, got NoneType"),
         (dict(packed_k=PackedKV(pk.bitmap[0], pk.values[0], 16, 64)), ValueError,
          r"packed_k must hold a \[B, Hkv, T, D\] cache"),
         (dict(packed_v=_pk(device, dtype=torch.float32)), TypeError,

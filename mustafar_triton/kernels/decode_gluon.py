@@ -554,10 +554,9 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
         stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-        if PAGE_SIZE == 0:
-            m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                   K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        elif start < tile_hi:  # not a page outside the pool (all -inf scores: NaN from a -inf running max)
+        # skips a paged tile outside the pool (all -inf scores: NaN from a -inf running max); always
+        # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
+        if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                    K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
@@ -601,10 +600,7 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
         stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
-        if PAGE_SIZE == 0:
-            m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                      K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        elif start < tile_hi:  # not a page outside the pool (as in _walk_tiles)
+        if start < tile_hi:  # as in _walk_tiles
             m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                       K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
