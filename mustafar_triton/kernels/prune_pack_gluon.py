@@ -37,7 +37,7 @@ Shapes: fp16 / bf16, HEAD_DIM 64, 128 or 256 (the per-byte mma needs N = D / 8 >
 
 PAGED (compress.write_pages): as prune_pack.py's `_select_kernel` with PAGED, each row goes to the
 row of its slot in a page pool, and rows whose slot is outside the pool are neither read nor
-written. Only the final stores' addresses and masks change (`_paged_rows`).
+written. Only the final stores' addresses and masks change (prune_pack._paged_rows, a tl function).
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode_gluon import _popc
-from .prune_pack import GLUON_PRUNE_HEAD_DIMS
+from .prune_pack import GLUON_PRUNE_HEAD_DIMS, _paged_rows
 
 ROWS = 16  # tokens per program: 32 (two mma row tiles) needed 213 registers and spilled under a cap
 
@@ -238,16 +238,6 @@ def _scatter_byte(x8, info):
         " mov.b32 $6, 0; mov.b32 $7, 0; }",
         "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r",
         [x8, info], dtype=gl.int32, is_pure=False, pack=8)
-
-
-@gluon.jit
-def _paged_rows(rows, n_rows, slot_mapping_ptr, num_heads, page_size, num_slots):
-    """prune_pack._paged_rows in Gluon: output rows int64 of input rows rows (any layout) in a
-    head-major page pool, and whether each is written (its slot in [0, num_slots))."""
-    slot = gl.load(slot_mapping_ptr + rows // num_heads, mask=rows < n_rows, other=-1).to(gl.int64)
-    writable = (slot >= 0) & (slot < num_slots) & (rows < n_rows)
-    page = slot // page_size
-    return (page * num_heads + rows % num_heads) * page_size + slot % page_size, writable
 
 
 @gluon.jit
