@@ -2,19 +2,21 @@
 
     torch.ops.mustafar_triton.sparse_decode_attention(
         q, k_bitmap, k_values, v_bitmap, v_values, seq_lens=None, k_window=None, v_window=None,
-        window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None) -> (out, lse)
+        window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None, block_table=None)
+        -> (out, lse)
 
-takes the PackedKV fields as plain tensors (capacities are the values' last dims, head_dim is q's)
-and always returns lse. It is registered when the package is imported, with a fake (meta)
+takes the PackedKV fields as plain tensors (capacities are the values' last dims, head_dim is q's;
+with block_table, the bitmaps and values are a PagedKV's pools and seq_lens is required) and always
+returns lse. It is registered when the package is imported, with a fake (meta)
 implementation, so torch.compile(fullgraph=True) traces through it without running the kernels.
-`sparse_decode_attention_op` is the same call with PackedKV arguments. Forward only.
+`sparse_decode_attention_op` is the same call with PackedKV (or PagedKV) arguments. Forward only.
 """
 from __future__ import annotations
 
 import torch
 
-from .attention import sparse_decode_attention
-from .format import PackedKV
+from .attention import _check_pages, sparse_decode_attention
+from .format import PackedKV, PagedKV
 
 
 @torch.library.custom_op("mustafar_triton::sparse_decode_attention", mutates_args=())
@@ -23,13 +25,21 @@ def _sparse_decode_attention(
     v_values: torch.Tensor, seq_lens: torch.Tensor | None = None, k_window: torch.Tensor | None = None,
     v_window: torch.Tensor | None = None, window_lens: torch.Tensor | None = None,
     softmax_scale: float | None = None, num_splits: int = 0, max_seq_len: int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] or [B, Lq, Hq, D]; k/v_bitmap int32 [B, Hkv, T, D // 32]; k/v_values [B, Hkv, T,
     capacity]; seq_lens int32 [B] (used for K and V); windows [B, Hkv, W, D]; window_lens int32 [B].
-    Returns out shaped like q (contiguous, q's dtype) and lse q.shape[:-1] float32."""
+    block_table int32 [B, max_pages]: the bitmaps and values are pools [pages, Hkv, page_size, ...]
+    (format.PagedKV). Returns out shaped like q (contiguous, q's dtype) and lse q.shape[:-1] float32."""
     d = q.shape[-1]
-    packed_k = PackedKV(k_bitmap, k_values, k_values.shape[-1], d, seq_lens)
-    packed_v = PackedKV(v_bitmap, v_values, v_values.shape[-1], d, seq_lens)
+    if block_table is not None:
+        if seq_lens is None:
+            raise ValueError("a paged cache (block_table given) needs seq_lens")
+        packed_k = PagedKV(k_bitmap, k_values, k_values.shape[-1], d, block_table, seq_lens)
+        packed_v = PagedKV(v_bitmap, v_values, v_values.shape[-1], d, block_table, seq_lens)
+    else:
+        packed_k = PackedKV(k_bitmap, k_values, k_values.shape[-1], d, seq_lens)
+        packed_v = PackedKV(v_bitmap, v_values, v_values.shape[-1], d, seq_lens)
     # contiguous q: the output then is contiguous too, as the fake implementation says
     return sparse_decode_attention(q.contiguous(), packed_k, packed_v, k_window=k_window, v_window=v_window,
                                    window_lens=window_lens, softmax_scale=softmax_scale,
@@ -38,7 +48,7 @@ def _sparse_decode_attention(
 
 @_sparse_decode_attention.register_fake
 def _(q, k_bitmap, k_values, v_bitmap, v_values, seq_lens=None, k_window=None, v_window=None,
-      window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None):
+      window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None, block_table=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -51,13 +61,18 @@ def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: Pa
     op torch.ops.mustafar_triton.sparse_decode_attention: traceable by torch.compile(fullgraph=True).
 
     packed_k and packed_v must both have seq_lens or both not; packed_k.seq_lens is used for both.
+    Two PagedKV must share one block_table and seq_lens (checked here: the op takes one pair).
     """
-    if not isinstance(packed_k, PackedKV) or not isinstance(packed_v, PackedKV):
-        raise TypeError(f"packed_k and packed_v must be PackedKV, got {type(packed_k).__name__} "
-                        f"and {type(packed_v).__name__}")
+    paged = isinstance(packed_k, PagedKV) and isinstance(packed_v, PagedKV)
+    if not paged and not (isinstance(packed_k, PackedKV) and isinstance(packed_v, PackedKV)):
+        raise TypeError(f"packed_k and packed_v must be two PackedKV or two PagedKV, got "
+                        f"{type(packed_k).__name__} and {type(packed_v).__name__}")
     if (packed_k.seq_lens is None) != (packed_v.seq_lens is None):
         raise ValueError("packed_k and packed_v must both have seq_lens or both not")
+    if paged:
+        _check_pages(packed_k, packed_v)
     out, lse = torch.ops.mustafar_triton.sparse_decode_attention(
         q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens,
-        k_window, v_window, window_lens, softmax_scale, num_splits, max_seq_len)
+        k_window, v_window, window_lens, softmax_scale, num_splits, max_seq_len,
+        packed_k.block_table if paged else None)
     return (out, lse) if return_lse else out

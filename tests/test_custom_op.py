@@ -37,7 +37,7 @@ def test_schema():
         "mustafar_triton::sparse_decode_attention(Tensor q, Tensor k_bitmap, Tensor k_values, "
         "Tensor v_bitmap, Tensor v_values, Tensor? seq_lens=None, Tensor? k_window=None, "
         "Tensor? v_window=None, Tensor? window_lens=None, float? softmax_scale=None, "
-        "SymInt num_splits=0, SymInt? max_seq_len=None) -> (Tensor, Tensor)")
+        "SymInt num_splits=0, SymInt? max_seq_len=None, Tensor? block_table=None) -> (Tensor, Tensor)")
 
 
 @pytest.mark.parametrize("with_window", [True, False], ids=["window", "no-window"])
@@ -94,6 +94,26 @@ def test_opcheck(device):
     t_pk, t_pv = mt.prune_and_pack(q_wide[:, None, :5].expand(2, 2, 5, 64), 0.5), mt.prune_and_pack(
         q_wide[:, None, 3:].expand(2, 2, 5, 64), 0.5)
     torch.library.opcheck(OP, op_args(q_wide[:, ::2], t_pk, t_pv, {}))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_op_paged(device):
+    """Two PagedKV through the op (block_table last): the direct paged call's results, opcheck,
+    and torch.compile(fullgraph=True) around it; packed_v with its own block table is refused."""
+    q, pk, pv, window = make_case(device, seed=13, t=40)
+    gk, gv = mt.reference.pages_from_packed([pk, pv], 16, extra_pages=2, generator=torch.Generator().manual_seed(0))
+    want, want_lse = mt.sparse_decode_attention(q, gk, gv, return_lse=True, **window)
+    out, lse = mt.sparse_decode_attention_op(q, gk, gv, return_lse=True, **window)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    args = op_args(q, gk, gv, window) + (None, gk.block_table)
+    torch.library.opcheck(OP, args)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q: mt.sparse_decode_attention_op(q + 0, gk, gv, **window), fullgraph=True)
+    torch.testing.assert_close(compiled(q), want)
+    with pytest.raises(ValueError, match="share one block_table"):
+        mt.sparse_decode_attention_op(q, gk, gv.with_tables(gk.block_table.clone(), gk.seq_lens), **window)
+    with pytest.raises(TypeError, match="two PackedKV or two PagedKV"):
+        mt.sparse_decode_attention_op(q, gk, pv, **window)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
