@@ -196,6 +196,23 @@ class PagedKV:
         return (self.bitmap.numel() * 4 + self.values.numel() * self.values.element_size()
                 + self.block_table.numel() * 4 + self.seq_lens.numel() * 4)
 
+    def check_tables(self) -> None:
+        """Validation mode (a host sync: for debugging and engines' checked paths, not the decode hot
+        path): every block-table entry that holds tokens below seq_lens lies in [0, num_pages), and
+        seq_lens fits the table. ValueError names the first bad entry. (Unchecked, the kernels
+        still never read outside the pools: they skip such tokens.)"""
+        lens = self.seq_lens.to(torch.int64)
+        if bool(((lens < 0) | (lens > self.num_tokens)).any()):
+            raise ValueError(f"PagedKV: seq_lens outside [0, max_pages * page_size = {self.num_tokens}]: "
+                             f"{lens.tolist()}")
+        used = torch.arange(self.block_table.shape[1], device=lens.device)[None, :] < (
+            (lens + self.page_size - 1) // self.page_size)[:, None]
+        bad = used & ((self.block_table < 0) | (self.block_table >= self.num_pages))
+        if bool(bad.any()):
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(f"PagedKV: block_table[{b}, {i}] = {int(self.block_table[b, i])} is outside the pool "
+                             f"[0, {self.num_pages}) but holds tokens of sequence {b} (seq_lens {int(lens[b])})")
+
     def with_tables(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> "PagedKV":
         """The same pools under another batch's block table and lengths (no copy)."""
         return PagedKV(self.bitmap, self.values, self.capacity, self.head_dim, block_table, seq_lens)

@@ -83,6 +83,21 @@ def test_paged_entries_outside_the_pool_are_not_attended(bad, device):
     assert torch.all(out[3] == 0) and torch.all(torch.isneginf(lse[3]))
 
 
+def test_check_tables(device):
+    """The validation mode names a bad entry that holds tokens; entries past seq_lens may be anything."""
+    _, _, _, gk, _, _ = case(device, seq_lens=(70, 33, 0), dtype=torch.float32 if INTERPRETING else torch.float16)
+    gk.check_tables()
+    table = gk.block_table.clone()
+    table[1, 3:] = -1          # past sequence 1's 33 tokens (3 pages of 16): fine
+    table[2, :] = 10**6        # sequence 2 holds no token: fine
+    gk.with_tables(table, gk.seq_lens).check_tables()
+    table[1, 2] = gk.num_pages
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\]"):
+        gk.with_tables(table, gk.seq_lens).check_tables()
+    with pytest.raises(ValueError, match="seq_lens outside"):
+        gk.with_tables(gk.block_table, gk.seq_lens + 100).check_tables()
+
+
 def test_paged_errors(device):
     dtype = torch.float32 if INTERPRETING else torch.float16
     q, pk, pv, gk, gv, _ = case(device, dtype=dtype)
