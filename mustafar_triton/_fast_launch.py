@@ -38,9 +38,10 @@ class CompiledLauncher:
         self._keep(compiled, args, kwargs)
 
     def _keep(self, compiled, args, kwargs) -> None:
-        """Keep the compiled kernel's launcher (not for stand-ins that return no compiled kernel,
-        as perf/host_cost.py's stubs)."""
-        if compiled is None or not hasattr(compiled, "packed_metadata"):
+        """Keep the compiled kernel's launcher; not for stand-ins (perf/host_cost.py's stubs, the
+        launch counters of tests/test_gpu_fuzz.py, perf/decode_gathers.py's baseline adapter): those
+        without a JIT function's params, or that return no compiled kernel, always run as called."""
+        if compiled is None or not hasattr(compiled, "packed_metadata") or not hasattr(self.fn, "params"):
             return
         params = self.fn.params
         self.tail = [(p.name, p.default) for p in params[len(args):]]

@@ -53,10 +53,27 @@ def test_later_launches_skip_the_jit_until_alignment_changes(monkeypatch):
     assert args == (buf, 5, 16, 1, 7)   # every parameter in signature order, defaults filled in
 
 
-def test_stand_ins_without_a_compiled_kernel_are_not_kept():
+def test_stand_ins_are_not_kept():
+    """A stub returning nothing, or a wrapper (a launch counter) without the JIT function's params
+    that returns the compiled kernel: every launch goes through them."""
     class Stub:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
     launch = CompiledLauncher(Stub(), (1,))
     launch(torch.device("cpu"), torch.zeros(4), 1)
     assert launch.runner is None
+
+    jit = FakeJIT()
+
+    class Counter:
+        calls = 0
+
+        def __getitem__(self, grid):
+            def counted(*args, **kwargs):
+                Counter.calls += 1
+                return jit[grid](*args, **kwargs)
+            return counted
+    launch = CompiledLauncher(Counter(), (1,))
+    for _ in range(3):
+        launch(torch.device("cpu"), torch.zeros(4), 1, BLOCK=16)
+    assert launch.runner is None and Counter.calls == 3
