@@ -136,8 +136,9 @@ def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=No
             garbage = torch.randint(-2**15, 2**15, (num_pages, hkv, page_size, x.shape[-1]), generator=generator,
                                     device=gen_dev)
             p = garbage.to(dev, xi.dtype)
-            p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, -1).transpose(1, 2).reshape(
-                b * pages, hkv, page_size, -1)
+            width = x.shape[-1]
+            p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, width).transpose(1, 2).reshape(
+                b * pages, hkv, page_size, width)
             return p.view(x.dtype)
         out.append(PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens))
     return out

@@ -1,5 +1,6 @@
 """GPU fuzzing: >= 10,000 hypothesis cases per kernel in a few minutes, for the kernels CI cannot run
-(the Gluon prune_and_pack, the Gluon decode with its walk, scatter and popcount gathers) and for pack / unpack.
+(the Gluon prune_and_pack, the Gluon decode with its walk, scatter and popcount gathers, both over
+paged caches too, the Gluon write_pages) and for pack / unpack.
 
 The compiled shapes are a bounded set (head dim, dtype, capacity, GQA group and the kernels' flags,
 in the *_SHAPES lists below), so the GPU compiles each once; within them hypothesis draws freely
@@ -46,7 +47,7 @@ from hypothesis import given
 import mustafar_triton as mt
 from mustafar_triton import attention, autotune
 from mustafar_triton import reference as ref
-from mustafar_triton.format import default_capacity
+from mustafar_triton.format import PagedKV, default_capacity
 from mustafar_triton.kernels import decode_gluon_launch as gluon_launch
 from conftest import DEVICE_NAME, INTERPRETING
 from mt_testutils import bit_equal, popcount_rows, random_pattern
@@ -131,12 +132,12 @@ def record_and_spy():
             launch = decode_kernel()[grid]
 
             def counted(*args, **kwargs):
-                GLUON_LAUNCHES[kwargs["GATHER"]] += 1
+                GLUON_LAUNCHES[("paged_" if kwargs.get("PAGE_SIZE") else "") + kwargs["GATHER"]] += 1
                 return launch(*args, **kwargs)
             return counted
 
     def prune_counted(*args, **kwargs):
-        GLUON_LAUNCHES["prune_and_pack"] += 1
+        GLUON_LAUNCHES["prune_and_pack" if kwargs.get("pages") is None else "write_pages"] += 1
         return prune_launch(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -351,6 +352,94 @@ def fuzz_decode_test(gather):
 test_fuzz_decode_walk = fuzz_decode_test("walk")
 test_fuzz_decode_scatter = fuzz_decode_test("scatter")
 test_fuzz_decode_popc = fuzz_decode_test("popc")
+
+
+# ------------------------------------------------------------------------------------------------
+# decode over a paged cache (every gather), and write_pages
+# ------------------------------------------------------------------------------------------------
+@st.composite
+def paged_decode_cases(draw):
+    gather = draw(st.sampled_from(gluon_launch.GATHERS))
+    c = draw(decode_cases(gather))
+    rewires = draw(st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 2**16), st.integers(0, 5)), max_size=3))
+    return dict(c, gather=gather, page_size=draw(st.sampled_from([16, 32, 64, 256])), rewires=rewires)
+
+
+def run_paged_decode_case(c, device):
+    """The case's caches in shuffled pages (seq_lens: all T where the case has none), some entries
+    rewired to another used page or outside the pool: the float64 reference of the paged view, and
+    without rewiring bit for bit the contiguous call."""
+    g = torch.Generator().manual_seed(c["seed"])
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(c["dtype"]).to(device)
+    b, hkv, t, d = c["b"], c["hkv"], c["t"], c["d"]
+    lens = torch.tensor(c["lens"] or [t] * b, dtype=torch.int32, device=device)
+    pk = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["k_keep"] + 0.5) / d, seq_lens=lens)
+    pv = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["v_keep"] + 0.5) / d, seq_lens=lens)
+    q = rand(b, c["hq"], d, scale=2.0 ** c["q_scale_exp"])
+    kw = dict(num_splits=c["splits"], max_seq_len=t if c["max_seq_len"] is None else c["max_seq_len"])
+    if c["w"] is not None:
+        kw.update(k_window=rand(b, hkv, c["w"], d), v_window=rand(b, hkv, c["w"], d))
+        if c["window_lens"] is not None:
+            kw["window_lens"] = torch.tensor(c["window_lens"], dtype=torch.int32, device=device)
+    gk, gv = ref.pages_from_packed([pk, pv], c["page_size"], extra_pages=2, generator=g)
+    table = gk.block_table.clone()
+    used = sorted(set(table.flatten().tolist()))
+    for i, j, kind in c["rewires"]:
+        if table.shape[1]:
+            entry = used[kind % len(used)] if kind < 3 else (-1, gk.num_pages, 2**31 - 1)[kind - 3]
+            table[i % b, j % table.shape[1]] = entry
+    gk, gv = gk.with_tables(table, lens), gv.with_tables(table, lens)
+    launches = GLUON_LAUNCHES["paged_" + c["gather"]]
+    with autotune.forced_config("decode", dict(gluon_launch.GLUON_CONFIG, gather=c["gather"])):
+        out = check_decode(q, gk, gv, **kw)
+        if not c["rewires"]:
+            for got, want in zip(out, mt.sparse_decode_attention(q, pk, pv, return_lse=True, **kw)):
+                assert bit_equal(got, want)
+    assert GLUON_LAUNCHES["paged_" + c["gather"]] == launches + (0 if INTERPRETING else 1), "not the Gluon kernel"
+
+
+test_fuzz_paged_decode = fuzz_test("paged_decode", paged_decode_cases(), run_paged_decode_case)
+
+
+@st.composite
+def write_pages_cases(draw):
+    d, dtype, capacity = draw(st.sampled_from(PRUNE_SHAPES))
+    keep = draw(st.integers(max(1, capacity - 7), capacity))
+    page_size, pages = draw(st.sampled_from([16, 64, 256])), draw(st.integers(1, 12))
+    return dict(d=d, dtype=dtype, capacity=capacity, sparsity=(d - keep + 0.5) / d, heads=draw(st.integers(1, 4)),
+                n=draw(st.integers(1, 300)), page_size=page_size, pages=pages,
+                skip=draw(st.sampled_from([0.0, 0.1, 0.5])), outside=draw(st.sampled_from([0.0, 0.05])),
+                int64=draw(st.booleans()), values=draw(value_recipes()), seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def run_write_pages_case(c, device):
+    """Distinct slots (some -1, some outside the pool), pools of random bits: the kernel's pools
+    equal reference.write_pages' byte for byte (untouched rows included)."""
+    g = torch.Generator().manual_seed(c["seed"])
+    num_slots = c["pages"] * c["page_size"]
+    slots = torch.randperm(max(num_slots, c["n"]), generator=g)[:c["n"]]
+    u = torch.rand(c["n"], generator=g)
+    slots = torch.where(u < c["skip"], -1, torch.where(u < c["skip"] + c["outside"], num_slots + slots, slots))
+    slots = torch.where(slots >= num_slots, slots + 2**40 * c["int64"], slots)  # int64: past 32 bits
+    slots = slots.to(torch.int64 if c["int64"] else torch.int32).to(device)
+    x = make_values((c["n"], c["heads"], c["d"]), c["dtype"], c["values"], device)
+    garbage = torch.randint(-2**15, 2**15, (c["pages"], c["heads"], c["page_size"], c["d"] // 32 + c["capacity"]),
+                            generator=g, dtype=torch.int16)
+    bitmap = garbage[..., :c["d"] // 32].to(torch.int32).to(device).contiguous()
+    values = garbage[..., c["d"] // 32:].contiguous().view(c["dtype"]).to(device)
+    table, lens = torch.zeros(1, 1, dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32, device=device)
+    cache = PagedKV(bitmap, values, c["capacity"], c["d"], table, lens)
+    want = PagedKV(bitmap.clone(), values.clone(), c["capacity"], c["d"], table, lens)
+    launches = GLUON_LAUNCHES["write_pages"]
+    mt.write_pages(cache, x, slots, c["sparsity"])
+    ref.write_pages(want, x, slots, c["sparsity"])
+    assert torch.equal(cache.bitmap, want.bitmap) and bit_equal(cache.values, want.values)
+    assert GLUON_LAUNCHES["write_pages"] == launches + (0 if INTERPRETING else 1), "not the Gluon kernel"
+
+
+test_fuzz_write_pages = fuzz_test("write_pages", write_pages_cases(), run_write_pages_case)
 
 
 def test_fuzz_shapes_are_the_gluon_kernels():
