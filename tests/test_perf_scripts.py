@@ -136,7 +136,6 @@ def test_gluon_decode_multi_query_compiles_within_its_register_cap(group, lq, ga
     assert report["stack"] <= budget and report["local"] == 0, f"spills {report['stack']} bytes"
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["prune_and_pack", "write_pages"])
 @pytest.mark.parametrize("gather", ["walk", "popc", "scatter"])
 def test_gluon_decode_paged_compiles_within_its_register_cap(gather):
     """The Gluon decode kernel over a paged cache (sass_report --page-size 16: a block-table lookup
@@ -151,6 +150,7 @@ def test_gluon_decode_paged_compiles_within_its_register_cap(gather):
     assert report["stack"] <= budget and report["local"] == 0, f"spills {report['stack']} bytes"
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["prune_and_pack", "write_pages"])
 @pytest.mark.parametrize("head_dim,capacity,dtype", [(128, 40, "fp16"), (64, 32, "bf16"), (256, 80, "fp16"),
                                                      (128, 128, "bf16")])
 def test_gluon_prune_compiles_within_its_register_cap(head_dim, capacity, dtype, paged):
