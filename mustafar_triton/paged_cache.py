@@ -21,9 +21,10 @@ write_pages launch per K / V for all sequences of the call) and the window shift
 page is allocated only when a sequence's compressed length crosses a page boundary. Pages are
 never copied or moved, and no buffer is reallocated.
 
-Bookkeeping on the host, as serving engines keep it (Python ints and lists, no device reads): the
-free page list (a stack: a finished sequence's pages are the next ones handed out), each slot's
-page list, each slot's compressed and window lengths. The device tables follow through small
+Bookkeeping on the host, as serving engines keep it (Python ints and lists, no device reads; the
+index tensors go to the GPU from pinned memory, without a sync): the free page list (a stack: a
+finished sequence's pages are the next ones handed out), each slot's page list, each slot's
+compressed and window lengths. The device tables follow through small
 index writes. Running out of pages (RuntimeError), of sequence slots (RuntimeError) or of a
 sequence's block-table row (ValueError) raises before any state changes. Forward only.
 """
@@ -163,13 +164,18 @@ class PagedSparseKVCache:
             self._writer(self._paged_k, k_rows, slot_mapping, self.k_sparsity)
             self._writer(self._paged_v, v_rows, slot_mapping, self.v_sparsity)
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.block_table.device)
+    def _tensor(self, values: list, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """Host ints on the cache's device without a host sync: on a GPU from pinned memory,
+        copied asynchronously (torch's pinned-memory cache keeps the buffer until the copy is done;
+        a pageable copy would wait for the stream)."""
+        if self.block_table.is_cuda:
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(self.block_table.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=self.block_table.device)
 
     def _set(self, table: torch.Tensor, index: list, values: list) -> None:
         """table[index] = values: a small index write from host lists."""
         if values:
-            table[tuple(self._tensor(i) for i in index)] = torch.tensor(values, dtype=table.dtype, device=table.device)
+            table[tuple(self._tensor(i) for i in index)] = self._tensor(values, table.dtype)
 
     # -- sequences -----------------------------------------------------------------------------
     def join(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -281,7 +287,7 @@ class PagedSparseKVCache:
         stored = self._stored.values()
         if slots is not None:
             slots = [self._live(s) for s in slots]
-            idx = torch.tensor(slots, dtype=torch.int64, device=self.block_table.device)
+            idx = self._tensor(slots)
             table, lens = self.block_table[idx], self.seq_lens[idx]
             paged_k, paged_v = paged_k.with_tables(table, lens), paged_v.with_tables(table, lens)
             k_win, v_win, win_lens = k_win[idx], v_win[idx], win_lens[idx]
