@@ -9,6 +9,7 @@
     reference                                    pure-torch versions of all of the above
     sparse_decode_attention_op(...)              sparse_decode_attention through the custom op
                                                  torch.ops.mustafar_triton.sparse_decode_attention
+    write_pages_op(...)                          write_pages through torch.ops.mustafar_triton.write_pages
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
     PagedSparseKVCache(...)                      per-layer paged cache for continuous batching
     preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
@@ -17,12 +18,12 @@ from . import reference
 from .attention import sparse_decode_attention
 from .cache import SparseKVCache
 from .compress import pack, prune_and_pack, prune_topk, unpack, write_pages
-from .custom_op import sparse_decode_attention_op
+from .custom_op import sparse_decode_attention_op, write_pages_op
 from .format import PackedKV, PagedKV, default_capacity, kept_per_token
 from .paged_cache import PagedSparseKVCache
 from .presets import PRESETS, preset
 
 __all__ = ["PackedKV", "PagedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "write_pages",
-           "sparse_decode_attention", "sparse_decode_attention_op", "SparseKVCache", "PagedSparseKVCache", "reference",
+           "sparse_decode_attention", "sparse_decode_attention_op", "write_pages_op", "SparseKVCache", "PagedSparseKVCache", "reference",
            "kept_per_token", "default_capacity", "preset", "PRESETS"]
 __version__ = "0.1.0"

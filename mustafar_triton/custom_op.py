@@ -10,12 +10,18 @@ with block_table, the bitmaps and values are a PagedKV's pools and seq_lens is r
 returns lse. It is registered when the package is imported, with a fake (meta)
 implementation, so torch.compile(fullgraph=True) traces through it without running the kernels.
 `sparse_decode_attention_op` is the same call with PackedKV (or PagedKV) arguments. Forward only.
+
+    torch.ops.mustafar_triton.write_pages(bitmap, values, x, slot_mapping, sparsity) -> ()
+
+is compress.write_pages on a PagedKV's pools, in place (a mutating op: torch.compile keeps it in
+order with the decode op); `write_pages_op(cache, x, slot_mapping, sparsity)` calls it.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import _check_pages, sparse_decode_attention
+from .compress import write_pages
 from .format import PackedKV, PagedKV
 
 
@@ -76,3 +82,36 @@ def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: Pa
         k_window, v_window, window_lens, softmax_scale, num_splits, max_seq_len,
         packed_k.block_table if paged else None)
     return (out, lse) if return_lse else out
+
+
+_no_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _unused_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block table and seq_lens for a PagedKV that only write_pages sees (it reads neither)."""
+    if device not in _no_tables:
+        _no_tables[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
+                              torch.zeros(1, dtype=torch.int32, device=device))
+    return _no_tables[device]
+
+
+@torch.library.custom_op("mustafar_triton::write_pages", mutates_args=("bitmap", "values"))
+def _write_pages(bitmap: torch.Tensor, values: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
+                 sparsity: float) -> None:
+    """bitmap int32 [pages, Hkv, page_size, D // 32] and values [pages, Hkv, page_size, capacity]:
+    a PagedKV's pools, written in place; x [N, Hkv, D]; slot_mapping int32 / int64 [N]."""
+    table, lens = _unused_tables(values.device)
+    write_pages(PagedKV(bitmap, values, values.shape[-1], x.shape[-1], table, lens), x, slot_mapping, sparsity)
+
+
+@_write_pages.register_fake
+def _(bitmap, values, x, slot_mapping, sparsity):
+    return None
+
+
+def write_pages_op(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, sparsity: float) -> None:
+    """`mustafar_triton.write_pages` (without validate) through the custom op
+    torch.ops.mustafar_triton.write_pages: traceable by torch.compile(fullgraph=True)."""
+    if not isinstance(cache, PagedKV):
+        raise TypeError(f"cache must be a PagedKV, got {type(cache).__name__}")
+    torch.ops.mustafar_triton.write_pages(cache.bitmap, cache.values, x, slot_mapping, sparsity)

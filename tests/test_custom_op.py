@@ -156,3 +156,31 @@ def test_cuda_graph_capture(device):
     graph.replay()
     torch.testing.assert_close(out, mt.sparse_decode_attention(q, pk, pv, **window), rtol=1e-3, atol=1e-3)
     assert not torch.equal(out, want)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_write_pages_op(device):
+    """torch.ops.mustafar_triton.write_pages: write_pages' bits in place, opcheck, and a compiled
+    step (write the new tokens, then attend over the pages) equal to the eager one."""
+    q, pk, pv, window = make_case(device, seed=17, t=40)
+    gk, gv = mt.reference.pages_from_packed([pk, pv], 16, extra_pages=3, generator=torch.Generator().manual_seed(1))
+    x = randn((3, 2, 64), torch.float16, 18, device)
+    slots = torch.tensor([gk.num_pages * 16 - 1, -1, 5], dtype=torch.int64, device=device)  # a free page's rows
+    want_k = mt.PagedKV(gk.bitmap.clone(), gk.values.clone(), gk.capacity, 64, gk.block_table, gk.seq_lens)
+    mt.write_pages(want_k, x, slots, 0.7)
+    mt.write_pages_op(gk, x, slots, 0.7)
+    assert torch.equal(gk.bitmap, want_k.bitmap) and torch.equal(gk.values.view(torch.int16),
+                                                                  want_k.values.view(torch.int16))
+    torch.library.opcheck(torch.ops.mustafar_triton.write_pages.default,
+                          (gk.bitmap.clone(), gk.values.clone(), x, slots, 0.7))
+
+    def step(x, q):
+        mt.write_pages_op(gk, x, slots, 0.7)
+        mt.write_pages_op(gv, x, slots, 0.5)
+        return mt.sparse_decode_attention_op(q, gk, gv, **window)
+
+    want = step(x, q)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x, q), want)
+    with pytest.raises(TypeError, match="PagedKV"):
+        mt.write_pages_op(pk, x, slots, 0.7)
