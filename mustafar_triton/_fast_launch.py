@@ -21,16 +21,15 @@ def _alignment(args) -> tuple:
 class CompiledLauncher:
     """fn[grid](*args, **kwargs) with the JIT's binding done once (see the module docstring)."""
 
-    def __init__(self, fn, grid: tuple, option_names=("num_warps", "num_stages", "maxnreg")):
+    def __init__(self, fn, grid: tuple):
         self.fn, self.grid = fn, grid
-        self.option_names = option_names
         self.runner = None      # the compiled kernel's launcher for `grid`
         self.alignment = None   # the tensors' 16-byte alignment it was compiled for
         self.tail = None        # the names of the parameters after the positional ones, in order
 
     def __call__(self, device: torch.device, *args, **kwargs) -> None:
         if self.runner is not None:
-            full = args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)
+            full = self._all_params(args, kwargs)
             if _alignment(full) == self.alignment:
                 self.runner(*full, stream=torch._C._cuda_getCurrentRawStream(device.index))
                 return
@@ -43,8 +42,10 @@ class CompiledLauncher:
         without a JIT function's params, or that return no compiled kernel, always run as called."""
         if compiled is None or not hasattr(compiled, "packed_metadata") or not hasattr(self.fn, "params"):
             return
-        params = self.fn.params
-        self.tail = [(p.name, p.default) for p in params[len(args):]]
-        full = args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)
-        self.alignment = _alignment(full)
+        self.tail = [(p.name, p.default) for p in self.fn.params[len(args):]]
+        self.alignment = _alignment(self._all_params(args, kwargs))
         self.runner = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]  # it reads all three
+
+    def _all_params(self, args: tuple, kwargs: dict) -> tuple:
+        """Every kernel parameter in signature order (options such as num_warps are not parameters)."""
+        return args + tuple(kwargs[name] if name in kwargs else default for name, default in self.tail)

@@ -128,20 +128,19 @@ def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=No
              else torch.arange(num_pages, device=gen_dev)).to(dev)
     block_table = order[:b * pages].reshape(b, pages).to(torch.int32).contiguous()
     seq_lens = caches[0].seq_lens
-    out = []
-    for c in caches:
-        def pool(x):  # [B, Hkv, T, X] -> [num_pages, Hkv, page_size, X]
-            xi = _int_view(x) if x.is_floating_point() else x
-            xi = torch.nn.functional.pad(xi, (0, 0, 0, pages * page_size - t))
-            garbage = torch.randint(-2**15, 2**15, (num_pages, hkv, page_size, x.shape[-1]), generator=generator,
-                                    device=gen_dev)
-            p = garbage.to(dev, xi.dtype)
-            width = x.shape[-1]
-            p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, width).transpose(1, 2).reshape(
-                b * pages, hkv, page_size, width)
-            return p.view(x.dtype)
-        out.append(PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens))
-    return out
+
+    def pool(x):  # [B, Hkv, T, X] -> [num_pages, Hkv, page_size, X]
+        width = x.shape[-1]
+        xi = _int_view(x) if x.is_floating_point() else x
+        xi = torch.nn.functional.pad(xi, (0, 0, 0, pages * page_size - t))
+        garbage = torch.randint(-2**15, 2**15, (num_pages, hkv, page_size, width), generator=generator,
+                                device=gen_dev)
+        p = garbage.to(dev, xi.dtype)
+        p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, width).transpose(1, 2).reshape(
+            b * pages, hkv, page_size, width)
+        return p.view(x.dtype)
+
+    return [PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens) for c in caches]
 
 
 def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, sparsity: float,
