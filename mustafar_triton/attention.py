@@ -50,13 +50,18 @@ def _check_pages(packed_k, packed_v) -> None:
         return
     if not (_same_tensor(packed_k.block_table, packed_v.block_table)
             and _same_tensor(packed_k.seq_lens, packed_v.seq_lens)):
-        raise ValueError("paged packed_k and packed_v must share one block_table and one seq_lens tensor")
+        raise ValueError("paged packed_k and packed_v must share one block_table and one seq_lens tensor "
+                         "(under torch.compile: the same tensor objects)")
     if (packed_k.num_pages, packed_k.page_size) != (packed_v.num_pages, packed_v.page_size):
         raise ValueError(f"paged packed_k has {packed_k.num_pages} pages of {packed_k.page_size} tokens, packed_v "
                          f"{packed_v.num_pages} of {packed_v.page_size}: a page id must mean the same tokens in both")
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a is b:
+        return True
+    if torch.compiler.is_compiling():  # dynamo in torch 2.11 cannot compare data_ptr()s: objects only
+        return False
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
