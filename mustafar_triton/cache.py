@@ -334,8 +334,9 @@ class SparseKVCache:
         lens, store = self.window_lens, self.seq_lens
         sink = lens < s                                  # [B] the token is a sink
         to_store = ~sink if w == 0 else lens == s + w    # [B] a token moves to the store
-        row = torch.where(to_store, self.ring_start + s, lens) if w else lens.clamp_max(max(s - 1, 0))
-        idx = row.long()[:, None, None, None].expand(k_new.shape)
+        if s + w:   # the dense row the token goes to (window 0: a sink's, where(sink) below)
+            row = torch.where(to_store, self.ring_start + s, lens) if w else lens.clamp_max(s - 1)
+            idx = row.long()[:, None, None, None].expand(k_new.shape)
         room = to_store & (store < t)
         batch = torch.arange(self.batch, device=store.device)
         slot = torch.where(room, batch * t + store.long(), -1)  # -1: skipped by write_pages
