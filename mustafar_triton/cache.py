@@ -43,6 +43,23 @@ packed immediately.
 CUDA graphs: a graph of `attend` captured once replays over the cache as it grows (fixed buffers,
 lengths read on the device). `append` updates the host-side bounds, so run it eagerly (a captured
 append would replay without them). Forward only, no autograd.
+
+Static append (`append_static`, for torch.compile(fullgraph=True) and CUDA graphs): every call is
+the same fixed sequence of device ops, with no host read and no Python state that changes per
+step. The recent window is a ring of `window` rows after the sinks: while a sequence's ring has
+room the token takes the next row; once it is full, the ring's oldest token (row sinks +
+ring_start[b]) is pruned + packed into the store at position seq_lens[b] (one write_pages per
+K / V over all sequences: the contiguous store [B, Hkv, max_tokens, ...] is a PagedKV pool of B
+pages of max_tokens tokens, page b = sequence b, so max_tokens must be a positive multiple of 16;
+sequences with nothing to store get slot -1, which write_pages skips) and the new token takes its
+row. The ring is the same token set as the eager window, only its rows are rotated, which decode
+attention does not see. It compresses one token per step where `append` compresses `chunk` at
+once, so the two keep different tokens dense (the same tokens when window is 0). Capacity cannot
+be checked without a host read: a sequence whose store is full gets slot -1 (never a row of
+another sequence) and drops the token instead, counted in `dropped` [B] (on the device): the
+caller sizes max_tokens for the whole generation and may check `dropped` afterwards (one host
+read, e.g. `MustafarCache.check_capacity()`). After `append_static`, `append` raises until the next `prefill` / `reset` (the host
+bounds it needs are no longer kept), and `attend` sizes on max_tokens.
 """
 from __future__ import annotations
 
@@ -51,7 +68,8 @@ import torch
 from ._runtime import check_device, check_same_device
 from .attention import sparse_decode_attention
 from .compress import _check_sparsity, prune_and_pack
-from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, default_capacity
+from .custom_op import write_pages_op
+from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -117,9 +135,18 @@ class SparseKVCache:
         self.k_window = torch.zeros((batch, num_kv_heads, dense, head_dim), dtype=dtype, device=device)
         self.v_window = torch.zeros_like(self.k_window)
         self.window_lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.ring_start = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's oldest ring row
+        self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's tokens lost to a full store
         check_device("SparseKVCache buffers", self.k_window)
         self._max_store = 0   # host upper bound on seq_lens (exact for the longest sequence)
         self._max_window = 0  # host upper bound on window_lens
+        self._static = False  # append_static was used since the last prefill / reset
+        self._pages = None
+        if max_tokens % 16 == 0 and max_tokens > 0:
+            # the store as PagedKV pools of B pages (append_static's write_pages; the table is unused)
+            table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+            self._pages = tuple(PagedKV(p.bitmap, p.values, p.capacity, head_dim, table, seq_lens)
+                                for p in (self.packed_k, self.packed_v))
 
     @property
     def seq_lens(self) -> torch.Tensor:
@@ -136,9 +163,10 @@ class SparseKVCache:
     def reset(self) -> None:
         """Empty every sequence (zeroes the store, so tokens past seq_lens stay all-zero rows)."""
         for buf in (self.packed_k.bitmap, self.packed_k.values, self.packed_v.bitmap,
-                    self.packed_v.values, self.seq_lens, self.window_lens):
+                    self.packed_v.values, self.seq_lens, self.window_lens, self.ring_start, self.dropped):
             buf.zero_()
         self._max_store = self._max_window = 0
+        self._static = False
 
     def _check_tokens(self, name: str, x: torch.Tensor, tokens: int | None = None) -> None:
         if not isinstance(x, torch.Tensor):
@@ -252,6 +280,9 @@ class SparseKVCache:
         """
         self._check_tokens("k_new", k_new, 1)
         self._check_tokens("v_new", v_new, 1)
+        if self._static:
+            raise ValueError("SparseKVCache.append after append_static: the host-side bounds append needs are "
+                             "not kept by append_static; keep using append_static, or prefill / reset first")
         s, w = self.sinks, self.window
         if w == 0:
             self._append_without_window(k_new, v_new)
@@ -286,6 +317,48 @@ class SparseKVCache:
         self.window_lens.add_(to_sink.to(torch.int32))
         self._max_window = min(self._max_window + 1, s)
 
+    def append_static(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Add one decode token to every sequence with a fixed sequence of device ops (no host read,
+        no shape or Python-state change): torch.compile(fullgraph=True) and CUDA graphs can capture
+        it. k_new, v_new: [B, Hkv, 1, D]. See "Static append" in the module docstring: a sink while
+        the sequence has fewer than `sinks` tokens, else the ring's next row, storing the ring's
+        oldest token first when the ring is full (window 0: the token itself is stored). A
+        sequence whose store is full drops that token (counted in `dropped`). Raises ValueError unless max_tokens is a
+        positive multiple of 16.
+        """
+        self._check_tokens("k_new", k_new, 1)
+        self._check_tokens("v_new", v_new, 1)
+        if self._pages is None:
+            raise ValueError(f"SparseKVCache.append_static needs max_tokens a positive multiple of 16 (the store "
+                             f"is written as pages of max_tokens tokens), got {self.max_tokens}")
+        self._static = True
+        s, w, t = self.sinks, self.window, self.max_tokens
+        lens, store = self.window_lens, self.seq_lens
+        sink = lens < s                                  # [B] the token is a sink
+        to_store = ~sink if w == 0 else lens == s + w    # [B] a token moves to the store
+        if s + w:   # the dense row the token goes to (window 0: a sink's, where(sink) below)
+            row = torch.where(to_store, self.ring_start + s, lens) if w else lens.clamp_max(s - 1)
+            idx = row.long()[:, None, None, None].expand(k_new.shape)
+        room = to_store & (store < t)
+        batch = torch.arange(self.batch, device=store.device)
+        slot = torch.where(room, batch * t + store.long(), -1)  # -1: skipped by write_pages
+        for pages, window, new, sparsity in ((self._pages[0], self.k_window, k_new, self.k_sparsity),
+                                             (self._pages[1], self.v_window, v_new, self.v_sparsity)):
+            leaving = new if w == 0 else window.gather(2, idx)   # [B, Hkv, 1, D]
+            write_pages_op(pages, leaving[:, :, 0], slot, sparsity)
+            if w:
+                window.scatter_(2, idx, new)
+            elif s:
+                keep = sink[:, None, None, None]
+                window.scatter_(2, idx, torch.where(keep, new, window.gather(2, idx)))
+        store.add_(room.to(torch.int32))
+        self.dropped.add_((to_store & ~room).to(torch.int32))
+        if w:
+            self.ring_start.copy_(torch.where(to_store, (self.ring_start + 1) % w, self.ring_start))
+            lens.add_((~to_store).to(torch.int32))
+        else:
+            lens.add_(sink.to(torch.int32))
+
     def attend(self, q: torch.Tensor, softmax_scale: float | None = None, return_lse: bool = False,
                for_graph: bool = False):
         """Decode attention of q [B, Hq, D] over every cached token (store, sinks and window).
@@ -294,11 +367,12 @@ class SparseKVCache:
         Returns out [B, Hq, D] in the cache dtype, and lse [B, Hq] float32 if return_lse.
         The kernel's splits are sized on the host's bound of the stored length, so a cache
         allocated far beyond its contents still uses the whole GPU. A CUDA graph captured now
-        would keep that bound; capture with for_graph=True, which sizes on max_tokens instead.
+        would keep that bound; capture with for_graph=True, which sizes on max_tokens instead
+        (as every call does after append_static, which keeps no host bound).
         """
         window = {}
         if self.sinks + self.window > 0:
             window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
-        bound = self.max_tokens if for_graph else self._max_store
+        bound = self.max_tokens if for_graph or self._static else self._max_store
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
                                        return_lse=return_lse, max_seq_len=bound, **window)

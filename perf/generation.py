@@ -1,8 +1,12 @@
 """SmolLM2-135M-Instruct decoding on a GPU: dense (transformers DynamicCache + SDPA) against
 Mustafar (MustafarCache: the Triton prune/pack and fused sparse decode kernels), on real text.
+A run "<name>_compiled" decodes with generate()'s compiled call (model.get_compiled_call: inductor,
+fullgraph, CUDA graphs): dense on transformers' StaticCache, Mustafar on MustafarCache(static=True)
+(one token per step to the store, a ring window; see SparseKVCache's "Static append").
 
     python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
-                              [--runs dense,K0.5V0.5,K0.7V0.7,preset-K0.7V0.7,preset-K0.5V0.5]
+                              [--runs dense,K0.5V0.5,K0.7V0.7,preset-K0.7V0.7,preset-K0.5V0.5,
+                                      dense_compiled,K0.7V0.7_compiled,...]
                               [--profile DIR]
                               [--out perf/results/generation_smollm2_h100.json]
 
@@ -15,9 +19,12 @@ Reported per run:
     end) and prefill time;
   - perplexity of the continuation and top-1 agreement with dense;
   - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
-  - for the compressed caches, the same run once more with the decode attention AND the
-    prune/pack swapped for mustafar_triton.reference (float64 torch): the kernel path and the
-    reference path must give the same perplexity within floating-point tolerance.
+  - for the compressed caches (not the compiled runs, whose custom ops the swap does not reach),
+    the same run once more with the decode attention AND the prune/pack swapped for
+    mustafar_triton.reference (float64 torch): the kernel path and the reference path must give
+    the same perplexity within floating-point tolerance.
+A compiled run's warm-up compiles and records the graphs; its timed run reuses the warm-up's cache
+(reset), so the CUDA graphs replay over the same buffers.
 """
 from __future__ import annotations
 
@@ -38,10 +45,11 @@ from common import environment, synchronize  # noqa: E402
 
 from mustafar_triton import cache as cache_module, preset, reference  # noqa: E402
 
-# run name -> MustafarCache settings (None: dense); plain runs take --window
+# run name -> MustafarCache settings (None: dense); plain runs take --window; each also as "<name>_compiled"
 RUNS = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
         ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
         *((f"preset-{name}", preset(name, head_dim=64)) for name in ("K0.7V0.7", "K0.5V0.5"))]
+RUNS += [(f"{name}_compiled", settings) for name, settings in RUNS]
 
 
 def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
@@ -65,19 +73,28 @@ def reference_path():
         cache_module.sparse_decode_attention, cache_module.prune_and_pack = saved
 
 
-@torch.no_grad()
-def run(model, ids: torch.Tensor, prompt: int, settings: dict | None, window: int):
-    """Prefill ids[:, :prompt], then feed ids[:, prompt:] one token per step.
-    Returns (logits of every step [B, steps, V] float32, prefill s, decode s)."""
-    from transformers import DynamicCache
+def make_cache(model, tokens: int, settings: dict | None, window: int, compiled: bool):
+    """The run's cache for `tokens` tokens per sequence, with the attention it needs selected."""
+    from transformers import DynamicCache, StaticCache
 
-    from mustafar_triton.integrations.transformers import MustafarCache, cache_keyword, use_mustafar_attention
+    from mustafar_triton.integrations.transformers import MustafarCache, use_mustafar_attention
     if settings is None:
         model.set_attn_implementation("sdpa")
-        cache = DynamicCache()
-    else:
-        use_mustafar_attention(model)
-        cache = MustafarCache(model.config, max_tokens=ids.shape[1], **{"window": window, **settings})
+        return StaticCache(config=model.config, max_cache_len=tokens) if compiled else DynamicCache()
+    use_mustafar_attention(model)
+    max_tokens = -(-tokens // 16) * 16 if compiled else tokens   # static: a multiple of 16
+    return MustafarCache(model.config, max_tokens=max_tokens, static=compiled, **{"window": window, **settings})
+
+
+@torch.no_grad()
+def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
+    """Prefill ids[:, :prompt] (eager), then feed ids[:, prompt:] one token per step (through
+    generate()'s compiled call if `compiled`). Returns (logits of every step [B, steps, V]
+    float32, prefill s, decode s)."""
+    from transformers import CompileConfig
+
+    from mustafar_triton.integrations.transformers import cache_keyword
+    forward = model.get_compiled_call(CompileConfig(fullgraph=True)) if compiled else model
     cache_arg = {cache_keyword(model): cache}
     synchronize(ids.device)
     start = time.perf_counter()
@@ -87,8 +104,8 @@ def run(model, ids: torch.Tensor, prompt: int, settings: dict | None, window: in
     logits = [out.logits[:, -1]]
     start = time.perf_counter()
     for i in range(prompt, ids.shape[1] - 1):
-        out = model(ids[:, i:i + 1], **cache_arg, use_cache=True)
-        logits.append(out.logits[:, -1])
+        out = forward(input_ids=ids[:, i:i + 1], **cache_arg, use_cache=True)
+        logits.append(out.logits[:, -1].clone())   # a CUDA graph's output is overwritten by the next replay
     synchronize(ids.device)
     decode_s = time.perf_counter() - start
     return torch.stack(logits, 1).float(), prefill_s, decode_s
@@ -119,11 +136,17 @@ def main():
                 continue
             # Warm up with the identical run: Triton specializes on integer arguments (the cache's
             # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
-            run(model, ids, args.prompt, settings, args.window)
+            compiled = name.endswith("_compiled")
+            cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
+            run(model, ids, args.prompt, cache, compiled)
+            if compiled:
+                cache.reset()   # the same buffers: the graphs recorded in the warm-up replay
+            else:
+                cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
-            logits, prefill_s, decode_s = run(model, ids, args.prompt, settings, args.window)
+            logits, prefill_s, decode_s = run(model, ids, args.prompt, cache, compiled)
             if profiler:
                 profiler.disable()
                 text = io.StringIO()
@@ -134,12 +157,14 @@ def main():
             row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
                        **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
                        decode_tokens_per_s=batch * args.steps / decode_s, perplexity=math.exp(nll.item()))
-            if settings is None:
+            if name == "dense":
                 dense_top1 = logits.argmax(-1)
-            else:
+            elif "dense" in args.runs.split(","):
                 row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
+            if settings is not None and not compiled:
                 with reference_path():
-                    ref_logits, _, _ = run(model, ids, args.prompt, settings, args.window)
+                    ref_logits, _, _ = run(model, ids, args.prompt,
+                                           make_cache(model, ids.shape[1], settings, args.window, False), False)
                 ref_nll = torch.nn.functional.cross_entropy(ref_logits[:, 1:].flatten(0, 1), targets.flatten())
                 row["reference_path_perplexity"] = math.exp(ref_nll.item())
                 row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()

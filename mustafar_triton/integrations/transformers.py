@@ -22,6 +22,16 @@ sequence's own first S prompt tokens (after its padding) stay dense. The prompt'
 read on the host once per prefill. What the integration cannot serve raises ValueError naming it:
 right padding or gaps in the mask, several new tokens per step after the prompt (assisted or
 speculative decoding, chunked prefill, a second prompt on a used cache), beam search.
+
+Compiled decode: `MustafarCache(..., static=True)` (max_tokens a multiple of 16) has compileable
+layers, so generate() on CUDA compiles its decode step (torch.compile, CUDA graphs) as with
+transformers' StaticCache. Each step is SparseKVCache.append_static and the attention custom op:
+no host read, no Python int that changes per step (the lengths live on the device; the layer's
+token count is a device tensor, as StaticLayer's), fixed buffers marked static. The prompt is
+still attended and compressed eagerly, as generate() runs the prefill uncompiled. The static
+cache moves one token per step from its ring-shaped window to the store, so it keeps other
+tokens dense than the eager cache (SparseKVCache's "Static append"), and a sequence whose store
+is full drops its oldest tokens instead of raising: size max_tokens for prompt + new tokens.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 
 from ..cache import SparseKVCache, _check_count
 from ..compress import _check_sparsity
+from ..custom_op import sparse_decode_attention_op
 
 ATTENTION_NAME = "mustafar"
 # Cache.update runs right before the attention call of the same layer: it leaves the layer here.
@@ -93,7 +104,8 @@ class MustafarLayer(CacheLayerMixin):
         self.window, self.max_tokens, self.sinks = window, max_tokens, sinks
         self.store: SparseKVCache | None = None
         self.length = 0
-        self.prompt_pending = False  # the prompt went through update() but is not compressed yet
+        self.has_prompt = False      # the prompt went through update()
+        self.prompt_pending = False  # ... but is not compressed yet
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, hkv, _, d = key_states.shape
@@ -112,17 +124,27 @@ class MustafarLayer(CacheLayerMixin):
             raise ValueError(f"MustafarCache: the prompt never reached attention '{ATTENTION_NAME}'; "
                              "call use_mustafar_attention(model) before generating")
         new = key_states.shape[2]
-        if self.length == 0:
-            self.prompt_pending = True
+        if not self.has_prompt:
+            self.has_prompt = self.prompt_pending = True
         elif new == 1:
-            self.store.append(key_states, value_states)
+            self.append(key_states, value_states)
         else:
             raise ValueError(
                 f"MustafarCache takes one new token per sequence and step after the prompt, got {new} "
                 "(assisted / speculative decoding, chunked prefill and a second prompt on a used cache "
                 "are not supported)")
-        self.length += new
+        self.advance(new)
         return key_states, value_states
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.store.append(key_states, value_states)
+
+    def advance(self, new: int) -> None:
+        self.length += new
+
+    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """Decode attention of query [B, Hq, D] over the layer's cache: [B, Hq, D]."""
+        return self.store.attend(query, softmax_scale=scaling)
 
     def prefill(self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask) -> None:
         """Compress the prompt [B, Hkv, T, D], each sequence's valid tokens read from the prefill mask."""
@@ -145,11 +167,59 @@ class MustafarLayer(CacheLayerMixin):
         if self.store is not None:
             self.store.reset()
         self.length = 0
-        self.prompt_pending = False
+        self.has_prompt = self.prompt_pending = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise ValueError("MustafarCache does not support beam search (reordering the cache's sequences); "
                          "use greedy decoding or sampling")
+
+
+class StaticMustafarLayer(MustafarLayer):
+    """MustafarLayer whose decode step torch.compile(fullgraph=True) and CUDA graphs capture: it
+    appends with SparseKVCache.append_static, attends through the custom op, and counts tokens in
+    a device tensor (transformers builds positions from it, as from StaticLayer's)."""
+
+    is_compileable = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cumulative_length = torch.zeros((), dtype=torch.int64)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():
+            # fixed addresses: CUDA graphs then replay over them instead of copying them in
+            store = self.store
+            for buf in (store.packed_k.bitmap, store.packed_k.values, store.packed_v.bitmap, store.packed_v.values,
+                        store.seq_lens, store.k_window, store.v_window, store.window_lens, store.ring_start,
+                        self.cumulative_length):
+                torch._dynamo.mark_static_address(buf)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.store.append_static(key_states, value_states)
+
+    def advance(self, new: int) -> None:
+        self.cumulative_length.add_(new)
+
+    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        store = self.store
+        window = {}
+        if store.sinks + store.window > 0:
+            window = dict(k_window=store.k_window, v_window=store.v_window, window_lens=store.window_lens)
+        return sparse_decode_attention_op(query, store.packed_k, store.packed_v, softmax_scale=scaling,
+                                          max_seq_len=store.max_tokens, **window)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # the prompt's mask covers the prompt; a decode step's has one fixed width (no recompiles)
+        return (self.get_max_length() if self.has_prompt else query_length), 0
+
+    def get_seq_length(self):
+        return self.cumulative_length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.cumulative_length.zero_()
 
 
 class MustafarCache(Cache):
@@ -158,18 +228,39 @@ class MustafarCache(Cache):
     k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
     sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction;
     `mustafar_triton.preset(name, head_dim)` gives measured equal-bytes settings to pass as **kwargs.
+    static=True: compileable layers (StaticMustafarLayer), for generate()'s compiled decode; needs
+    max_tokens a positive multiple of 16, and enough of it: a full store drops tokens (no error
+    inside a compiled step); `check_capacity()` after generate() raises if any were dropped.
     """
 
     def __init__(self, config, k_sparsity: float = 0.5, v_sparsity: float = 0.5, window: int = 32,
-                 max_tokens: int = 4096, sinks: int = 0):
+                 max_tokens: int = 4096, sinks: int = 0, static: bool = False):
         _check_count("sinks", sinks, 0)
         _check_count("window", window, 0)
         _check_count("max_tokens", max_tokens, 0)
         _check_sparsity(k_sparsity)
         _check_sparsity(v_sparsity)
-        layers = [MustafarLayer(k_sparsity, v_sparsity, window, max_tokens, sinks)
-                  for _ in range(config.num_hidden_layers)]
+        if not isinstance(static, bool):
+            raise TypeError(f"static must be a bool, got {type(static).__name__}")
+        if static and (max_tokens == 0 or max_tokens % 16):
+            raise ValueError(f"MustafarCache(static=True) needs max_tokens a positive multiple of 16 (the store is "
+                             f"written as pages of max_tokens tokens), got {max_tokens}")
+        layer = StaticMustafarLayer if static else MustafarLayer
+        layers = [layer(k_sparsity, v_sparsity, window, max_tokens, sinks) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
+
+    def check_capacity(self) -> None:
+        """Raise ValueError if a static cache dropped tokens because a sequence's store was full
+        (append_static cannot raise inside a compiled step). One host read: call it after
+        generate(), not per step."""
+        stores = [layer.store for layer in self.layers if layer.store is not None]
+        if not stores:
+            return
+        dropped = torch.stack([store.dropped for store in stores]).amax(0).tolist()
+        lost = [b for b, n in enumerate(dropped) if n]
+        if lost:
+            raise ValueError(f"MustafarCache: sequences {lost} lost {[dropped[b] for b in lost]} tokens to a full "
+                             f"store; allocate max_tokens for the prompt plus every generated token")
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
@@ -186,7 +277,7 @@ def mustafar_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is not None and layer.prompt_pending:
         layer.prefill(key, value, attention_mask)
     elif layer is not None:
-        out = layer.store.attend(query[:, :, 0], softmax_scale=scaling)   # [B, Hq, D]
+        out = layer.attend(query[:, :, 0], scaling)                        # [B, Hq, D]
         return out[:, None], None                                          # [B, 1, Hq, D]
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, **kwargs)
