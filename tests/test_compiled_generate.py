@@ -5,6 +5,8 @@ At sparsity 0 in float32 compression is lossless, so greedy tokens must equal de
 On the CPU generate() does not compile by itself: CompileConfig._compile_all_devices makes it
 take the compiled path (fullgraph=True: any graph break fails), and one decode step compiled by
 hand must equal the eager step, cache state included."""
+import shutil
+
 import pytest
 import torch
 
@@ -61,7 +63,8 @@ def test_static_cache_generates_as_dense(llama):
     assert int(cache.get_seq_length()) == ids.shape[1] + GREEDY["max_new_tokens"] - 1
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(
+    not any(map(shutil.which, ("c++", "g++", "clang++"))), reason="inductor's CPU code needs a C++ compiler"))])
 def test_compiled_generate_matches_dense(llama, backend):
     """generate()'s own compiled decode (fullgraph), one compile for two caches (no recompile)."""
     model, ids, mask, dense = llama
