@@ -193,7 +193,7 @@ class StaticMustafarLayer(MustafarLayer):
             store = self.store
             for buf in (store.packed_k.bitmap, store.packed_k.values, store.packed_v.bitmap, store.packed_v.values,
                         store.seq_lens, store.k_window, store.v_window, store.window_lens, store.ring_start,
-                        self.cumulative_length):
+                        store.dropped, self.cumulative_length):
                 torch._dynamo.mark_static_address(buf)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
