@@ -16,7 +16,8 @@
 # three decode gathers and the paged decode, 5 shards each; counts, seed and timings in $OUT/gpu_fuzz-*.json.gw*),
 # fuzz-memcheck (a sample of 50 cases per kernel under compute-sanitizer). The fuzz stages compile
 # into .gen/triton_cache (git-ignored; it stays on a warm machine, and can be carried) and share one
-# MUSTAFAR_FUZZ_SEED among the workers; MUSTAFAR_FUZZ_SHARDS / _EXAMPLES / _SEED override theirs.
+# MUSTAFAR_FUZZ_SEED among the workers; MUSTAFAR_FUZZ_SHARDS / _EXAMPLES / _SEED override theirs,
+# MUSTAFAR_FUZZ_WORKERS the 16 pytest-xdist workers (16 CUDA processes time-share the GPU: see perf/NOTES.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
@@ -68,7 +69,7 @@ for stage in "$@"; do
         esac
         MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_SHARDS="${MUSTAFAR_FUZZ_SHARDS:-$shards}" \
             MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" timeout $limit \
-            python3 -m pytest -q -p no:cacheprovider -n 16 --dist load tests/test_gpu_fuzz.py -k "$which" \
+            python3 -m pytest -q -p no:cacheprovider -n "${MUSTAFAR_FUZZ_WORKERS:-16}" --dist load tests/test_gpu_fuzz.py -k "$which" \
             > "$OUT/gpu_$stage.log" 2>&1
       fi
       tail -3 "$OUT/gpu_$stage.log" ;;

@@ -324,6 +324,14 @@ def decode_cases(draw, gather):
                 q_scale_exp=draw(st.integers(-4, 3)), seed=draw(st.integers(0, 2**31 - 1)))
 
 
+def packed_pair(rand, c, lens):
+    """The case's K and V caches, pruned and packed by the reference (bit-equal to the kernel,
+    which its own fuzz test covers), so decode workers compile only decode kernels."""
+    b, hkv, t, d = c["b"], c["hkv"], c["t"], c["d"]
+    return (ref.prune_and_pack(rand(b, hkv, t, d), (d - c[keep] + 0.5) / d, seq_lens=lens)
+            for keep in ("k_keep", "v_keep"))
+
+
 def run_decode_case(gather, c, device):
     g = torch.Generator().manual_seed(c["seed"])
 
@@ -331,8 +339,7 @@ def run_decode_case(gather, c, device):
         return (torch.randn(shape, generator=g) * scale).to(c["dtype"]).to(device)
     b, hkv, t, d = c["b"], c["hkv"], c["t"], c["d"]
     lens = None if c["lens"] is None else torch.tensor(c["lens"], dtype=torch.int32, device=device)
-    pk = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["k_keep"] + 0.5) / d, seq_lens=lens)
-    pv = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["v_keep"] + 0.5) / d, seq_lens=lens)
+    pk, pv = packed_pair(rand, c, lens)
     q = rand(b, c["hq"], d, scale=2.0 ** c["q_scale_exp"])
     kw = dict(num_splits=c["splits"], max_seq_len=c["max_seq_len"])
     if c["w"] is not None:
@@ -375,8 +382,7 @@ def run_paged_decode_case(c, device):
         return (torch.randn(shape, generator=g) * scale).to(c["dtype"]).to(device)
     b, hkv, t, d = c["b"], c["hkv"], c["t"], c["d"]
     lens = torch.tensor(c["lens"] or [t] * b, dtype=torch.int32, device=device)
-    pk = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["k_keep"] + 0.5) / d, seq_lens=lens)
-    pv = mt.prune_and_pack(rand(b, hkv, t, d), (d - c["v_keep"] + 0.5) / d, seq_lens=lens)
+    pk, pv = packed_pair(rand, c, lens)
     q = rand(b, c["hq"], d, scale=2.0 ** c["q_scale_exp"])
     kw = dict(num_splits=c["splits"], max_seq_len=t if c["max_seq_len"] is None else c["max_seq_len"])
     if c["w"] is not None:
