@@ -4,6 +4,7 @@ agreement with the dense model on real text, over a grid of cache configurations
 sparsity, attention sinks S (the first S tokens kept dense) and the dense recent window W.
 
     python perf/accuracy.py [--grid equal-bytes|sparsity] [--tokens 2048] [--out FILE] [--resume]
+    python perf/accuracy.py --model gemma3 --grid equal-bytes-d256   # Gemma 3 270M (D=256, one kv head)
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
