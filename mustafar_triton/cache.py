@@ -58,8 +58,9 @@ once, so the two keep different tokens dense (the same tokens when window is 0).
 be checked without a host read: a sequence whose store is full gets slot -1 (never a row of
 another sequence) and drops the token instead, counted in `dropped` [B] (on the device): the
 caller sizes max_tokens for the whole generation and may check `dropped` afterwards (one host
-read, e.g. `MustafarCache.check_capacity()`). After `append_static`, `append` raises until the next `prefill` / `reset` (the host
-bounds it needs are no longer kept), and `attend` sizes on max_tokens.
+read, e.g. `MustafarCache.check_capacity()`). After `append_static`, `append` raises until the
+next `prefill` / `reset` (the host bounds it needs are no longer kept), and `attend` sizes on
+max_tokens.
 """
 from __future__ import annotations
 
@@ -136,7 +137,7 @@ class SparseKVCache:
         self.v_window = torch.zeros_like(self.k_window)
         self.window_lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self.ring_start = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's oldest ring row
-        self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's tokens lost to a full store
+        self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's drops (full store)
         check_device("SparseKVCache buffers", self.k_window)
         self._max_store = 0   # host upper bound on seq_lens (exact for the longest sequence)
         self._max_window = 0  # host upper bound on window_lens
@@ -323,8 +324,8 @@ class SparseKVCache:
         it. k_new, v_new: [B, Hkv, 1, D]. See "Static append" in the module docstring: a sink while
         the sequence has fewer than `sinks` tokens, else the ring's next row, storing the ring's
         oldest token first when the ring is full (window 0: the token itself is stored). A
-        sequence whose store is full drops that token (counted in `dropped`). Raises ValueError unless max_tokens is a
-        positive multiple of 16.
+        sequence whose store is full drops that token (counted in `dropped`). Raises ValueError
+        unless max_tokens is a positive multiple of 16.
         """
         self._check_tokens("k_new", k_new, 1)
         self._check_tokens("v_new", v_new, 1)
