@@ -371,9 +371,19 @@ class SparseKVCache:
         would keep that bound; capture with for_graph=True, which sizes on max_tokens instead
         (as every call does after append_static, which keeps no host bound).
         """
-        window = {}
-        if self.sinks + self.window > 0:
-            window = dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
         bound = self.max_tokens if for_graph or self._static else self._max_store
         return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
-                                       return_lse=return_lse, max_seq_len=bound, **window)
+                                       return_lse=return_lse, max_seq_len=bound, **self.window_kwargs())
+
+    def window_kwargs(self) -> dict:
+        """The dense buffer as sparse_decode_attention's k_window / v_window / window_lens (none
+        without sinks and window)."""
+        if self.sinks + self.window == 0:
+            return {}
+        return dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every device tensor of the cache (stores, dense buffers, lengths, append_static's ring
+        start and drop counts): their addresses never change."""
+        return (self.packed_k.bitmap, self.packed_k.values, self.packed_v.bitmap, self.packed_v.values,
+                self.seq_lens, self.k_window, self.v_window, self.window_lens, self.ring_start, self.dropped)

@@ -31,7 +31,9 @@ token count is a device tensor, as StaticLayer's), fixed buffers marked static. 
 still attended and compressed eagerly, as generate() runs the prefill uncompiled. The static
 cache moves one token per step from its ring-shaped window to the store, so it keeps other
 tokens dense than the eager cache (SparseKVCache's "Static append"), and a sequence whose store
-is full drops its oldest tokens instead of raising: size max_tokens for prompt + new tokens.
+is full drops its oldest tokens instead of raising (counted on the device;
+`MustafarCache.check_capacity()` raises after generate() if any were): size max_tokens for prompt
++ new tokens.
 """
 from __future__ import annotations
 
@@ -190,10 +192,7 @@ class StaticMustafarLayer(MustafarLayer):
         self.cumulative_length = self.cumulative_length.to(self.device)
         if not torch.compiler.is_compiling():
             # fixed addresses: CUDA graphs then replay over them instead of copying them in
-            store = self.store
-            for buf in (store.packed_k.bitmap, store.packed_k.values, store.packed_v.bitmap, store.packed_v.values,
-                        store.seq_lens, store.k_window, store.v_window, store.window_lens, store.ring_start,
-                        store.dropped, self.cumulative_length):
+            for buf in (*self.store.buffers(), self.cumulative_length):
                 torch._dynamo.mark_static_address(buf)
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -204,11 +203,8 @@ class StaticMustafarLayer(MustafarLayer):
 
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         store = self.store
-        window = {}
-        if store.sinks + store.window > 0:
-            window = dict(k_window=store.k_window, v_window=store.v_window, window_lens=store.window_lens)
         return sparse_decode_attention_op(query, store.packed_k, store.packed_v, softmax_scale=scaling,
-                                          max_seq_len=store.max_tokens, **window)
+                                          max_seq_len=store.max_tokens, **store.window_kwargs())
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the prompt's mask covers the prompt; a decode step's has one fixed width (no recompiles)
