@@ -147,6 +147,12 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     sizing are resolved once per argument layout (shapes, strides, dtypes, devices) and bound, and
     the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).
     """
+    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+    return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse)
+
+
+def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits) -> "_DecodePlan":
+    """The checked plan of this argument layout, made on its first call and kept (_plans)."""
     try:
         key = _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
         plan = _plans.get(key)
@@ -158,7 +164,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
             if len(_plans) >= _MAX_PLANS:
                 del _plans[next(iter(_plans))]  # the oldest layout
             _plans[key] = plan
-    return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse)
+    return plan
 
 
 def launched_gather(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
@@ -257,7 +263,11 @@ class _DecodePlan:
         self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
         self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse):
+    def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse,
+                 keep_split_buffers=True):
+        """keep_split_buffers=False allocates the split buffers for this call only: the custom op's
+        way, since CUDA-graph trees (torch.compile's "reduce-overhead") refuse a tensor that a
+        graph allocates and something outside it keeps."""
         if self.paged:  # which tensors K and V share is not part of the layout: checked per call
             _check_pages(packed_k, packed_v)
         if self.copy_q:
@@ -281,7 +291,7 @@ class _DecodePlan:
             launch = self._resolve(bound, tensors)
             if not autotune.tracing(self.device):  # a config picked while capturing may be tuned later
                 self.launches[bound] = launch
-        launch(self, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse)
+        launch(self, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, keep_split_buffers)
         return (out, lse) if return_lse else out
 
     def _resolve(self, bound: int, tensors) -> "_Launch":
@@ -310,10 +320,14 @@ class _DecodePlan:
                                   batch_heads=self.batch * self.hkv, context=context)
         return _Launch(self, runnable(cfg), context)
 
-    def buffers(self, splits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat float32 split buffers of this stream holding at least [B * Hkv, splits, Lq * G, (D)]."""
-        stream = torch._C._cuda_getCurrentRawStream(self.device.index) if self.device.type == "cuda" else 0
+    def buffers(self, splits: int, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat float32 split buffers holding at least [B * Hkv, splits, Lq * G, (D)]: kept per
+        CUDA stream, or (keep=False) this call's own."""
         rows = self.batch * self.hkv * splits * self.rows
+        if not keep:
+            return (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
+                    torch.empty(rows, dtype=torch.float32, device=self.device))
+        stream = torch._C._cuda_getCurrentRawStream(self.device.index) if self.device.type == "cuda" else 0
         bufs = self.split_buffers.get(stream)
         if bufs is None or bufs[1].numel() < rows:
             bufs = (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
@@ -341,7 +355,9 @@ class _Launch:
                 cfg, d, rows, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device))
         else:
             splits = splits_for(0)
-            self.slot_table = _slot_table(plan.device)
+            # the "lut" expansion's table (never picked on a GPU); any int32 tensor stands in where
+            # the kernel does not read it, so a first call inside a CUDA graph keeps no new tensor
+            self.slot_table = _slot_table(plan.device) if cfg.get("SLOTS") == "lut" else None
             self.block_h = max(16, next_pow2(rows))  # tl.dot's smallest M
         self.per_split = max(1, cdiv(cdiv(context, splits), cfg["BLOCK_N"])) * cfg["BLOCK_N"]
         self.splits = max(1, cdiv(context, self.per_split))
@@ -354,9 +370,9 @@ class _Launch:
         self.decode = CompiledLauncher(decode, (self.splits, batch * hkv))
         self.merge = CompiledLauncher(_merge_splits_kernel, (batch * plan.lq * plan.hq, d // self.block_d))
 
-    def __call__(self, plan, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse):
+    def __call__(self, plan, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, keep_split_buffers=True):
         cfg, splits, d, group, hkv = self.cfg, self.splits, plan.d, plan.group, plan.hkv
-        part_out, part_lse = plan.buffers(splits)
+        part_out, part_lse = plan.buffers(splits, keep_split_buffers)
         wstride = plan.window_stride
         common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
         # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same kernel).
@@ -372,7 +388,7 @@ class _Launch:
                         BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-            self.decode(plan.device, *common, self.slot_table, *rest, **plan.flags, **pages,
+            self.decode(plan.device, *common, self.slot_table if self.slot_table is not None else packed_k.bitmap, *rest, **plan.flags, **pages,
                         BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                         PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)

