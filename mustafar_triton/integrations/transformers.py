@@ -43,7 +43,7 @@ import weakref
 
 import torch
 from transformers import AttentionInterface
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer, StaticSlidingWindowLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
@@ -219,7 +219,9 @@ class StaticMustafarLayer(MustafarLayer):
 
 
 class MustafarCache(Cache):
-    """A transformers Cache whose every layer is a Mustafar compressed store plus dense window.
+    """A transformers Cache whose full-attention layers are Mustafar compressed stores plus dense
+    windows; sliding-window layers (Gemma 2 / 3, Mistral, ...) keep their at most `sliding_window`
+    tokens dense in transformers' own sliding layers and attend through SDPA with the model's mask.
 
     k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
     sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction;
@@ -242,14 +244,21 @@ class MustafarCache(Cache):
             raise ValueError(f"MustafarCache(static=True) needs max_tokens a positive multiple of 16 (the store is "
                              f"written as pages of max_tokens tokens), got {max_tokens}")
         layer = StaticMustafarLayer if static else MustafarLayer
-        layers = [layer(k_sparsity, v_sparsity, window, max_tokens, sinks) for _ in range(config.num_hidden_layers)]
+        layers = []
+        for kind, sliding_window in attention_layers(config):
+            if kind == "full_attention":
+                layers.append(layer(k_sparsity, v_sparsity, window, max_tokens, sinks))
+            elif static:  # at most sliding_window dense tokens: transformers' own layers, as StaticCache's
+                layers.append(StaticSlidingWindowLayer(max_tokens + sinks + window, sliding_window))
+            else:
+                layers.append(DynamicSlidingWindowLayer(sliding_window))
         super().__init__(layers=layers)
 
     def check_capacity(self) -> None:
         """Raise ValueError if a static cache dropped tokens because a sequence's store was full
         (append_static cannot raise inside a compiled step). One host read: call it after
         generate(), not per step."""
-        stores = [layer.store for layer in self.layers if layer.store is not None]
+        stores = [layer.store for layer in self.layers if isinstance(layer, MustafarLayer) and layer.store is not None]
         if not stores:
             return
         dropped = torch.stack([store.dropped for store in stores]).amax(0).tolist()
@@ -260,8 +269,29 @@ class MustafarCache(Cache):
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        _current.layer = self.layers[layer_idx]
+        layer = self.layers[layer_idx]
+        _current.layer = layer if isinstance(layer, MustafarLayer) else None  # None: SDPA, the model's mask
         return keys, values
+
+
+def attention_layers(config) -> list[tuple[str, int | None]]:
+    """(layer type, sliding window) of each decoder layer, read from the config as transformers'
+    DynamicCache reads it: `layer_types`, else every layer sliding if `sliding_window` is set.
+    Raises ValueError for a type MustafarCache cannot serve (chunked attention, shared or absent
+    caches, ...) and for a model without a full-attention layer (nothing to compress)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    sliding_window = getattr(text, "sliding_window", None)
+    kinds = getattr(text, "layer_types", None)
+    if kinds is None:
+        kinds = ["full_attention" if sliding_window is None else "sliding_attention"] * text.num_hidden_layers
+    unknown = sorted(set(kinds) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ValueError(f"MustafarCache serves full-attention and sliding-window layers; this model has "
+                         f"layer types {unknown}")
+    if "full_attention" not in kinds:
+        raise ValueError("MustafarCache compresses full-attention layers; every layer of this model attends "
+                         f"a sliding window of {sliding_window} tokens (use the model's own cache)")
+    return [(kind, sliding_window if kind == "sliding_attention" else None) for kind in kinds]
 
 
 def mustafar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
