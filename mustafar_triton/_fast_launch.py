@@ -14,23 +14,20 @@ from __future__ import annotations
 import torch
 
 
-def _alignment(args) -> tuple:
-    return tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
-
-
 class CompiledLauncher:
     """fn[grid](*args, **kwargs) with the JIT's binding done once (see the module docstring)."""
 
     def __init__(self, fn, grid: tuple):
         self.fn, self.grid = fn, grid
         self.runner = None      # the compiled kernel's launcher for `grid`
-        self.alignment = None   # the tensors' 16-byte alignment it was compiled for
+        self.tensors = ()       # the positions of the tensor parameters
+        self.alignment = None   # their 16-byte alignment the kernel was compiled for
         self.tail = None        # the names of the parameters after the positional ones, in order
 
     def __call__(self, device: torch.device, *args, **kwargs) -> None:
         if self.runner is not None:
             full = self._all_params(args, kwargs)
-            if _alignment(full) == self.alignment:
+            if self._same_alignment(full):
                 self.runner(*full, stream=torch._C._cuda_getCurrentRawStream(device.index))
                 return
         compiled = self.fn[self.grid](*args, **kwargs)
@@ -43,8 +40,20 @@ class CompiledLauncher:
         if compiled is None or not hasattr(compiled, "packed_metadata") or not hasattr(self.fn, "params"):
             return
         self.tail = [(p.name, p.default) for p in self.fn.params[len(args):]]
-        self.alignment = _alignment(self._all_params(args, kwargs))
+        full = self._all_params(args, kwargs)
+        self.tensors = tuple(i for i, a in enumerate(full) if isinstance(a, torch.Tensor))
+        self.alignment = tuple(full[i].data_ptr() % 16 == 0 for i in self.tensors)
         self.runner = compiled[tuple(self.grid) + (1,) * (3 - len(self.grid))]  # it reads all three
+
+    def _same_alignment(self, full: tuple) -> bool:
+        """Every tensor parameter 16-byte aligned as at the first launch. The usual case, all of
+        them aligned, is one OR over the addresses (a host-time saving of a few us per launch)."""
+        if all(self.alignment):
+            bits = 0
+            for i in self.tensors:
+                bits |= full[i].data_ptr()
+            return bits % 16 == 0
+        return tuple(full[i].data_ptr() % 16 == 0 for i in self.tensors) == self.alignment
 
     def _all_params(self, args: tuple, kwargs: dict) -> tuple:
         """Every kernel parameter in signature order (options such as num_warps are not parameters)."""

@@ -1,6 +1,6 @@
 """Host-side cost of one `sparse_decode_attention` call and of one `SparseKVCache.attend`: by
-default with their two kernel launches stubbed out (argument checks, config lookup, split sizing
-and allocations; no GPU needed, CPU tensors); with --gpu, on a GPU with the real launches, at a
+default with their two kernel launches stubbed out (argument checks, config lookup, split sizing,
+allocations and _fast_launch's path to the compiled launcher; no GPU needed, CPU tensors); with --gpu, on a GPU with the real launches, at a
 shape whose kernels take a few microseconds, so the loop measures the host (the GPU never makes
 it wait).
 
@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import os
 import pstats
 import time
+from types import SimpleNamespace
 
 import sys
 
@@ -41,9 +43,24 @@ def host_us(fn, calls: int, gpu: bool) -> float:
     return host / calls * 1e6
 
 
-class _NoLaunch:
+class _StubKernel:
+    """A kernel's stand-in: a launch runs nothing and returns a compiled-kernel stand-in, so the
+    launches after the first take _fast_launch's path to the compiled launcher, as on a GPU."""
+
+    def __init__(self, kernel):
+        # the interpreter's function has no JIT params: the signature gives the same names
+        sig = inspect.signature(kernel.fn)
+        self.params = [SimpleNamespace(name=p.name, default=p.default) for p in sig.parameters.values()]
+
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _StubCompiled()
+
+
+class _StubCompiled:
+    packed_metadata = None
+
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: None
 
 
 def main():
@@ -61,7 +78,10 @@ def main():
         from mustafar_triton import _fast_launch
         _fast_launch.CompiledLauncher._keep = lambda *_: None
     if not args.gpu:
-        attention._sparse_decode_kernel = attention._merge_splits_kernel = _NoLaunch()
+        attention._sparse_decode_kernel = _StubKernel(attention._sparse_decode_kernel)
+        attention._merge_splits_kernel = _StubKernel(attention._merge_splits_kernel)
+        if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch build
+            torch._C._cuda_getCurrentRawStream = lambda index: 0
     dtype = getattr(torch, args.dtype)
     q = torch.randn(1, 9, 64, device=dev, dtype=dtype)
     k, v = torch.randn(2, 1, 3, 256, 64, device=dev, dtype=dtype)

@@ -53,6 +53,20 @@ def test_later_launches_skip_the_jit_until_alignment_changes(monkeypatch):
     assert args == (buf, 5, 16, 1, 7)   # every parameter in signature order, defaults filled in
 
 
+def test_a_misaligned_first_launch_keeps_its_specialization(monkeypatch):
+    """A first launch on a tensor off 16-byte alignment: later launches with the same alignment go
+    straight to its launcher; an aligned tensor goes back through the JIT, and its launcher then
+    serves the next aligned one."""
+    fn = FakeJIT()
+    launch = CompiledLauncher(fn, (2,))
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 7, raising=False)
+    dev = torch.device("cuda", 0)
+    buf = torch.zeros(64)
+    for x in (buf[1:], buf[5:], buf[4:], buf[8:]):   # byte offsets 4, 20, 16 and 32
+        launch(dev, x, 3, BLOCK=8)
+    assert [entry[0] for entry in fn.log] == ["jit", "compiled", "jit", "compiled"]
+
+
 def test_stand_ins_are_not_kept():
     """A stub returning nothing, or a wrapper (a launch counter) without the JIT function's params
     that returns the compiled kernel: every launch goes through them."""
