@@ -220,7 +220,7 @@ class StaticMustafarLayer(MustafarLayer):
 
 class MustafarCache(Cache):
     """A transformers Cache whose full-attention layers are Mustafar compressed stores plus dense
-    windows; sliding-window layers (Gemma 2 / 3, Mistral, ...) keep their at most `sliding_window`
+    windows; sliding-window layers (Gemma 2 / 3, ...) keep their at most `sliding_window`
     tokens dense in transformers' own sliding layers and attend through SDPA with the model's mask.
 
     k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
