@@ -388,7 +388,8 @@ class _Launch:
                         BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
-            self.decode(plan.device, *common, self.slot_table if self.slot_table is not None else packed_k.bitmap, *rest, **plan.flags, **pages,
+            lut = self.slot_table if self.slot_table is not None else packed_k.bitmap  # a stand-in, not read
+            self.decode(plan.device, *common, lut, *rest, **plan.flags, **pages,
                         BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
                         PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
                         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)

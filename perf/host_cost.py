@@ -1,8 +1,8 @@
 """Host-side cost of one `sparse_decode_attention` call and of one `SparseKVCache.attend`: by
 default with their two kernel launches stubbed out (argument checks, config lookup, split sizing,
-allocations and _fast_launch's path to the compiled launcher; no GPU needed, CPU tensors); with --gpu, on a GPU with the real launches, at a
-shape whose kernels take a few microseconds, so the loop measures the host (the GPU never makes
-it wait).
+allocations and _fast_launch's path to the compiled launcher; no GPU needed, CPU tensors); with
+--gpu, on a GPU with the real launches, at a shape whose kernels take a few microseconds, so the
+loop measures the host (the GPU never makes it wait).
 
     python perf/host_cost.py [--calls 2000] [--profile] [--gpu]
 

@@ -25,10 +25,15 @@ def llama(request):
     config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval().to(device)
-    width = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS], device=device)
+    return with_dense_reference(transformers.LlamaForCausalLM(config).eval().to(device), PROMPTS, device)
+
+
+def with_dense_reference(model, prompts, device):
+    """(model, left-padded ids, mask, dense greedy generation of them): dense generation runs with
+    the model's own attention and cache, before attention "mustafar" is selected."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     dense = model.generate(ids, attention_mask=mask, **GREEDY)
     use_mustafar_attention(model)
     return model, ids, mask, dense

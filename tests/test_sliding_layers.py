@@ -11,10 +11,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mustafar_triton.integrations.transformers import (  # noqa: E402
-    MustafarCache, MustafarLayer, attention_layers, cache_keyword, use_mustafar_attention)
+    MustafarCache, MustafarLayer, attention_layers, cache_keyword)
+from test_compiled_generate import GREEDY, check_dense, compile_config, with_dense_reference  # noqa: E402
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19, 20, 21]]
-GREEDY = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 SETTINGS = dict(k_sparsity=0.0, v_sparsity=0.0, window=2, sinks=1, max_tokens=32)
 
 
@@ -26,19 +26,7 @@ def gemma(request):
         num_key_value_heads=1, head_dim=32, sliding_window=5, layer_types=["sliding_attention", "full_attention"],
         max_position_embeddings=128)
     torch.manual_seed(0)
-    model = transformers.Gemma3ForCausalLM(config).eval().to(device)
-    width = max(map(len, PROMPTS))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in PROMPTS], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in PROMPTS], device=device)
-    dense = model.generate(ids, attention_mask=mask, **GREEDY)
-    use_mustafar_attention(model)
-    return model, ids, mask, dense
-
-
-def check_dense(out, dense):
-    assert torch.equal(out.sequences, dense.sequences), "greedy tokens must match dense in float32"
-    for step, (got, want) in enumerate(zip(out.logits, dense.logits)):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"logits of step {step}")
+    return with_dense_reference(transformers.Gemma3ForCausalLM(config).eval().to(device), PROMPTS, device)
 
 
 @pytest.mark.parametrize("mode", ["eager", "static", "static-compiled"])
@@ -49,9 +37,7 @@ def test_sliding_layers_generate_as_dense(gemma, mode):
     kwargs = {}
     if mode == "static-compiled":
         torch._dynamo.reset()
-        config = transformers.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
-        config._compile_all_devices = True   # compile on the CPU too
-        kwargs["compile_config"] = config
+        kwargs["compile_config"] = compile_config("aot_eager")
     check_dense(model.generate(ids, attention_mask=mask, **{cache_keyword(model): cache}, **kwargs, **GREEDY), dense)
     if mode == "static-compiled":
         assert hasattr(model, "_compiled_call"), "generate() took the compiled path"
