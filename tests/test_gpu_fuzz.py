@@ -89,6 +89,7 @@ DECODE_SHAPES = [(128, F16, 32, 8, 40, 40, True, "lens"), (128, BF16, 32, 8, 64,
 HOST = torch.device("cpu")
 
 BLOCK = 500  # cases per progress block (block_seconds) and per rewrite of the record file
+RECORD_EVERY_S = 15.0  # ... and at least this often, so a run a time limit kills keeps its counts
 
 
 @dataclass
@@ -123,6 +124,7 @@ class Tally:
 
 TALLIES: defaultdict[str, Tally] = defaultdict(Tally)
 GLUON_LAUNCHES: Counter = Counter()
+LAST_RECORD = [0.0]  # perf_counter() at the last write_record()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -155,10 +157,12 @@ def record_and_spy():
 
 def write_record():
     """The record file (MUSTAFAR_FUZZ_RECORD), rewritten at each shard's start and end, every BLOCK
-    cases of a kernel and at the end, so a run cut short by a time limit keeps its counts."""
+    cases of a kernel, every RECORD_EVERY_S seconds and at the end, so a run cut short by a time
+    limit keeps (nearly) all its counts."""
     path = os.environ.get("MUSTAFAR_FUZZ_RECORD")
     if path and os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: a file per worker
         path += "." + os.environ["PYTEST_XDIST_WORKER"]
+    LAST_RECORD[0] = time.perf_counter()
     if path:
         record = dict(seed=FUZZ_SEED, shards=FUZZ_SHARDS, max_examples=FUZZ_EXAMPLES,
                       examples_per_shard=SHARD_EXAMPLES, device=DEVICE_NAME,
@@ -188,6 +192,8 @@ class counted_case:
             self.tally.failed_cases += 1
         if self.tally.cases % BLOCK == 0:
             self.tally.end_block()
+            write_record()
+        elif time.perf_counter() - LAST_RECORD[0] > RECORD_EVERY_S:
             write_record()
 
 
