@@ -38,10 +38,11 @@ def main():
     merged = merge(args.records)
     if args.out:
         args.out.write_text(json.dumps(merged, indent=1))
-    print(f"{'kernel':16} {'cases':>8} {'failed':>7} {'case s':>8} {'cases/s':>8}")
+    # wall seconds add up over the workers that ran a kernel's shards: a rate per worker-second
+    print(f"{'kernel':16} {'cases':>8} {'failed':>7} {'case s':>8} {'per worker-s':>12}")
     for name, t in sorted(merged["kernels"].items()):
         rate = t["cases"] / t["wall_seconds"] if t["wall_seconds"] else 0.0
-        print(f"{name:16} {t['cases']:8d} {t['failed_cases']:7d} {t['seconds']:8.1f} {rate:8.1f}")
+        print(f"{name:16} {t['cases']:8d} {t['failed_cases']:7d} {t['seconds']:8.1f} {rate:12.1f}")
 
 
 if __name__ == "__main__":

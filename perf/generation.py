@@ -101,6 +101,12 @@ def random_smollm2():
     return None, LlamaForCausalLM(config).eval()
 
 
+def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Perplexity of targets [B, steps] under run()'s logits [B, steps + 1, V] (the first step's
+    logits predict the prompt's last token, which is not scored)."""
+    return math.exp(torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten()).item())
+
+
 @torch.no_grad()
 def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
     """Prefill ids[:, :prompt] (eager), then feed ids[:, prompt:] one token per step (through
@@ -179,10 +185,9 @@ def main():
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
                 Path(args.profile).mkdir(parents=True, exist_ok=True)
                 (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
-            nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
             row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
                        **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
-                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=math.exp(nll.item()))
+                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets))
             if name == "dense":
                 dense_top1 = logits.argmax(-1)
             elif "dense" in args.runs.split(","):
@@ -191,8 +196,7 @@ def main():
                 with reference_path():
                     ref_logits, _, _ = run(model, ids, args.prompt,
                                            make_cache(model, ids.shape[1], settings, args.window, False), False)
-                ref_nll = torch.nn.functional.cross_entropy(ref_logits[:, 1:].flatten(0, 1), targets.flatten())
-                row["reference_path_perplexity"] = math.exp(ref_nll.item())
+                row["reference_path_perplexity"] = perplexity(ref_logits, targets)
                 row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
                 row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
             rows.append(row)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import os
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch  # noqa: E402
 
 from accuracy import load_model  # noqa: E402
 from common import environment, write_results  # noqa: E402
-from generation import make_cache, reference_path, run, runs, text_batch  # noqa: E402
+from generation import make_cache, perplexity, reference_path, run, runs, text_batch  # noqa: E402
 from mustafar_triton import cache as cache_module, reference  # noqa: E402
 
 
@@ -53,8 +52,7 @@ def main():
                 cache_module.sparse_decode_attention = functools.partial(
                     reference.sparse_decode_attention, compute_dtype=getattr(torch, compute))
                 logits, _, _ = run(model, ids, args.prompt, make_cache(model, ids.shape[1], settings, args.window, False), False)
-            nll = torch.nn.functional.cross_entropy(logits[:, 1:].flatten(0, 1), targets.flatten())
-            result[compute] = (math.exp(nll.item()), logits)
+            result[compute] = (perplexity(logits, targets), logits)
         (p64, l64), (p32, l32) = result["float64"], result["float32"]
         row = dict(run=name, batch=args.batch, prompt=args.prompt, steps=args.steps, dtype=args.dtype, **settings,
                    perplexity_float64_attention=p64, perplexity_float32_attention=p32,
