@@ -251,6 +251,13 @@ class _DecodePlan:
         self.num_splits = num_splits
         self.k_capacity, self.v_capacity = packed_k.capacity, packed_v.capacity
         self.device = q.device
+        self.on_cuda = q.device.type == "cuda"
+        self.lse_shape = q.shape[:-1]
+        # the strides the kernels get, from stand-ins on the meta device: q as launched (contiguous
+        # if copied) and out = torch.empty_like(q)
+        q_meta = torch.empty_strided(q.shape, q.stride(), device="meta")
+        q_meta = q_meta.contiguous() if self.copy_q else q_meta
+        self.q_stride, self.out_stride = q_meta.stride(), torch.empty_like(q_meta).stride()
         self.on_interpreter = interpreting()
         self.flags = dict(GROUP=self.group, HEAD_DIM=self.d, K_CAPACITY=self.k_capacity,
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
@@ -261,13 +268,13 @@ class _DecodePlan:
                               num_pages=packed_k.num_pages)
         self.launches: dict[int, _Launch] = {}
         self.launches_from = autotune.config_for  # forced_config and tests swap it: resolve again then
-        self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.split_buffers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse,
                  keep_split_buffers=True):
-        """keep_split_buffers=False allocates the split buffers for this call only: the custom op's
-        way, since CUDA-graph trees (torch.compile's "reduce-overhead") refuse a tensor that a
-        graph allocates and something outside it keeps."""
+        """keep_split_buffers=False allocates the split buffers (and lse) for this call only: the
+        custom op's way, since CUDA-graph trees (torch.compile's "reduce-overhead") refuse a tensor
+        that a graph allocates and something outside it keeps."""
         if self.paged:  # which tensors K and V share is not part of the layout: checked per call
             _check_pages(packed_k, packed_v)
         if self.copy_q:
@@ -276,9 +283,8 @@ class _DecodePlan:
             k_window, v_window = k_window.contiguous(), v_window.contiguous()
             window_lens = None if window_lens is None else window_lens.contiguous()
         out = torch.empty_like(q)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
         if self.batch == 0 or self.hq == 0:
-            return (out, lse) if return_lse else out
+            return (out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)) if return_lse else out
         bound = self.tokens if max_seq_len is None else max_seq_len
         if self.launches_from is not autotune.config_for:
             self.launches.clear()
@@ -287,11 +293,16 @@ class _DecodePlan:
         if launch is None:
             if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.tokens:
                 raise ValueError(f"max_seq_len must be an int in [0, T={self.tokens}], got {max_seq_len!r}")
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
             tensors = (q, packed_k, packed_v, k_window, v_window, window_lens, out, lse)
             launch = self._resolve(bound, tensors)
             if not autotune.tracing(self.device):  # a config picked while capturing may be tuned later
                 self.launches[bound] = launch
-        launch(self, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, keep_split_buffers)
+        stream = self.stream()
+        part_out, part_lse, kept_lse = self.buffers(stream, launch.splits, keep_split_buffers)
+        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse or kept_lse is None \
+            else kept_lse
+        launch(stream, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, part_out, part_lse)
         return (out, lse) if return_lse else out
 
     def _resolve(self, bound: int, tensors) -> "_Launch":
@@ -314,24 +325,32 @@ class _DecodePlan:
             return cfg
         # Several query tokens take their GQA group's (one-token) config and never tune: a config
         # tuned on them would be stored under the same bucket and serve one-token calls.
-        run = (lambda cfg: _Launch(self, runnable(cfg), context)(self, *tensors)) if self.lq == 1 else None  # noqa: E731
-        cfg = autotune.config_for("decode", self.device, run=run, head_dim=self.d, group=self.group, dtype=dtype,
-                                  capacity=max(self.k_capacity, self.v_capacity),
+        def run(cfg):  # one call of cfg's launch on this call's tensors (the tuner times it)
+            launch, stream = _Launch(self, runnable(cfg), context), self.stream()
+            part_out, part_lse, _ = self.buffers(stream, launch.splits, True)
+            launch(stream, *tensors, part_out, part_lse)
+        cfg = autotune.config_for("decode", self.device, run=run if self.lq == 1 else None, head_dim=self.d,
+                                  group=self.group, dtype=dtype, capacity=max(self.k_capacity, self.v_capacity),
                                   batch_heads=self.batch * self.hkv, context=context)
         return _Launch(self, runnable(cfg), context)
 
-    def buffers(self, splits: int, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flat float32 split buffers holding at least [B * Hkv, splits, Lq * G, (D)]: kept per
-        CUDA stream, or (keep=False) this call's own."""
+    def stream(self) -> int:
+        """The current raw CUDA stream (0 off CUDA): the launches' stream and the buffers' key."""
+        return torch._C._cuda_getCurrentRawStream(self.device.index) if self.on_cuda else 0
+
+    def buffers(self, stream: int, splits: int, keep: bool):
+        """Flat float32 split buffers holding at least [B * Hkv, splits, Lq * G, (D)] and an lse
+        buffer for calls that do not return lse: kept per CUDA stream, or (keep=False) this call's
+        own split buffers and no lse buffer (None)."""
         rows = self.batch * self.hkv * splits * self.rows
         if not keep:
             return (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
-                    torch.empty(rows, dtype=torch.float32, device=self.device))
-        stream = torch._C._cuda_getCurrentRawStream(self.device.index) if self.device.type == "cuda" else 0
+                    torch.empty(rows, dtype=torch.float32, device=self.device), None)
         bufs = self.split_buffers.get(stream)
         if bufs is None or bufs[1].numel() < rows:
             bufs = (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
-                    torch.empty(rows, dtype=torch.float32, device=self.device))
+                    torch.empty(rows, dtype=torch.float32, device=self.device),
+                    torch.empty(self.lse_shape, dtype=torch.float32, device=self.device))
             self.split_buffers[stream] = bufs
         return bufs
 
@@ -366,36 +385,43 @@ class _Launch:
         self.block_s = cfg.get("merge_block", min(128, max(16, next_pow2(self.splits))))
         self.block_d = min(d, MERGE_BLOCK_D)
         self.max_splits_pow2 = max(self.block_s, next_pow2(self.splits))
-        decode = _sparse_decode_gluon_kernel() if self.gluon else _sparse_decode_kernel
-        self.decode = CompiledLauncher(decode, (self.splits, batch * hkv))
-        self.merge = CompiledLauncher(_merge_splits_kernel, (batch * plan.lq * plan.hq, d // self.block_d))
-
-    def __call__(self, plan, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, keep_split_buffers=True):
-        cfg, splits, d, group, hkv = self.cfg, self.splits, plan.d, plan.group, plan.hkv
-        part_out, part_lse = plan.buffers(splits, keep_split_buffers)
-        wstride = plan.window_stride
-        common = (q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens)
-        # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same kernel).
-        # stride_qt comes last: the one-token kernel's parameters keep their offsets (same SASS)
-        stride_qt = q.stride(1) if plan.lq > 1 else 0
-        rest = (k_window, v_window, window_lens, part_out, part_lse,
-                q.stride(0), q.stride(-2), wstride[0], wstride[1], wstride[2],
-                hkv, plan.tokens, self.context - plan.window, plan.window, self.per_split,
-                plan.scale * 1.4426950408889634, stride_qt)
-        pages = {"block_table_ptr": packed_k.block_table} if plan.paged else {}
+        # every int and constexpr of both launches is constant per layout and bound: bound once
+        qs, os_ = plan.q_stride, plan.out_stride
+        ints = dict(stride_qb=qs[0], stride_qh=qs[-2], stride_wb=plan.window_stride[0],
+                    stride_wh=plan.window_stride[1], stride_wt=plan.window_stride[2], num_kv_heads=hkv,
+                    tokens=plan.tokens, seq_bound=context - plan.window, window=plan.window,
+                    tokens_per_split=self.per_split, qk_scale=plan.scale * 1.4426950408889634,
+                    # q [B, Hq, D] or [B, Lq, Hq, D]; Lq = 1 passes the one-token strides (the same
+                    # kernel). stride_qt comes last: the one-token kernel's parameters keep their offsets
+                    stride_qt=qs[1] if plan.lq > 1 else 0)
+        fresh = ("part_out_ptr", "part_lse_ptr")  # allocated by the plan: always 16-byte aligned
         if self.gluon:  # its register cap is part of the kernel: the splits count on it
-            self.decode(plan.device, *common, *rest, **plan.flags, **pages, BLOCK_H=self.block_h,
-                        BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
+            self.decode = CompiledLauncher(
+                _sparse_decode_gluon_kernel(), (self.splits, batch * hkv), fresh, **ints, **plan.flags,
+                BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], GATHER=self.gather, num_warps=1, maxnreg=self.maxnreg)
         else:
             extra = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
+            self.decode = CompiledLauncher(
+                _sparse_decode_kernel, (self.splits, batch * hkv), fresh, **ints, **plan.flags,
+                BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
+                PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
+        self.merge = CompiledLauncher(
+            _merge_splits_kernel, (batch * plan.lq * plan.hq, d // self.block_d),
+            ("part_out_ptr", "part_lse_ptr", "out_ptr", "lse_ptr"),
+            num_splits=self.splits, stride_ob=os_[0], stride_oh=os_[-2], num_q_heads=plan.hq,
+            stride_ot=os_[1] if plan.lq > 1 else 0, LQ=plan.lq, GROUP=plan.group, HEAD_DIM=d,
+            BLOCK_D=self.block_d, BLOCK_S=self.block_s, MAX_SPLITS_POW2=self.max_splits_pow2,
+            num_warps=cfg.get("merge_warps", 4))
+        self.paged = plan.paged
+
+    def __call__(self, stream, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, part_out, part_lse):
+        pages = {"block_table_ptr": packed_k.block_table} if self.paged else {}
+        if self.gluon:
+            self.decode(stream, q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values,
+                        packed_k.seq_lens, k_window, v_window, window_lens, part_out, part_lse, **pages)
+        else:
             lut = self.slot_table if self.slot_table is not None else packed_k.bitmap  # a stand-in, not read
-            self.decode(plan.device, *common, lut, *rest, **plan.flags, **pages,
-                        BLOCK_H=self.block_h, BLOCK_N=cfg["BLOCK_N"], SLOTS=cfg["SLOTS"],
-                        PREFETCH=0 if plan.on_interpreter else cfg.get("prefetch", 0), FP32_MATH=plan.on_interpreter,
-                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        self.merge(
-            plan.device, part_out, part_lse, out, lse, splits, out.stride(0), out.stride(-2), plan.hq,
-            out.stride(1) if plan.lq > 1 else 0, LQ=plan.lq,
-            GROUP=group, HEAD_DIM=d, BLOCK_D=self.block_d, BLOCK_S=self.block_s,
-            MAX_SPLITS_POW2=self.max_splits_pow2, num_warps=cfg.get("merge_warps", 4),
-        )
+            self.decode(stream, q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values,
+                        packed_k.seq_lens, lut, k_window, v_window, window_lens, part_out, part_lse, **pages)
+        self.merge(stream, part_out, part_lse, out, lse)

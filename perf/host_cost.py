@@ -15,6 +15,7 @@ import cProfile
 import inspect
 import os
 import pstats
+import statistics
 import time
 from types import SimpleNamespace
 
@@ -29,18 +30,22 @@ import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import attention  # noqa: E402
 
 
-def host_us(fn, calls: int, gpu: bool) -> float:
+def host_us(fn, calls: int, gpu: bool, rounds: int = 10) -> float:
+    """Median over `rounds` rounds of calls / rounds calls each (a round with a garbage collection
+    of the interpreter's objects would otherwise move a mean by tens of us)."""
     for _ in range(10):
         fn()
+    per_round = []
+    for _ in range(rounds):
+        if gpu:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(max(1, calls // rounds)):
+            fn()
+        per_round.append((time.perf_counter() - start) / max(1, calls // rounds))
     if gpu:
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - start
-    if gpu:
-        torch.cuda.synchronize()
-    return host / calls * 1e6
+    return statistics.median(per_round) * 1e6
 
 
 class _StubKernel:

@@ -37,33 +37,54 @@ class FakeJIT:
         return run
 
 
-def test_later_launches_skip_the_jit_until_alignment_changes(monkeypatch):
+def test_later_launches_skip_the_jit_until_alignment_changes():
     fn = FakeJIT()
-    launch = CompiledLauncher(fn, (1,))
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 1234, raising=False)
-    dev = torch.device("cuda", 0)
+    launch = CompiledLauncher(fn, (1,), BLOCK=16, num_warps=4)   # bound once: a constexpr and an option
     buf = torch.zeros(64)
-    launch(dev, buf, 5, BLOCK=16, flag=1, num_warps=4)               # JIT, compiled kept
-    launch(dev, buf, 5, BLOCK=16, flag=1, num_warps=4)               # straight to the launcher
-    launch(dev, buf[1:], 5, BLOCK=16, flag=1, num_warps=4)           # 4-byte offset: JIT again
+    launch(1234, buf, 5, flag=1)                 # JIT, compiled kept
+    launch(1234, buf, 5, flag=1)                 # straight to the launcher
+    launch(1234, buf[1:], 5, flag=1)             # 4-byte offset: JIT again
     kinds = [entry[0] for entry in fn.log]
     assert kinds == ["jit", "compiled", "jit"]
+    assert fn.log[0][3] == {"flag": 1, "BLOCK": 16, "num_warps": 4}   # the JIT gets the bound keywords
     _, grid, args, stream = fn.log[1]
     assert grid == (1, 1, 1) and stream == 1234   # the compiled kernel's launcher reads three dims
     assert args == (buf, 5, 16, 1, 7)   # every parameter in signature order, defaults filled in
 
 
-def test_a_misaligned_first_launch_keeps_its_specialization(monkeypatch):
+def test_per_call_keywords_reach_the_launcher_and_bound_ones_stay():
+    """A keyword given per call is read at every call (its new value reaches the launcher); the
+    constructor's keywords are the same at every call."""
+    fn = FakeJIT()
+    launch = CompiledLauncher(fn, (3, 2), LAST=9)
+    buf = torch.zeros(64)
+    for flag in (1, 2, 3):
+        launch(0, buf, 5, 8, flag=flag)
+    assert [entry[2] for entry in fn.log[1:]] == [(buf, 5, 8, 2, 9), (buf, 5, 8, 3, 9)]
+    assert fn.log[1][1] == (3, 2, 1)
+
+
+def test_fresh_tensors_are_not_checked_for_alignment():
+    """Tensors named fresh (the caller allocates them: always aligned) do not take part in the
+    alignment check; every other tensor still does."""
+    fn = FakeJIT()
+    launch = CompiledLauncher(fn, (1,), fresh=("flag",), BLOCK=4)
+    buf = torch.zeros(64)
+    launch(0, buf, 5, flag=buf)
+    launch(0, buf, 5, flag=buf[1:])    # a misaligned fresh tensor: not looked at
+    launch(0, buf[1:], 5, flag=buf)    # a misaligned checked tensor: JIT again
+    assert [entry[0] for entry in fn.log] == ["jit", "compiled", "jit"]
+
+
+def test_a_misaligned_first_launch_keeps_its_specialization():
     """A first launch on a tensor off 16-byte alignment: later launches with the same alignment go
     straight to its launcher; an aligned tensor goes back through the JIT, and its launcher then
     serves the next aligned one."""
     fn = FakeJIT()
-    launch = CompiledLauncher(fn, (2,))
-    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda index: 7, raising=False)
-    dev = torch.device("cuda", 0)
+    launch = CompiledLauncher(fn, (2,), BLOCK=8)
     buf = torch.zeros(64)
     for x in (buf[1:], buf[5:], buf[4:], buf[8:]):   # byte offsets 4, 20, 16 and 32
-        launch(dev, x, 3, BLOCK=8)
+        launch(7, x, 3)
     assert [entry[0] for entry in fn.log] == ["jit", "compiled", "jit", "compiled"]
 
 
@@ -74,7 +95,7 @@ def test_stand_ins_are_not_kept():
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
     launch = CompiledLauncher(Stub(), (1,))
-    launch(torch.device("cpu"), torch.zeros(4), 1)
+    launch(0, torch.zeros(4), 1)
     assert launch.runner is None
 
     jit = FakeJIT()
@@ -87,7 +108,7 @@ def test_stand_ins_are_not_kept():
                 Counter.calls += 1
                 return jit[grid](*args, **kwargs)
             return counted
-    launch = CompiledLauncher(Counter(), (1,))
+    launch = CompiledLauncher(Counter(), (1,), BLOCK=16)
     for _ in range(3):
-        launch(torch.device("cpu"), torch.zeros(4), 1, BLOCK=16)
+        launch(0, torch.zeros(4), 1)
     assert launch.runner is None and Counter.calls == 3
