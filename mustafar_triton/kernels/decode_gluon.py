@@ -469,16 +469,15 @@ def _tile_source(k_vals, v_vals, k_bits, v_bits, start, c_hi, block_table_row, n
 
 
 @gluon.jit
-def _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE: gl.constexpr,
+def _stage_next(k_vals, v_vals, k_bits, v_bits, start, stage, c_hi, lane, STAGE: gl.constexpr,
                 K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The staged gathers' pipeline step for the tile at `start`: the next tile's rows (the four
-    pointers and c_hi: _tile_source of start + BLOCK_N) go into the other stage (cp.async), this
-    tile's are waited for and made visible to the warp; returns this tile's stage offset."""
-    stage = ((start - lo) // BLOCK_N) % 2 * STAGE
+    """The staged gathers' pipeline step for the tile at `start`, staged at `stage` (0 or STAGE,
+    the loop's toggle): the next tile's rows (the four pointers and c_hi: _tile_source of
+    start + BLOCK_N) go into the other stage (cp.async), this tile's are waited for and made
+    visible to the warp."""
     _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
                 K_CAPACITY, V_CAPACITY, HEAD_DIM)
     _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
-    return stage
 
 
 @gluon.jit
@@ -550,16 +549,18 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
         # skips a paged tile outside the pool (all -inf scores: NaN from a -inf running max); always
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                    K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
+        stage = STAGE - stage
     return m, l, acc
 
 
@@ -596,14 +597,16 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
         if start < tile_hi:  # as in _walk_tiles
             m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                       K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
+        stage = STAGE - stage
     return m, l, acc
 
 
