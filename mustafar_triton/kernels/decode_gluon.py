@@ -138,22 +138,41 @@ def _stage_decl(nbytes):
 
 
 @gluon.constexpr_function
-def _walk_asm(pairs):
-    """PTX of one walk instance: 8 channels of one token (pairs False, 4 outputs holding channel
-    pairs) or of two tokens (pairs True, 8 outputs holding token pairs). Inputs: the shared
-    address of the first slot and the byte of bits, per element ($n_out.. and after)."""
-    n_out, n_in, streams = (8, 16, 2) if pairs else (4, 8, 1)
-    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<16>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
-             " add.u32 a1, t, $%d;" % (n_out, n_out + 1)]
+def _walk_asm(pairs, nbytes):
+    """PTX of one walk instance: nbytes consecutive bitmap bytes (8 nbytes channels, a run of
+    _walk_layout) of one token (pairs False, 4 nbytes outputs holding channel pairs) or of two
+    tokens (pairs True, 8 nbytes outputs holding token pairs). Inputs, one per element (n = 8
+    nbytes per token, elements in register order: bit, byte, and for pairs the token first): the
+    shared address of the run's first slot (only the first element's is read, per token), then
+    the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
+    The slot address is carried from byte to byte (+2 per kept channel), so only the run's start
+    is computed outside."""
+    n = 8 * nbytes
+    n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
+    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
+             % (streams * n, n_out)]
+    if pairs:
+        parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
     for st in range(streams):
-        for i in range(8):  # bit test, zero, predicated load, predicated next slot
+        for j in range(n):  # bit test, zero, predicated load, predicated next slot
+            bits = n_out + n_in + (st + 2 * 8 * (j // 8) if pairs else 8 * (j // 8))
+            mask = 1 << (8 * ((j // 8) % 4) + j % 8)
             parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p ld.shared.u16 v%d, [a%d];"
-                         " @p add.u32 a%d, a%d, 2;" % (n_out + n_in + st, 1 << i, 8 * st + i, 8 * st + i, st, st, st))
+                         % (bits, mask, n * st + j, n * st + j, st))
+            if j + 1 < n:
+                parts.append("@p add.u32 a%d, a%d, 2;" % (st, st))
     for k in range(n_out):  # pack on the FMA pipe (a PRMT would take the busier ALU pipe)
-        lo, hi = (k, 8 + k) if pairs else (2 * k, 2 * k + 1)
+        lo, hi = (k, n + k) if pairs else (2 * k, 2 * k + 1)
         parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
     parts.append("}")
     return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _walk_constraints(pairs, nbytes):
+    """inline asm constraints of _walk_asm(pairs, nbytes)."""
+    n = 8 * nbytes * (2 if pairs else 1)
+    return "=r," * (n // 2) + "r," * (2 * n - 1) + "r"
 
 
 @gluon.constexpr_function
@@ -206,27 +225,29 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
         before += gl.where(w0 > j, pj, 0)
     fits = ok & (kept <= CAPACITY)
     own = gl.where(fits, _lds_word(row + w0 * 4), 0)
+    # per token and run: the run's bits (its first byte at bit 0, or for K at D=256 each byte of
+    # its two words at bit 8 (b % 4)) and the shared address of its first slot
     if NB > 4:  # two words per run (K at D=256): bytes 4-7 read the second
         own_b = gl.where(fits, _lds_word(row + w0 * 4 + 4), 0)
-        second = (b // 4) == 1
-        word = gl.where(second, own_b[:, :, None], own[:, :, None])
-        before3 = before[:, :, None] + gl.where(second, _popc(own)[:, :, None], 0)
-        bi = b % 4
-    else:
-        word = own[:, :, None] + b * 0
-        before3 = before[:, :, None] + b * 0
-        bi = b if NB == 4 else (run_idx % (4 // NB))[:, :, None] * NB + b
-    slot = before3 + _popc(word & ((gl.full_like(bi, 1) << (8 * bi)) - 1))    # the byte's first slot
-    addr = stage_off + tok[:, :, None] * staged_row_pitch(CAPACITY * 2) + slot * 2
+        bits3 = gl.where((b // 4) == 1, own_b[:, :, None], own[:, :, None])
+        slot = before
+    elif NB == 4:
+        bits3 = own[:, :, None] + b * 0
+        slot = before
+    else:  # several runs per word: this run's bits start at bit 8 NB (run % (4 / NB))
+        shift = (run_idx % (4 // NB)) * (8 * NB)
+        slot = before + _popc(own & ((gl.full_like(shift, 1) << shift) - 1))
+        bits3 = (own >> shift)[:, :, None] + b * 0
+    addr = stage_off + tok * staged_row_pitch(CAPACITY * 2) + slot * 2
     z = gl.zeros([16, RUNS, NB, 8], gl.int32, L4)
-    addr4, _ = gl.broadcast(addr[:, :, :, None], z)
-    bits4, _ = gl.broadcast((word >> (8 * bi))[:, :, :, None], z)
+    addr4, _ = gl.broadcast(addr[:, :, None, None], z)
+    bits4, _ = gl.broadcast(bits3[:, :, :, None], z)
     if K_SIDE:
-        return gl.inline_asm_elementwise(_walk_asm(False), "=r," * 4 + "r," * 15 + "r", [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=8)
+        return gl.inline_asm_elementwise(_walk_asm(False, NB), _walk_constraints(False, NB), [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=8 * NB)
     else:
-        return gl.inline_asm_elementwise(_walk_asm(True), "=r," * 8 + "r," * 31 + "r", [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=16)
+        return gl.inline_asm_elementwise(_walk_asm(True, NB), _walk_constraints(True, NB), [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=16 * NB)
 
 
 # ---------------------------------------------------------------------------------------------
