@@ -196,11 +196,11 @@ def _lds_word(addr):
 
 
 @gluon.jit
-def _gather_walk(bits_off, tile_start, c_hi, stage_off,
-                 CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
+def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
     """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past c_hi (whose staged
-    rows are stale) and malformed tokens (more bits than CAPACITY) read as zeros."""
+    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past the tile's end
+    (staged with zero bitmap rows: _stage_rows' ZFILL; their value rows are stale) and malformed
+    tokens (more bits than CAPACITY) read as zeros."""
     L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
@@ -210,8 +210,6 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
     tok = gl.arange(0, 16, layout=gl.SliceLayout(1, P2))[:, None]                  # [16, 1]
     run_idx = gl.arange(0, RUNS, layout=gl.SliceLayout(0, P2))[None, :]           # [1, RUNS]
     b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(1, PB)))[None, None, :]
-    t = tile_start + tok
-    ok = t < c_hi
     # per token and run: the run's first bitmap word and the slots before it
     w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
     row = bits_off + tok * staged_row_pitch(NW * 4)
@@ -223,7 +221,7 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
         pj = _popc(words[j])
         kept += pj
         before += gl.where(w0 > j, pj, 0)
-    fits = ok & (kept <= CAPACITY)
+    fits = kept <= CAPACITY
     own = gl.where(fits, _lds_word(row + w0 * 4), 0)
     # per token and run: the run's bits (its first byte at bit 0, or for K at D=256 each byte of
     # its two words at bit 8 (b % 4)) and the shared address of its first slot
@@ -423,11 +421,13 @@ def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: 
 
 
 @gluon.jit
-def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
+def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr, ZFILL: gl.constexpr = False):
     """cp.async of a tile's rows of ROW elements (16 contiguous rows from src_ptr, the row of token
     tile_start: value slots or bitmap words; rows of tokens past c_hi are not read) to
     mt_dstage + stage_off, rows _row_pitch apart, one 16-byte (8 for 8-byte rows, whose stream may be
-    only 8-byte aligned) copy per lane and step."""
+    only 8-byte aligned) copy per lane and step. ZFILL: the rows past c_hi are staged as zeros
+    (cp.async's src-size 0, its source the tile's first row), unless the tile has no token before
+    c_hi (such a tile is never gathered); else they keep what the stage held."""
     ROW_BYTES: gl.constexpr = ROW * src_ptr.dtype.element_ty.primitive_bitwidth // 8
     CHUNK: gl.constexpr = 16 if ROW_BYTES % 16 == 0 else 8
     PER_ROW: gl.constexpr = ROW_BYTES // CHUNK
@@ -437,11 +437,17 @@ def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
     src = src_ptr.to(gl.pointer_type(gl.int8), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
-        gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
-                                  [src + gl.minimum(c, NCH - 1) * CHUNK,
-                                   stage_off + c * CHUNK + (c // PER_ROW) * PAD,
-                                   c * CHUNK, nbytes],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+        if ZFILL:
+            gl.inline_asm_elementwise(_cp_async_zfill_asm(CHUNK, NCH * CHUNK if NCH % 32 else 0), "=r,l,l,r,r,r",
+                                      [src + gl.minimum(c, NCH - 1) * CHUNK, src,
+                                       stage_off + c * CHUNK + (c // PER_ROW) * PAD, c * CHUNK, nbytes],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
+                                      [src + gl.minimum(c, NCH - 1) * CHUNK,
+                                       stage_off + c * CHUNK + (c // PER_ROW) * PAD,
+                                       c * CHUNK, nbytes],
+                                      dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
@@ -449,6 +455,18 @@ def _cp_async_asm(chunk):
     """PTX: copy `chunk` bytes from global $1 to mt_dstage + $2 if $3 < $4."""
     return ("{ .reg .pred p; .reg .b32 a; setp.lt.s32 p, $3, $4; mov.u32 a, mt_dstage; add.u32 a, a, $2;"
             " @p cp.async.%s.shared.global [a], [$1], %d; mov.b32 $0, 0; }" % ("cg" if chunk == 16 else "ca", chunk))
+
+
+@gluon.constexpr_function
+def _cp_async_zfill_asm(chunk, limit):
+    """PTX: if $5 > 0 and $4 (the chunk's offset in the tile) < limit (0: no limit): to
+    mt_dstage + $3, `chunk` bytes from global $1 if $4 < $5, else `chunk` zeros (src-size 0, the
+    source $2, a valid address, of which nothing is read)."""
+    return ("{ .reg .pred p, q; .reg .b32 a, n; .reg .b64 s; setp.lt.s32 p, $4, $5; setp.gt.s32 q, $5, 0;"
+            " %s selp.b32 n, %d, 0, p; selp.b64 s, $1, $2, p; mov.u32 a, mt_dstage; add.u32 a, a, $3;"
+            " @q cp.async.%s.shared.global [a], [s], %d, n; mov.b32 $0, 0; }"
+            % ("setp.lt.and.s32 q, $4, %d, q;" % limit if limit else "", chunk,
+               "cg" if chunk == 16 else "ca", chunk))
 
 
 @gluon.jit
@@ -464,8 +482,8 @@ def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     _stage_rows(k_vals, tile_start, c_hi, base, lane, K_CAPACITY)
     _stage_rows(v_vals, tile_start, c_hi, base + V_OFF, lane, V_CAPACITY)
-    _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW)
-    _stage_rows(v_bits, tile_start, c_hi, base + VB_OFF, lane, NW)
+    _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW, True)
+    _stage_rows(v_bits, tile_start, c_hi, base + VB_OFF, lane, NW, True)
     _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
 
 
@@ -548,10 +566,10 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    k4 = _gather_walk(stage + KB_OFF, start, tile_hi, stage, K_CAPACITY, HEAD_DIM, True)
+    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True)
     k = _k_operand(k4, A_OP, HEAD_DIM)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v4 = _gather_walk(stage + VB_OFF, start, tile_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
     v_t = _v_operand(v4, A_OP, HEAD_DIM)
     acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     return m, l, acc
