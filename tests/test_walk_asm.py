@@ -108,7 +108,9 @@ class Ptx:
             if parts[0] == "mov":
                 put(ops[0], val(ops[1]), 64 if parts[1].endswith("64") else 32)
             elif parts[0] == "add":
-                put(ops[0], val(ops[1]) + val(ops[2]))
+                put(ops[0], val(ops[1]) + val(ops[2]), 64 if parts[1].endswith("64") else 32)
+            elif opcode == "cvt.u64.u32":
+                put(ops[0], val(ops[1]) & M32, 64)
             elif parts[0] == "and":
                 put(ops[0], val(ops[1]) & val(ops[2]))
             elif parts[0] == "popc":
@@ -340,7 +342,7 @@ def stage_rows(glob, tile_start, c_hi, row_bytes, zfill, stage_off=16, stage_byt
             dst = stage_off + c * chunk + (c // per_row) * pad
             if zfill:
                 asm = _fn(dg._cp_async_zfill_asm)(chunk, nch * chunk if nch % 32 else 0)
-                emu.run(asm, 1, [src + min(c, nch - 1) * chunk, src, dst, c * chunk, nbytes])
+                emu.run(asm, 1, [src, dst, c * chunk, nbytes])
             else:
                 emu.run(_fn(dg._cp_async_asm)(chunk), 1, [src + min(c, nch - 1) * chunk, dst, c * chunk, nbytes])
     return shared, emu
@@ -379,10 +381,10 @@ def test_no_staging_for_a_tile_past_the_end():
 
 
 def test_emulator_catches_reads_past_the_tensor(monkeypatch):
-    """Without the zero-fill's clamp (the chunk's own address for every chunk), the staging of a
-    tile that crosses the tensor's end would address bytes past it: the emulator refuses."""
+    """Without the zero-fill's clamp (each chunk at its own offset, also past c_hi), the staging of
+    a tile that crosses the tensor's end would address bytes past it: the emulator refuses."""
     zfill = _fn(dg._cp_async_zfill_asm)
     monkeypatch.setattr(dg, "_cp_async_zfill_asm",
-                        lambda chunk, limit: zfill(chunk, limit).replace("selp.b64 s, $1, $2, p;", "mov.b64 s, $1;"))
+                        lambda chunk, limit: zfill(chunk, limit).replace("selp.b32 o, $3, 0, p;", "mov.b32 o, $3;"))
     with pytest.raises(AssertionError, match="outside the tensor"):
         stage_rows(np.ones(37 * 16, np.uint8), 32, 37, 16, True)

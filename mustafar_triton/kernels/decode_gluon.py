@@ -438,9 +438,8 @@ def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr, Z
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
         if ZFILL:
-            gl.inline_asm_elementwise(_cp_async_zfill_asm(CHUNK, NCH * CHUNK if NCH % 32 else 0), "=r,l,l,r,r,r",
-                                      [src + gl.minimum(c, NCH - 1) * CHUNK, src,
-                                       stage_off + c * CHUNK + (c // PER_ROW) * PAD, c * CHUNK, nbytes],
+            gl.inline_asm_elementwise(_cp_async_zfill_asm(CHUNK, NCH * CHUNK if NCH % 32 else 0), "=r,l,r,r,r",
+                                      [src, stage_off + c * CHUNK + (c // PER_ROW) * PAD, c * CHUNK, nbytes],
                                       dtype=gl.int32, is_pure=False, pack=1)
         else:
             gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
@@ -459,14 +458,13 @@ def _cp_async_asm(chunk):
 
 @gluon.constexpr_function
 def _cp_async_zfill_asm(chunk, limit):
-    """PTX: if $5 > 0 and $4 (the chunk's offset in the tile) < limit (0: no limit): to
-    mt_dstage + $3, `chunk` bytes from global $1 if $4 < $5, else `chunk` zeros (src-size 0, the
-    source $2, a valid address, of which nothing is read)."""
-    return ("{ .reg .pred p, q; .reg .b32 a, n; .reg .b64 s; setp.lt.s32 p, $4, $5; setp.gt.s32 q, $5, 0;"
-            " %s selp.b32 n, %d, 0, p; selp.b64 s, $1, $2, p; mov.u32 a, mt_dstage; add.u32 a, a, $3;"
-            " @q cp.async.%s.shared.global [a], [s], %d, n; mov.b32 $0, 0; }"
-            % ("setp.lt.and.s32 q, $4, %d, q;" % limit if limit else "", chunk,
-               "cg" if chunk == 16 else "ca", chunk))
+    """PTX: if $4 > 0 and $3 (the chunk's offset in the tile) < limit (0: no limit): to
+    mt_dstage + $2, `chunk` bytes from global $1 + $3 if $3 < $4, else `chunk` zeros (src-size 0,
+    the source $1, the tile's first row: a valid address, of which nothing is read)."""
+    return ("{ .reg .pred p, q; .reg .b32 a, n, o; .reg .b64 s; setp.lt.s32 p, $3, $4; setp.gt.s32 q, $4, 0;"
+            " %s selp.b32 n, %d, 0, p; selp.b32 o, $3, 0, p; cvt.u64.u32 s, o; add.s64 s, $1, s;"
+            " mov.u32 a, mt_dstage; add.u32 a, a, $2; @q cp.async.%s.shared.global [a], [s], %d, n; mov.b32 $0, 0; }"
+            % ("setp.lt.and.s32 q, $3, %d, q;" % limit if limit else "", chunk, "cg" if chunk == 16 else "ca", chunk))
 
 
 @gluon.jit
