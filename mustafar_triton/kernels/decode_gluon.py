@@ -352,11 +352,12 @@ def _ldmatrix_operand(dense_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_S
 
 
 @gluon.jit
-def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, queue_off, dummy_off,
+def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
     K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
-    Rows of tokens past c_hi and malformed rows (more bits than their capacity) store nothing."""
+    Rows of tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and
+    malformed rows (more bits than their capacity) store nothing."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
@@ -370,7 +371,7 @@ def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, queue_off, dummy_off
     kept = tok * 0
     for j in gl.static_range(NW):
         kept += _popc(words[j])
-    fits = (tile_start + tok < c_hi) & (kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY))
+    fits = kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY)
     vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
     args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
@@ -610,7 +611,7 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
     DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    _scatter_tile(stage, start, tile_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
     k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
