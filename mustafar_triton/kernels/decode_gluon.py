@@ -112,9 +112,10 @@ def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own,
 def _walk_layout(head_dim, k_side):
     """The layout the walk gathers in: [16 tokens, runs, bytes per run, 8 bits]. A lane holds runs
     of consecutive channels (K: D/4 channels of each of its 2 tokens, lane % 4 = the run; V: D/8
-    channels of each of its 4 tokens, lane / 4 = the run). The 8 bits of a byte are consecutive
-    registers (one asm instance each); for V the token pairs come first, as V^T's registers pair
-    tokens. It is the mma operand layout up to a renaming of registers (_k_operand, _v_operand)."""
+    channels of each of its 4 tokens, lane / 4 = the run). The bits of a run's bytes are
+    consecutive registers (one asm instance per run: _walk_asm); for V the token pairs come first,
+    as V^T's registers pair tokens. It is the mma operand layout up to a renaming of registers
+    (_k_operand, _v_operand)."""
     nb = head_dim // 32 if k_side else head_dim // 64
     byte_bases = [[0, 0, 1 << i, 0] for i in range(nb.bit_length() - 1)]
     bit_bases = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
