@@ -112,9 +112,10 @@ def _gather_tile(bits_ptr, vals_ptr, tok, ok, chan, below, own,
 def _walk_layout(head_dim, k_side):
     """The layout the walk gathers in: [16 tokens, runs, bytes per run, 8 bits]. A lane holds runs
     of consecutive channels (K: D/4 channels of each of its 2 tokens, lane % 4 = the run; V: D/8
-    channels of each of its 4 tokens, lane / 4 = the run). The 8 bits of a byte are consecutive
-    registers (one asm instance each); for V the token pairs come first, as V^T's registers pair
-    tokens. It is the mma operand layout up to a renaming of registers (_k_operand, _v_operand)."""
+    channels of each of its 4 tokens, lane / 4 = the run). The bits of a run's bytes are
+    consecutive registers (one asm instance per run: _walk_asm); for V the token pairs come first,
+    as V^T's registers pair tokens. It is the mma operand layout up to a renaming of registers
+    (_k_operand, _v_operand)."""
     nb = head_dim // 32 if k_side else head_dim // 64
     byte_bases = [[0, 0, 1 << i, 0] for i in range(nb.bit_length() - 1)]
     bit_bases = [[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4]]
@@ -138,22 +139,41 @@ def _stage_decl(nbytes):
 
 
 @gluon.constexpr_function
-def _walk_asm(pairs):
-    """PTX of one walk instance: 8 channels of one token (pairs False, 4 outputs holding channel
-    pairs) or of two tokens (pairs True, 8 outputs holding token pairs). Inputs: the shared
-    address of the first slot and the byte of bits, per element ($n_out.. and after)."""
-    n_out, n_in, streams = (8, 16, 2) if pairs else (4, 8, 1)
-    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<16>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
-             " add.u32 a1, t, $%d;" % (n_out, n_out + 1)]
+def _walk_asm(pairs, nbytes):
+    """PTX of one walk instance: nbytes consecutive bitmap bytes (8 nbytes channels, a run of
+    _walk_layout) of one token (pairs False, 4 nbytes outputs holding channel pairs) or of two
+    tokens (pairs True, 8 nbytes outputs holding token pairs). Inputs, one per element (n = 8
+    nbytes per token, elements in register order: bit, byte, and for pairs the token first): the
+    shared address of the run's first slot (only the first element's is read, per token), then
+    the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
+    The slot address is carried from byte to byte (+2 per kept channel), so only the run's start
+    is computed outside."""
+    n = 8 * nbytes
+    n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
+    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
+             % (streams * n, n_out)]
+    if pairs:
+        parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
     for st in range(streams):
-        for i in range(8):  # bit test, zero, predicated load, predicated next slot
+        for j in range(n):  # bit test, zero, predicated load, predicated next slot
+            bits = n_out + n_in + (st + 2 * 8 * (j // 8) if pairs else 8 * (j // 8))
+            mask = 1 << (8 * ((j // 8) % 4) + j % 8)
             parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p ld.shared.u16 v%d, [a%d];"
-                         " @p add.u32 a%d, a%d, 2;" % (n_out + n_in + st, 1 << i, 8 * st + i, 8 * st + i, st, st, st))
+                         % (bits, mask, n * st + j, n * st + j, st))
+            if j + 1 < n:
+                parts.append("@p add.u32 a%d, a%d, 2;" % (st, st))
     for k in range(n_out):  # pack on the FMA pipe (a PRMT would take the busier ALU pipe)
-        lo, hi = (k, 8 + k) if pairs else (2 * k, 2 * k + 1)
+        lo, hi = (k, n + k) if pairs else (2 * k, 2 * k + 1)
         parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
     parts.append("}")
     return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _walk_constraints(pairs, nbytes):
+    """inline asm constraints of _walk_asm(pairs, nbytes)."""
+    n = 8 * nbytes * (2 if pairs else 1)
+    return "=r," * (n // 2) + "r," * (2 * n - 1) + "r"
 
 
 @gluon.constexpr_function
@@ -177,11 +197,11 @@ def _lds_word(addr):
 
 
 @gluon.jit
-def _gather_walk(bits_off, tile_start, c_hi, stage_off,
-                 CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
+def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
     """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past c_hi (whose staged
-    rows are stale) and malformed tokens (more bits than CAPACITY) read as zeros."""
+    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past the tile's end
+    (staged with zero bitmap rows: _stage_rows' ZFILL; their value rows are stale) and malformed
+    tokens (more bits than CAPACITY) read as zeros."""
     L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
@@ -191,8 +211,6 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
     tok = gl.arange(0, 16, layout=gl.SliceLayout(1, P2))[:, None]                  # [16, 1]
     run_idx = gl.arange(0, RUNS, layout=gl.SliceLayout(0, P2))[None, :]           # [1, RUNS]
     b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(1, PB)))[None, None, :]
-    t = tile_start + tok
-    ok = t < c_hi
     # per token and run: the run's first bitmap word and the slots before it
     w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
     row = bits_off + tok * staged_row_pitch(NW * 4)
@@ -204,29 +222,31 @@ def _gather_walk(bits_off, tile_start, c_hi, stage_off,
         pj = _popc(words[j])
         kept += pj
         before += gl.where(w0 > j, pj, 0)
-    fits = ok & (kept <= CAPACITY)
+    fits = kept <= CAPACITY
     own = gl.where(fits, _lds_word(row + w0 * 4), 0)
+    # per token and run: the run's bits (its first byte at bit 0, or for K at D=256 each byte of
+    # its two words at bit 8 (b % 4)) and the shared address of its first slot
     if NB > 4:  # two words per run (K at D=256): bytes 4-7 read the second
         own_b = gl.where(fits, _lds_word(row + w0 * 4 + 4), 0)
-        second = (b // 4) == 1
-        word = gl.where(second, own_b[:, :, None], own[:, :, None])
-        before3 = before[:, :, None] + gl.where(second, _popc(own)[:, :, None], 0)
-        bi = b % 4
-    else:
-        word = own[:, :, None] + b * 0
-        before3 = before[:, :, None] + b * 0
-        bi = b if NB == 4 else (run_idx % (4 // NB))[:, :, None] * NB + b
-    slot = before3 + _popc(word & ((gl.full_like(bi, 1) << (8 * bi)) - 1))    # the byte's first slot
-    addr = stage_off + tok[:, :, None] * staged_row_pitch(CAPACITY * 2) + slot * 2
+        bits3 = gl.where((b // 4) == 1, own_b[:, :, None], own[:, :, None])
+        slot = before
+    elif NB == 4:
+        bits3 = own[:, :, None] + b * 0
+        slot = before
+    else:  # several runs per word: this run's bits start at bit 8 NB (run % (4 / NB))
+        shift = (run_idx % (4 // NB)) * (8 * NB)
+        slot = before + _popc(own & ((gl.full_like(shift, 1) << shift) - 1))
+        bits3 = (own >> shift)[:, :, None] + b * 0
+    addr = stage_off + tok * staged_row_pitch(CAPACITY * 2) + slot * 2
     z = gl.zeros([16, RUNS, NB, 8], gl.int32, L4)
-    addr4, _ = gl.broadcast(addr[:, :, :, None], z)
-    bits4, _ = gl.broadcast((word >> (8 * bi))[:, :, :, None], z)
+    addr4, _ = gl.broadcast(addr[:, :, None, None], z)
+    bits4, _ = gl.broadcast(bits3[:, :, :, None], z)
     if K_SIDE:
-        return gl.inline_asm_elementwise(_walk_asm(False), "=r," * 4 + "r," * 15 + "r", [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=8)
+        return gl.inline_asm_elementwise(_walk_asm(False, NB), _walk_constraints(False, NB), [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=8 * NB)
     else:
-        return gl.inline_asm_elementwise(_walk_asm(True), "=r," * 8 + "r," * 31 + "r", [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=16)
+        return gl.inline_asm_elementwise(_walk_asm(True, NB), _walk_constraints(True, NB), [addr4, bits4],
+                                         dtype=gl.float16, is_pure=False, pack=16 * NB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,11 +353,12 @@ def _ldmatrix_operand(dense_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_S
 
 
 @gluon.jit
-def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, queue_off, dummy_off,
+def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
     """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
     K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
-    Rows of tokens past c_hi and malformed rows (more bits than their capacity) store nothing."""
+    Rows of tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and
+    malformed rows (more bits than their capacity) store nothing."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
@@ -351,7 +372,7 @@ def _scatter_tile(stage, tile_start, c_hi, lane, dense_off, queue_off, dummy_off
     kept = tok * 0
     for j in gl.static_range(NW):
         kept += _popc(words[j])
-    fits = (tile_start + tok < c_hi) & (kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY))
+    fits = kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY)
     vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
     args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
@@ -402,11 +423,13 @@ def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: 
 
 
 @gluon.jit
-def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
+def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr, ZFILL: gl.constexpr = False):
     """cp.async of a tile's rows of ROW elements (16 contiguous rows from src_ptr, the row of token
     tile_start: value slots or bitmap words; rows of tokens past c_hi are not read) to
     mt_dstage + stage_off, rows _row_pitch apart, one 16-byte (8 for 8-byte rows, whose stream may be
-    only 8-byte aligned) copy per lane and step."""
+    only 8-byte aligned) copy per lane and step. ZFILL: the rows past c_hi are staged as zeros
+    (cp.async's src-size 0, its source the tile's first row), unless the tile has no token before
+    c_hi (such a tile is never gathered); else they keep what the stage held."""
     ROW_BYTES: gl.constexpr = ROW * src_ptr.dtype.element_ty.primitive_bitwidth // 8
     CHUNK: gl.constexpr = 16 if ROW_BYTES % 16 == 0 else 8
     PER_ROW: gl.constexpr = ROW_BYTES // CHUNK
@@ -416,11 +439,16 @@ def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr):
     src = src_ptr.to(gl.pointer_type(gl.int8), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
-        gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
-                                  [src + gl.minimum(c, NCH - 1) * CHUNK,
-                                   stage_off + c * CHUNK + (c // PER_ROW) * PAD,
-                                   c * CHUNK, nbytes],
-                                  dtype=gl.int32, is_pure=False, pack=1)
+        if ZFILL:
+            gl.inline_asm_elementwise(_cp_async_zfill_asm(CHUNK, NCH * CHUNK if NCH % 32 else 0), "=r,l,r,r,r",
+                                      [src, stage_off + c * CHUNK + (c // PER_ROW) * PAD, c * CHUNK, nbytes],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+        else:
+            gl.inline_asm_elementwise(_cp_async_asm(CHUNK), "=r,l,r,r,r",
+                                      [src + gl.minimum(c, NCH - 1) * CHUNK,
+                                       stage_off + c * CHUNK + (c // PER_ROW) * PAD,
+                                       c * CHUNK, nbytes],
+                                      dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
@@ -428,6 +456,17 @@ def _cp_async_asm(chunk):
     """PTX: copy `chunk` bytes from global $1 to mt_dstage + $2 if $3 < $4."""
     return ("{ .reg .pred p; .reg .b32 a; setp.lt.s32 p, $3, $4; mov.u32 a, mt_dstage; add.u32 a, a, $2;"
             " @p cp.async.%s.shared.global [a], [$1], %d; mov.b32 $0, 0; }" % ("cg" if chunk == 16 else "ca", chunk))
+
+
+@gluon.constexpr_function
+def _cp_async_zfill_asm(chunk, limit):
+    """PTX: if $4 > 0 and $3 (the chunk's offset in the tile) < limit (0: no limit): to
+    mt_dstage + $2, `chunk` bytes from global $1 + $3 if $3 < $4, else `chunk` zeros (src-size 0,
+    the source $1, the tile's first row: a valid address, of which nothing is read)."""
+    return ("{ .reg .pred p, q; .reg .b32 a, n, o; .reg .b64 s; setp.lt.s32 p, $3, $4; setp.gt.s32 q, $4, 0;"
+            " %s selp.b32 n, %d, 0, p; selp.b32 o, $3, 0, p; cvt.u64.u32 s, o; add.s64 s, $1, s;"
+            " mov.u32 a, mt_dstage; add.u32 a, a, $2; @q cp.async.%s.shared.global [a], [s], %d, n; mov.b32 $0, 0; }"
+            % ("setp.lt.and.s32 q, $3, %d, q;" % limit if limit else "", chunk, "cg" if chunk == 16 else "ca", chunk))
 
 
 @gluon.jit
@@ -443,8 +482,8 @@ def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     _stage_rows(k_vals, tile_start, c_hi, base, lane, K_CAPACITY)
     _stage_rows(v_vals, tile_start, c_hi, base + V_OFF, lane, V_CAPACITY)
-    _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW)
-    _stage_rows(v_bits, tile_start, c_hi, base + VB_OFF, lane, NW)
+    _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW, True)
+    _stage_rows(v_bits, tile_start, c_hi, base + VB_OFF, lane, NW, True)
     _lane_asm("cp.async.commit_group; mov.b32 $0, $1;", lane)
 
 
@@ -469,16 +508,15 @@ def _tile_source(k_vals, v_vals, k_bits, v_bits, start, c_hi, block_table_row, n
 
 
 @gluon.jit
-def _stage_next(k_vals, v_vals, k_bits, v_bits, start, lo, c_hi, lane, STAGE: gl.constexpr,
+def _stage_next(k_vals, v_vals, k_bits, v_bits, start, stage, c_hi, lane, STAGE: gl.constexpr,
                 K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
-    """The staged gathers' pipeline step for the tile at `start`: the next tile's rows (the four
-    pointers and c_hi: _tile_source of start + BLOCK_N) go into the other stage (cp.async), this
-    tile's are waited for and made visible to the warp; returns this tile's stage offset."""
-    stage = ((start - lo) // BLOCK_N) % 2 * STAGE
+    """The staged gathers' pipeline step for the tile at `start`, staged at `stage` (0 or STAGE,
+    the loop's toggle): the next tile's rows (the four pointers and c_hi: _tile_source of
+    start + BLOCK_N) go into the other stage (cp.async), this tile's are waited for and made
+    visible to the warp."""
     _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
                 K_CAPACITY, V_CAPACITY, HEAD_DIM)
     _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
-    return stage
 
 
 @gluon.jit
@@ -528,10 +566,10 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    k4 = _gather_walk(stage + KB_OFF, start, tile_hi, stage, K_CAPACITY, HEAD_DIM, True)
+    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True)
     k = _k_operand(k4, A_OP, HEAD_DIM)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v4 = _gather_walk(stage + VB_OFF, start, tile_hi, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
     v_t = _v_operand(v4, A_OP, HEAD_DIM)
     acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     return m, l, acc
@@ -550,16 +588,18 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
         # skips a paged tile outside the pool (all -inf scores: NaN from a -inf running max); always
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                    K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
+        stage = STAGE - stage
     return m, l, acc
 
 
@@ -572,7 +612,7 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
     DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    _scatter_tile(stage, start, tile_hi, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
     k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
@@ -596,14 +636,16 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        stage = _stage_next(kv, vv, kb, vb, start, lo, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
         if start < tile_hi:  # as in _walk_tiles
             m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                       K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
+        stage = STAGE - stage
     return m, l, acc
 
 

@@ -1,0 +1,390 @@
+"""The Gluon walk gather's inline PTX, run on the CPU by a small emulator of the PTX it uses.
+
+Gluon kernels cannot run without a GPU, so the asm strings that decode_gluon.py's constexpr
+functions produce (_walk_asm, _lds_words_asm, _cp_async_zfill_asm, _cp_async_asm) are executed here
+statement by statement on a shared-memory byte array and a bounds-checked global byte array. The
+inputs each instance gets are built as decode_gluon._gather_walk / _stage_rows build them (a
+Python copy of that arithmetic); the outputs are compared with a numpy expansion of the packed
+rows (kept values at their channels, zeros elsewhere). The kernel itself is tested on the GPU
+(tests/test_decode.py with MUSTAFAR_TEST_DEVICE=cuda)."""
+import re
+
+import numpy as np
+import pytest
+
+from mustafar_triton.kernels import decode_gluon as dg
+from mustafar_triton.kernels.decode_gluon_launch import staged_row_pitch
+
+MT_DSTAGE = 0x400          # the shared address of mt_dstage (as on sm_90: after 1 KB reserved)
+GLOBAL_BASE = 0x7f0000000  # the global address of the tensor's first byte
+M32 = (1 << 32) - 1
+
+
+def _fn(f):
+    return getattr(f, "fn", f)  # gluon.constexpr_function wraps the Python function
+
+
+def _split_operands(text):
+    ops, depth, cur = [], 0, ""
+    for ch in text:
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+        if ch == "," and depth == 0:
+            ops.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        ops.append(cur.strip())
+    return ops
+
+
+class Ptx:
+    """Runs one inline-asm string: args are the $n operands (outputs first, filled in by run)."""
+
+    def __init__(self, shared, glob=None):
+        self.shared = shared      # np.uint8 array: offset 0 is shared address MT_DSTAGE
+        self.glob = glob          # np.uint8 array at GLOBAL_BASE (bounds-checked), or None
+        self.global_reads = []    # (address, bytes) of every global access, and src-size-0 addresses
+
+    def run(self, asm, n_out, inputs):
+        body = asm.strip()
+        if body.startswith("{"):
+            assert body.endswith("}"), body
+            body = body[1:-1]
+        args = [None] * n_out + [int(x) for x in inputs]
+        regs, preds = {}, {}
+
+        def val(op):
+            op = op.strip()
+            if op.startswith("$"):
+                v = args[int(op[1:])]
+                assert v is not None, f"read of output {op} before it is written"
+                return v
+            if op == "mt_dstage":
+                return MT_DSTAGE
+            if re.fullmatch(r"-?(0x[0-9a-fA-F]+|\d+)", op):
+                return int(op, 0)
+            assert op in regs, f"read of unset register {op}"
+            return regs[op]
+
+        def put(op, v, bits=32):
+            v &= (1 << bits) - 1
+            if op.startswith("$"):
+                args[int(op[1:])] = v
+            else:
+                regs[op] = v
+
+        def addr(op):
+            m = re.fullmatch(r"\[\s*([^\]+]+?)\s*(?:\+\s*(-?\d+))?\s*\]", op)
+            assert m, op
+            return val(m.group(1)) + int(m.group(2) or 0)
+
+        def lds(a, nbytes):
+            off = a - MT_DSTAGE
+            assert 0 <= off and off + nbytes <= len(self.shared) and a % nbytes == 0, hex(a)
+            return int.from_bytes(self.shared[off:off + nbytes].tobytes(), "little")
+
+        def signed(v):
+            v &= M32
+            return v - (1 << 32) if v >> 31 else v
+
+        for stmt in body.split(";"):
+            stmt = stmt.strip()
+            if not stmt or stmt.startswith(".reg"):
+                continue
+            guard = None
+            m = re.match(r"@(!?)(\w+)\s+(.*)", stmt)
+            if m:
+                guard = (m.group(1) == "!", m.group(2))
+                stmt = m.group(3)
+            opcode, _, rest = stmt.partition(" ")
+            ops = _split_operands(rest)
+            if guard is not None and preds[guard[1]] == guard[0]:
+                continue
+            parts = opcode.split(".")
+            if parts[0] == "mov":
+                put(ops[0], val(ops[1]), 64 if parts[1].endswith("64") else 32)
+            elif parts[0] == "add":
+                put(ops[0], val(ops[1]) + val(ops[2]), 64 if parts[1].endswith("64") else 32)
+            elif opcode == "cvt.u64.u32":
+                put(ops[0], val(ops[1]) & M32, 64)
+            elif parts[0] == "and":
+                put(ops[0], val(ops[1]) & val(ops[2]))
+            elif parts[0] == "popc":
+                put(ops[0], bin(val(ops[1]) & M32).count("1"))
+            elif opcode == "mad.lo.u32":
+                put(ops[0], val(ops[1]) * val(ops[2]) + val(ops[3]))
+            elif parts[0] == "setp":
+                cmp, typ = parts[1], parts[-1]
+                a, b = val(ops[1]), val(ops[2])
+                if typ == "s32":
+                    a, b = signed(a), signed(b)
+                else:
+                    assert typ in ("b32", "u32") and cmp in ("eq", "ne"), opcode
+                r = {"ne": a != b, "eq": a == b, "lt": a < b, "gt": a > b, "le": a <= b, "ge": a >= b}[cmp]
+                if len(parts) == 4:  # setp.cmp.bool.type p, a, b, c
+                    assert parts[2] == "and", opcode
+                    r = r and preds[ops[3]]
+                preds[ops[0]] = r
+            elif parts[0] == "selp":
+                put(ops[0], val(ops[1]) if preds[ops[3]] else val(ops[2]), 64 if parts[1] == "b64" else 32)
+            elif opcode == "ld.shared.u16":
+                put(ops[0], lds(addr(ops[1]), 2))
+            elif parts[:2] == ["ld", "shared"]:
+                a = addr(ops[1])
+                dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
+                assert parts[-1] in ("u32", "b32") and len(parts) == (4 if len(dsts) > 1 else 3), opcode
+                assert a % (4 * len(dsts)) == 0, "misaligned vector load"
+                for i, d in enumerate(dsts):
+                    put(d, lds(a + 4 * i, 4))
+            elif parts[:2] == ["cp", "async"] and len(parts) == 5:
+                dst, src, size = addr(ops[0]), addr(ops[1]), int(ops[2])
+                src_size = val(ops[3]) if len(ops) > 3 else size
+                assert size in (4, 8, 16) and 0 <= src_size <= size and dst % size == 0 and src % size == 0
+                off = src - GLOBAL_BASE
+                # every address handed to cp.async is inside the tensor, even with src-size 0
+                assert self.glob is not None and 0 <= off and off + size <= len(self.glob), \
+                    f"cp.async source {hex(src)} outside the tensor"
+                self.global_reads.append((src, src_size))
+                data = np.zeros(size, np.uint8)
+                data[:src_size] = self.glob[off:off + src_size]
+                d = dst - MT_DSTAGE
+                assert 0 <= d and d + size <= len(self.shared)
+                self.shared[d:d + size] = data
+            else:
+                raise AssertionError(f"PTX not emulated: {stmt}")
+        outs = args[:n_out]
+        assert all(o is not None for o in outs), "an output was never written"
+        return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# the walk: _gather_walk's per-run inputs, _walk_asm's outputs
+# ---------------------------------------------------------------------------------------------
+
+def popc(x):
+    return bin(x & M32).count("1")
+
+
+def random_rows(rng, n, head_dim, capacity):
+    """n tokens' bitmap words [n, D/32] (uint32) and value rows [n, capacity] (uint16 bit patterns):
+    random densities, plus tokens with no bits, with all bits of some bytes, at exactly capacity,
+    and malformed ones (more bits than capacity)."""
+    words = np.zeros((n, head_dim // 32), np.uint32)
+    for t in range(n):
+        kind = t % 6
+        if kind == 0:
+            keep = np.zeros(head_dim, bool)                                   # empty
+        elif kind == 1:
+            keep = np.zeros(head_dim, bool)
+            keep[:min(capacity, head_dim)] = True                             # full bytes from channel 0
+        elif kind == 2:
+            keep = np.zeros(head_dim, bool)
+            keep[rng.choice(head_dim, capacity, replace=False)] = True        # exactly capacity
+        elif kind == 3:
+            keep = np.zeros(head_dim, bool)
+            keep[rng.choice(head_dim, capacity + 1 + rng.integers(8), replace=False)] = True  # malformed
+        else:
+            keep = np.zeros(head_dim, bool)
+            keep[rng.choice(head_dim, rng.integers(1, capacity + 1), replace=False)] = True
+            if kind == 5:  # one byte with all 8 bits, the others trimmed back to capacity
+                b = rng.integers(head_dim // 8)
+                keep[8 * b:8 * b + 8] = True
+                others = np.flatnonzero(keep)
+                others = others[(others < 8 * b) | (others >= 8 * b + 8)]
+                keep[rng.permutation(others)[:max(0, keep.sum() - capacity)]] = False
+        bits = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1)
+        words[t] = bits.view(">u4").reshape(-1).astype(np.uint32)
+    values = rng.integers(1, 1 << 16, size=(n, capacity), dtype=np.uint32).astype(np.uint16)
+    return words, values
+
+
+def dense_reference(words, values, capacity):
+    """[n, D] uint16: kept values at their channels (increasing), zeros elsewhere; a token with more
+    bits than capacity (malformed) or a zeroed bitmap row reads as zeros."""
+    n, nw = words.shape
+    out = np.zeros((n, 32 * nw), np.uint16)
+    for t in range(n):
+        chans = [32 * j + i for j in range(nw) for i in range(32) if (int(words[t, j]) >> i) & 1]
+        if len(chans) <= capacity:
+            out[t, chans] = values[t, :len(chans)]
+    return out
+
+
+def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr):
+    """_gather_walk's per-token inputs of one run: the shared address of the run's first slot
+    and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
+    nw = head_dim // 32
+    nb = head_dim // 32 if k_side else head_dim // 64
+    w = [int(x) for x in row_words]
+    kept = sum(popc(x) for x in w)
+    fits = kept <= capacity
+    w0 = run * (nb // 4) if nb >= 4 else run // (4 // nb)
+    before = sum(popc(w[j]) for j in range(nw) if w0 > j)
+    own = w[w0] if fits else 0
+    if nb > 4:
+        own_b = w[w0 + 1] if fits else 0
+        bits = [own if b < 4 else own_b for b in range(nb)]
+        slot = before
+    elif nb == 4:
+        bits = [own] * nb
+        slot = before
+    else:
+        shift = (run % (4 // nb)) * (8 * nb)
+        slot = before + popc(own & ((1 << shift) - 1))
+        s_own = own - (1 << 32) if own >> 31 else own      # int32: an arithmetic shift
+        bits = [(s_own >> shift) & M32] * nb
+    return row_addr + slot * 2, bits
+
+
+def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
+    """All runs of all tokens through _walk_asm, as one lane's instances see them: returns
+    [n, D] uint16 (the channels of run r of token t at [t, r * 8 nb ..])."""
+    n = len(words)
+    nb = head_dim // 32 if k_side else head_dim // 64
+    runs = 4 if k_side else 8
+    pitch = staged_row_pitch(2 * capacity)
+    stage_off = 48                                   # some stage offset in mt_dstage
+    shared = np.full(stage_off + n * pitch + 64, 0xEE, np.uint8)  # stale bytes everywhere
+    for t in range(n):
+        off = stage_off + t * pitch
+        shared[off:off + 2 * capacity] = values[t].view(np.uint8)
+    asm = (asm_fn or _fn(dg._walk_asm))(not k_side, nb)
+    constraints = _fn(dg._walk_constraints)(not k_side, nb)
+    n_out = constraints.count("=r")
+    n_el = 8 * nb                                    # elements per token per instance
+    emu = Ptx(shared)
+    rng = np.random.default_rng(0)
+    out = np.zeros((n, head_dim), np.uint16)
+    pairs = [(t,) for t in range(n)] if k_side else [(t, t + 1) for t in range(0, n - 1, 2)]
+    for toks in pairs:
+        for r in range(runs):
+            per_tok = [walk_inputs(words[t], capacity, head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch)
+                       for t in toks]
+            s = len(toks)
+            addrs = [0] * (s * n_el)
+            bits = [0] * (s * n_el)
+            # element order: token (pairs), bit, byte. The kernel broadcasts, but _walk_asm's
+            # contract names the elements it reads (a token's first element's address, each
+            # byte's first element's bits): the others get garbage here, to hold it to that.
+            for st, (a, bw) in enumerate(per_tok):
+                for j in range(n_el):
+                    first = j % 8 == 0
+                    addrs[st + s * j] = a - MT_DSTAGE if j == 0 else int(rng.integers(1 << 32))  # asm adds mt_dstage
+                    bits[st + s * j] = bw[j // 8] if first else int(rng.integers(1 << 32))
+            assert constraints.count("r") - n_out == 2 * s * n_el
+            regs = emu.run(asm, n_out, addrs + bits)
+            elems = []
+            for reg in regs:
+                elems += [reg & 0xFFFF, reg >> 16]
+            for st, t in enumerate(toks):
+                for j in range(n_el):
+                    out[t, r * n_el + j] = elems[st + s * j]
+    return out
+
+
+@pytest.mark.parametrize("k_side", [True, False], ids=["K", "V"])
+@pytest.mark.parametrize("head_dim,capacity", [(64, 24), (128, 40), (128, 64), (256, 80)])
+def test_walk_asm_expands_rows_exactly(head_dim, capacity, k_side):
+    rng = np.random.default_rng(head_dim * 1000 + capacity + k_side)
+    words, values = random_rows(rng, 12, head_dim, capacity)
+    got = run_walk(head_dim, capacity, k_side, words, values)
+    want = dense_reference(words, values, capacity)
+    assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+def test_walk_asm_zeroed_rows_read_zero_whatever_the_values():
+    """Rows past a tile's end are staged with zero bitmaps (stale value rows): zeros out."""
+    rng = np.random.default_rng(7)
+    for k_side in (True, False):
+        words = np.zeros((4, 4), np.uint32)
+        values = rng.integers(0, 1 << 16, size=(4, 40), dtype=np.uint32).astype(np.uint16)
+        assert not run_walk(128, 40, k_side, words, values).any()
+
+
+def test_emulator_catches_a_broken_walk():
+    """The check above fails for a walk whose slot step is wrong (guards the emulator itself)."""
+    def broken(pairs, nbytes):
+        return _fn(dg._walk_asm)(pairs, nbytes).replace("add.u32 a0, a0, 2;", "add.u32 a0, a0, 4;", 1)
+    rng = np.random.default_rng(3)
+    words, values = random_rows(rng, 6, 128, 40)
+    assert (run_walk(128, 40, True, words, values, broken) != dense_reference(words, values, 40)).any()
+
+
+def test_lds_words_asm():
+    shared = np.arange(256, dtype=np.uint8)
+    for n in (2, 4, 8):
+        outs = Ptx(shared).run(_fn(dg._lds_words_asm)(n), n, [32])
+        assert outs == [int.from_bytes(shared[32 + 4 * i:36 + 4 * i].tobytes(), "little") for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# staging: _stage_rows' cp.async of bitmap rows with zero-fill past the tile's end
+# ---------------------------------------------------------------------------------------------
+
+def stage_rows(glob, tile_start, c_hi, row_bytes, zfill, stage_off=16, stage_bytes=2048):
+    """_stage_rows for one tile, every lane (its argument arithmetic copied): returns the stage
+    bytes (0xEE where nothing was written) and the emulator (its global accesses)."""
+    chunk = 16 if row_bytes % 16 == 0 else 8
+    per_row = row_bytes // chunk
+    nch = 16 * per_row
+    pad = staged_row_pitch(row_bytes) - row_bytes
+    nbytes = min(max(c_hi - tile_start, 0), 16) * row_bytes
+    src = GLOBAL_BASE + tile_start * row_bytes
+    shared = np.full(stage_bytes, 0xEE, np.uint8)
+    emu = Ptx(shared, glob)
+    for i in range(0, nch, 32):
+        for lane in range(32):
+            c = i + lane
+            dst = stage_off + c * chunk + (c // per_row) * pad
+            if zfill:
+                asm = _fn(dg._cp_async_zfill_asm)(chunk, nch * chunk if nch % 32 else 0)
+                emu.run(asm, 1, [src, dst, c * chunk, nbytes])
+            else:
+                emu.run(_fn(dg._cp_async_asm)(chunk), 1, [src + min(c, nch - 1) * chunk, dst, c * chunk, nbytes])
+    return shared, emu
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("tokens,tile_start,c_hi", [(37, 32, 37), (37, 16, 37), (48, 32, 48), (20, 16, 17),
+                                                     (37, 16, 30)])
+def test_zero_filled_bitmap_rows(head_dim, tokens, tile_start, c_hi):
+    """Rows before c_hi are copied, rows past it (inside the 16-row tile) become zeros, the row
+    pads and everything past the tile keep their bytes, and no global byte outside the tensor
+    is read or even addressed."""
+    row_bytes = head_dim // 8
+    rng = np.random.default_rng(tokens + tile_start + head_dim)
+    glob = rng.integers(0, 256, size=tokens * row_bytes, dtype=np.uint8)
+    pitch = staged_row_pitch(row_bytes)
+    shared, emu = stage_rows(glob, tile_start, c_hi, row_bytes, True)
+    for r in range(16):
+        staged = shared[16 + r * pitch:16 + r * pitch + row_bytes]
+        if tile_start + r < c_hi:
+            assert (staged == glob[(tile_start + r) * row_bytes:(tile_start + r + 1) * row_bytes]).all(), r
+        else:
+            assert not staged.any(), r
+        assert (shared[16 + r * pitch + row_bytes:16 + (r + 1) * pitch] == 0xEE).all(), "a pad was written"
+    assert (shared[:16] == 0xEE).all() and (shared[16 + 16 * pitch:] == 0xEE).all()
+    assert sum(n for _, n in emu.global_reads) == min(c_hi - tile_start, 16) * row_bytes
+
+
+def test_no_staging_for_a_tile_past_the_end():
+    """A tile with no token before c_hi (never gathered) stages nothing, and its source row,
+    past the tensor, is never handed to cp.async."""
+    glob = np.ones(32 * 16, np.uint8)
+    for start in (32, 48):
+        shared, emu = stage_rows(glob, start, 32, 16, True)
+        assert (shared == 0xEE).all() and not emu.global_reads
+
+
+def test_emulator_catches_reads_past_the_tensor(monkeypatch):
+    """Without the zero-fill's clamp (each chunk at its own offset, also past c_hi), the staging of
+    a tile that crosses the tensor's end would address bytes past it: the emulator refuses."""
+    zfill = _fn(dg._cp_async_zfill_asm)
+    monkeypatch.setattr(dg, "_cp_async_zfill_asm",
+                        lambda chunk, limit: zfill(chunk, limit).replace("selp.b32 o, $3, 0, p;", "mov.b32 o, $3;"))
+    with pytest.raises(AssertionError, match="outside the tensor"):
+        stage_rows(np.ones(37 * 16, np.uint8), 32, 37, 16, True)
