@@ -27,9 +27,13 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+
+# this checkout's package, not whichever one is installed (a worktree measures its own code)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import host_cost  # noqa: F401 (sets TRITON_INTERPRET: CPU tensors pass the device checks)
 from host_cost import _StubKernel
@@ -201,7 +205,9 @@ def main():
     if args.out:
         meta = environment(torch.device("cpu"))
         import transformers
+        import mustafar_triton
         meta["transformers"] = transformers.__version__
+        meta["package"] = str(Path(mustafar_triton.__file__).parent)
         shapes = dict(batch=args.batch, layers=args.layers, query_heads=args.hq, kv_heads=args.hkv,
                       head_dim=args.head_dim, dtype=args.dtype, mustafar_prompt=args.prompt,
                       dense_prompt=args.dense_prompt, steps_per_round=args.steps, rounds=args.rounds,
