@@ -67,10 +67,10 @@ from __future__ import annotations
 import torch
 
 from ._runtime import check_device, check_same_device
-from .attention import sparse_decode_attention
-from .compress import _check_sparsity, prune_and_pack
+from .attention import plan_for
+from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
-from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity
+from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity, kept_per_token
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -79,6 +79,15 @@ def _check_count(name: str, value, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _bound_bucket(n: int, limit: int) -> int:
+    """n rounded up to a multiple of 1/32 of its power of two (at most limit): the bound attend
+    sizes its splits on, so that a new launch is resolved once per ~n/32 stored tokens (every ~128
+    at 4k-8k) instead of at every window flush. The splits then cover up to ~3% more tokens than
+    stored; those lie past every sequence's seq_lens and are masked, as in any ragged batch."""
+    step = (1 << (n.bit_length() - 1)) >> 5 if n >= 64 else 1
+    return min(-(-n // step) * step, limit)
 
 
 class SparseKVCache:
@@ -139,6 +148,16 @@ class SparseKVCache:
         self.ring_start = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's oldest ring row
         self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's drops (full store)
         check_device("SparseKVCache buffers", self.k_window)
+        # append's scatter index: window_lens as int64 [B, 1, 1, 1], kept in step with it (eager path only)
+        self._next_row = torch.zeros((batch, 1, 1, 1), dtype=torch.int64, device=device)
+        self._next_rows = self._next_row.expand(batch, num_kv_heads, 1, head_dim)
+        self._token_shape = (batch, num_kv_heads, 1, head_dim)
+        self._device = self.k_window.device
+        # constants of the flush: chunk positions [1, 1, C, 1] and dense slots [1, 1, S + W, 1]
+        self._chunk_pos = torch.arange(chunk, device=device).view(1, 1, chunk, 1)
+        self._dense_slot = torch.arange(self.sinks + window, device=device).view(1, 1, -1, 1)
+        self._plan = None     # attend's decode plan and the query layout it was made for
+        self._plan_key = None
         self._max_store = 0   # host upper bound on seq_lens (exact for the longest sequence)
         self._max_window = 0  # host upper bound on window_lens
         self._static = False  # append_static was used since the last prefill / reset
@@ -164,7 +183,8 @@ class SparseKVCache:
     def reset(self) -> None:
         """Empty every sequence (zeroes the store, so tokens past seq_lens stay all-zero rows)."""
         for buf in (self.packed_k.bitmap, self.packed_k.values, self.packed_v.bitmap,
-                    self.packed_v.values, self.seq_lens, self.window_lens, self.ring_start, self.dropped):
+                    self.packed_v.values, self.seq_lens, self.window_lens, self.ring_start, self.dropped,
+                    self._next_row):
             buf.zero_()
         self._max_store = self._max_window = 0
         self._static = False
@@ -195,12 +215,21 @@ class SparseKVCache:
         prune_and_pack as all-zero rows, which keeps the store zero past seq_lens. The caller
         guarantees max(seq_lens) + C <= max_tokens (the host capacity check).
         """
-        pk = prune_and_pack(k_chunk, self.k_sparsity, seq_lens=n)
-        pv = prune_and_pack(v_chunk, self.v_sparsity, seq_lens=n)
-        pos = self.seq_lens.long()[:, None] + torch.arange(k_chunk.shape[2], device=n.device)  # [B, C]
+        d, c = self.head_dim, k_chunk.shape[2]
+        # prune_and_pack without its argument checks (the chunks are the cache's own, checked on entry)
+        pk, pv = (_launch_select(x, keep=kept_per_token(d, sparsity), capacity=p.capacity, seq_lens=n,
+                                 select_topk=True, write_packed=True)
+                  for x, sparsity, p in ((k_chunk, self.k_sparsity, self.packed_k),
+                                         (v_chunk, self.v_sparsity, self.packed_v)))
+        chunk_pos = self._chunk_pos if c == self.chunk else torch.arange(c, device=n.device).view(1, 1, c, 1)
+        pos = self.seq_lens.view(-1, 1, 1, 1) + chunk_pos  # int64 [B, 1, C, 1]
+        index = {}   # one expanded index per destination shape (K's and V's bitmaps share one)
         for dst, src in ((self.packed_k.bitmap, pk.bitmap), (self.packed_k.values, pk.values),
                          (self.packed_v.bitmap, pv.bitmap), (self.packed_v.values, pv.values)):
-            dst.scatter_(2, pos[:, None, :, None].expand(src.shape), src)
+            idx = index.get(src.shape)
+            if idx is None:
+                idx = index[src.shape] = pos.expand(src.shape)
+            dst.scatter_(2, idx, src)
         self.seq_lens.add_(n)
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None = None) -> None:
@@ -246,6 +275,7 @@ class SparseKVCache:
             self.k_window.copy_(torch.where(valid, k.gather(2, idx), zero))
             self.v_window.copy_(torch.where(valid, v.gather(2, idx), zero))
             self.window_lens.copy_(fill)
+            self._next_row.copy_(fill.view(b, 1, 1, 1))
         self._max_store = max(t - dense, 0)
         self._max_window = min(t, dense)
 
@@ -254,19 +284,22 @@ class SparseKVCache:
         window holds more than window - chunk tokens to the store, and shift its remaining recent
         tokens down (the sinks, rows [0, sinks), never move)."""
         s, w, c = self.sinks, self.window, self.chunk
-        recent = (self.window_lens - s).clamp_min(0)  # a sequence with recent tokens has all its sinks
-        n = torch.where(recent > w - c, recent.clamp_max(c), 0)  # int32 [B]
+        # a sequence with recent tokens has all its sinks (so without sinks, recent = window_lens)
+        recent = self.window_lens if s == 0 else (self.window_lens - s).clamp_min(0)
+        n = recent.clamp_max(c).mul_(recent > w - c)  # int32 [B]: min(recent, c) where recent > w - c, else 0
         self._store(self.k_window[:, :, s:s + c], self.v_window[:, :, s:s + c], n)
         # recent slot j <- slot j + n[b] (slots that would read past the window keep stale data,
         # they lie past the new fill and are never attended)
-        slot = torch.arange(s + w, device=n.device)
-        src = (slot + n.long()[:, None]).clamp_max(s + w - 1)  # [B, S + W]
+        n4 = n.view(-1, 1, 1, 1)
+        slot = self._dense_slot  # [1, 1, S + W, 1]
+        src = (slot + n4).clamp_max_(s + w - 1)  # int64 [B, 1, S + W, 1]
         if s:
             src = torch.where(slot < s, slot, src)
-        idx = src[:, None, :, None].expand(self.k_window.shape)
+        idx = src.expand(self.k_window.shape)
         self.k_window.copy_(self.k_window.gather(2, idx))
         self.v_window.copy_(self.v_window.gather(2, idx))
         self.window_lens.sub_(n)
+        self._next_row.sub_(n4)
         self._max_store += c
         self._max_window = s + w - c
 
@@ -279,8 +312,12 @@ class SparseKVCache:
         is pruned + packed straight into the store. No host sync. Raises ValueError, leaving the
         cache unchanged, if the store could overflow.
         """
-        self._check_tokens("k_new", k_new, 1)
-        self._check_tokens("v_new", v_new, 1)
+        shape, dtype, device = self._token_shape, self.dtype, self._device
+        if not (isinstance(k_new, torch.Tensor) and isinstance(v_new, torch.Tensor) and k_new.shape == shape
+                and v_new.shape == shape and k_new.dtype == dtype and v_new.dtype == dtype
+                and k_new.device == device and v_new.device == device):  # the usual case in a few comparisons
+            self._check_tokens("k_new", k_new, 1)
+            self._check_tokens("v_new", v_new, 1)
         if self._static:
             raise ValueError("SparseKVCache.append after append_static: the host-side bounds append needs are "
                              "not kept by append_static; keep using append_static, or prefill / reset first")
@@ -291,10 +328,11 @@ class SparseKVCache:
         if self._max_window == s + w:
             self._check_capacity("append (window flush)", self._max_store + self.chunk)
             self._flush()
-        idx = self.window_lens.long()[:, None, None, None].expand(k_new.shape)
+        idx = self._next_rows  # window_lens as int64, expanded to [B, Hkv, 1, D]
         self.k_window.scatter_(2, idx, k_new)
         self.v_window.scatter_(2, idx, v_new)
         self.window_lens.add_(1)
+        self._next_row.add_(1)
         self._max_window += 1
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
@@ -369,11 +407,30 @@ class SparseKVCache:
         The kernel's splits are sized on the host's bound of the stored length, so a cache
         allocated far beyond its contents still uses the whole GPU. A CUDA graph captured now
         would keep that bound; capture with for_graph=True, which sizes on max_tokens instead
-        (as every call does after append_static, which keeps no host bound).
+        (as every call does after append_static, which keeps no host bound). q may also be
+        [B, 1, Hq, D] (out [B, 1, Hq, D], lse [B, 1, Hq]): a transposed view of transformers'
+        query, with no copy.
+
+        The bound is rounded up (_bound_bucket: at most ~3% more tokens, masked), so a new launch
+        is resolved every ~n/32 stored tokens rather than at every flush; the decode plan is kept
+        while q's layout and softmax_scale stay the same (the cache's own buffers never change).
         """
-        bound = self.max_tokens if for_graph or self._static else self._max_store
-        return sparse_decode_attention(q, self.packed_k, self.packed_v, softmax_scale=softmax_scale,
-                                       return_lse=return_lse, max_seq_len=bound, **self.window_kwargs())
+        bound = self.max_tokens if for_graph or self._static else _bound_bucket(self._max_store, self.max_tokens)
+        key = ((type(q), q.shape, q.stride(), q.dtype, q.device, softmax_scale)
+               if isinstance(q, torch.Tensor) else None)
+        plan = self._plan
+        if key is None or key != self._plan_key:
+            plan = plan_for(q, self.packed_k, self.packed_v, *self._window_args(), softmax_scale, 0)
+            if key is not None:
+                self._plan, self._plan_key = plan, key
+        return plan(q, self.packed_k, self.packed_v, *self._window_args(), bound, return_lse)
+
+    def _window_args(self) -> tuple:
+        """k_window, v_window, window_lens as sparse_decode_attention takes them (None without
+        sinks and window)."""
+        if self.sinks + self.window == 0:
+            return None, None, None
+        return self.k_window, self.v_window, self.window_lens
 
     def window_kwargs(self) -> dict:
         """The dense buffer as sparse_decode_attention's k_window / v_window / window_lens (none

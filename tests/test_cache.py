@@ -428,6 +428,33 @@ def test_fuzz_prefill_and_appends(lens, window, chunk_frac, appends, seed, sinks
         check_sinks(cache, model, seed + 6, device)
 
 
+def test_attend_rounds_its_bound_up_and_keeps_its_plan(device):
+    """attend sizes its splits on the stored bound rounded up to 1/32 of its power of two
+    (_bound_bucket): the extra tokens lie past every sequence's seq_lens and are masked, so attend
+    still equals the float64 model (ragged batch, across flushes) and, within rounding, the call
+    with the exact bound. Its decode plan is kept across appends and flushes; a query as
+    [B, 1, Hq, D] gives the [B, Hq, D] call's result bit for bit."""
+    from mustafar_triton.cache import _bound_bucket
+    assert [_bound_bucket(n, 10 ** 6) for n in (0, 1, 63, 64, 65, 130, 4097, 8191)] == [
+        0, 1, 63, 64, 66, 132, 4224, 8192]
+    assert _bound_bucket(4097, 4100) == 4100
+    dtype = torch.float32
+    cache, model = make(device, b=2, max_tokens=256, window=8, chunk=4, dtype=dtype)
+    k, v = tokens(2, 150, dtype, 7, device)
+    cache.prefill(k, v, torch.tensor([150, 97], dtype=torch.int32, device=device))
+    model.prefill(k, v, [150, 97])
+    assert (cache._max_store, _bound_bucket(cache._max_store, 256)) == (142, 144)
+    check_attend(cache, model, 8, device)
+    q = randn((2, HQ, D), dtype, 9, device)
+    exact = mt.sparse_decode_attention(q, cache.packed_k, cache.packed_v, max_seq_len=cache._max_store,
+                                       **cache.window_kwargs())
+    assert rel_err(cache.attend(q), exact) <= TOL[dtype]
+    plan = cache._plan
+    run_steps(cache, model, device, 6, 10, attend_every=3)  # one flush: bound 146 -> 148
+    assert cache._plan is plan
+    assert bit_equal(cache.attend(q[:, None])[:, 0], cache.attend(q))
+
+
 # ------------------------------------------------------------------------------------------------
 # GPU only: no host sync on the decode path; a captured attend() sees later appends
 # ------------------------------------------------------------------------------------------------

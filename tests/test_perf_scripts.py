@@ -88,6 +88,22 @@ def test_sweep_smoke_run_feeds_the_plots(tmp_path):
     assert len(list((tmp_path / "plots").glob("speedup_vs_context_*.png"))) >= 1
 
 
+def test_layer_host_smoke_run(tmp_path):
+    """perf/layer_host.py (launches stubbed, CPU): a short run measures both caches, counts their
+    torch ops (dense: DynamicCache's two cats, SDPA, transpose + contiguous) and writes its JSON."""
+    out = tmp_path / "layer_host.json"
+    run_script("perf/layer_host.py", "--layers", 2, "--steps", 20, "--rounds", 1, "--prompt", 300,
+               "--out", out)
+    data = json.loads(out.read_text())
+    assert data["shapes"]["layers"] == 2 and data["meta"]["transformers"]
+    assert Path(data["meta"]["package"]) == REPO / "mustafar_triton"
+    for name in ("dense", "mustafar"):
+        row = data["results"][name]
+        assert row["us_per_layer_step"] > 0 and row["mean_us_per_layer_step"] > 0
+    assert data["results"]["dense"]["torch_ops_per_layer_step"] == 5
+    assert 0 < data["results"]["mustafar"]["torch_ops_per_layer_step"] < 12
+
+
 @pytest.mark.parametrize("gather", ["walk", "popc", "scatter"])
 @pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40)])
 def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity, gather):

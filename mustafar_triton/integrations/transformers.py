@@ -145,8 +145,9 @@ class MustafarLayer(CacheLayerMixin):
         self.length += new
 
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
-        """Decode attention of query [B, Hq, D] over the layer's cache: [B, Hq, D]."""
-        return self.store.attend(query, softmax_scale=scaling)
+        """Decode attention of the model's query [B, Hq, 1, D] over the layer's cache: [B, 1, Hq, D]
+        (the kernel takes the query as a [B, 1, Hq, D] view: one token, no copy)."""
+        return self.store.attend(query.transpose(1, 2), softmax_scale=scaling)
 
     def prefill(self, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask) -> None:
         """Compress the prompt [B, Hkv, T, D], each sequence's valid tokens read from the prefill mask."""
@@ -203,8 +204,9 @@ class StaticMustafarLayer(MustafarLayer):
 
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         store = self.store
-        return sparse_decode_attention_op(query, store.packed_k, store.packed_v, softmax_scale=scaling,
-                                          max_seq_len=store.max_tokens, **store.window_kwargs())
+        out = sparse_decode_attention_op(query[:, :, 0], store.packed_k, store.packed_v, softmax_scale=scaling,
+                                         max_seq_len=store.max_tokens, **store.window_kwargs())
+        return out[:, None]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # the prompt's mask covers the prompt; a decode step's has one fixed width (no recompiles)
@@ -303,8 +305,7 @@ def mustafar_attention(module, query, key, value, attention_mask, scaling=None, 
     if layer is not None and layer.prompt_pending:
         layer.prefill(key, value, attention_mask)
     elif layer is not None:
-        out = layer.attend(query[:, :, 0], scaling)                        # [B, Hq, D]
-        return out[:, None], None                                          # [B, 1, Hq, D]
+        return layer.attend(query, scaling), None                          # [B, 1, Hq, D]
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                   dropout=dropout, **kwargs)
 
