@@ -89,8 +89,9 @@ def test_sweep_smoke_run_feeds_the_plots(tmp_path):
 
 
 def test_layer_host_smoke_run(tmp_path):
-    """perf/layer_host.py (launches stubbed, CPU): a short run measures both caches, counts their
-    torch ops (dense: DynamicCache's two cats, SDPA, transpose + contiguous) and writes its JSON."""
+    """perf/layer_host.py (launches stubbed): a short run measures both caches, counts their torch
+    ops (dense: DynamicCache's two cats, SDPA, transpose + contiguous: 5 with transformers 5.24 on
+    the CPU, 4 with 5.17 on the H200's image) and writes its JSON."""
     out = tmp_path / "layer_host.json"
     run_script("perf/layer_host.py", "--layers", 2, "--steps", 20, "--rounds", 1, "--prompt", 300,
                "--out", out)
@@ -100,7 +101,7 @@ def test_layer_host_smoke_run(tmp_path):
     for name in ("dense", "mustafar"):
         row = data["results"][name]
         assert row["us_per_layer_step"] > 0 and row["mean_us_per_layer_step"] > 0
-    assert data["results"]["dense"]["torch_ops_per_layer_step"] == 5
+    assert data["results"]["dense"]["torch_ops_per_layer_step"] in (4, 5)
     assert 0 < data["results"]["mustafar"]["torch_ops_per_layer_step"] < 12
 
 
