@@ -1,6 +1,6 @@
 """Benchmark sweep: sparse decode attention vs dense attention, and prune_and_pack throughput.
 
-    python perf/sweep.py [--quick] [--out perf/results/NAME.json] [--max-seconds N]
+    python perf/sweep.py [--quick | --head-dim-96] [--out perf/results/NAME.json] [--max-seconds N]
                          [--autotune {library,off}]
     python perf/sweep.py --device cpu --out /tmp/cpu.json     # smoke test, Triton interpreter
 
@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "no limit on cpu)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cpu: tiny shapes through the Triton interpreter, to check the script runs")
+    p.add_argument("--head-dim-96", action="store_true",
+                   help="only Phi-3-mini's attention (32 query = kv heads, D=96, the tl kernels), "
+                        "B 1 / 16 x T 4k / 16k, and its prune_and_pack")
     p.add_argument("--autotune", choices=("library", "off"), default="library",
                    help="library: the package's own lookup/tuning; off: heuristic configs")
     args = p.parse_args(argv)
@@ -69,7 +72,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from common import (LLAMA3_8B, RESULTS_DIR, SMOLLM2_135M, Model, bench_us,  # noqa: E402
+from common import (LLAMA3_8B, PHI3_MINI, RESULTS_DIR, SMOLLM2_135M, Model, bench_us,  # noqa: E402
                     copy_bandwidth, device_memory_bytes, environment, synchronize, write_results)
 
 import mustafar_triton as mt  # noqa: E402  (common.py put the repository first on sys.path)
@@ -135,13 +138,17 @@ def decode_grid(model, batches, contexts, dtype):
 def cases_for(mode: str) -> list:
     """Cases in priority order (duplicates removed, first occurrence kept). Full mode: the quick
     cases, more prune_and_pack shapes, the Llama-3-8B fp16 grid (B 1..64 x T 1k..128k, batch 16
-    and 1 first), then fewer bf16 and SmolLM2-135M shapes, so a run cut short by the time budget
-    loses the least important shapes."""
+    and 1 first), then fewer bf16, SmolLM2-135M and Phi-3-mini (D=96) shapes, so a run cut short by
+    the time budget loses the least important shapes. Mode "head-dim-96": the Phi-3-mini cases."""
+    head_dim_96 = (decode_grid(PHI3_MINI, (16, 1), (4 * KILO, 16 * KILO), FP16)
+                   + [PackCase((16, 32, 4 * KILO, 96), FP16, 0.7)])
+    if mode == "head-dim-96":
+        return head_dim_96
     quick = ([PackCase((16, 8, 16 * KILO, 128), FP16, 0.7), PackCase((16, 8, 16 * KILO, 128), FP16, 0.5)]
              + [DecodeCase(LLAMA3_8B, b, t, FP16) for b, t in SPARSITY_AXIS_SHAPES])
     if mode == "cpu":
         cases = (decode_grid(LLAMA3_8B, (1, 2), (64, 128), FP16)
-                 + decode_grid(SMOLLM2_135M, (2,), (128,), BF16)
+                 + decode_grid(SMOLLM2_135M, (2,), (128,), BF16) + [DecodeCase(PHI3_MINI, 1, 32, FP16)]
                  + [PackCase((2, 8, 256, 128), FP16, 0.7), PackCase((2, 3, 256, 64), BF16, 0.5)])
     elif mode == "quick":
         cases = quick
@@ -154,7 +161,8 @@ def cases_for(mode: str) -> list:
                  + decode_grid(LLAMA3_8B, (1, 16), (4 * KILO, 32 * KILO), BF16)
                  + [DecodeCase(LLAMA3_8B, 64, 4 * KILO, BF16)]
                  + decode_grid(SMOLLM2_135M, (1, 16, 64), (2 * KILO, 8 * KILO, 32 * KILO), FP16)
-                 + decode_grid(SMOLLM2_135M, (16,), (8 * KILO,), BF16))
+                 + decode_grid(SMOLLM2_135M, (16,), (8 * KILO,), BF16)
+                 + head_dim_96)
     return list(dict.fromkeys(cases))
 
 
@@ -383,8 +391,10 @@ def main(args: argparse.Namespace) -> None:
         sys.exit("no CUDA device (use --device cpu for the interpreter smoke test)")
     if device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("TRITON_INTERPRET is set: unset it for a GPU sweep (or pass --device cpu)")
-    mode = "cpu" if device.type == "cpu" else "quick" if args.quick else "full"
-    max_seconds = args.max_seconds if args.max_seconds is not None else {"cpu": 0, "quick": 300, "full": 480}[mode]
+    mode = ("cpu" if device.type == "cpu" else "head-dim-96" if args.head_dim_96 else "quick" if args.quick
+            else "full")
+    max_seconds = args.max_seconds if args.max_seconds is not None else {
+        "cpu": 0, "quick": 300, "full": 480, "head-dim-96": 300}[mode]
     torch.manual_seed(0)
     start = time.perf_counter()
 
