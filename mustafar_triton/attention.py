@@ -284,7 +284,7 @@ class _DecodePlan:
             window_lens = None if window_lens is None else window_lens.contiguous()
         out = torch.empty_like(q)
         if self.batch == 0 or self.hq == 0:
-            return (out, torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)) if return_lse else out
+            return (out, self.new_lse()) if return_lse else out
         bound = self.tokens if max_seq_len is None else max_seq_len
         if self.launches_from is not autotune.config_for:
             self.launches.clear()
@@ -293,15 +293,13 @@ class _DecodePlan:
         if launch is None:
             if isinstance(bound, bool) or not isinstance(bound, int) or not 0 <= bound <= self.tokens:
                 raise ValueError(f"max_seq_len must be an int in [0, T={self.tokens}], got {max_seq_len!r}")
-            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-            tensors = (q, packed_k, packed_v, k_window, v_window, window_lens, out, lse)
+            tensors = (q, packed_k, packed_v, k_window, v_window, window_lens, out, self.new_lse())
             launch = self._resolve(bound, tensors)
             if not autotune.tracing(self.device):  # a config picked while capturing may be tuned later
                 self.launches[bound] = launch
         stream = self.stream()
         part_out, part_lse, kept_lse = self.buffers(stream, launch.splits, keep_split_buffers)
-        lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device) if return_lse or kept_lse is None \
-            else kept_lse
+        lse = self.new_lse() if return_lse or kept_lse is None else kept_lse
         launch(stream, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, part_out, part_lse)
         return (out, lse) if return_lse else out
 
@@ -334,6 +332,10 @@ class _DecodePlan:
                                   batch_heads=self.batch * self.hkv, context=context)
         return _Launch(self, runnable(cfg), context)
 
+    def new_lse(self) -> torch.Tensor:
+        """A float32 lse tensor shaped like q without its last axis ([B, Hq] or [B, Lq, Hq])."""
+        return torch.empty(self.lse_shape, dtype=torch.float32, device=self.device)
+
     def stream(self) -> int:
         """The current raw CUDA stream (0 off CUDA): the launches' stream and the buffers' key."""
         return torch._C._cuda_getCurrentRawStream(self.device.index) if self.on_cuda else 0
@@ -349,8 +351,7 @@ class _DecodePlan:
         bufs = self.split_buffers.get(stream)
         if bufs is None or bufs[1].numel() < rows:
             bufs = (torch.empty(rows * self.d, dtype=torch.float32, device=self.device),
-                    torch.empty(rows, dtype=torch.float32, device=self.device),
-                    torch.empty(self.lse_shape, dtype=torch.float32, device=self.device))
+                    torch.empty(rows, dtype=torch.float32, device=self.device), self.new_lse())
             self.split_buffers[stream] = bufs
         return bufs
 

@@ -67,7 +67,7 @@ from __future__ import annotations
 import torch
 
 from ._runtime import check_device, check_same_device
-from .attention import plan_for
+from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
 from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity, kept_per_token
@@ -416,14 +416,14 @@ class SparseKVCache:
         while q's layout and softmax_scale stay the same (the cache's own buffers never change).
         """
         bound = self.max_tokens if for_graph or self._static else _bound_bucket(self._max_store, self.max_tokens)
-        key = ((type(q), q.shape, q.stride(), q.dtype, q.device, softmax_scale)
-               if isinstance(q, torch.Tensor) else None)
+        key = (_tensor_key(q), softmax_scale) if isinstance(q, torch.Tensor) else None
+        window = self._window_args()
         plan = self._plan
         if key is None or key != self._plan_key:
-            plan = plan_for(q, self.packed_k, self.packed_v, *self._window_args(), softmax_scale, 0)
+            plan = plan_for(q, self.packed_k, self.packed_v, *window, softmax_scale, 0)
             if key is not None:
                 self._plan, self._plan_key = plan, key
-        return plan(q, self.packed_k, self.packed_v, *self._window_args(), bound, return_lse)
+        return plan(q, self.packed_k, self.packed_v, *window, bound, return_lse)
 
     def _window_args(self) -> tuple:
         """k_window, v_window, window_lens as sparse_decode_attention takes them (None without
@@ -435,9 +435,8 @@ class SparseKVCache:
     def window_kwargs(self) -> dict:
         """The dense buffer as sparse_decode_attention's k_window / v_window / window_lens (none
         without sinks and window)."""
-        if self.sinks + self.window == 0:
-            return {}
-        return dict(k_window=self.k_window, v_window=self.v_window, window_lens=self.window_lens)
+        k_window, v_window, window_lens = self._window_args()
+        return {} if k_window is None else dict(k_window=k_window, v_window=v_window, window_lens=window_lens)
 
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """Every device tensor of the cache (stores, dense buffers, lengths, append_static's ring
