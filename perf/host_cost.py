@@ -68,6 +68,18 @@ class _StubCompiled:
         return lambda *args, stream=None: None
 
 
+def stub_launches(flush: bool = False) -> None:
+    """Replace the decode and merge kernels (and with flush, the cache flush's prune kernel) by
+    stand-ins, so the host path runs on CPU tensors (perf/layer_host.py uses it too)."""
+    attention._sparse_decode_kernel = _StubKernel(attention._sparse_decode_kernel)
+    attention._merge_splits_kernel = _StubKernel(attention._merge_splits_kernel)
+    if flush:
+        from mustafar_triton import compress
+        compress._select_kernel = _StubKernel(compress._select_kernel)
+    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch build
+        torch._C._cuda_getCurrentRawStream = lambda index: 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=2000)
@@ -83,10 +95,7 @@ def main():
         from mustafar_triton import _fast_launch
         _fast_launch.CompiledLauncher._keep = lambda *_: None
     if not args.gpu:
-        attention._sparse_decode_kernel = _StubKernel(attention._sparse_decode_kernel)
-        attention._merge_splits_kernel = _StubKernel(attention._merge_splits_kernel)
-        if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch build
-            torch._C._cuda_getCurrentRawStream = lambda index: 0
+        stub_launches()
     dtype = getattr(torch, args.dtype)
     q = torch.randn(1, 9, 64, device=dev, dtype=dtype)
     k, v = torch.randn(2, 1, 3, 256, 64, device=dev, dtype=dtype)

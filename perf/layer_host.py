@@ -35,15 +35,13 @@ from types import SimpleNamespace
 # this checkout's package, not whichever one is installed (a worktree measures its own code)
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
-import host_cost  # noqa: F401 (sets TRITON_INTERPRET: CPU tensors pass the device checks)
-from host_cost import _StubKernel
+from host_cost import stub_launches  # importing it sets TRITON_INTERPRET: CPU tensors pass the device checks
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import environment  # noqa: E402
 
-from mustafar_triton import attention, compress  # noqa: E402
 
 
 class CountOps(TorchDispatchMode):
@@ -56,14 +54,6 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
         return func(*args, **(kwargs or {}))
-
-
-def stub_launches() -> None:
-    attention._sparse_decode_kernel = _StubKernel(attention._sparse_decode_kernel)
-    attention._merge_splits_kernel = _StubKernel(attention._merge_splits_kernel)
-    compress._select_kernel = _StubKernel(compress._select_kernel)
-    if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch build
-        torch._C._cuda_getCurrentRawStream = lambda index: 0
 
 
 class Side:
@@ -173,7 +163,7 @@ def main():
     args.hq, args.hkv, args.head_dim = map(int, args.heads.split(","))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    stub_launches()
+    stub_launches(flush=True)
     from transformers import LlamaConfig
     config = LlamaConfig(vocab_size=128, hidden_size=args.hq * args.head_dim, num_hidden_layers=args.layers,
                          num_attention_heads=args.hq, num_key_value_heads=args.hkv, head_dim=args.head_dim,
