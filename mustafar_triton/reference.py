@@ -20,8 +20,12 @@ def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
 
 def topk_mask(x: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Bool mask of the kept entries: largest |x| first, lower index first among ties."""
+    return keep_largest_mask(x, kept_per_token(x.shape[-1], sparsity))
+
+
+def keep_largest_mask(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """Bool mask of the `keep` largest |x| per row (topk_mask's order)."""
     d = x.shape[-1]
-    keep = kept_per_token(d, sparsity)
     # Stable sort of a key that is unique per row: magnitude * D + (D - 1 - index).
     idx = torch.arange(d, device=x.device)
     key = _magnitude_key(x) * d + (d - 1 - idx)

@@ -67,14 +67,29 @@ def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
 
 @contextmanager
 def reference_path():
-    """Run SparseKVCache on mustafar_triton.reference (torch, float64 attention)."""
-    saved = cache_module.sparse_decode_attention, cache_module.prune_and_pack
-    cache_module.sparse_decode_attention, cache_module.prune_and_pack = (
-        reference.sparse_decode_attention, reference.prune_and_pack)
+    """Run SparseKVCache on mustafar_triton.reference (torch, float64 attention): its decode plan
+    and its prune/pack launch (the two kernel entry points cache.py calls) replaced."""
+    def select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
+        assert select_topk and write_packed, "SparseKVCache only prunes and packs"
+        return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens)
+
+    def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits):
+        def attend(q, packed_k, packed_v, k_window, v_window, window_lens, bound, return_lse):
+            one = q.dim() == 4  # [B, 1, Hq, D]: attention's one-token view, as [B, Hq, D]
+            got = reference.sparse_decode_attention(q[:, 0] if one else q, packed_k, packed_v, k_window=k_window,
+                                                    v_window=v_window, window_lens=window_lens,
+                                                    softmax_scale=softmax_scale, return_lse=return_lse)
+            got = got if return_lse else (got,)
+            got = tuple(t[:, None] for t in got) if one else got
+            return got if return_lse else got[0]
+        return attend
+
+    saved = cache_module.plan_for, cache_module._launch_select
+    cache_module.plan_for, cache_module._launch_select = plan_for, select
     try:
         yield
     finally:
-        cache_module.sparse_decode_attention, cache_module.prune_and_pack = saved
+        cache_module.plan_for, cache_module._launch_select = saved
 
 
 def make_cache(model, tokens: int, settings: dict | None, window: int, compiled: bool):

@@ -184,3 +184,38 @@ def test_gluon_prune_compiles_within_its_register_cap(head_dim, capacity, dtype,
     budget = stack_budget(("prune", head_dim, capacity, dtype) + (("paged",) if paged else ()), 0)
     assert report["stack"] <= budget and report["local"] == 0, f"spills {report['stack']} bytes"
     assert report["instructions"] > 1000, "not the kernel"
+
+
+def test_generation_reference_path_runs_the_cache_on_the_reference(monkeypatch):
+    """perf/generation.py's reference_path() (its kernel-vs-reference perplexity) swaps the two
+    kernel entry points SparseKVCache calls for mustafar_triton.reference: inside it a cache gives
+    the float64 reference over the reference's own pruning, outside it the kernels' result again."""
+    import torch
+
+    from conftest import DEVICE, INTERPRETING
+    from mustafar_triton import SparseKVCache, cache as cache_module, reference
+    from mt_testutils import randn, rel_err
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import generation
+    k, v = (randn((2, 3, 45, 64), torch.float32, seed, DEVICE) for seed in (1, 2))
+    k_new, v_new = (randn((2, 3, 1, 64), torch.float32, seed, DEVICE) for seed in (3, 4))
+    q = randn((2, 1, 6, 64), torch.float32, 5, DEVICE)       # transformers' [B, 1, Hq, D] view
+
+    def decode():
+        cache = SparseKVCache(2, 3, 64, 64, 8, 0.7, 0.5, dtype=torch.float32, device=DEVICE, sinks=2)
+        cache.prefill(k, v)
+        cache.append(k_new, v_new)
+        return cache, cache.attend(q, return_lse=True)
+
+    kernels = decode()[1]
+    with generation.reference_path():
+        cache, (out, lse) = decode()
+    assert cache_module.plan_for.__module__ == "mustafar_triton.attention"
+    # the reference's own pruning of the stored tokens (sinks 2, window 8: tokens 2..37 stored)
+    stored = reference.prune_topk(k[:, :, 2:38], 0.7)
+    assert torch.equal(reference.unpack(cache.packed_k)[:, :, :36], stored)
+    want, want_lse = reference.sparse_decode_attention(q[:, 0], cache.packed_k, cache.packed_v,
+                                                       **cache.window_kwargs(), return_lse=True)
+    assert torch.equal(out[:, 0], want) and torch.equal(lse[:, 0], want_lse)
+    tol = 1e-5 if INTERPRETING else 3e-3  # a GPU's fp32 dots run as tf32 (test_decode.FLOOR)
+    assert rel_err(kernels[0], out) < tol and rel_err(kernels[1], lse) < tol
