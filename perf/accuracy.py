@@ -5,6 +5,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
 
     python perf/accuracy.py [--grid equal-bytes|sparsity] [--tokens 2048] [--out FILE] [--resume]
     python perf/accuracy.py --model gemma3 --grid equal-bytes-d256   # Gemma 3 270M (D=256, one kv head)
+    python perf/accuracy.py --grid nm      # keys 2:4 (sparse tensor cores) vs top-k at equal bytes
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -67,10 +68,17 @@ class Config:
     v_sparsity: float
     sinks: int = 0
     window: int = 32
+    # "topk" (the library's per-token top-k) or "N:M": the N largest |k| of every M consecutive
+    # channels, the pattern sparse tensor cores (mma.sp, 2:4 for fp16 / bf16) read without any
+    # expansion. Not a library format: an accuracy study for issue 18 (--grid nm). k_sparsity
+    # then gives the bytes: 2:4 costs what top-k at 0.5 costs (D/2 values, and 2 bits of index
+    # per kept value = the bitmap's D bits).
+    k_pattern: str = "topk"
 
     @property
     def name(self) -> str:
-        return f"K{self.k_sparsity:g}V{self.v_sparsity:g} S{self.sinks} W{self.window}"
+        k = f"{self.k_sparsity:g}" if self.k_pattern == "topk" else self.k_pattern
+        return f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}"
 
 
 # The references the presets are measured against: their bytes are the budgets.
@@ -106,7 +114,52 @@ def _grid_equal_bytes_d256() -> list[Config]:
     return [c(0.0, 0.0)] + at_k07v07 + at_k05v05
 
 
+def _grid_nm() -> list[Config]:
+    """Keys 2:4 (sparse tensor cores' pattern; groups of consecutive channels, or after a channel
+    permutation: nm_channel_order) against per-token top-k at the same bytes (0.5), with the values
+    as in K0.5V0.5 and as in the K0.7V0.7 preset at D=64 (K0.5V0.75, 4 sinks)."""
+    c = Config
+    pairs = [(c(0.5, v, s), *(c(0.5, v, s, k_pattern=p) for p in ("2:4", "2:4-strided", "2:4-sorted")))
+             for v, s in ((0.5, 0), (0.5, 4), (0.75, 4))]
+    return [c(0.0, 0.0)] + [cfg for pair in pairs for cfg in pair]
+
+
+def nm_mask(x: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool mask keeping the n largest |x| of every m consecutive channels (the last dim), lower
+    index first among ties (reference.topk_mask's order, per group)."""
+    groups = x.reshape(*x.shape[:-1], x.shape[-1] // m, m)
+    return reference.keep_largest_mask(groups, n).reshape(x.shape)
+
+
+def nm_channel_order(key: torch.Tensor, m: int, how: str) -> torch.Tensor:
+    """Channel order [Hkv, D] in which the N:M groups are taken (a fixed permutation of the
+    channels of q and k leaves the scores unchanged): "strided", group g = channels g, g + D/m, ...;
+    "sorted", per head the channels by mean |k| over the sequence, dealt so each group holds one of
+    every m-quantile (an oracle: calibrated on the evaluated text's own keys)."""
+    hkv, d = key.shape[1], key.shape[-1]
+    dealt = torch.arange(d).reshape(m, d // m).t().reshape(d)   # position p -> rank (p % m) * d/m + p // m
+    if how == "strided":
+        return dealt.expand(hkv, d)
+    by_size = key.abs().mean(dim=(0, 2)).argsort(dim=-1, descending=True)  # [Hkv, D]
+    return by_size[:, dealt]
+
+
+def prune_keys(key: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """Keys as cfg prunes them: top-k per token, or "N:M[-strided|-sorted]" (nm_channel_order)."""
+    if cfg.k_pattern == "topk":
+        return reference.prune_topk(key, cfg.k_sparsity) if cfg.k_sparsity else key
+    pattern, _, how = cfg.k_pattern.partition("-")
+    n, m = map(int, pattern.split(":"))
+    if not how:
+        return torch.where(nm_mask(key, n, m), key, torch.zeros((), dtype=key.dtype))
+    order = nm_channel_order(key, m, how)[None, :, None, :].expand(key.shape)   # [B, Hkv, T, D]
+    permuted = key.gather(-1, order)
+    kept = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, nm_mask(permuted, n, m))
+    return torch.where(kept, key, torch.zeros((), dtype=key.dtype))
+
+
 GRIDS = {
+    "nm": _grid_nm(),
     "equal-bytes": _grid_equal_bytes(),
     "equal-bytes-d256": _grid_equal_bytes_d256(),
     "sparsity": [Config(k, v) for k, v in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.7, 0.0),
@@ -154,13 +207,15 @@ def texts() -> dict[str, str]:
     return {"prose": prose, "code": inspect.getsource(argparse_module)}
 
 
-def make_attention(k_sparsity: float, v_sparsity: float, window: int, sinks: int = 0):
+def make_attention(cfg: Config):
     """An attention function for transformers' AttentionInterface: causal attention in which query i
-    sees keys/values at positions sinks <= j < i - window pruned, every other one dense."""
+    sees keys/values at positions cfg.sinks <= j < i - cfg.window pruned, every other one dense."""
+    window, sinks = cfg.window, cfg.sinks
+
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query [B, Hq, T, D]; key, value [B, Hkv, T, D] (after RoPE)
-        k_old = reference.prune_topk(key, k_sparsity) if k_sparsity else key
-        v_old = reference.prune_topk(value, v_sparsity) if v_sparsity else value
+        k_old = prune_keys(key, cfg)
+        v_old = reference.prune_topk(value, cfg.v_sparsity) if cfg.v_sparsity else value
         t = query.shape[2]
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
@@ -256,7 +311,7 @@ def main():
         print(f"{name:5s} dense (torch SDPA): ppl {dense_ppl:8.3f}  ({time.time() - start:.0f} s)", flush=True)
         for cfg in todo:
             attn_name = "mustafar_" + cfg.name.replace(" ", "_")
-            AttentionInterface.register(attn_name, make_attention(cfg.k_sparsity, cfg.v_sparsity, cfg.window, cfg.sinks))
+            AttentionInterface.register(attn_name, make_attention(cfg))
             start = time.time()
             top1, ppl = evaluate(model, ids, attn_name)
             if cfg.k_sparsity == cfg.v_sparsity == 0.0:  # the pruning attention at sparsity 0 must be the dense model

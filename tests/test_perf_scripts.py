@@ -219,3 +219,43 @@ def test_generation_reference_path_runs_the_cache_on_the_reference(monkeypatch):
     assert torch.equal(out[:, 0], want) and torch.equal(lse[:, 0], want_lse)
     tol = 1e-5 if INTERPRETING else 3e-3  # a GPU's fp32 dots run as tf32 (test_decode.FLOOR)
     assert rel_err(kernels[0], out) < tol and rel_err(kernels[1], lse) < tol
+
+
+def test_accuracy_nm_mask_keeps_the_largest_of_each_group(monkeypatch):
+    """perf/accuracy.py's N:M key pruning (its --grid nm): n kept in every m consecutive channels,
+    the largest |x| of the group, ties to the lower index."""
+    import torch
+
+    from mt_testutils import randn
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import accuracy
+    x = randn((3, 2, 5, 64), torch.float32, 7, "cpu")
+    x[0, 0, 0, :4] = torch.tensor([1.0, -2.0, 2.0, 0.5])   # a tie: channel 1 (lower index) wins
+    mask = accuracy.nm_mask(x, 2, 4)
+    groups, kept = x.abs().reshape(3, 2, 5, 16, 4), mask.reshape(3, 2, 5, 16, 4)
+    assert torch.equal(kept.sum(-1), torch.full((3, 2, 5, 16), 2))
+    assert (groups.masked_fill(~kept, float("inf")).amin(-1) >= groups.masked_fill(kept, -1).amax(-1)).all()
+    assert mask[0, 0, 0, :4].tolist() == [False, True, True, False]
+    cfg = accuracy.Config(0.5, 0.75, 4, k_pattern="2:4")
+    assert cfg.name == "K2:4V0.75 S4 W32"
+    pruned = accuracy.prune_keys(x, cfg)
+    assert torch.equal(pruned, torch.where(mask, x, 0.0))
+
+
+def test_accuracy_nm_keys_after_a_channel_order(monkeypatch):
+    """perf/accuracy.py's 2:4 after a channel permutation: 2 kept in each group of the permuted
+    channels ("strided": channels g, g + 16, g + 32, g + 48 at D=64), mapped back in place."""
+    import torch
+
+    from mt_testutils import randn
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import accuracy
+    x = randn((2, 3, 7, 64), torch.float32, 11, "cpu")
+    pruned = accuracy.prune_keys(x, accuracy.Config(0.5, 0.5, k_pattern="2:4-strided"))
+    groups = torch.arange(64).reshape(4, 16).t()                       # group g: g, g + 16, g + 32, g + 48
+    assert torch.equal(pruned[..., groups], torch.where(accuracy.nm_mask(x[..., groups].flatten(-2), 2, 4)
+                                                        .reshape(2, 3, 7, 16, 4), x[..., groups], 0.0))
+    sorted_ = accuracy.prune_keys(x, accuracy.Config(0.5, 0.5, k_pattern="2:4-sorted"))
+    assert torch.equal((sorted_ != 0).sum(-1), torch.full((2, 3, 7), 32))
+    order = accuracy.nm_channel_order(x, 4, "sorted")
+    assert torch.equal(order.sort(-1).values, torch.arange(64).expand(3, 64))   # a permutation per head
