@@ -7,6 +7,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
+#   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
@@ -65,6 +66,14 @@ for stage in "$@"; do
           --runs dense,K0.7V0.7,dense_compiled,K0.7V0.7_compiled --out "$OUT/generation_timing.json" \
           > "$OUT/generation_timing.log" 2>&1
       tail -6 "$OUT/generation_timing.log" ;;
+    eager-profile)
+      # issue 19's eager B=1 steps: the compressed step moved 21 -> 38 ms between processes (41078f6)
+      echo "== eager generate(), B=1, 8k prompt, random weights: two processes with a cProfile of each loop (8 files)"
+      for r in 1 2; do
+        timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
+            --runs dense,K0.7V0.7 --profile "$OUT/eager_profile_$r" --out "$OUT/eager_b1_rep$r.json" > "$OUT/eager_rep$r.log" 2>&1
+        tail -2 "$OUT/eager_rep$r.log"
+      done ;;
     fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
       export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.gen/triton_cache}"
