@@ -209,19 +209,23 @@ def texts() -> dict[str, str]:
 
 def make_attention(cfg: Config):
     """An attention function for transformers' AttentionInterface: causal attention in which query i
-    sees keys/values at positions cfg.sinks <= j < i - cfg.window pruned, every other one dense."""
+    sees keys/values at positions cfg.sinks <= j < i - cfg.window pruned, every other one dense.
+    Sliding-window layers (transformers passes `sliding_window`: Gemma 3's local layers) attend
+    dense, as MustafarCache serves them (integrations/transformers.py keeps them in transformers'
+    own sliding layers)."""
     window, sinks = cfg.window, cfg.sinks
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         # query [B, Hq, T, D]; key, value [B, Hkv, T, D] (after RoPE)
-        k_old = prune_keys(key, cfg)
-        v_old = reference.prune_topk(value, cfg.v_sparsity) if cfg.v_sparsity else value
+        sliding = kwargs.get("sliding_window")
+        k_old = key if sliding else prune_keys(key, cfg)
+        v_old = value if sliding or not cfg.v_sparsity else reference.prune_topk(value, cfg.v_sparsity)
         t = query.shape[2]
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
         seen = j <= i
-        if kwargs.get("sliding_window"):  # Gemma 3's local layers: keys at distance < sliding_window
-            seen &= i - j < kwargs["sliding_window"]
+        if sliding:  # keys at distance < sliding_window
+            seen &= i - j < sliding
         far = (j < i - window) & (j >= sinks)
         mask = torch.cat([far & seen, seen & ~far], 1)  # [T, 2T]: the pruned copy, then the dense one
         out = torch.nn.functional.scaled_dot_product_attention(

@@ -259,3 +259,20 @@ def test_accuracy_nm_keys_after_a_channel_order(monkeypatch):
     assert torch.equal((sorted_ != 0).sum(-1), torch.full((2, 3, 7), 32))
     order = accuracy.nm_channel_order(x, 4, "sorted")
     assert torch.equal(order.sort(-1).values, torch.arange(64).expand(3, 64))   # a permutation per head
+
+
+def test_accuracy_attention_keeps_sliding_layers_dense(monkeypatch):
+    """perf/accuracy.py's pruning attention prunes full-attention layers only: a call with
+    `sliding_window` (Gemma 3's local layers, which MustafarCache keeps dense) equals the dense
+    configuration's, and a call without it differs from it."""
+    import torch
+
+    from mt_testutils import randn
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import accuracy
+    q, k, v = (randn((1, 2, 80, 64), torch.float32, seed, "cpu") for seed in (1, 2, 3))
+    pruned, dense = (accuracy.make_attention(accuracy.Config(s, s, 0, 8)) for s in (0.7, 0.0))
+    out = pruned(None, q, k, v, None, scaling=0.125, sliding_window=40)[0]
+    assert torch.equal(out, dense(None, q, k, v, None, scaling=0.125, sliding_window=40)[0])
+    assert not torch.allclose(pruned(None, q, k, v, None, scaling=0.125)[0],
+                              dense(None, q, k, v, None, scaling=0.125)[0], atol=1e-3)
