@@ -9,7 +9,8 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
-S positions, the last W and i itself are dense. This is the torch reference path
+S positions, the last W and i itself are dense, and so are sliding-window layers (Gemma 3's local
+layers), as MustafarCache serves them. This is the torch reference path
 (mustafar_triton.reference.prune_topk, float32 on the CPU, attention by torch SDPA over
 [pruned | dense] keys with a mask); it runs without a GPU. Texts: the Python language reference
 shipped with CPython (prose, pydoc_data.topics "compound" + "types") and CPython's own argparse.py
