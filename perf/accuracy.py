@@ -151,11 +151,11 @@ def prune_keys(key: torch.Tensor, cfg: Config) -> torch.Tensor:
         return reference.prune_topk(key, cfg.k_sparsity) if cfg.k_sparsity else key
     pattern, _, how = cfg.k_pattern.partition("-")
     n, m = map(int, pattern.split(":"))
-    if not how:
-        return torch.where(nm_mask(key, n, m), key, torch.zeros((), dtype=key.dtype))
-    order = nm_channel_order(key, m, how)[None, :, None, :].expand(key.shape)   # [B, Hkv, T, D]
-    permuted = key.gather(-1, order)
-    kept = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, nm_mask(permuted, n, m))
+    if how:
+        order = nm_channel_order(key, m, how)[None, :, None, :].expand(key.shape)   # [B, Hkv, T, D]
+        kept = torch.zeros_like(key, dtype=torch.bool).scatter_(-1, order, nm_mask(key.gather(-1, order), n, m))
+    else:
+        kept = nm_mask(key, n, m)
     return torch.where(kept, key, torch.zeros((), dtype=key.dtype))
 
 

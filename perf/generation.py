@@ -78,10 +78,9 @@ def reference_path():
             one = q.dim() == 4  # [B, 1, Hq, D]: attention's one-token view, as [B, Hq, D]
             got = reference.sparse_decode_attention(q[:, 0] if one else q, packed_k, packed_v, k_window=k_window,
                                                     v_window=v_window, window_lens=window_lens,
-                                                    softmax_scale=softmax_scale, return_lse=return_lse)
-            got = got if return_lse else (got,)
-            got = tuple(t[:, None] for t in got) if one else got
-            return got if return_lse else got[0]
+                                                    softmax_scale=softmax_scale, return_lse=True)
+            out, lse = (t[:, None] for t in got) if one else got
+            return (out, lse) if return_lse else out
         return attend
 
     saved = cache_module.plan_for, cache_module._launch_select
