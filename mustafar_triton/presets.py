@@ -30,9 +30,10 @@ Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves
 them, so the pruning reaches the other 3 of 18; the same texts and selection; results in
 perf/results/accuracy_equal_bytes_d256_gemma3.json): capacities round to 8 of 256 channels, so
-the splits with K0.7V0.7's 160 value slots are K0.6875V0.6875, K0.625V0.75, K0.59375V0.78125 and
-K0.5V0.875; K0.59375V0.78125 with 4 sinks measured best (K0.625V0.75 within 0.06 points: a
-milder split than D=64's, where K0.5V0.75 keeps 32 + 16 of 64, here 104 + 56 of 256). Other head
+the splits with K0.7V0.7's 160 value slots are K0.6875V0.6875, K0.625V0.75, K0.59375V0.78125,
+K0.5625V0.8125 and K0.5V0.875; K0.59375V0.78125 with 4 sinks measured best (K0.625V0.75 within
+0.06 points: a milder split than D=64's, where K0.5V0.75 keeps 32 + 16 of 64, here 104 + 56 of
+256). 8 sinks, or 16 sinks with a window of 16, measured no better on this model. Other head
 dims (128 included) raise ValueError: their capacity rounding differs, so the equal-bytes splits
 differ; set the four values by hand there.
 """

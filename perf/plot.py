@@ -387,8 +387,8 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
-    sink_colors = {0: "tab:gray", 4: "tab:blue", 16: "tab:red"}
-    window_markers = {32: "o", 28: "P", 16: "v", 64: "^", 128: "D"}
+    sink_colors = {0: "tab:gray", 4: "tab:blue", 8: "tab:purple", 16: "tab:red"}
+    window_markers = {32: "o", 28: "P", 24: "s", 16: "v", 64: "^", 128: "D"}
     refs = {"K0.7V0.7 S0 W32": "K0.7V0.7 (S=0)", "K0.5V0.5 S0 W32": "K0.5V0.5 (S=0)"}
     presets = {f"K{p['k_sparsity']:g}V{p['v_sparsity']:g} S{p['sinks']} W{p['window']}": name
                for name, per_d in PRESETS.items() for dim, p in per_d.items() if dim == d}
@@ -397,7 +397,7 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
         group = [r for r in rows if r["text"] == text]
         for r in group:
             ax.scatter(r["bytes_ratio"], 100 * r["perplexity_change"], s=34, zorder=3,
-                       color=sink_colors.get(r["sinks"], "tab:purple"),
+                       color=sink_colors.get(r["sinks"], "tab:olive"),
                        marker=window_markers.get(r["window"], "x"), edgecolor="black", linewidth=0.4)
         front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
         xs, ys = zip(*front)
