@@ -20,6 +20,10 @@ activations overflow (dense perplexity NaN on the H200, 2026-12-03), so fp16 is 
 Reported per run:
   - decode tokens per second (batch * steps over the wall time of the step loop, one sync at the
     end) and prefill time;
+  - host_step_ms / host_step_cpu_ms: wall and CPU-thread time of each step's forward call as the
+    host issues it (no sync per step; median, p90, max, mean): wall well above CPU time means
+    the thread waited (the launch queue full, a lock, descheduled), a high max alone a few slow
+    steps (window flushes, a launch resolved for a new bound);
   - perplexity of the continuation and top-1 agreement with dense;
   - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
   - for the compressed caches (not the compiled runs, whose custom ops the swap does not reach),
@@ -66,9 +70,9 @@ def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
 
 
 @contextmanager
-def reference_path():
-    """Run SparseKVCache on mustafar_triton.reference (torch, float64 attention): its decode plan
-    and its prune/pack launch (the two kernel entry points cache.py calls) replaced."""
+def reference_path(compute_dtype: torch.dtype = torch.float64):
+    """Run SparseKVCache on mustafar_triton.reference (torch, attention in compute_dtype): its
+    decode plan and its prune/pack launch (the two kernel entry points cache.py calls) replaced."""
     def select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
         assert select_topk and write_packed, "SparseKVCache only prunes and packs"
         return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens)
@@ -78,7 +82,8 @@ def reference_path():
             one = q.dim() == 4  # [B, 1, Hq, D]: attention's one-token view, as [B, Hq, D]
             got = reference.sparse_decode_attention(q[:, 0] if one else q, packed_k, packed_v, k_window=k_window,
                                                     v_window=v_window, window_lens=window_lens,
-                                                    softmax_scale=softmax_scale, return_lse=True)
+                                                    softmax_scale=softmax_scale, return_lse=True,
+                                                    compute_dtype=compute_dtype)
             out, lse = (t[:, None] for t in got) if one else got
             return (out, lse) if return_lse else out
         return attend
@@ -125,7 +130,7 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
     """Prefill ids[:, :prompt] (eager), then feed ids[:, prompt:] one token per step (through
     generate()'s compiled call if `compiled`). Returns (logits of every step [B, steps, V]
-    float32, prefill s, decode s)."""
+    float32, prefill s, decode s, {"wall", "cpu"}: each step's host seconds)."""
     from transformers import CompileConfig
 
     from mustafar_triton.integrations.transformers import cache_keyword
@@ -137,13 +142,22 @@ def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
     synchronize(ids.device)
     prefill_s = time.perf_counter() - start
     logits = [out.logits[:, -1]]
-    start = time.perf_counter()
+    wall, cpu = [time.perf_counter()], [time.thread_time()]
     for i in range(prompt, ids.shape[1] - 1):
         out = forward(input_ids=ids[:, i:i + 1], **cache_arg, use_cache=True)
         logits.append(out.logits[:, -1].clone())   # a CUDA graph's output is overwritten by the next replay
+        wall.append(time.perf_counter())
+        cpu.append(time.thread_time())
     synchronize(ids.device)
-    decode_s = time.perf_counter() - start
-    return torch.stack(logits, 1).float(), prefill_s, decode_s
+    decode_s = time.perf_counter() - wall[0]
+    steps = dict(wall=[b - a for a, b in zip(wall, wall[1:])], cpu=[b - a for a, b in zip(cpu, cpu[1:])])
+    return torch.stack(logits, 1).float(), prefill_s, decode_s, steps
+
+
+def step_summary(seconds: list[float]) -> dict:
+    """ms: median, 90th percentile and max of the per-step times, and the mean over all steps."""
+    ms = sorted(1e3 * s for s in seconds)
+    return dict(median=ms[len(ms) // 2], p90=ms[int(0.9 * (len(ms) - 1))], max=ms[-1], mean=sum(ms) / len(ms))
 
 
 def main():
@@ -192,7 +206,7 @@ def main():
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
-            logits, prefill_s, decode_s = run(model, ids, args.prompt, cache, compiled)
+            logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled)
             if profiler:
                 profiler.disable()
                 text = io.StringIO()
@@ -201,15 +215,16 @@ def main():
                 (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
             row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
                        **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
-                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets))
+                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets),
+                       host_step_ms=step_summary(step_s["wall"]), host_step_cpu_ms=step_summary(step_s["cpu"]))
             if name == "dense":
                 dense_top1 = logits.argmax(-1)
             elif "dense" in args.runs.split(","):
                 row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
             if settings is not None and not compiled and not args.no_reference:
                 with reference_path():
-                    ref_logits, _, _ = run(model, ids, args.prompt,
-                                           make_cache(model, ids.shape[1], settings, args.window, False), False)
+                    ref_logits = run(model, ids, args.prompt,
+                                     make_cache(model, ids.shape[1], settings, args.window, False), False)[0]
                 row["reference_path_perplexity"] = perplexity(ref_logits, targets)
                 row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
                 row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
@@ -223,9 +238,11 @@ def main():
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
+    print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'host med':>8s} {'cpu med':>8s} "
+          f"{'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
         print(f"{r['run']:16s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
+              f"{r['host_step_ms']['median']:8.2f} {r['host_step_cpu_ms']['median']:8.2f} "
               f"{r['perplexity']:8.3f} {r.get('reference_path_perplexity', float('nan')):8.3f} "
               f"{r.get('top1_agreement_with_dense', 1.0):10.3f}")
 

@@ -11,7 +11,6 @@ tensors).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 from pathlib import Path
@@ -23,7 +22,6 @@ import torch  # noqa: E402
 from accuracy import load_model  # noqa: E402
 from common import environment, write_results  # noqa: E402
 from generation import make_cache, perplexity, reference_path, run, runs, text_batch  # noqa: E402
-from mustafar_triton import cache as cache_module, reference  # noqa: E402
 
 
 def main():
@@ -48,10 +46,8 @@ def main():
             continue
         result = {}
         for compute in ("float64", "float32"):
-            with reference_path():
-                cache_module.sparse_decode_attention = functools.partial(
-                    reference.sparse_decode_attention, compute_dtype=getattr(torch, compute))
-                logits, _, _ = run(model, ids, args.prompt, make_cache(model, ids.shape[1], settings, args.window, False), False)
+            with reference_path(getattr(torch, compute)):
+                logits = run(model, ids, args.prompt, make_cache(model, ids.shape[1], settings, args.window, False), False)[0]
             result[compute] = (perplexity(logits, targets), logits)
         (p64, l64), (p32, l32) = result["float64"], result["float32"]
         row = dict(run=name, batch=args.batch, prompt=args.prompt, steps=args.steps, dtype=args.dtype, **settings,

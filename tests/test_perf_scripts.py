@@ -217,6 +217,12 @@ def test_generation_reference_path_runs_the_cache_on_the_reference(monkeypatch):
     want, want_lse = reference.sparse_decode_attention(q[:, 0], cache.packed_k, cache.packed_v,
                                                        **cache.window_kwargs(), return_lse=True)
     assert torch.equal(out[:, 0], want) and torch.equal(lse[:, 0], want_lse)
+    # perf/rounding_floor.py's float32 run: the reference in the compute dtype asked for
+    with generation.reference_path(torch.float32):
+        cache32, (out32, _) = decode()
+    want32 = reference.sparse_decode_attention(q[:, 0], cache32.packed_k, cache32.packed_v, **cache32.window_kwargs(),
+                                               compute_dtype=torch.float32)
+    assert torch.equal(out32[:, 0], want32) and not torch.equal(out32, out)
     tol = 1e-5 if INTERPRETING else 3e-3  # a GPU's fp32 dots run as tf32 (test_decode.FLOOR)
     assert rel_err(kernels[0], out) < tol and rel_err(kernels[1], lse) < tol
 
