@@ -28,7 +28,10 @@ than the 1%: with K0.5V0.75 and 16 sinks, window 64 (+2.9% bytes at 2048 tokens)
 costs +0.6% bytes, within the 1%, and the same selection picks it: the "K0.7V0.7" settings
 measured +9.3% / +14.2% with window 32 and +7.1% / +9.7% with 64 (+5.5% / +6.4% with 128, +1.6%
 bytes), against K0.7V0.7's +22.0% / +34.0%; "K0.5V0.5" +2.0% / +4.1% -> +1.6% / +2.8% (K0.5V0.5
-+3.0% / +5.3%). So for contexts of 8k tokens and more pass window=64 by hand.
++3.0% / +5.3%). Gemma 3 at 8192 tokens (`--grid long-context-d256`; window 64 +0.7% bytes):
+"K0.7V0.7" +5.27% / +3.85% with window 32, +4.81% / +3.22% with 64 (K0.7V0.7 +6.56% / +5.45%);
+"K0.5V0.5" +0.88% / +0.45% -> +0.80% / +0.28% (K0.5V0.5 +0.75% / +0.51%). So for contexts of 8k
+tokens and more pass window=64 by hand.
 
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves

@@ -32,7 +32,7 @@ PRESET_BYTES_TOLERANCE of the reference's: the presets of `mustafar_triton.prese
 --grid sparsity: the K/V sparsity grid of perf/results/accuracy_smollm2.json (W=32, no sinks).
 --grid long-context (with --tokens 8192): the D=64 presets against windows of 64 and 128 and 16
 sinks at SmolLM2's full context, where dense tokens cost less of the budget (not a preset source:
-the presets are chosen at 2048 tokens).
+the presets are chosen at 2048 tokens); long-context-d256 the same for Gemma 3.
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -132,6 +132,13 @@ def _grid_long_context() -> list[Config]:
             c(0.5, 0.5), c(0.375, 0.625, 4), c(0.375, 0.625, 4, 64)]
 
 
+def _grid_long_context_d256() -> list[Config]:
+    """_grid_long_context for D=256 (Gemma 3 270M, --tokens 8192): window 64 costs +0.7% bytes there."""
+    c = Config
+    return [c(0.7, 0.7), c(0.59375, 0.78125, 4), c(0.59375, 0.78125, 4, 64), c(0.59375, 0.78125, 4, 128),
+            c(0.5, 0.5), c(0.4375, 0.5625, 4), c(0.4375, 0.5625, 4, 64)]
+
+
 def _grid_nm() -> list[Config]:
     """Keys 2:4 (sparse tensor cores' pattern; groups of consecutive channels, or after a channel
     permutation: nm_channel_order) against per-token top-k at the same bytes (0.5), with the values
@@ -181,6 +188,7 @@ GRIDS = {
     "equal-bytes": _grid_equal_bytes(),
     "equal-bytes-d256": _grid_equal_bytes_d256(),
     "long-context": _grid_long_context(),
+    "long-context-d256": _grid_long_context_d256(),
     "sparsity": [Config(k, v) for k, v in ((0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5), (0.7, 0.0),
                                            (0.0, 0.7), (0.7, 0.7))],
 }
@@ -352,7 +360,7 @@ def main():
     meta["date_utc_finished"] = environment(torch.device("cpu"))["date_utc"]
     save()
     print(f"wrote {out}")
-    if args.grid.startswith("equal-bytes") or args.grid == "long-context":
+    if args.grid.startswith(("equal-bytes", "long-context")):
         for ref_name, per_d in choose_presets(rows).items():
             for d_, p in per_d.items():
                 print(f"preset {ref_name} D={d_}: {p['config']} (bytes {p['bytes_ratio']:.4f} vs "
