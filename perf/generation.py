@@ -41,6 +41,7 @@ import io
 import json
 import math
 import pstats
+import statistics
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,7 +158,7 @@ def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
 def step_summary(seconds: list[float]) -> dict:
     """ms: median, 90th percentile and max of the per-step times, and the mean over all steps."""
     ms = sorted(1e3 * s for s in seconds)
-    return dict(median=ms[len(ms) // 2], p90=ms[int(0.9 * (len(ms) - 1))], max=ms[-1], mean=sum(ms) / len(ms))
+    return dict(median=statistics.median(ms), p90=ms[int(0.9 * (len(ms) - 1))], max=ms[-1], mean=statistics.fmean(ms))
 
 
 def main():
