@@ -13,6 +13,7 @@
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
     PagedSparseKVCache(...)                      per-layer paged cache for continuous batching
     preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
+    rescale_query_key_(q_proj, k_proj, ...)      query-weighted key selection folded into the weights
 """
 from . import reference
 from .attention import sparse_decode_attention
@@ -20,10 +21,11 @@ from .cache import SparseKVCache
 from .compress import pack, prune_and_pack, prune_topk, unpack, write_pages
 from .custom_op import sparse_decode_attention_op, write_pages_op
 from .format import PackedKV, PagedKV, default_capacity, kept_per_token
+from .key_scales import key_channel_scales, rescale_query_key_
 from .paged_cache import PagedSparseKVCache
 from .presets import PRESETS, preset
 
 __all__ = ["PackedKV", "PagedKV", "pack", "prune_and_pack", "prune_topk", "unpack", "write_pages",
            "sparse_decode_attention", "sparse_decode_attention_op", "write_pages_op", "SparseKVCache", "PagedSparseKVCache", "reference",
-           "kept_per_token", "default_capacity", "preset", "PRESETS"]
+           "kept_per_token", "default_capacity", "preset", "PRESETS", "key_channel_scales", "rescale_query_key_"]
 __version__ = "0.1.0"

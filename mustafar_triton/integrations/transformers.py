@@ -50,8 +50,12 @@ from transformers.masking_utils import AttentionMaskInterface, causal_mask_funct
 from ..cache import SparseKVCache, _check_count
 from ..compress import _check_sparsity
 from ..custom_op import sparse_decode_attention_op
+from ..key_scales import rescale_query_key_
 
 ATTENTION_NAME = "mustafar"
+# Model types whose attention is q_proj / k_proj, then transformers' rotate_half RoPE on the whole
+# head, then q . k (no per-head q_norm / k_norm), each checked by tests/test_key_scales.py.
+KEY_SCALES_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2")
 # Cache.update runs right before the attention call of the same layer: it leaves the layer here.
 # `prompt` keeps the lengths read from the last prefill mask, so the layers of one forward read
 # the host once.
@@ -329,3 +333,36 @@ def use_mustafar_attention(model) -> None:
     AttentionInterface.register(ATTENTION_NAME, mustafar_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, mustafar_mask)
     model.set_attn_implementation(ATTENTION_NAME)
+
+
+def rescale_key_channels(model) -> list[torch.Tensor]:
+    """Fold query-weighted key selection into `model` (in place, once, before generate()): each
+    attention layer's k_proj output channels are scaled by the norms of the q_proj rows feeding the
+    same channel and q_proj's divided by them (mustafar_triton.key_scales), so the model computes
+    the same scores while a Mustafar cache's magnitude top-k keeps the key channels that weigh most
+    in them. No change to the cache, its bytes or its speed; applying it again changes nothing.
+    The scores change only by rounding the rescaled weights to their dtype.
+
+    Measured (perf/accuracy.py --grid key-scales, SmolLM2-135M-Instruct, 2048 tokens, perplexity
+    change vs dense, prose / code, float32): K0.7V0.7 +20.3 / +24.8% -> +17.1 / +21.9%;
+    preset("K0.7V0.7") +7.1 / +10.3% -> +6.5 / +8.4%; K0.5V0.5 +2.6 / +4.1% -> +1.7 / +2.3%. In
+    bfloat16 (--dtype bf16), rounding included: the preset +7.5 / +10.3% -> +6.9 / +8.3%, while
+    the rescaled dense model differs from the original by +0.02 / +0.10%.
+    Supported: model types in KEY_SCALES_MODEL_TYPES (Llama-style attention). Models that
+    normalise queries per head (q_norm: Gemma 3, Qwen 3) raise ValueError: on Gemma 3 weighting the
+    key selection by the queries' own per-channel size measured worse than plain top-k.
+    Returns each attention layer's float32 [num_kv_heads, head_dim] scales."""
+    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in KEY_SCALES_MODEL_TYPES:
+        raise ValueError(f"rescale_key_channels supports model types {KEY_SCALES_MODEL_TYPES} (q_proj / k_proj and "
+                         f"RoPE over the whole head, no q_norm); this model is {model_type!r}")
+    rope = getattr(config, "rope_parameters", None) or {}
+    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"rescale_key_channels needs RoPE over the whole head; this model's partial_rotary_factor "
+                         f"is {partial}")
+    layers = [m for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj")]
+    if not layers:
+        raise ValueError("rescale_key_channels found no attention module with q_proj and k_proj")
+    return [rescale_query_key_(m.q_proj, m.k_proj, config.num_key_value_heads, m.head_dim) for m in layers]
