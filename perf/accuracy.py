@@ -8,6 +8,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid nm      # keys 2:4 (sparse tensor cores) vs top-k at equal bytes
     python perf/accuracy.py --grid long-context --tokens 8192   # windows at SmolLM2's full context
     python perf/accuracy.py --grid key-scales   # with and without integrations.transformers.rescale_key_channels
+    python perf/accuracy.py --grid key-scales-long-context --tokens 8192
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -202,8 +203,16 @@ def _grid_key_scales() -> list[Config]:
     return [c(0.0, 0.0, key_scales=True)] + [x for cfg in pairs for x in (cfg, replace(cfg, key_scales=True))]
 
 
+def _grid_key_scales_long_context() -> list[Config]:
+    """The D=64 presets with window 64 (what presets.py advises at 8k tokens) at --tokens 8192, on
+    the model as loaded and after rescale_key_channels."""
+    c = Config
+    return [x for cfg in (c(0.5, 0.75, 4, 64), c(0.375, 0.625, 4, 64)) for x in (cfg, replace(cfg, key_scales=True))]
+
+
 GRIDS = {
     "key-scales": _grid_key_scales(),
+    "key-scales-long-context": _grid_key_scales_long_context(),
     "nm": _grid_nm(),
     "equal-bytes": _grid_equal_bytes(),
     "equal-bytes-d256": _grid_equal_bytes_d256(),
@@ -345,7 +354,8 @@ def main():
     hkv = model.config.num_key_value_heads
     d = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
     meta = dict(script=SCRIPT, model=MODEL if args.model == "smollm2" else GEMMA3_MODEL, grid=args.grid, num_kv_heads=hkv, head_dim=d,
-                path=f"torch reference (mustafar_triton.reference.prune_topk), CPU {dtype}, SDPA over [pruned | dense]",
+                path=f"torch reference (mustafar_triton.reference.prune_topk), CPU {str(dtype).removeprefix('torch.')}, "
+                     "SDPA over [pruned | dense]",
                 texts="prose: pydoc_data.topics compound + types (Python language reference); code: CPython argparse.py",
                 bytes="SparseKVCache.nbytes, fp16, one layer holding the evaluated tokens, over dense fp16 K + V",
                 transformers=__import__("transformers").__version__, cpu_count=os.cpu_count(),

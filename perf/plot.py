@@ -376,15 +376,32 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def key_scales_rows(meta: dict) -> list[dict]:
+    """The pruned rows measured after rescale_key_channels (perf/accuracy.py --grid key-scales) on
+    the model, path (dtype) and head dim of `meta`, from the newest such file; [] if none."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("accuracy_key_scales_*.json")):
+        data = read_results(path)
+        m = data["meta"]
+        if (m.get("script"), m.get("grid"), m["model"], m["path"], m["head_dim"]) == (
+                ACCURACY_SCRIPT, "key-scales", meta["model"], meta["path"], meta["head_dim"]):
+            found.append((m["date_utc"], data["rows"]))
+    rows = max(found, key=lambda f: f[0])[1] if found else []
+    return [r for r in rows if r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"])]
+
+
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     """A panel per text: perplexity change vs bytes ratio (SparseKVCache.nbytes at the evaluated
     length over dense fp16), colour = sinks, marker = window; the Pareto front of the measured
     configurations as a staircase, its points named, as are the reference configurations (S=0,
-    W=32) and the library's presets (mustafar_triton.presets, green). Log y when every change is > 0."""
+    W=32) and the library's presets (mustafar_triton.presets, green). Stars: the same configurations
+    after rescale_key_channels, where measured (key_scales_rows), an arrow from the plain point.
+    Log y when every change is > 0."""
     from mustafar_triton.presets import PRESETS
 
     data = read_results(path)
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
+    rescaled = [r for r in key_scales_rows(meta) if r["tokens"] == rows[0]["tokens"]]
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
     sink_colors = {0: "tab:gray", 4: "tab:blue", 8: "tab:purple", 16: "tab:red"}
@@ -399,6 +416,18 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
             ax.scatter(r["bytes_ratio"], 100 * r["perplexity_change"], s=34, zorder=3,
                        color=sink_colors.get(r["sinks"], "tab:olive"),
                        marker=window_markers.get(r["window"], "x"), edgecolor="black", linewidth=0.4)
+        plain = {r["config"]: r for r in group}
+        for r in (r for r in rescaled if r["text"] == text):
+            xy = (r["bytes_ratio"], 100 * r["perplexity_change"])
+            ax.scatter(*xy, s=90, zorder=4, marker="*", color=sink_colors.get(r["sinks"], "tab:olive"),
+                       edgecolor="black", linewidth=0.5)
+            before = plain.get(r["config"].removesuffix(" key-scales"))
+            if before:
+                ax.annotate("", xy, (before["bytes_ratio"], 100 * before["perplexity_change"]), zorder=2,
+                            arrowprops=dict(arrowstyle="->", color="tab:green", lw=0.8, alpha=0.7))
+            if r["config"].removesuffix(" key-scales") in presets:
+                ax.annotate("+ rescale_key_channels", xy, fontsize=7, color="tab:green", xytext=(-6, -3),
+                            textcoords="offset points", ha="right", va="top")
         front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
         xs, ys = zip(*front)
         ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.7)
@@ -427,6 +456,9 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f"S={s} sinks") for s, c in sink_colors.items()]
     handles += [plt.Line2D([], [], ls="", marker=m, color="gray", label=f"W={w} window") for w, m in window_markers.items()]
     handles += [plt.Line2D([], [], color="black", lw=1, label="Pareto front")]
+    if rescaled:
+        handles += [plt.Line2D([], [], ls="", marker="*", markersize=9, color="gray",
+                               label="after rescale_key_channels (Llama-style models)")]
     fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{meta['model']}, Hkv={meta['num_kv_heads']} D={d}: accuracy per byte, K/V split, sinks, window\n"
                  f"teacher-forced, {meta['path'].split(',')[0]} | torch {meta['torch']} | commit {meta['commit'][:10]}",
