@@ -426,7 +426,7 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
                 ax.annotate("", xy, (before["bytes_ratio"], 100 * before["perplexity_change"]), zorder=2,
                             arrowprops=dict(arrowstyle="->", color="tab:green", lw=0.8, alpha=0.7))
             if r["config"].removesuffix(" key-scales") in presets:
-                ax.annotate("+ rescale_key_channels", xy, fontsize=7, color="tab:green", xytext=(-6, -3),
+                ax.annotate("+ rescale_key_channels", xy, fontsize=7, color="tab:green", xytext=(-6, -13),
                             textcoords="offset points", ha="right", va="top")
         front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
         xs, ys = zip(*front)
