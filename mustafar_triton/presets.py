@@ -33,6 +33,12 @@ bytes), against K0.7V0.7's +22.0% / +34.0%; "K0.5V0.5" +2.0% / +4.1% -> +1.6% / 
 "K0.5V0.5" +0.88% / +0.45% -> +0.80% / +0.28% (K0.5V0.5 +0.75% / +0.51%). So for contexts of 8k
 tokens and more pass window=64 by hand.
 
+Llama-style models (no q_norm) gain more at the same bytes from
+`integrations.transformers.rescale_key_channels(model)`, which makes top-k weigh each key channel
+by its queries' weights (`perf/accuracy.py --grid key-scales`): "K0.7V0.7" at D=64 +7.08% /
++10.31% -> +6.52% / +8.39%, "K0.5V0.5" +1.22% / +3.09% -> +1.18% / +2.50%. The presets were
+chosen without it.
+
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves
 them, so the pruning reaches the other 3 of 18; the same texts and selection; results in
