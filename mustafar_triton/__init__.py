@@ -12,7 +12,7 @@
     write_pages_op(...)                          write_pages through torch.ops.mustafar_triton.write_pages
     SparseKVCache(...)                           per-layer cache: compressed store + dense window
     PagedSparseKVCache(...)                      per-layer paged cache for continuous batching
-    preset(name, head_dim)                       measured equal-bytes settings for SparseKVCache
+    preset(name, head_dim, context_tokens=None)  measured equal-bytes settings for SparseKVCache
     rescale_query_key_(q_proj, k_proj, ...)      query-weighted key selection folded into the weights
 """
 from . import reference

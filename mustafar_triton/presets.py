@@ -30,8 +30,10 @@ measured +9.3% / +14.2% with window 32 and +7.1% / +9.7% with 64 (+5.5% / +6.4% 
 bytes), against K0.7V0.7's +22.0% / +34.0%; "K0.5V0.5" +2.0% / +4.1% -> +1.6% / +2.8% (K0.5V0.5
 +3.0% / +5.3%). Gemma 3 at 8192 tokens (`--grid long-context-d256`; window 64 +0.7% bytes):
 "K0.7V0.7" +5.27% / +3.85% with window 32, +4.81% / +3.22% with 64 (K0.7V0.7 +6.56% / +5.45%);
-"K0.5V0.5" +0.88% / +0.45% -> +0.80% / +0.28% (K0.5V0.5 +0.75% / +0.51%). So for contexts of 8k
-tokens and more pass window=64 by hand.
+"K0.5V0.5" +0.88% / +0.45% -> +0.80% / +0.28% (K0.5V0.5 +0.75% / +0.51%). So
+`preset(name, head_dim, context_tokens=n)` with n >= 8192 returns window 64 (the same selection
+on the 8192-token measurements; between 2048 and 8192 tokens nothing was measured, and window 32
+is kept).
 
 Llama-style models (no q_norm) gain more at the same bytes from
 `integrations.transformers.rescale_key_channels(model)`, which makes top-k weigh each key channel
@@ -67,19 +69,32 @@ PRESETS: dict[str, dict[int, dict]] = {
 }
 
 
-def preset(name: str, head_dim: int) -> dict:
+# From this many context tokens on, the presets' window is LONG_CONTEXT_WINDOW (measured at 8192
+# tokens: perf/results/accuracy_long_context_*.json).
+LONG_CONTEXT_TOKENS = 8192
+LONG_CONTEXT_WINDOW = 64
+
+
+def preset(name: str, head_dim: int, context_tokens: int | None = None) -> dict:
     """The measured most accurate settings at the bytes of the configuration `name` ("K0.7V0.7" or
     "K0.5V0.5") for `head_dim`: a new dict of k_sparsity, v_sparsity, sinks and window, to pass as
-    keyword arguments to SparseKVCache or MustafarCache. See the module docstring for how they were
-    chosen. Raises TypeError / ValueError naming the argument for another name or an unmeasured
-    head dim."""
+    keyword arguments to SparseKVCache or MustafarCache. `context_tokens`, the tokens a sequence
+    will hold (prompt + generated), if given and >= LONG_CONTEXT_TOKENS, selects the window
+    measured best there (64). See the module docstring for how they were chosen. Raises
+    TypeError / ValueError naming the argument for another name or an unmeasured head dim."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
-        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    for arg, value, optional in (("head_dim", head_dim, False), ("context_tokens", context_tokens, True)):
+        if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{arg} must be an int{' or None' if optional else ''}, got {type(value).__name__}")
+    if context_tokens is not None and context_tokens < 0:
+        raise ValueError(f"context_tokens must be >= 0, got {context_tokens}")
     if name not in PRESETS:
         raise ValueError(f"name {name!r} is not a preset; presets: {sorted(PRESETS)}")
     if head_dim not in PRESETS[name]:
         raise ValueError(f"head_dim {head_dim}: preset {name!r} was measured for head dims "
                          f"{sorted(PRESETS[name])} only; set k_sparsity, v_sparsity, sinks and window by hand")
-    return dict(PRESETS[name][head_dim])
+    settings = dict(PRESETS[name][head_dim])
+    if context_tokens is not None and context_tokens >= LONG_CONTEXT_TOKENS:
+        settings["window"] = LONG_CONTEXT_WINDOW
+    return settings

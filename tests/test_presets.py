@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parent.parent
 # the committed equal-bytes measurements, one file per model (head dim)
 RESULTS = [REPO / "perf" / "results" / name for name in ("accuracy_equal_bytes_smollm2.json",
                                                          "accuracy_equal_bytes_d256_gemma3.json")]
+# the same at SmolLM2's full context, 8192 tokens (--grid long-context / long-context-d256)
+LONG_CONTEXT_RESULTS = [REPO / "perf" / "results" / name for name in ("accuracy_long_context_smollm2.json",
+                                                                      "accuracy_long_context_d256_gemma3.json")]
 
 
 def load_accuracy_script():
@@ -51,19 +54,29 @@ def test_preset_arguments_are_checked():
         mt.preset("K0.7V0.7", head_dim=128)
     with pytest.raises(TypeError, match="name must be a str"):
         mt.preset(0.375, head_dim=64)
-    with pytest.raises(TypeError, match="head_dim must be an int"):
+    with pytest.raises(TypeError, match="head_dim must be an int, got float"):
         mt.preset("K0.7V0.7", head_dim=64.0)
+    with pytest.raises(TypeError, match="head_dim must be an int, got NoneType"):
+        mt.preset("K0.7V0.7", head_dim=None)
+    with pytest.raises(TypeError, match="context_tokens must be an int or None, got float"):
+        mt.preset("K0.7V0.7", head_dim=64, context_tokens=8192.0)
+    with pytest.raises(ValueError, match="context_tokens must be >= 0, got -1"):
+        mt.preset("K0.7V0.7", head_dim=64, context_tokens=-1)
 
 
-def test_presets_are_the_measured_choice():
-    """The library's table is choose_presets of the committed equal-bytes measurements."""
+@pytest.mark.parametrize("results,context_tokens", [(RESULTS, None), (RESULTS, 2048), (RESULTS, 8191),
+                                                    (LONG_CONTEXT_RESULTS, 8192), (LONG_CONTEXT_RESULTS, 131072)])
+def test_presets_are_the_measured_choice(results, context_tokens):
+    """The library's table is choose_presets of the committed equal-bytes measurements (2048
+    tokens); with context_tokens >= 8192, of the 8192-token measurements."""
     choose_presets = load_accuracy_script().choose_presets
     chosen: dict = {}
-    for path in RESULTS:
+    for path in results:
         for name, per_d in choose_presets(json.loads(path.read_text())["rows"]).items():
             chosen.setdefault(name, {}).update(per_d)
     assert chosen.keys() == mt.PRESETS.keys()
     for name, per_d in chosen.items():
         assert per_d.keys() == mt.PRESETS[name].keys()
         for d, c in per_d.items():
-            assert mt.preset(name, d) == {k: c[k] for k in ("k_sparsity", "v_sparsity", "sinks", "window")}
+            assert mt.preset(name, d, context_tokens=context_tokens) == {
+                k: c[k] for k in ("k_sparsity", "v_sparsity", "sinks", "window")}

@@ -231,7 +231,8 @@ class MustafarCache(Cache):
 
     k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
     sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction;
-    `mustafar_triton.preset(name, head_dim)` gives measured equal-bytes settings to pass as **kwargs.
+    `mustafar_triton.preset(name, head_dim, context_tokens)` gives measured equal-bytes settings to
+    pass as **kwargs.
     static=True: compileable layers (StaticMustafarLayer), for generate()'s compiled decode; needs
     max_tokens a positive multiple of 16, and enough of it: a full store drops tokens (no error
     inside a compiled step); `check_capacity()` after generate() raises if any were dropped.
