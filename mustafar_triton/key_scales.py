@@ -47,8 +47,8 @@ def key_channel_scales(q_weight: torch.Tensor, num_kv_heads: int, head_dim: int,
     elif rotary_pairs == "interleaved":
         squares = squares.reshape(num_kv_heads, head_dim // 2, 2).sum(-1, keepdim=True).expand(
             num_kv_heads, head_dim // 2, 2).reshape(num_kv_heads, head_dim)
-    if not bool((squares > 0).all()):   # a one-time setup step: this host read is not on the decode path
-        raise ValueError("q_weight has a query channel whose rows are all zero (or not finite): no scale for it")
+    if not bool(((squares > 0) & squares.isfinite()).all()):   # one-time setup: not on the decode path
+        raise ValueError("q_weight has a query channel whose rows are all zero or not finite: no scale for it")
     log_norms = squares.log() / 2
     return (log_norms - log_norms.mean(-1, keepdim=True)).exp()
 

@@ -86,8 +86,13 @@ def test_bad_inputs_are_refused():
         rescale_query_key_(q, torch.nn.Identity(), 2, 8)
     with torch.no_grad():
         q.weight[[3, 7, 11, 15]] = 0   # channel 3 and its RoPE partner 7 in both query heads of kv head 0
-    with pytest.raises(ValueError, match="all zero"):
+    with pytest.raises(ValueError, match="all zero or not finite"):
         key_channel_scales(q.weight, 2, 8)
+    for bad in (float("inf"), float("nan")):
+        weight = torch.randn(32, 8)
+        weight[5, 2] = bad
+        with pytest.raises(ValueError, match="all zero or not finite"):
+            key_channel_scales(weight, 2, 8)
 
 
 transformers = pytest.importorskip("transformers")
