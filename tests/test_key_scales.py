@@ -95,23 +95,31 @@ def test_bad_inputs_are_refused():
             key_channel_scales(weight, 2, 8)
 
 
-transformers = pytest.importorskip("transformers")
-from mustafar_triton.integrations.transformers import (KEY_SCALES_MODEL_TYPES, cache_keyword,  # noqa: E402
-                                                       rescale_key_channels)
-
+# model types the transformers integration supports (KEY_SCALES_MODEL_TYPES, checked below)
+SUPPORTED = ("llama", "mistral", "mixtral", "qwen2")
 TINY = dict(vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
 
 
-def tiny_model(model_type, device, **extra):
+@pytest.fixture(scope="module")
+def hf():
+    """transformers and the integration module (the tests below skip without transformers)."""
+    transformers = pytest.importorskip("transformers")
+    from mustafar_triton.integrations import transformers as integration
+    assert integration.KEY_SCALES_MODEL_TYPES == SUPPORTED
+    return transformers, integration
+
+
+def tiny_model(hf, model_type, device):
     torch.manual_seed(3)
-    config = transformers.AutoConfig.for_model(model_type, **TINY, **extra)
-    return transformers.AutoModelForCausalLM.from_config(config).eval().to(device)
+    config = hf[0].AutoConfig.for_model(model_type, **TINY)
+    return hf[0].AutoModelForCausalLM.from_config(config).eval().to(device)
 
 
-@pytest.mark.parametrize("model_type", KEY_SCALES_MODEL_TYPES)
-def test_transformers_model_logits_unchanged_keys_scaled(model_type, device):
-    model = tiny_model(model_type, device)
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_transformers_model_logits_unchanged_keys_scaled(hf, model_type, device):
+    transformers, integration = hf
+    model = tiny_model(hf, model_type, device)
     with torch.no_grad():   # a trained model's query rows differ in size; a fresh init's barely do
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(torch.rand(layer.self_attn.q_proj.out_features, 1, device=device) * 4)
@@ -120,11 +128,11 @@ def test_transformers_model_logits_unchanged_keys_scaled(model_type, device):
     def run():
         cache = transformers.DynamicCache(config=model.config)
         with torch.no_grad():
-            logits = model(ids, **{cache_keyword(model): cache}, use_cache=True).logits
+            logits = model(ids, **{integration.cache_keyword(model): cache}, use_cache=True).logits
         return logits, [layer.keys for layer in cache.layers]
 
     logits, keys = run()
-    scales = rescale_key_channels(model)
+    scales = integration.rescale_key_channels(model)
     assert len(scales) == TINY["num_hidden_layers"]
     new_logits, new_keys = run()
     torch.testing.assert_close(new_logits, logits, rtol=1e-4, atol=1e-4)
@@ -135,13 +143,13 @@ def test_transformers_model_logits_unchanged_keys_scaled(model_type, device):
 
 
 @pytest.mark.parametrize("model_type", ["gemma3_text", "qwen3"])
-def test_transformers_models_with_q_norm_are_refused(model_type, device):
+def test_transformers_models_with_q_norm_are_refused(hf, model_type, device):
     with pytest.raises(ValueError, match=f"this model is '{model_type}'"):
-        rescale_key_channels(tiny_model(model_type, device))
+        hf[1].rescale_key_channels(tiny_model(hf, model_type, device))
 
 
-def test_transformers_partial_rope_is_refused(device):
-    model = tiny_model("llama", device)
+def test_transformers_partial_rope_is_refused(hf, device):
+    model = tiny_model(hf, "llama", device)
     model.config.rope_parameters = dict(model.config.rope_parameters, partial_rotary_factor=0.5)
     with pytest.raises(ValueError, match="partial_rotary_factor is 0.5"):
-        rescale_key_channels(model)
+        hf[1].rescale_key_channels(model)
