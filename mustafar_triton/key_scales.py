@@ -28,11 +28,11 @@ ROTARY_PAIRS = ("half", "interleaved", "none")
 
 def key_channel_scales(q_weight: torch.Tensor, num_kv_heads: int, head_dim: int,
                        rotary_pairs: str = "half") -> torch.Tensor:
-    """float32 [num_kv_heads, head_dim] scales s: the norm of the q_proj rows (q_weight [Hq * D, in],
-    query heads grouped by kv head as GQA repeats them) producing each query channel, summed over
-    the query heads of a kv head and over the two channels of a RoPE pair ("half": channels d and
-    d + D/2, transformers' rotate_half; "interleaved": 2i and 2i + 1; "none": no pairing),
-    normalised to a geometric mean of 1 per kv head. Applying rescale_query_key_ twice scales by 1
+    """float32 [num_kv_heads, head_dim] scales s: s[h, d] is the root of the summed squared norms
+    of the q_proj rows (q_weight [Hq * D, in], query heads grouped by kv head as GQA repeats them)
+    that produce query channel d, over the query heads of kv head h and the two channels of d's
+    RoPE pair ("half": channels d and d + D/2, transformers' rotate_half; "interleaved": 2i and
+    2i + 1; "none": no pairing), normalised to a geometric mean of 1 per kv head. Applying rescale_query_key_ twice scales by 1
     the second time: after it, every pair's rows have the same norm."""
     if rotary_pairs not in ROTARY_PAIRS:
         raise ValueError(f"rotary_pairs must be one of {ROTARY_PAIRS}, got {rotary_pairs!r}")
