@@ -32,8 +32,9 @@ def key_channel_scales(q_weight: torch.Tensor, num_kv_heads: int, head_dim: int,
     of the q_proj rows (q_weight [Hq * D, in], query heads grouped by kv head as GQA repeats them)
     that produce query channel d, over the query heads of kv head h and the two channels of d's
     RoPE pair ("half": channels d and d + D/2, transformers' rotate_half; "interleaved": 2i and
-    2i + 1; "none": no pairing), normalised to a geometric mean of 1 per kv head. Applying rescale_query_key_ twice scales by 1
-    the second time: after it, every pair's rows have the same norm."""
+    2i + 1; "none": no pairing), normalised to a geometric mean of 1 per kv head. Applying
+    rescale_query_key_ twice scales by 1 the second time: after it, every pair's rows have the
+    same norm."""
     if rotary_pairs not in ROTARY_PAIRS:
         raise ValueError(f"rotary_pairs must be one of {ROTARY_PAIRS}, got {rotary_pairs!r}")
     if q_weight.dim() != 2 or num_kv_heads <= 0 or head_dim <= 0 or q_weight.shape[0] % (num_kv_heads * head_dim):
@@ -45,8 +46,7 @@ def key_channel_scales(q_weight: torch.Tensor, num_kv_heads: int, head_dim: int,
     if rotary_pairs == "half":
         squares = squares + squares.roll(head_dim // 2, -1)
     elif rotary_pairs == "interleaved":
-        squares = squares.reshape(num_kv_heads, head_dim // 2, 2).sum(-1, keepdim=True).expand(
-            num_kv_heads, head_dim // 2, 2).reshape(num_kv_heads, head_dim)
+        squares = squares.reshape(num_kv_heads, head_dim // 2, 2).sum(-1).repeat_interleave(2, -1)
     if not bool(((squares > 0) & squares.isfinite()).all()):   # one-time setup: not on the decode path
         raise ValueError("q_weight has a query channel whose rows are all zero or not finite: no scale for it")
     log_norms = squares.log() / 2

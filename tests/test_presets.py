@@ -58,7 +58,7 @@ def test_preset_arguments_are_checked():
         mt.preset("K0.7V0.7", head_dim=64.0)
     with pytest.raises(TypeError, match="head_dim must be an int, got NoneType"):
         mt.preset("K0.7V0.7", head_dim=None)
-    with pytest.raises(TypeError, match="context_tokens must be an int or None, got float"):
+    with pytest.raises(TypeError, match="context_tokens must be an int, got float"):
         mt.preset("K0.7V0.7", head_dim=64, context_tokens=8192.0)
     with pytest.raises(ValueError, match="context_tokens must be >= 0, got -1"):
         mt.preset("K0.7V0.7", head_dim=64, context_tokens=-1)
