@@ -9,6 +9,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
+#   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
@@ -90,6 +91,17 @@ for stage in "$@"; do
           --batches "${GEMMA_BATCHES:-1}" --steps 1024 --prompt 4096 --runs "${GEMMA_RUNS:-dense,preset-K0.7V0.7}" \
           --out "$OUT/generation_gemma3_presets.json" > "$OUT/generation_gemma3_presets.log" 2>&1
       tail -8 "$OUT/generation_gemma3_presets.log" ;;
+    ncu-stalls)
+      # issue 18: where the walk's and the scatter's issue slots go (every stall reason, pipe use,
+      # shared-memory wavefronts), B=16 T=4096, one call per gather and sparsity
+      echo "== Nsight Compute stall reasons: walk at 0.7 / 0.9, scatter at 0.9"
+      for spec in walk:0.7 walk:0.9 scatter:0.9; do
+        g=${spec%%:*}; s=${spec##*:}
+        timeout 150 ncu --kernel-name regex:sparse_decode_gluon --metrics \
+            "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,gpu__time_duration.sum" \
+            python3 perf/ncu_decode.py --gathers "$g" --sparsity "$s" > "$OUT/ncu_stalls_${g}_$s.txt" 2>&1
+        grep -E "stalled_(long_sc|short_sc|wait|mio|math|no_inst|not_sel|selected|barrier|lg_th|dispatch|branch|tex|drain|membar|sleep|misc)[a-z_]*_per_issue_active|issue_active|wavefronts|bank_conf|duration" "$OUT/ncu_stalls_${g}_$s.txt" | sed "s/^/$g $s /"
+      done ;;
     eager-steps)
       # the same loop unprofiled in three processes, with each step's host wall / CPU-thread time
       # (generation.py's host_step_ms, host_step_cpu_ms): is a slow process slow at every step, and
