@@ -24,7 +24,7 @@ def rope(x, pairs, positions):
     """RoPE over the last dim of x [T, H, D] at `positions`: rotate_half ("half") or GPT-J's
     interleaved pairs."""
     d = x.shape[-1]
-    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d))
     ang = positions[:, None, None].double() * inv                    # [T, 1, D/2]
     cos, sin = ang.cos(), ang.sin()
     if pairs == "half":
