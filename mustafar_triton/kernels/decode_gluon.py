@@ -31,10 +31,10 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
     follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
-    staged row into a zeroed dense tile in shared memory (a bfind per value, section below), and
-    ldmatrix reads the tiles into the mma operands. Its cost follows the kept values plus a fixed
-    shared-memory round trip of the dense tiles: H200, B=16 T=16384, 234 us at 0.7, 164 at 0.9,
-    134 at 0.95. Shared-memory bound (L1 90-93% busy; 3.5-way bank conflicts on the scatter).
+    staged row into a dense tile in shared memory (a bfind per value, section below), and
+    ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
+    bits: the tiles are never zeroed. Its cost follows the kept values plus a fixed ldmatrix of the
+    dense tiles. Shared-memory bound (L1 90-93% busy; 3.5-way bank conflicts on the scatter).
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
@@ -260,9 +260,12 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
 # addresses (empty words never enter the queue, so every iteration stores exactly one value);
 # after the last one the queue holds sentinel words that send the remaining iterations'
 # (zero) values to a dummy area. The dense tiles then reach the mma operands by ldmatrix
-# (ldmatrix.trans for V^T), and each lane zeroes 16-byte chunks of them for the next tile.
+# (ldmatrix.trans for V^T); the channels a tile does not keep still hold what earlier tiles (or
+# nothing) stored there, so each operand register is ANDed with a mask built from the tile's
+# staged bitmap words by one prmt (_ldmatrix_asm). Zeroing the tiles instead cost 16 more
+# 16-byte stores per lane and tile (as many shared-memory wavefronts as the ldmatrix).
 # Per kept value: bfind, address, store, clear the bit, test, and every ~10 values a queue
-# step; per dense element only the zeroing and the ldmatrix (1/8 of a 16-byte access each).
+# step; per dense element the ldmatrix (1/8 of a 16-byte access) and 1/4 of a prmt and an and.
 # ---------------------------------------------------------------------------------------------
 
 @gluon.constexpr_function
@@ -421,10 +424,11 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
 @gluon.jit
 def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
-    K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
-    Rows of tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and
-    malformed rows (more bits than their capacity) store nothing."""
+    """Each lane stores its staged row's kept values into the dense tiles (lanes < 16: K row
+    `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one). Rows of
+    tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and malformed rows
+    (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
+    so that the masks read it as a row without kept channels."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
