@@ -1,7 +1,8 @@
 """The Gluon walk gather's inline PTX, run on the CPU by a small emulator of the PTX it uses.
 
 Gluon kernels cannot run without a GPU, so the asm strings that decode_gluon.py's constexpr
-functions produce (_walk_asm, _lds_words_asm, _cp_async_zfill_asm, _cp_async_asm) are executed here
+functions produce (_walk_asm, _lds_words_asm, _cp_async_zfill_asm, _cp_async_asm, and the scatter's
+masked ldmatrix _ldmatrix_asm and _zero_row_asm) are executed here
 statement by statement on a shared-memory byte array and a bounds-checked global byte array. The
 inputs each instance gets are built as decode_gluon._gather_walk / _stage_rows build them (a
 Python copy of that arithmetic); the outputs are compared with a numpy expansion of the packed
@@ -44,10 +45,11 @@ def _split_operands(text):
 class Ptx:
     """Runs one inline-asm string: args are the $n operands (outputs first, filled in by run)."""
 
-    def __init__(self, shared, glob=None):
+    def __init__(self, shared, glob=None, ldmatrix=None):
         self.shared = shared      # np.uint8 array: offset 0 is shared address MT_DSTAGE
         self.glob = glob          # np.uint8 array at GLOBAL_BASE (bounds-checked), or None
         self.global_reads = []    # (address, bytes) of every global access, and src-size-0 addresses
+        self.ldmatrix = ldmatrix  # (trans, address) -> this lane's 4 registers (a warp-wide model)
 
     def run(self, asm, n_out, inputs):
         body = asm.strip()
@@ -131,6 +133,28 @@ class Ptx:
                 preds[ops[0]] = r
             elif parts[0] == "selp":
                 put(ops[0], val(ops[1]) if preds[ops[3]] else val(ops[2]), 64 if parts[1] == "b64" else 32)
+            elif opcode == "prmt.b32":  # default mode: nibble bit 3 replicates the byte's sign bit
+                src = val(ops[1]) & M32 | (val(ops[2]) & M32) << 32
+                sel = val(ops[3])
+                out = 0
+                for i in range(4):
+                    nib = (sel >> (4 * i)) & 0xF
+                    byte = (src >> (8 * (nib & 7))) & 0xFF
+                    out |= (0xFF if byte >> 7 else 0) << (8 * i) if nib & 8 else byte << (8 * i)
+                put(ops[0], out)
+            elif parts[0] == "ldmatrix":
+                a = addr(ops[1])
+                dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
+                for d, v in zip(dsts, self.ldmatrix("trans" in parts, a), strict=True):
+                    put(d, v)
+            elif parts[:2] == ["st", "shared"]:
+                a = addr(ops[0])
+                srcs = [x.strip() for x in ops[1].strip("{}").split(",")]
+                assert parts[-1] == "b32" and a % (4 * len(srcs)) == 0, opcode
+                for i, x in enumerate(srcs):
+                    off = a + 4 * i - MT_DSTAGE
+                    assert 0 <= off and off + 4 <= len(self.shared)
+                    self.shared[off:off + 4] = np.frombuffer((val(x) & M32).to_bytes(4, "little"), np.uint8)
             elif opcode == "ld.shared.u16":
                 put(ops[0], lds(addr(ops[1]), 2))
             elif parts[:2] == ["ld", "shared"]:
@@ -388,3 +412,135 @@ def test_emulator_catches_reads_past_the_tensor(monkeypatch):
                         lambda chunk, limit: zfill(chunk, limit).replace("selp.b32 o, $3, 0, p;", "mov.b32 o, $3;"))
     with pytest.raises(AssertionError, match="outside the tensor"):
         stage_rows(np.ones(37 * 16, np.uint8), 32, 37, 16, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the scatter's read-back: ldmatrix of dense tiles that are never zeroed, masked by the bitmaps
+# ---------------------------------------------------------------------------------------------
+
+def dense_row(dense_off, row, head_dim):
+    """decode_gluon._dense_row."""
+    return dense_off + row * (2 * head_dim + 16) + 32 * (row // 8)
+
+
+def ldmatrix_model(shared, lane_addrs):
+    """ldmatrix.x4 as the PTX ISA defines it, for a warp whose lane l supplies the shared address
+    lane_addrs[l] (lanes 8 i .. 8 i + 7: rows 0-7 of matrix i): returns f(trans, address) giving a
+    lane's four registers (that lane known by its address)."""
+    def half(a):
+        off = a - MT_DSTAGE
+        return int(shared[off]) | int(shared[off + 1]) << 8
+
+    def regs(trans, address):
+        t = lane_addrs.index(address)
+        out = []
+        for i in range(4):
+            rows = lane_addrs[8 * i:8 * i + 8]
+            if trans:  # row 2 (t % 4) (+1), column t / 4 of matrix i
+                lo, hi = half(rows[2 * (t % 4)] + 2 * (t // 4)), half(rows[2 * (t % 4) + 1] + 2 * (t // 4))
+            else:      # row t / 4, columns 2 (t % 4) (+1)
+                lo, hi = half(rows[t // 4] + 4 * (t % 4)), half(rows[t // 4] + 4 * (t % 4) + 2)
+            out.append(lo | hi << 16)
+        return out
+    return regs
+
+
+def run_masked_ldmatrix(head_dim, words, dense, v_side):
+    """The dense tile `dense` ([16, D] uint16 as the scatter left it: kept values at their
+    channels, anything elsewhere) in its _dense_row rows (K rows 0-15, V rows 16-31) and the bitmap
+    rows `words` staged; every lane's _ldmatrix_asm instances with the inputs that
+    decode_gluon._ldmatrix_operand computes (a Python copy of its arithmetic). Returns the tile
+    read back, [16, D] (V: transposed back from V^T)."""
+    nw, nb = head_dim // 32, head_dim // 16
+    dense_off, bits_off = 0, 32 * (2 * head_dim + 16) + 128
+    pitch = staged_row_pitch(4 * nw)
+    shared = np.frombuffer(np.random.default_rng(5).bytes(bits_off + 16 * pitch + 64), np.uint8).copy()
+    for t in range(16):
+        off = dense_row(dense_off, t + (16 if v_side else 0), head_dim)
+        shared[off:off + 2 * head_dim] = dense[t].view(np.uint8)
+        shared[bits_off + t * pitch:bits_off + t * pitch + 4 * nw] = words[t].astype("<u4").view(np.uint8)
+    asm = _fn(dg._ldmatrix_asm)(v_side)
+    out = np.zeros((16, head_dim), np.uint16)
+    for b in range(nb):
+        addrs = []
+        for lane in range(32):
+            if v_side:
+                row = 16 + lane % 8 + 8 * (lane // 16)
+                addrs.append(MT_DSTAGE + dense_row(dense_off, row, head_dim) + 32 * b + 16 * ((lane // 8) % 2))
+            else:
+                row = lane % 8 + 8 * ((lane // 8) % 2)
+                addrs.append(MT_DSTAGE + dense_row(dense_off, row, head_dim) + 32 * b + 16 * (lane // 16))
+        emu = Ptx(shared, ldmatrix=ldmatrix_model(shared, addrs))
+        for lane in range(32):
+            r, q = lane // 4, lane % 4
+
+            def word(tok, shift):
+                return (int(words[tok, b // 2]) << shift) & M32
+            if v_side:
+                masks = [word(2 * q + d, 7 - r) for d in (0, 1, 8, 9)]
+            else:
+                masks = [word(r, 7 - 2 * q), word(r, 6 - 2 * q), word(r + 8, 7 - 2 * q), word(r + 8, 6 - 2 * q)]
+            sel0 = 0xCC88 + 0x2222 * (b % 2)
+            inputs = []
+            for x in [addrs[lane] - MT_DSTAGE] + masks + [sel0, sel0 + 0x1111]:
+                inputs += [x] + [0xDEADBEEF] * 7   # pack 8: only each input's first element is read
+            regs = emu.run(asm, 4, inputs)
+            for k, reg in enumerate(regs):
+                for e0, h in enumerate((reg & 0xFFFF, reg >> 16)):
+                    if v_side:  # channel 16 b + 8 (k % 2) + r, token 8 (k // 2) + 2 q + e0
+                        out[8 * (k // 2) + 2 * q + e0, 16 * b + 8 * (k % 2) + r] = h
+                    else:       # token r + 8 (k % 2), channel 16 b + 8 (k // 2) + 2 q + e0
+                        out[r + 8 * (k % 2), 16 * b + 8 * (k // 2) + 2 * q + e0] = h
+    return out
+
+
+@pytest.mark.parametrize("v_side", [False, True], ids=["K", "V"])
+@pytest.mark.parametrize("head_dim,capacity", [(64, 24), (128, 16), (128, 40), (128, 64)])
+def test_masked_ldmatrix_reads_kept_channels_and_zeros(head_dim, capacity, v_side):
+    """Whatever the dense tile holds at a channel the bitmap does not keep (the scatter's stores
+    of earlier tiles, NaN patterns: random bytes here), it reads as zero; kept channels read their
+    value, at their token and channel of the mma operand."""
+    rng = np.random.default_rng(head_dim + capacity + 1000 * v_side)
+    words, values = random_rows(rng, 16, head_dim, capacity)
+    words[3] = 0                                                      # a row past the tile's end
+    want = dense_reference(words, values, capacity)
+    malformed = [t for t in range(16) if sum(popc(int(w)) for w in words[t]) > capacity]
+    for t in malformed:   # the scatter zeroes a malformed row's staged bitmap (_zero_row_asm)
+        words[t] = 0
+    stale = rng.integers(0, 1 << 16, size=(16, head_dim), dtype=np.uint32).astype(np.uint16)
+    stale[0, :8] = 0x7E00                                             # NaN, where row 0 keeps nothing
+    dense = np.where(want != 0, want, stale)
+    got = run_masked_ldmatrix(head_dim, words, dense, v_side)
+    assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+def test_emulator_catches_a_wrong_mask_selector():
+    """The check above fails when a register takes the mask of the other channel byte."""
+    rng = np.random.default_rng(11)
+    words, values = random_rows(rng, 16, 128, 40)
+    want = dense_reference(words, values, 40)
+    for t in range(16):
+        if sum(popc(int(w)) for w in words[t]) > 40:
+            words[t] = 0
+    dense = np.where(want != 0, want, rng.integers(1, 1 << 16, size=want.shape).astype(np.uint16))
+    real = _fn(dg._ldmatrix_asm)
+
+    def broken(trans):
+        return real(trans).replace("$52; and.b32 $2", "$44; and.b32 $2", 1)
+    dg_asm = dg._ldmatrix_asm
+    try:
+        dg._ldmatrix_asm = broken
+        got = run_masked_ldmatrix(128, words, dense, False)
+    finally:
+        dg._ldmatrix_asm = dg_asm
+    assert (got != want).any()
+
+
+@pytest.mark.parametrize("num_words", [2, 4])
+def test_zero_row_asm_zeroes_only_unfit_rows(num_words):
+    for fits in (0, 1):
+        shared = np.arange(64, dtype=np.uint8)
+        Ptx(shared).run(_fn(dg._zero_row_asm)(num_words), 1, [16, fits])
+        row = shared[16:16 + 4 * num_words]
+        assert (row == 0).all() if not fits else (row == np.arange(16, 16 + 4 * num_words)).all()
+        assert (shared[:16] == np.arange(16)).all() and (shared[16 + 4 * num_words:] == np.arange(16 + 4 * num_words, 64)).all()

@@ -31,10 +31,10 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
     follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
-    staged row into a zeroed dense tile in shared memory (a bfind per value, section below), and
-    ldmatrix reads the tiles into the mma operands. Its cost follows the kept values plus a fixed
-    shared-memory round trip of the dense tiles: H200, B=16 T=16384, 234 us at 0.7, 164 at 0.9,
-    134 at 0.95. Shared-memory bound (L1 90-93% busy; 3.5-way bank conflicts on the scatter).
+    staged row into a dense tile in shared memory (a bfind per value, section below), and
+    ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
+    bits: the tiles are never zeroed. Its cost follows the kept values plus a fixed ldmatrix of the
+    dense tiles. Shared-memory bound (L1 90-93% busy; 3.5-way bank conflicts on the scatter).
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
@@ -260,9 +260,12 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
 # addresses (empty words never enter the queue, so every iteration stores exactly one value);
 # after the last one the queue holds sentinel words that send the remaining iterations'
 # (zero) values to a dummy area. The dense tiles then reach the mma operands by ldmatrix
-# (ldmatrix.trans for V^T), and each lane zeroes 16-byte chunks of them for the next tile.
+# (ldmatrix.trans for V^T); the channels a tile does not keep still hold what earlier tiles (or
+# nothing) stored there, so each operand register is ANDed with a mask built from the tile's
+# staged bitmap words by one prmt (_ldmatrix_asm). Zeroing the tiles instead cost 16 more
+# 16-byte stores per lane and tile (as many shared-memory wavefronts as the ldmatrix).
 # Per kept value: bfind, address, store, clear the bit, test, and every ~10 values a queue
-# step; per dense element only the zeroing and the ldmatrix (1/8 of a 16-byte access each).
+# step; per dense element the ldmatrix (1/8 of a 16-byte access) and 1/4 of a prmt and an and.
 # ---------------------------------------------------------------------------------------------
 
 @gluon.constexpr_function
@@ -301,10 +304,40 @@ def _scatter_asm(num_words, capacity):
 
 
 @gluon.constexpr_function
+def _zero_row_asm(num_words):
+    """PTX: zero the num_words words of the staged bitmap row at mt_dstage + $1 unless $2."""
+    vec = ".v%d" % num_words if num_words > 1 else ""
+    zeros = "{%s}" % ", ".join(["z"] * num_words) if num_words > 1 else "z"
+    return ("{ .reg .pred p; .reg .b32 a, z; setp.eq.s32 p, $2, 0; mov.u32 a, mt_dstage; add.u32 a, a, $1;"
+            " mov.b32 z, 0; @p st.shared%s.b32 [a], %s; mov.b32 $0, 0; }" % (vec, zeros))
+
+
+@gluon.constexpr_function
 def _ldmatrix_asm(trans):
-    """PTX of one ldmatrix.x4: four 8x8 fp16 matrices from mt_dstage + $4 (this lane's row)."""
-    return ("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $4; ldmatrix.sync.aligned.m8n8.x4%s.shared.b16"
-            " {$0, $1, $2, $3}, [a]; }" % (".trans" if trans else ""))
+    """PTX of one ldmatrix.x4 (four 8x8 fp16 matrices from mt_dstage + $4, this lane's row) whose
+    registers are then ANDed with the masks of their bitmap bits, so that the channels a tile does
+    not keep read as zeros whatever the dense tile held (the scatter stores only kept channels,
+    and the tiles are never zeroed). Register k holds two elements (low half first), in the
+    16-channel block b (r = lane / 4, q = lane % 4):
+      K (not trans): token r + 8 (k % 2), channels 16 b + 8 (k // 2) + 2q, + 1;
+      V (trans):     channel 16 b + 8 (k % 2) + r, tokens 8 (k // 2) + 2q, + 1.
+    Mask inputs: bitmap words (of the word holding the block) shifted so that an element's bit is
+    the sign bit of byte 2 (b % 2) + e of its operand (e: the register's channel offset / 8 in
+    the block); prmt replicates a byte's sign bit over a half (a selector nibble with bit 3 set),
+    one prmt and one and per register. K: token r's word shifted left by 7 - 2q ($12, its low
+    halves) and 6 - 2q ($20, high halves), token r + 8's ($28, $36); V: the words of tokens 2q,
+    2q + 1, 2q + 8, 2q + 9 shifted left by 7 - r ($12, $20, $28, $36). $44 / $52: the prmt
+    selectors of e = 0 / 1 (0xCC88 + 0x1111 (2 (b % 2) + e))."""
+    if trans:  # register k: tokens 8 (k // 2) + 2q, + 1 at channel offset 8 (k % 2)
+        srcs = [("$12", "$20", "$44"), ("$12", "$20", "$52"), ("$28", "$36", "$44"), ("$28", "$36", "$52")]
+    else:      # register k: token r + 8 (k % 2) at channel offset 8 (k // 2)
+        srcs = [("$12", "$20", "$44"), ("$28", "$36", "$44"), ("$12", "$20", "$52"), ("$28", "$36", "$52")]
+    parts = ["{ .reg .b32 a, r<4>, m; mov.u32 a, mt_dstage; add.u32 a, a, $4;",
+             "ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {r0, r1, r2, r3}, [a];" % (".trans" if trans else "")]
+    for k in range(4):
+        parts.append("prmt.b32 m, %s, %s, %s; and.b32 $%d, r%d, m;" % (srcs[k] + (k, k)))
+    parts.append("}")
+    return " ".join(parts)
 
 
 @gluon.constexpr_function
@@ -328,20 +361,56 @@ def _dense_row(dense_off, row, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
-def _ldmatrix_operand(dense_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
+def _fragment_words(bits_off, tok, shift, z, HEAD_DIM: gl.constexpr):
+    """The staged bitmap word of token `tok` (a lane tensor) at mt_dstage + bits_off that holds
+    each 16-channel block b, shifted left by `shift` (a lane tensor), broadcast like z
+    [NB, 32, 8] (one value per block and lane)."""
+    NW: gl.constexpr = HEAD_DIM // 32
+    blk = gl.arange(0, HEAD_DIM // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, z.type.layout)))[:, None]
+    words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r",
+                                      [bits_off + tok * staged_row_pitch(NW * 4)], dtype=(gl.int32,) * NW,
+                                      is_pure=False, pack=1)
+    w = blk * 0 + (words[0] << shift)[None, :]
+    for j in gl.static_range(1, NW):  # each register holds one block: LLVM folds the selects
+        w = gl.where(blk // 2 == j, (words[j] << shift)[None, :], w)
+    w, _ = gl.broadcast(w[:, :, None], z)
+    return w
+
+
+@gluon.jit
+def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
     """The staged dense [16 tokens, HEAD_DIM] K tile (rows 0-15 at dense_off, _dense_row) as the
-    mma A operand [16, D], or (V_SIDE) the V tile (rows 16-31) as V^T [D, 16] by ldmatrix.trans."""
+    mma A operand [16, D], or (V_SIDE) the V tile (rows 16-31) as V^T [D, 16] by ldmatrix.trans,
+    with the channels that the tile's bitmap rows (at mt_dstage + bits_off) do not keep read as
+    zeros (_ldmatrix_asm)."""
     NB: gl.constexpr = HEAD_DIM // 16
     FL: gl.constexpr = _fragment_layout(NB)
     blk = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
     lane = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, FL)))[None, :, None]
+    lanes = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, FL)))
+    z = gl.zeros([NB, 32, 8], gl.int32, FL)
+    sel0, _ = gl.broadcast(0xCC88 + 0x2222 * (blk % 2), z)
+    sel1 = sel0 + 0x1111
     if V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
         addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
+        addr, _ = gl.broadcast(addr, z)
+        tok = 2 * (lanes % 4)
+        shift = 7 - lanes // 4
+        frag = gl.inline_asm_elementwise(
+            _ldmatrix_asm(True), "=r,=r,=r,=r," + "r," * 55 + "r",
+            [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 1, shift, z, HEAD_DIM),
+             _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 9, shift, z, HEAD_DIM),
+             sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
     else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
         addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
-    addr, _ = gl.broadcast(addr, gl.zeros([NB, 32, 8], gl.int32, FL))
-    frag = gl.inline_asm_elementwise(_ldmatrix_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr],
-                                     dtype=gl.float16, is_pure=False, pack=8)
+        addr, _ = gl.broadcast(addr, z)
+        tok = lanes // 4
+        shift = 7 - 2 * (lanes % 4)
+        frag = gl.inline_asm_elementwise(
+            _ldmatrix_asm(False), "=r,=r,=r,=r," + "r," * 55 + "r",
+            [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM), _fragment_words(bits_off, tok, shift - 1, z, HEAD_DIM),
+             _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 8, shift - 1, z, HEAD_DIM),
+             sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
     # [block, l4, l3, l2, l1, l0, e2, e1, e0]: rows (K: tokens) l2 + 2 l3 + 4 l4 + 8 e1, columns
     # l0 .. as 2 l0 + 4 l1 + e0 + 8 e2 (+ 16 block on the block's axis)
     f = gl.reshape(frag, [NB, 2, 2, 2, 2, 2, 2, 2, 2])
@@ -355,10 +424,11 @@ def _ldmatrix_operand(dense_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_S
 @gluon.jit
 def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """Each lane stores its staged row's kept values into the zeroed dense tiles (lanes < 16:
-    K row `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one).
-    Rows of tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and
-    malformed rows (more bits than their capacity) store nothing."""
+    """Each lane stores its staged row's kept values into the dense tiles (lanes < 16: K row
+    `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one). Rows of
+    tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and malformed rows
+    (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
+    so that the masks read it as a row without kept channels."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
@@ -378,18 +448,9 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
     gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
                               dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _zero_dense(dense_off, lane, HEAD_DIM: gl.constexpr):
-    """Zero the 32 dense rows (K then V, _dense_row) at mt_dstage + dense_off: 16-byte stores, each
-    lane the chunks c = 32 i + lane (row c // (D / 8))."""
-    CHUNKS: gl.constexpr = HEAD_DIM // 8
-    for i in gl.static_range(0, 32 * CHUNKS, 32):
-        c = i + lane
-        _lane_asm("{ .reg .b32 a, z; mov.u32 a, mt_dstage; add.u32 a, a, $1; mov.b32 z, 0;"
-                  " st.shared.v4.b32 [a], {z, z, z, z}; mov.b32 $0, 0; }",
-                  _dense_row(dense_off, c // CHUNKS, HEAD_DIM) + (c % CHUNKS) * 16)
+    # a malformed row's staged bitmap row is zeroed in place: the masks (_ldmatrix_asm) read it
+    gl.inline_asm_elementwise(_zero_row_asm(NW), "=r,r,r", [row, fits.to(gl.int32)], dtype=gl.int32,
+                              is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -607,19 +668,21 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
 def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr,
                   B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
                   HEAD_DIM: gl.constexpr):
-    """One staged tile of the scatter (tokens [start, tile_hi) attended): dense tiles, the online
-    softmax step, and the dense tiles zeroed again."""
+    """One staged tile of the scatter (tokens [start, tile_hi) attended): the kept values into the
+    dense tiles, the tiles read back masked by the bitmap rows, the online softmax step."""
     DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-    k = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, False)
+    k = _ldmatrix_operand(DENSE, stage + KB_OFF, A_OP, HEAD_DIM, False)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v_t = _ldmatrix_operand(DENSE, A_OP, HEAD_DIM, True)
+    v_t = _ldmatrix_operand(DENSE, stage + VB_OFF, A_OP, HEAD_DIM, True)
     acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    # the next tile's scatter overwrites the dense tiles only after every lane has read them
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-    _zero_dense(DENSE, lane, HEAD_DIM)
     return m, l, acc
 
 
@@ -632,7 +695,6 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
     ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns."""
     gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
-    _zero_dense(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0], lane, HEAD_DIM)
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)

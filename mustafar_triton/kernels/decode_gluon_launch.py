@@ -8,8 +8,8 @@ The three gathers (decode_gluon.py's module docstring has the details):
             fixed costs per split (short splits), any HEAD_DIM multiple of 32;
   "walk"    per element a bit test, predicated shared load and add, on rows staged in shared
             memory: its cost follows the DENSE elements (D 64 / 128 / 256);
-  "scatter" per KEPT value a bfind and a 2-byte store into a zeroed dense tile in shared memory,
-            read back by ldmatrix: its cost follows the stored values (D 64 / 128).
+  "scatter" per KEPT value a bfind and a 2-byte store into a dense tile in shared memory, read
+            back by ldmatrix and masked by the bitmap: its cost follows the stored values (D 64 / 128).
 """
 from __future__ import annotations
 
