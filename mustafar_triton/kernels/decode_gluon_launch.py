@@ -30,9 +30,11 @@ GATHERS = ("walk", "popc", "scatter")
 MIN_STAGED_SPLIT_TOKENS = 64
 
 # The scatter gather where the larger of the K and V capacities is at most this fraction of D.
-# H200, Llama-3-8B shape fp16, one wave of programs (perf/results/h200/decode_gathers_ecf4b40.json):
-# capacity 32 (sparsity 0.8) scatter 207 / walk 208 us at B=16 T=16k, 33.8 / 37.3 at B=1 T=32k;
-# capacity 40 (0.7) 234 / 209 and 37.2 / 39.0; capacity 16 (0.9) 164 / 208. D=64 not measured.
+# H200, Llama-3-8B shape fp16, one wave of programs, the scatter without zeroing (4c61e11,
+# perf/results/h200/decode_gathers_masked_4c61e11.json), scatter / walk at B=16 T=16k: capacity 32
+# (sparsity 0.8) 194.8 / 202.7 us (B=1 T=32k 31.8 / 36.8); capacity 40 (0.7) 222.3 / 205.4 (35.8 /
+# 38.0: the scatter wins only there, where the tuner may pick it); capacity 16 (0.9) 157.1 / 203.5.
+# D=64 not measured.
 SCATTER_MAX_CAPACITY_FRACTION = 0.25
 
 
