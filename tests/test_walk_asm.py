@@ -494,46 +494,40 @@ def run_masked_ldmatrix(head_dim, words, dense, v_side):
     return out
 
 
+def scattered_tile(rng, head_dim, capacity):
+    """16 staged bitmap rows as the scatter leaves them (a row past the tile's end zeroed, the
+    malformed rows' bitmaps zeroed by _zero_row_asm), the dense tile it leaves (kept values at
+    their channels, random stale bytes elsewhere, NaN where row 0 keeps nothing) and the tile the
+    read-back must give: returns (words, dense, want)."""
+    words, values = random_rows(rng, 16, head_dim, capacity)
+    words[3] = 0                                                      # a row past the tile's end
+    want = dense_reference(words, values, capacity)
+    for t in range(16):
+        if sum(popc(int(w)) for w in words[t]) > capacity:
+            words[t] = 0
+    stale = rng.integers(0, 1 << 16, size=(16, head_dim), dtype=np.uint32).astype(np.uint16)
+    stale[0, :8] = 0x7E00
+    return words, np.where(want != 0, want, stale), want
+
+
 @pytest.mark.parametrize("v_side", [False, True], ids=["K", "V"])
 @pytest.mark.parametrize("head_dim,capacity", [(64, 24), (128, 16), (128, 40), (128, 64)])
 def test_masked_ldmatrix_reads_kept_channels_and_zeros(head_dim, capacity, v_side):
     """Whatever the dense tile holds at a channel the bitmap does not keep (the scatter's stores
     of earlier tiles, NaN patterns: random bytes here), it reads as zero; kept channels read their
     value, at their token and channel of the mma operand."""
-    rng = np.random.default_rng(head_dim + capacity + 1000 * v_side)
-    words, values = random_rows(rng, 16, head_dim, capacity)
-    words[3] = 0                                                      # a row past the tile's end
-    want = dense_reference(words, values, capacity)
-    malformed = [t for t in range(16) if sum(popc(int(w)) for w in words[t]) > capacity]
-    for t in malformed:   # the scatter zeroes a malformed row's staged bitmap (_zero_row_asm)
-        words[t] = 0
-    stale = rng.integers(0, 1 << 16, size=(16, head_dim), dtype=np.uint32).astype(np.uint16)
-    stale[0, :8] = 0x7E00                                             # NaN, where row 0 keeps nothing
-    dense = np.where(want != 0, want, stale)
+    words, dense, want = scattered_tile(np.random.default_rng(head_dim + capacity + 1000 * v_side), head_dim,
+                                        capacity)
     got = run_masked_ldmatrix(head_dim, words, dense, v_side)
     assert (got == want).all(), np.argwhere(got != want)[:8]
 
 
-def test_emulator_catches_a_wrong_mask_selector():
+def test_emulator_catches_a_wrong_mask_selector(monkeypatch):
     """The check above fails when a register takes the mask of the other channel byte."""
-    rng = np.random.default_rng(11)
-    words, values = random_rows(rng, 16, 128, 40)
-    want = dense_reference(words, values, 40)
-    for t in range(16):
-        if sum(popc(int(w)) for w in words[t]) > 40:
-            words[t] = 0
-    dense = np.where(want != 0, want, rng.integers(1, 1 << 16, size=want.shape).astype(np.uint16))
+    words, dense, want = scattered_tile(np.random.default_rng(11), 128, 40)
     real = _fn(dg._ldmatrix_asm)
-
-    def broken(trans):
-        return real(trans).replace("$52; and.b32 $2", "$44; and.b32 $2", 1)
-    dg_asm = dg._ldmatrix_asm
-    try:
-        dg._ldmatrix_asm = broken
-        got = run_masked_ldmatrix(128, words, dense, False)
-    finally:
-        dg._ldmatrix_asm = dg_asm
-    assert (got != want).any()
+    monkeypatch.setattr(dg, "_ldmatrix_asm", lambda trans: real(trans).replace("$52; and.b32 $2", "$44; and.b32 $2", 1))
+    assert (run_masked_ldmatrix(128, words, dense, False) != want).any()
 
 
 @pytest.mark.parametrize("num_words", [2, 4])
