@@ -9,6 +9,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid long-context --tokens 8192   # windows at SmolLM2's full context
     python perf/accuracy.py --grid key-scales   # with and without integrations.transformers.rescale_key_channels
     python perf/accuracy.py --grid key-scales-long-context --tokens 8192
+    python perf/accuracy.py --grid fp8     # kept values in fp8 e4m3 (a study; --model gemma3 --grid fp8-d256)
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -39,6 +40,9 @@ the presets are chosen at 2048 tokens); long-context-d256 the same for Gemma 3.
 --grid key-scales: the references, the D=64 presets and other splits on the model as loaded and on
 a copy rescaled by `rescale_key_channels` (query-weighted key selection folded into q_proj /
 k_proj: mustafar_triton.key_scales); not a preset source (the presets are cache settings).
+--grid fp8 / fp8-d256: the compressed span's kept values rounded to fp8 e4m3 (Config.value_format;
+bytes counted by fp8_row_bytes, not by the library), against the fp16 format and a dense fp8 cache
+(what serving engines offer); not a preset source (not a library format).
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -88,11 +92,18 @@ class Config:
     k_pattern: str = "topk"
     # True: evaluated on the model after rescale_key_channels (SmolLM2 / Llama-style models only)
     key_scales: bool = False
+    # "fp16": the library's format. "e4m3" / "e4m3-unit": the compressed span's kept values rounded
+    # to fp8 e4m3 (one scale per layer and kv head: amax / 448 over the evaluated text, an oracle
+    # calibration, or 1.0 as vLLM's uncalibrated fp8 cache), the sinks and the window in the
+    # model's dtype. Not a library format: an accuracy study (--grid fp8); bytes: D/8 bitmap bytes
+    # (none at sparsity 0) and one byte per slot, slots rounded up to 16 (16-byte rows).
+    value_format: str = "fp16"
 
     @property
     def name(self) -> str:
         k = f"{self.k_sparsity:g}" if self.k_pattern == "topk" else self.k_pattern
-        return f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}" + (" key-scales" if self.key_scales else "")
+        return (f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}" + (" key-scales" if self.key_scales else "")
+                + ("" if self.value_format == "fp16" else f" {self.value_format}"))
 
 
 # The references the presets are measured against: their bytes are the budgets.
@@ -209,7 +220,33 @@ def _grid_key_scales_long_context() -> list[Config]:
     return [x for cfg in (c(0.5, 0.75, 4, 64), c(0.375, 0.625, 4, 64)) for x in (cfg, replace(cfg, key_scales=True))]
 
 
+def _grid_fp8() -> list[Config]:
+    """Kept values in fp8 e4m3 against the fp16 format, at D=64 (SmolLM2): dense fp8 (what serving
+    engines offer: half the bytes), and sparse fp8 at the bytes of K0.7V0.7 fp16 (K0.25V0.25: 8 + 48
+    bytes per row) and below (K0.5V0.5: 8 + 32; dense fp8 keys with V0.5: 64 + 40), with the fp16
+    references and presets beside them."""
+    c = Config
+    return [c(0.0, 0.0), c(0.0, 0.0, 0, 0, value_format="e4m3"), c(0.0, 0.0, 0, 0, value_format="e4m3-unit"),
+            c(0.0, 0.0, value_format="e4m3"), c(0.7, 0.7), c(0.5, 0.75, 4), c(0.5, 0.5), c(0.375, 0.625, 4),
+            *(c(s, s, 0, value_format=f) for s in (0.25, 0.5, 0.7) for f in ("e4m3", "e4m3-unit")),
+            c(0.25, 0.25, 4, value_format="e4m3"), c(0.0, 0.5, 4, value_format="e4m3"),
+            c(0.375, 0.625, 4, value_format="e4m3")]
+
+
+def _grid_fp8_d256() -> list[Config]:
+    """_grid_fp8 for D=256 (Gemma 3): fp8 at the bytes of K0.7V0.7 fp16 (32 + 2 x 80 = 192 bytes per
+    row: K0.375V0.375, 32 + 160) and of K0.5V0.5 fp16 (K0, dense fp8, is 256 bytes: less)."""
+    c = Config
+    return [c(0.0, 0.0), c(0.0, 0.0, 0, 0, value_format="e4m3"), c(0.0, 0.0, value_format="e4m3"),
+            c(0.7, 0.7), c(0.59375, 0.78125, 4), c(0.5, 0.5), c(0.4375, 0.5625, 4),
+            *(c(s, s, 0, value_format="e4m3") for s in (0.375, 0.5, 0.7)),
+            c(0.375, 0.375, 4, value_format="e4m3"), c(0.25, 0.5, 4, value_format="e4m3"),
+            c(0.375, 0.375, 0, value_format="e4m3-unit")]
+
+
 GRIDS = {
+    "fp8": _grid_fp8(),
+    "fp8-d256": _grid_fp8_d256(),
     "key-scales": _grid_key_scales(),
     "key-scales-long-context": _grid_key_scales_long_context(),
     "nm": _grid_nm(),
@@ -222,10 +259,21 @@ GRIDS = {
 }
 
 
+def fp8_row_bytes(head_dim: int, sparsity: float) -> int:
+    """Bytes per token and head of one of K / V with fp8 values (Config.value_format e4m3*)."""
+    if sparsity == 0:
+        return head_dim
+    kept = head_dim - math.floor(sparsity * head_dim)
+    return head_dim // 8 + -(-kept // 16) * 16
+
+
 def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> tuple[float, float]:
     """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring.
     Allocates the cache on the CPU: run under TRITON_INTERPRET=1 (main() sets it)."""
     dense_tokens = min(tokens, cfg.sinks + cfg.window)
+    if cfg.value_format != "fp16":
+        per_token = (fp8_row_bytes(head_dim, cfg.k_sparsity) + fp8_row_bytes(head_dim, cfg.v_sparsity)) / (4 * head_dim)
+        return ((tokens - dense_tokens) * per_token + dense_tokens) / tokens, per_token
     cache = SparseKVCache(1, num_kv_heads, head_dim, tokens - dense_tokens, cfg.window, cfg.k_sparsity,
                           cfg.v_sparsity, dtype=torch.float16, device="cpu", sinks=cfg.sinks)
     dense = 2 * num_kv_heads * tokens * head_dim * 2
@@ -262,6 +310,17 @@ def texts() -> dict[str, str]:
     return {"prose": prose, "code": inspect.getsource(argparse_module)}
 
 
+def round_e4m3(x: torch.Tensor, value_format: str) -> torch.Tensor:
+    """x [B, Hkv, T, D] rounded to fp8 e4m3 and back: scaled by amax / 448 per kv head ("e4m3") or
+    by 1 ("e4m3-unit"; beyond +-448 saturated, as an fp8 cache's conversion does)."""
+    if value_format == "e4m3-unit":
+        scale = torch.ones((), dtype=x.dtype)
+    else:
+        scale = (x.abs().amax(dim=(0, 2, 3), keepdim=True) / 448).clamp_min(torch.finfo(torch.float32).tiny)
+    y = (x / scale).float().clamp(-448, 448).to(torch.float8_e4m3fn)
+    return (y.float() * scale).to(x.dtype)
+
+
 def make_attention(cfg: Config):
     """An attention function for transformers' AttentionInterface: causal attention in which query i
     sees keys/values at positions cfg.sinks <= j < i - cfg.window pruned, every other one dense.
@@ -275,6 +334,8 @@ def make_attention(cfg: Config):
         sliding = kwargs.get("sliding_window")
         k_old = key if sliding else prune_keys(key, cfg)
         v_old = value if sliding or not cfg.v_sparsity else reference.prune_topk(value, cfg.v_sparsity)
+        if not sliding and cfg.value_format != "fp16":
+            k_old, v_old = round_e4m3(k_old, cfg.value_format), round_e4m3(v_old, cfg.value_format)
         t = query.shape[2]
         i = torch.arange(t)[:, None]
         j = torch.arange(t)[None, :]
@@ -306,7 +367,7 @@ def choose_presets(rows: list[dict], tolerance: float = PRESET_BYTES_TOLERANCE) 
     reference's times (1 + tolerance). Returns {reference: {head_dim: row summary}}."""
     by_config: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r.get("key_scales"):   # a model transform, not cache settings
+        if r.get("key_scales") or r.get("value_format", "fp16") != "fp16":  # a model transform / not a library format
             continue
         by_config.setdefault((r["head_dim"], r["tokens"], r["config"]), []).append(r)
     n_texts = max(len(v) for v in by_config.values())
@@ -388,7 +449,8 @@ def main():
                 rescale_key_channels(scaled_model)
             top1, ppl = evaluate(scaled_model if cfg.key_scales else model, ids, attn_name)
             # the pruning attention at sparsity 0 must be the dense model (rescaled bf16 weights are rounded once)
-            if cfg.k_sparsity == cfg.v_sparsity == 0.0 and not (cfg.key_scales and dtype != torch.float32):
+            if (cfg.k_sparsity == cfg.v_sparsity == 0.0 and cfg.value_format == "fp16"
+                    and not (cfg.key_scales and dtype != torch.float32)):
                 assert abs(ppl / dense_ppl - 1) < 1e-4, (ppl, dense_ppl)
             ratio, per_token = bytes_ratios(cfg, args.tokens, hkv, d)
             row = dict(text=name, tokens=args.tokens, config=cfg.name, **asdict(cfg), head_dim=d,

@@ -390,18 +390,34 @@ def key_scales_rows(meta: dict) -> list[dict]:
     return [r for r in rows if r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"])]
 
 
+def fp8_rows(meta: dict) -> list[dict]:
+    """The rows with fp8 (e4m3) values (perf/accuracy.py --grid fp8 / fp8-d256: an accuracy study,
+    not a library format) on the model, path and head dim of `meta`, from the newest such file."""
+    found = []
+    for path in sorted(RESULTS_DIR.glob("accuracy_fp8_*.json")):
+        data = read_results(path)
+        m = data["meta"]
+        if (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
+                ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]) and m.get("grid", "").startswith("fp8"):
+            found.append((m["date_utc"], data["rows"]))
+    rows = max(found, key=lambda f: f[0])[1] if found else []
+    return [r for r in rows if r.get("value_format", "fp16") != "fp16"]
+
+
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     """A panel per text: perplexity change vs bytes ratio (SparseKVCache.nbytes at the evaluated
     length over dense fp16), colour = sinks, marker = window; the Pareto front of the measured
     configurations as a staircase, its points named, as are the reference configurations (S=0,
     W=32) and the library's presets (mustafar_triton.presets, green). Stars: the same configurations
     after rescale_key_channels, where measured (key_scales_rows), an arrow from the plain point.
-    Log y when every change is > 0."""
+    Orange triangles and a dashed front: kept values rounded to fp8 e4m3 (fp8_rows; not a library
+    format), beside them what serving engines offer (a dense fp8 cache). Log y when every change is > 0."""
     from mustafar_triton.presets import PRESETS
 
     data = read_results(path)
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
     rescaled = [r for r in key_scales_rows(meta) if r["tokens"] == rows[0]["tokens"]]
+    fp8 = [r for r in fp8_rows(meta) if r["tokens"] == rows[0]["tokens"]]
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
     sink_colors = {0: "tab:gray", 4: "tab:blue", 8: "tab:purple", 16: "tab:red"}
@@ -428,8 +444,20 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
             if r["config"].removesuffix(" key-scales") in presets:
                 ax.annotate("+ rescale_key_channels", xy, fontsize=7, color="tab:green", xytext=(-6, -13),
                             textcoords="offset points", ha="right", va="top")
+        group_fp8 = [r for r in fp8 if r["text"] == text]
+        if group_fp8:
+            fp8_xy = [(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group_fp8]
+            ax.scatter(*zip(*fp8_xy), s=40, zorder=3, marker="^", color="tab:orange", edgecolor="black", linewidth=0.4)
+            fp8_front = pareto_front(fp8_xy)
+            ax.step(*zip(*fp8_front), where="post", color="tab:orange", lw=1, ls="--", alpha=0.8)
+            for r in group_fp8:
+                if (r["bytes_ratio"], 100 * r["perplexity_change"]) in fp8_front or not r["k_sparsity"]:
+                    ax.annotate(r["config"], (r["bytes_ratio"], 100 * r["perplexity_change"]), fontsize=7,
+                                color="tab:orange", xytext=(5, 3), textcoords="offset points")
         front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
         xs, ys = zip(*front)
+        all_x = [r["bytes_ratio"] for r in group + group_fp8]
+        all_y = [100 * r["perplexity_change"] for r in group + group_fp8]
         ax.step(xs, ys, where="post", color="black", lw=1, alpha=0.7)
         rank = {xy: i for i, xy in enumerate(front)}
         for r in group:
@@ -442,13 +470,12 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
             elif xy in rank:  # front points: right of the point, alternately below and above
                 ax.annotate(r["config"], xy, fontsize=7, xytext=(5, -9 if rank[xy] % 2 else 3),
                             textcoords="offset points")
-        if min(ys) > 0:
+        if min(all_y) > 0:
             ax.set_yscale("log")
-            ax.set_yticks([t for t in (0.5, 1, 2, 5, 10, 20, 40) if min(ys) / 2 < t < 2 * max(
-                100 * r["perplexity_change"] for r in group)])
+            ax.set_yticks([t for t in (0.2, 0.5, 1, 2, 5, 10, 20, 40) if min(all_y) / 2 < t < 2 * max(all_y)])
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _p: ""))
-        ax.set_xlim(min(xs) - 0.03, max(r["bytes_ratio"] for r in group) + 0.06)
+        ax.set_xlim(min(all_x) - 0.03, max(all_x) + 0.06)
         ax.set_xlabel(f"bytes vs dense fp16 (SparseKVCache.nbytes, {group[0]['tokens']} tokens)")
         ax.set_ylabel(f"perplexity change vs dense, % (dense: {group[0]['dense_perplexity']:.3f} at 1.0)")
         ax.set_title(f"{text}", fontsize=10)
@@ -459,6 +486,9 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     if rescaled:
         handles += [plt.Line2D([], [], ls="", marker="*", markersize=9, color="gray",
                                label="after rescale_key_channels (Llama-style models)")]
+    if fp8:
+        handles += [plt.Line2D([], [], ls="--", marker="^", color="tab:orange",
+                               label="values in fp8 e4m3 (study, not a library format)")]
     fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{meta['model']}, Hkv={meta['num_kv_heads']} D={d}: accuracy per byte, K/V split, sinks, window\n"
                  f"teacher-forced, {meta['path'].split(',')[0]} | torch {meta['torch']} | commit {meta['commit'][:10]}",

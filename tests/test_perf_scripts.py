@@ -286,3 +286,33 @@ def test_accuracy_attention_keeps_sliding_layers_dense(monkeypatch):
     assert torch.equal(out, dense(None, q, k, v, None, scaling=0.125, sliding_window=40)[0])
     assert not torch.allclose(pruned(None, q, k, v, None, scaling=0.125)[0],
                               dense(None, q, k, v, None, scaling=0.125)[0], atol=1e-3)
+
+
+def test_accuracy_fp8_values_round_to_e4m3_and_count_one_byte(monkeypatch):
+    """perf/accuracy.py's fp8 study (--grid fp8): the compressed span's values are exactly the
+    e4m3 numbers times the per-kv-head scale (amax / 448: the largest |x| survives, up to float rounding), or saturated
+    e4m3 at scale 1; zeros stay zeros; the window is untouched; a row costs D/8 + slots rounded up
+    to 16 bytes (D bytes dense), so K0.25V0.25 at D=64 costs what K0.7V0.7 costs in fp16."""
+    import torch
+
+    from mt_testutils import randn
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import accuracy
+    x = randn((1, 3, 40, 64), torch.float32, 5, "cpu") * torch.tensor([0.01, 1.0, 600.0])[None, :, None, None]
+    x[0, 1, 0, :3] = 0.0
+    y = accuracy.round_e4m3(x, "e4m3")
+    scale = x.abs().amax(dim=(0, 2, 3), keepdim=True) / 448
+    assert torch.equal((y / scale).to(torch.float8_e4m3fn).float() * scale, y)   # on the scaled e4m3 grid
+    assert torch.allclose(y.abs().amax(dim=(0, 2, 3)), x.abs().amax(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+    assert ((y - x).abs() <= x.abs() / 16 + scale * 2 ** -9).all()                 # half an ulp (3 mantissa bits)
+    assert torch.equal(y[0, 1, 0, :3], torch.zeros(3))
+    unit = accuracy.round_e4m3(x, "e4m3-unit")
+    assert unit[0, 2].abs().max() == 448 and torch.equal(unit[0, 1], x[0, 1].to(torch.float8_e4m3fn).float())
+    assert [accuracy.fp8_row_bytes(64, s) for s in (0.0, 0.25, 0.5, 0.7)] == [64, 56, 40, 40]
+    assert accuracy.fp8_row_bytes(256, 0.375) == 32 + 160 == 2 * 80 + 32            # D=256 K0.7's fp16 row
+    q = randn((1, 3, 40, 64), torch.float32, 6, "cpu")
+    cfg = accuracy.Config(0.25, 0.25, 0, 8, value_format="e4m3")
+    assert cfg.name == "K0.25V0.25 S0 W8 e4m3"
+    out = accuracy.make_attention(cfg)(None, q, x, x, None, scaling=0.125)[0]
+    plain = accuracy.make_attention(accuracy.Config(0.25, 0.25, 0, 8))(None, q, x, x, None, scaling=0.125)[0]
+    assert torch.equal(out[:, :9], plain[:, :9]) and not torch.equal(out, plain)  # the first 9 see no compressed token
