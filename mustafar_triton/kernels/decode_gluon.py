@@ -364,18 +364,20 @@ def _dense_row(dense_off, row, HEAD_DIM: gl.constexpr):
 @gluon.jit
 def _fragment_words(bits_off, tok, shift, z, HEAD_DIM: gl.constexpr):
     """The staged bitmap word of token `tok` (a lane tensor) at mt_dstage + bits_off that holds
-    each 16-channel block b, shifted left by `shift` (a lane tensor), broadcast like z
-    [NB, 32, 8] (one value per block and lane)."""
+    each 16-channel block b, shifted left by `shift` and by `shift - 1` (lane tensors; the K side
+    uses both, V the first), each broadcast like z [NB, 32, 8] (one value per block and lane).
+    The row is loaded once."""
     NW: gl.constexpr = HEAD_DIM // 32
     blk = gl.arange(0, HEAD_DIM // 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, z.type.layout)))[:, None]
     words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r",
                                       [bits_off + tok * staged_row_pitch(NW * 4)], dtype=(gl.int32,) * NW,
                                       is_pure=False, pack=1)
-    w = blk * 0 + (words[0] << shift)[None, :]
+    w = blk * 0 + words[0][None, :]
     for j in gl.static_range(1, NW):  # each register holds one block: LLVM folds the selects
-        w = gl.where(blk // 2 == j, (words[j] << shift)[None, :], w)
-    w, _ = gl.broadcast(w[:, :, None], z)
-    return w
+        w = gl.where(blk // 2 == j, words[j][None, :], w)
+    w0, _ = gl.broadcast((w << shift[None, :])[:, :, None], z)
+    w1, _ = gl.broadcast((w << (shift - 1)[None, :])[:, :, None], z)
+    return w0, w1
 
 
 @gluon.jit
@@ -399,19 +401,19 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
         shift = 7 - lanes // 4
         frag = gl.inline_asm_elementwise(
             _ldmatrix_asm(True), "=r,=r,=r,=r," + "r," * 55 + "r",
-            [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 1, shift, z, HEAD_DIM),
-             _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 9, shift, z, HEAD_DIM),
+            [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM)[0], _fragment_words(bits_off, tok + 1, shift, z, HEAD_DIM)[0],
+             _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM)[0], _fragment_words(bits_off, tok + 9, shift, z, HEAD_DIM)[0],
              sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
     else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
         addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
         addr, _ = gl.broadcast(addr, z)
         tok = lanes // 4
         shift = 7 - 2 * (lanes % 4)
+        lo_r, hi_r = _fragment_words(bits_off, tok, shift, z, HEAD_DIM)
+        lo_r8, hi_r8 = _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM)
         frag = gl.inline_asm_elementwise(
             _ldmatrix_asm(False), "=r,=r,=r,=r," + "r," * 55 + "r",
-            [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM), _fragment_words(bits_off, tok, shift - 1, z, HEAD_DIM),
-             _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM), _fragment_words(bits_off, tok + 8, shift - 1, z, HEAD_DIM),
-             sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
+            [addr, lo_r, hi_r, lo_r8, hi_r8, sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
     # [block, l4, l3, l2, l1, l0, e2, e1, e0]: rows (K: tokens) l2 + 2 l3 + 4 l4 + 8 e1, columns
     # l0 .. as 2 l0 + 4 l1 + e0 + 8 e2 (+ 16 block on the block's axis)
     f = gl.reshape(frag, [NB, 2, 2, 2, 2, 2, 2, 2, 2])
