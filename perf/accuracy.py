@@ -10,6 +10,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid key-scales   # with and without integrations.transformers.rescale_key_channels
     python perf/accuracy.py --grid key-scales-long-context --tokens 8192
     python perf/accuracy.py --grid fp8     # kept values in fp8 e4m3 (a study; --model gemma3 --grid fp8-d256)
+    python perf/accuracy.py --grid fp8-long-context --tokens 8192
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -42,7 +43,8 @@ a copy rescaled by `rescale_key_channels` (query-weighted key selection folded i
 k_proj: mustafar_triton.key_scales); not a preset source (the presets are cache settings).
 --grid fp8 / fp8-d256: the compressed span's kept values rounded to fp8 e4m3 (Config.value_format;
 bytes counted by fp8_row_bytes, not by the library), against the fp16 format and a dense fp8 cache
-(what serving engines offer); not a preset source (not a library format).
+(what serving engines offer); fp8-long-context the leaders at 8192 tokens; not a preset source
+(not a library format).
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -244,8 +246,18 @@ def _grid_fp8_d256() -> list[Config]:
             c(0.375, 0.375, 0, value_format="e4m3-unit")]
 
 
+def _grid_fp8_long_context() -> list[Config]:
+    """_grid_fp8's leaders at --tokens 8192 (SmolLM2's context), beside the fp16 rows of
+    --grid long-context: a dense fp8 cache with and without the fp16 window, and K0.25V0.25 fp8
+    with 4 sinks and window 64 (what presets.py advises at 8k tokens)."""
+    c = Config
+    return [c(0.0, 0.0, 0, 0, value_format="e4m3"), c(0.0, 0.0, value_format="e4m3"),
+            c(0.25, 0.25, 4, 64, value_format="e4m3"), c(0.5, 0.5, 0, value_format="e4m3")]
+
+
 GRIDS = {
     "fp8": _grid_fp8(),
+    "fp8-long-context": _grid_fp8_long_context(),
     "fp8-d256": _grid_fp8_d256(),
     "key-scales": _grid_key_scales(),
     "key-scales-long-context": _grid_key_scales_long_context(),
