@@ -11,6 +11,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid key-scales-long-context --tokens 8192
     python perf/accuracy.py --grid fp8     # kept values in fp8 e4m3 (a study; --model gemma3 --grid fp8-d256)
     python perf/accuracy.py --grid fp8-long-context --tokens 8192
+    python perf/accuracy.py --grid high-sparsity   # K0.8-0.95, and fp8 values at K0.9V0.9's bytes
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -44,7 +45,8 @@ k_proj: mustafar_triton.key_scales); not a preset source (the presets are cache 
 --grid fp8 / fp8-d256: the compressed span's kept values rounded to fp8 e4m3 (Config.value_format;
 bytes counted by fp8_row_bytes, not by the library), against the fp16 format and a dense fp8 cache
 (what serving engines offer); fp8-long-context the leaders at 8192 tokens; not a preset source
-(not a library format).
+(not a library format). --grid high-sparsity: K0.8-0.95 (the scatter gather's range) and fp8
+values at K0.9V0.9's bytes.
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -255,8 +257,18 @@ def _grid_fp8_long_context() -> list[Config]:
             c(0.25, 0.25, 4, 64, value_format="e4m3"), c(0.5, 0.5, 0, value_format="e4m3")]
 
 
+def _grid_high_sparsity() -> list[Config]:
+    """Sparsity 0.8-0.95, where the scatter gather makes decode fastest (README's K0.9V0.9 row),
+    and fp8 values at the bytes of K0.9V0.9 (K0.75V0.75 e4m3: D=64 8 + 16 bytes per row, D=256
+    32 + 64, as the fp16 K0.9 rows)."""
+    c = Config
+    return [c(0.8, 0.8), c(0.9, 0.9), c(0.95, 0.95), c(0.9, 0.9, 4),
+            c(0.75, 0.75, 0, value_format="e4m3"), c(0.75, 0.75, 4, value_format="e4m3")]
+
+
 GRIDS = {
     "fp8": _grid_fp8(),
+    "high-sparsity": _grid_high_sparsity(),
     "fp8-long-context": _grid_fp8_long_context(),
     "fp8-d256": _grid_fp8_d256(),
     "key-scales": _grid_key_scales(),
