@@ -390,18 +390,19 @@ def key_scales_rows(meta: dict) -> list[dict]:
     return [r for r in rows if r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"])]
 
 
-def fp8_rows(meta: dict) -> list[dict]:
+def fp8_rows(meta: dict, tokens: int) -> list[dict]:
     """The rows with fp8 (e4m3) values (perf/accuracy.py --grid fp8 / fp8-d256: an accuracy study,
-    not a library format) on the model, path and head dim of `meta`, from the newest such file."""
+    not a library format) at `tokens` tokens on the model, path and head dim of `meta`, from the
+    newest such file (fp8-long-context's 8192-token file is not the 2048-token figure's)."""
     found = []
     for path in sorted(RESULTS_DIR.glob("accuracy_fp8_*.json")):
         data = read_results(path)
         m = data["meta"]
+        rows = [r for r in data["rows"] if r["tokens"] == tokens and r.get("value_format", "fp16") != "fp16"]
         if (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
-                ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]) and m.get("grid", "").startswith("fp8"):
-            found.append((m["date_utc"], data["rows"]))
-    rows = max(found, key=lambda f: f[0])[1] if found else []
-    return [r for r in rows if r.get("value_format", "fp16") != "fp16"]
+                ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]) and rows:
+            found.append((m["date_utc"], rows))
+    return max(found, key=lambda f: f[0])[1] if found else []
 
 
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
@@ -417,7 +418,7 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     data = read_results(path)
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
     rescaled = [r for r in key_scales_rows(meta) if r["tokens"] == rows[0]["tokens"]]
-    fp8 = [r for r in fp8_rows(meta) if r["tokens"] == rows[0]["tokens"]]
+    fp8 = fp8_rows(meta, rows[0]["tokens"])
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
     sink_colors = {0: "tab:gray", 4: "tab:blue", 8: "tab:purple", 16: "tab:red"}
