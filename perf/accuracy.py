@@ -44,7 +44,7 @@ a copy rescaled by `rescale_key_channels` (query-weighted key selection folded i
 k_proj: mustafar_triton.key_scales); not a preset source (the presets are cache settings).
 --grid fp8 / fp8-d256: the compressed span's kept values rounded to fp8 e4m3 (Config.value_format;
 bytes counted by fp8_row_bytes, not by the library), against the fp16 format and a dense fp8 cache
-(what serving engines offer); fp8-long-context the leaders at 8192 tokens; not a preset source
+(what serving engines offer); fp8-long-context(-d256) the leaders at 8192 tokens; not a preset source
 (not a library format). --grid high-sparsity: K0.8-0.95 (the scatter gather's range) and fp8
 values at K0.9V0.9's bytes.
 
@@ -257,6 +257,14 @@ def _grid_fp8_long_context() -> list[Config]:
             c(0.25, 0.25, 4, 64, value_format="e4m3"), c(0.5, 0.5, 0, value_format="e4m3")]
 
 
+def _grid_fp8_long_context_d256() -> list[Config]:
+    """_grid_fp8_long_context for D=256 (Gemma 3, --tokens 8192): a dense fp8 cache with the fp16
+    window, and fp8 values at the bytes of the fp16 "K0.7V0.7" preset with window 64 there."""
+    c = Config
+    return [c(0.0, 0.0, value_format="e4m3"), c(0.375, 0.375, 4, 64, value_format="e4m3"),
+            c(0.25, 0.5, 4, 64, value_format="e4m3")]
+
+
 def _grid_high_sparsity() -> list[Config]:
     """Sparsity 0.8-0.95, where the scatter gather makes decode fastest (README's K0.9V0.9 row),
     and fp8 values at the bytes of K0.9V0.9 (K0.75V0.75 e4m3: D=64 8 + 16 bytes per row, D=256
@@ -270,6 +278,7 @@ GRIDS = {
     "fp8": _grid_fp8(),
     "high-sparsity": _grid_high_sparsity(),
     "fp8-long-context": _grid_fp8_long_context(),
+    "fp8-long-context-d256": _grid_fp8_long_context_d256(),
     "fp8-d256": _grid_fp8_d256(),
     "key-scales": _grid_key_scales(),
     "key-scales-long-context": _grid_key_scales_long_context(),
