@@ -376,33 +376,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def key_scales_rows(meta: dict) -> list[dict]:
-    """The pruned rows measured after rescale_key_channels (perf/accuracy.py --grid key-scales) on
-    the model, path (dtype) and head dim of `meta`, from the newest such file; [] if none."""
+def newest_study_rows(pattern: str, meta: dict, tokens: int, keep) -> list[dict]:
+    """The rows at `tokens` tokens for which keep(row) holds, from the newest results file in
+    RESULTS_DIR matching `pattern` that has such rows and the script, model, path (dtype) and head
+    dim of `meta`; [] if none. (A study's long-context file is not the 2048-token figure's.)"""
     found = []
-    for path in sorted(RESULTS_DIR.glob("accuracy_key_scales_*.json")):
+    for path in sorted(RESULTS_DIR.glob(pattern)):
         data = read_results(path)
         m = data["meta"]
-        if (m.get("script"), m.get("grid"), m["model"], m["path"], m["head_dim"]) == (
-                ACCURACY_SCRIPT, "key-scales", meta["model"], meta["path"], meta["head_dim"]):
-            found.append((m["date_utc"], data["rows"]))
-    rows = max(found, key=lambda f: f[0])[1] if found else []
-    return [r for r in rows if r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"])]
+        rows = [r for r in data["rows"] if r["tokens"] == tokens and keep(r)]
+        if rows and (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
+                ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]):
+            found.append((m["date_utc"], rows))
+    return max(found, key=lambda f: f[0])[1] if found else []
+
+
+def key_scales_rows(meta: dict, tokens: int) -> list[dict]:
+    """The pruned rows measured after rescale_key_channels (perf/accuracy.py --grid key-scales)."""
+    return newest_study_rows("accuracy_key_scales_*.json", meta, tokens,
+                             lambda r: r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"]))
 
 
 def fp8_rows(meta: dict, tokens: int) -> list[dict]:
     """The rows with fp8 (e4m3) values (perf/accuracy.py --grid fp8 / fp8-d256: an accuracy study,
-    not a library format) at `tokens` tokens on the model, path and head dim of `meta`, from the
-    newest such file (fp8-long-context's 8192-token file is not the 2048-token figure's)."""
-    found = []
-    for path in sorted(RESULTS_DIR.glob("accuracy_fp8_*.json")):
-        data = read_results(path)
-        m = data["meta"]
-        rows = [r for r in data["rows"] if r["tokens"] == tokens and r.get("value_format", "fp16") != "fp16"]
-        if (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
-                ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]) and rows:
-            found.append((m["date_utc"], rows))
-    return max(found, key=lambda f: f[0])[1] if found else []
+    not a library format)."""
+    return newest_study_rows("accuracy_fp8_*.json", meta, tokens, lambda r: r.get("value_format", "fp16") != "fp16")
 
 
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
@@ -417,7 +415,7 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
 
     data = read_results(path)
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
-    rescaled = [r for r in key_scales_rows(meta) if r["tokens"] == rows[0]["tokens"]]
+    rescaled = key_scales_rows(meta, rows[0]["tokens"])
     fp8 = fp8_rows(meta, rows[0]["tokens"])
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
