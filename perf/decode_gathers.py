@@ -6,6 +6,7 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
 
     python perf/decode_gathers.py --out perf/results/h200/decode_gathers.json
     python perf/decode_gathers.py --baseline .gen/decode_gluon_base.py --shapes 16x16384 --sparsities 0.7
+    python perf/decode_gathers.py --baseline old.py --baseline other.py --baseline-gathers scatter --gathers scatter
 
 Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16, K and V at the same
 sparsity, no window. Configs are forced (autotune.forced_config), one wave of programs
@@ -60,7 +61,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated BxT")
     ap.add_argument("--sparsities", default=",".join(map(str, SPARSITIES)))
     ap.add_argument("--gathers", default=",".join(GATHERS))
-    ap.add_argument("--baseline", type=Path, help="another decode_gluon.py, timed as base-<gather>")
+    ap.add_argument("--baseline", type=Path, action="append", default=[],
+                    help="another decode_gluon.py, timed as base-<gather> (repeatable: <file stem>-<gather>)")
     ap.add_argument("--baseline-gathers", default="walk")
     ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
                     help="splits for every gather (-k: k waves of programs)")
@@ -71,12 +73,13 @@ def main():
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     own_kernel = attention._sparse_decode_gluon_kernel
     variants = [(g, g, own_kernel) for g in args.gathers.split(",")]
-    if args.baseline:
-        base = load_baseline(args.baseline)
-        variants += [(f"base-{g}", g, lambda: base) for g in args.baseline_gathers.split(",")]
+    for path in args.baseline:
+        base = load_baseline(path)
+        prefix = "base" if len(args.baseline) == 1 else path.stem
+        variants += [(f"{prefix}-{g}", g, lambda base=base: base) for g in args.baseline_gathers.split(",")]
     m = LLAMA3_8B
     meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
-                baseline=str(args.baseline) if args.baseline else None)
+                baseline=[str(p) for p in args.baseline] or None)
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))

@@ -2,7 +2,7 @@
 
 Gluon kernels cannot run without a GPU, so the asm strings that decode_gluon.py's constexpr
 functions produce (_walk_asm, _lds_words_asm, _cp_async_zfill_asm, _cp_async_asm, and the scatter's
-masked ldmatrix _ldmatrix_asm and _zero_row_asm) are executed here
+stores _scatter_asm, masked ldmatrix _ldmatrix_asm and _zero_row_asm) are executed here
 statement by statement on a shared-memory byte array and a bounds-checked global byte array. The
 inputs each instance gets are built as decode_gluon._gather_walk / _stage_rows build them (a
 Python copy of that arithmetic); the outputs are compared with a numpy expansion of the packed
@@ -50,6 +50,7 @@ class Ptx:
         self.glob = glob          # np.uint8 array at GLOBAL_BASE (bounds-checked), or None
         self.global_reads = []    # (address, bytes) of every global access, and src-size-0 addresses
         self.ldmatrix = ldmatrix  # (trans, address) -> this lane's 4 registers (a warp-wide model)
+        self.stores = []          # (shared offset, bytes) of every 2-byte store
 
     def run(self, asm, n_out, inputs):
         body = asm.strip()
@@ -113,8 +114,20 @@ class Ptx:
                 put(ops[0], val(ops[1]) + val(ops[2]), 64 if parts[1].endswith("64") else 32)
             elif opcode == "cvt.u64.u32":
                 put(ops[0], val(ops[1]) & M32, 64)
+            elif parts[0] == "sub":
+                put(ops[0], val(ops[1]) - val(ops[2]))
             elif parts[0] == "and":
                 put(ops[0], val(ops[1]) & val(ops[2]))
+            elif parts[0] == "xor":
+                put(ops[0], val(ops[1]) ^ val(ops[2]))
+            elif opcode in ("shl.b32", "shr.b32"):  # shifts of 32 or more give 0 (PTX clamps the amount)
+                v, n = val(ops[1]) & M32, min(val(ops[2]) & M32, 32)
+                put(ops[0], v << n if opcode == "shl.b32" else v >> n)
+            elif opcode == "brev.b32":
+                put(ops[0], int(format(val(ops[1]) & M32, "032b")[::-1], 2))
+            elif opcode in ("bfind.u32", "bfind.shiftamt.u32"):  # no bit set: 0xffffffff
+                v = val(ops[1]) & M32
+                put(ops[0], M32 if v == 0 else (v.bit_length() - 1 if opcode == "bfind.u32" else 32 - v.bit_length()))
             elif parts[0] == "popc":
                 put(ops[0], bin(val(ops[1]) & M32).count("1"))
             elif opcode == "mad.lo.u32":
@@ -125,7 +138,8 @@ class Ptx:
                 if typ == "s32":
                     a, b = signed(a), signed(b)
                 else:
-                    assert typ in ("b32", "u32") and cmp in ("eq", "ne"), opcode
+                    assert typ == "u32" or cmp in ("eq", "ne"), opcode
+                    a, b = a & M32, b & M32
                 r = {"ne": a != b, "eq": a == b, "lt": a < b, "gt": a > b, "le": a <= b, "ge": a >= b}[cmp]
                 if len(parts) == 4:  # setp.cmp.bool.type p, a, b, c
                     assert parts[2] == "and", opcode
@@ -147,6 +161,12 @@ class Ptx:
                 dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
                 for d, v in zip(dsts, self.ldmatrix("trans" in parts, a), strict=True):
                     put(d, v)
+            elif opcode == "st.shared.u16":
+                a = addr(ops[0])
+                off = a - MT_DSTAGE
+                assert 0 <= off and off + 2 <= len(self.shared) and a % 2 == 0, hex(a)
+                self.shared[off:off + 2] = np.frombuffer((val(ops[1]) & 0xFFFF).to_bytes(2, "little"), np.uint8)
+                self.stores.append((off, 2))
             elif parts[:2] == ["st", "shared"]:
                 a = addr(ops[0])
                 srcs = [x.strip() for x in ops[1].strip("{}").split(",")]
@@ -538,3 +558,106 @@ def test_zero_row_asm_zeroes_only_unfit_rows(num_words):
         row = shared[16:16 + 4 * num_words]
         assert (row == 0).all() if not fits else (row == np.arange(16, 16 + 4 * num_words)).all()
         assert (shared[:16] == np.arange(16)).all() and (shared[16 + 4 * num_words:] == np.arange(16 + 4 * num_words, 64)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the scatter's stores: _scatter_asm, into dense tiles that are never zeroed
+# ---------------------------------------------------------------------------------------------
+
+def scatter_rows(rng, head_dim, capacity):
+    """16 rows (bitmap words, values) as random_rows makes them, plus rows that keep exactly
+    capacity // 2 rounded up (+1, -1) values (where a scatter that walks a row's two halves apart
+    starts its second half, at a word boundary or not at all) and a row whose kept values all
+    sit in its last word."""
+    words, values = random_rows(rng, 16, head_dim, capacity)
+    half = (capacity + 1) // 2
+    for t, kept in zip((6, 7, 8), (half - 1, half, half + 1)):
+        keep = np.zeros(head_dim, bool)
+        keep[rng.choice(head_dim, max(kept, 0), replace=False)] = True
+        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
+    words[9] = 0
+    words[9, -1] = (1 << min(capacity, 32)) - 1 if capacity < 32 else M32
+    if half <= 32 and capacity - half <= 32:                         # slot `half` opens word 1
+        words[10] = 0
+        words[10, 0] = (1 << half) - 1
+        words[10, 1] = (1 << (capacity - half)) - 1
+    return words, values
+
+
+def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
+    """Every lane's _scatter_asm instance on a shared buffer of random bytes laid out by
+    scatter_offsets, with the K and V rows staged at `stage` and the inputs decode_gluon._scatter_tile
+    computes (a Python copy of its arithmetic). Returns (shared before, shared after, the 2-byte
+    stores of each lane)."""
+    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
+    nw = head_dim // 32
+    v_off, kb_off, vb_off, _ = stage_offsets(head_dim, k_cap, v_cap)
+    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
+    shared = np.frombuffer(np.random.default_rng(head_dim + k_cap).bytes(total), np.uint8).copy()
+    for side, (words, values) in enumerate((k_rows, v_rows)):
+        cap = (k_cap, v_cap)[side]
+        for t in range(16):
+            vo = stage + (v_off + t * staged_row_pitch(2 * v_cap) if side else t * staged_row_pitch(2 * k_cap))
+            shared[vo:vo + 2 * cap] = values[t].astype("<u2").view(np.uint8)
+            bo = stage + (vb_off if side else kb_off) + t * staged_row_pitch(4 * nw)
+            shared[bo:bo + 4 * nw] = words[t].astype("<u4").view(np.uint8)
+    before = shared.copy()
+    asm = asm or _fn(dg._scatter_asm)(nw, max(k_cap, v_cap))
+    stores = []
+    for lane in range(32):
+        tok, is_v = lane % 16, lane >= 16
+        words = (v_rows if is_v else k_rows)[0][tok]
+        fits = sum(popc(int(w)) for w in words) <= (v_cap if is_v else k_cap)
+        vrow = stage + (v_off + tok * staged_row_pitch(2 * v_cap) if is_v else tok * staged_row_pitch(2 * k_cap))
+        args = [int(w) if fits else 0 for w in words] + [vrow, dense_row(dense_off, lane, head_dim),
+                                                          queue_off + lane * 8, dummy_off]
+        emu = Ptx(shared)
+        emu.run(asm, 1, args)
+        stores.append(emu.stores)
+    return before, shared, stores
+
+
+@pytest.mark.parametrize("head_dim,k_cap,v_cap", [(64, 24, 24), (64, 8, 16), (128, 16, 16), (128, 40, 40),
+                                                  (128, 24, 56), (128, 64, 64), (128, 96, 120)])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
+    """Each row's kept values land at their channels of its dense row; nothing else in shared
+    memory changes except the queue and the dummy area (not the channels a row does not keep,
+    which still hold an earlier tile's values, nor any other row, nor the staged rows); rows that
+    keep more values than their capacity store nothing."""
+    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
+    rng = np.random.default_rng(1000 * head_dim + 10 * k_cap + v_cap + stage)
+    k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
+    stage_at = stage * stage_offsets(head_dim, k_cap, v_cap)[3]
+    before, after, stores = run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage_at)
+    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
+    want = before.copy()
+    for lane in range(32):
+        cap, (words, values) = (v_cap, v_rows) if lane >= 16 else (k_cap, k_rows)
+        dense = dense_reference(words[lane % 16:lane % 16 + 1], values[lane % 16:lane % 16 + 1], cap)[0]
+        row = dense_row(dense_off, lane, head_dim)
+        kept = np.zeros(head_dim, bool)
+        for j, w in enumerate(words[lane % 16]):
+            kept[32 * j:32 * j + 32] = [(int(w) >> i) & 1 for i in range(32)]
+        if kept.sum() <= cap:
+            seg = want[row:row + 2 * head_dim].view("<u2")
+            seg[kept] = dense[kept]
+    outside = np.ones(total, bool)
+    outside[dummy_off:dummy_off + 64] = False
+    outside[queue_off:] = False
+    assert (after[outside] == want[outside]).all(), np.flatnonzero(after[outside] != want[outside])[:8]
+    for lane, lane_stores in enumerate(stores):  # a lane stores only into its own row or the dummy area
+        row = dense_row(dense_off, lane, head_dim)
+        assert all(row <= off < row + 2 * head_dim or dummy_off <= off < dummy_off + 64 for off, _ in lane_stores)
+        assert len(lane_stores) == max(k_cap, v_cap)
+
+
+def test_emulator_catches_a_broken_scatter():
+    """The check above fails when one of the stores lands a channel off."""
+    rng = np.random.default_rng(3)
+    k_rows, v_rows = scatter_rows(rng, 128, 40), scatter_rows(rng, 128, 40)
+    good = run_scatter(128, 40, 40, k_rows, v_rows)[1]
+    asm = _fn(dg._scatter_asm)(4, 40)
+    broken = re.sub(r"st\.shared\.u16 \[(\w+)\]", r"st.shared.u16 [\1+2]", asm, count=3)
+    assert broken != asm
+    assert (run_scatter(128, 40, 40, k_rows, v_rows, asm=broken)[1] != good).any()
