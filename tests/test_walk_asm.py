@@ -12,6 +12,8 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mustafar_triton.kernels import decode_gluon as dg
 from mustafar_triton.kernels.decode_gluon_launch import staged_row_pitch
@@ -617,17 +619,13 @@ def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
     return before, shared, stores
 
 
-@pytest.mark.parametrize("head_dim,k_cap,v_cap", [(64, 24, 24), (64, 8, 16), (128, 16, 16), (128, 40, 40),
-                                                  (128, 24, 56), (128, 64, 64), (128, 96, 120)])
-@pytest.mark.parametrize("stage", [0, 1])
-def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
-    """Each row's kept values land at their channels of its dense row; nothing else in shared
-    memory changes except the queue and the dummy area (not the channels a row does not keep,
-    which still hold an earlier tile's values, nor any other row, nor the staged rows); rows that
-    keep more values than their capacity store nothing."""
+def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage):
+    """Runs the scatter (run_scatter) and checks it: each row's kept values land at their channels
+    of its dense row; nothing else in shared memory changes except the queue and the dummy area
+    (not the channels a row does not keep, which still hold an earlier tile's values, nor any other
+    row, nor the staged rows); rows that keep more values than their capacity store nothing; each
+    lane stores once per slot of the larger capacity, into its own row or the dummy area."""
     from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
-    rng = np.random.default_rng(1000 * head_dim + 10 * k_cap + v_cap + stage)
-    k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
     stage_at = stage * stage_offsets(head_dim, k_cap, v_cap)[3]
     before, after, stores = run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage_at)
     dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
@@ -646,10 +644,59 @@ def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
     outside[dummy_off:dummy_off + 64] = False
     outside[queue_off:] = False
     assert (after[outside] == want[outside]).all(), np.flatnonzero(after[outside] != want[outside])[:8]
-    for lane, lane_stores in enumerate(stores):  # a lane stores only into its own row or the dummy area
+    for lane, lane_stores in enumerate(stores):
         row = dense_row(dense_off, lane, head_dim)
         assert all(row <= off < row + 2 * head_dim or dummy_off <= off < dummy_off + 64 for off, _ in lane_stores)
         assert len(lane_stores) == max(k_cap, v_cap)
+
+
+@pytest.mark.parametrize("head_dim,k_cap,v_cap", [(64, 24, 24), (64, 8, 16), (128, 16, 16), (128, 40, 40),
+                                                  (128, 24, 56), (128, 64, 64), (128, 96, 120)])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
+    """assert_scatter_exact on random_rows' patterns and the half-capacity rows of scatter_rows."""
+    rng = np.random.default_rng(1000 * head_dim + 10 * k_cap + v_cap + stage)
+    k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
+    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
+
+
+ROW_KINDS = ("random", "capacity", "malformed", "run", "one word", "empty")
+
+
+def pattern_rows(rng, kinds, head_dim, capacity):
+    """16 rows (bitmap words, values) of the given kinds: random counts up to capacity, exactly
+    capacity, more than capacity (malformed), a run of consecutive channels, the first channels
+    of one word, none."""
+    words = np.zeros((16, head_dim // 32), np.uint32)
+    for t, kind in enumerate(kinds):
+        keep = np.zeros(head_dim, bool)
+        if kind == "random":
+            keep[rng.choice(head_dim, rng.integers(0, capacity + 1), replace=False)] = True
+        elif kind == "capacity":
+            keep[rng.choice(head_dim, capacity, replace=False)] = True
+        elif kind == "malformed" and capacity < head_dim:
+            keep[rng.choice(head_dim, rng.integers(capacity + 1, head_dim + 1), replace=False)] = True
+        elif kind == "run":
+            start = rng.integers(0, head_dim)
+            keep[start:start + rng.integers(1, capacity + 1)] = True
+        elif kind == "one word":
+            w = rng.integers(0, head_dim // 32)
+            keep[32 * w:32 * w + min(capacity, 32)] = True
+        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
+    values = rng.integers(1, 1 << 16, size=(16, capacity), dtype=np.uint32).astype(np.uint16)
+    return words, values
+
+
+@given(head_dim=st.sampled_from([64, 128]), caps=st.tuples(st.integers(1, 16), st.integers(1, 16)),
+       kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=32, max_size=32), seed=st.integers(0, 2**32 - 1),
+       stage=st.integers(0, 1))
+def test_property_scatter_asm_any_pattern(head_dim, caps, kinds, seed, stage):
+    """assert_scatter_exact on fuzzed rows: any mix of row kinds, K and V capacities (multiples of
+    8 up to D), either stage."""
+    k_cap, v_cap = (8 * min(c, head_dim // 8) for c in caps)
+    rng = np.random.default_rng(seed)
+    k_rows, v_rows = pattern_rows(rng, kinds[:16], head_dim, k_cap), pattern_rows(rng, kinds[16:], head_dim, v_cap)
+    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
 
 
 def test_emulator_catches_a_broken_scatter():
