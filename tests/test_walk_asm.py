@@ -260,6 +260,33 @@ def dense_reference(words, values, capacity):
     return out
 
 
+ROW_KINDS = ("random", "capacity", "malformed", "run", "one word", "empty")
+
+
+def pattern_rows(rng, kinds, head_dim, capacity):
+    """16 rows (bitmap words, values) of the given kinds: random counts up to capacity, exactly
+    capacity, more than capacity (malformed), a run of consecutive channels, the first channels
+    of one word, none."""
+    words = np.zeros((16, head_dim // 32), np.uint32)
+    for t, kind in enumerate(kinds):
+        keep = np.zeros(head_dim, bool)
+        if kind == "random":
+            keep[rng.choice(head_dim, rng.integers(0, capacity + 1), replace=False)] = True
+        elif kind == "capacity":
+            keep[rng.choice(head_dim, capacity, replace=False)] = True
+        elif kind == "malformed" and capacity < head_dim:
+            keep[rng.choice(head_dim, rng.integers(capacity + 1, head_dim + 1), replace=False)] = True
+        elif kind == "run":
+            start = rng.integers(0, head_dim)
+            keep[start:start + rng.integers(1, capacity + 1)] = True
+        elif kind == "one word":
+            w = rng.integers(0, head_dim // 32)
+            keep[32 * w:32 * w + min(capacity, 32)] = True
+        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
+    values = rng.integers(1, 1 << 16, size=(16, capacity), dtype=np.uint32).astype(np.uint16)
+    return words, values
+
+
 def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr):
     """_gather_walk's per-token inputs of one run: the shared address of the run's first slot
     and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
@@ -337,6 +364,18 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
 def test_walk_asm_expands_rows_exactly(head_dim, capacity, k_side):
     rng = np.random.default_rng(head_dim * 1000 + capacity + k_side)
     words, values = random_rows(rng, 12, head_dim, capacity)
+    got = run_walk(head_dim, capacity, k_side, words, values)
+    want = dense_reference(words, values, capacity)
+    assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+@given(head_dim=st.sampled_from([64, 128, 256]), cap=st.integers(1, 32), k_side=st.booleans(),
+       kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=16, max_size=16), seed=st.integers(0, 2**32 - 1))
+def test_property_walk_asm_any_pattern(head_dim, cap, k_side, kinds, seed):
+    """The walk on fuzzed rows (pattern_rows' kinds, capacities multiples of 8 up to D) expands
+    every row exactly; malformed rows read as zeros."""
+    capacity = 8 * min(cap, head_dim // 8)
+    words, values = pattern_rows(np.random.default_rng(seed), kinds, head_dim, capacity)
     got = run_walk(head_dim, capacity, k_side, words, values)
     want = dense_reference(words, values, capacity)
     assert (got == want).all(), np.argwhere(got != want)[:8]
@@ -516,12 +555,14 @@ def run_masked_ldmatrix(head_dim, words, dense, v_side):
     return out
 
 
-def scattered_tile(rng, head_dim, capacity):
+def scattered_tile(rng, head_dim, capacity, kinds=None):
     """16 staged bitmap rows as the scatter leaves them (a row past the tile's end zeroed, the
     malformed rows' bitmaps zeroed by _zero_row_asm), the dense tile it leaves (kept values at
     their channels, random stale bytes elsewhere, NaN where row 0 keeps nothing) and the tile the
-    read-back must give: returns (words, dense, want)."""
-    words, values = random_rows(rng, 16, head_dim, capacity)
+    read-back must give: returns (words, dense, want). The rows: random_rows', or pattern_rows'
+    of the given kinds."""
+    words, values = random_rows(rng, 16, head_dim, capacity) if kinds is None else \
+        pattern_rows(rng, kinds, head_dim, capacity)
     words[3] = 0                                                      # a row past the tile's end
     want = dense_reference(words, values, capacity)
     for t in range(16):
@@ -540,6 +581,15 @@ def test_masked_ldmatrix_reads_kept_channels_and_zeros(head_dim, capacity, v_sid
     value, at their token and channel of the mma operand."""
     words, dense, want = scattered_tile(np.random.default_rng(head_dim + capacity + 1000 * v_side), head_dim,
                                         capacity)
+    got = run_masked_ldmatrix(head_dim, words, dense, v_side)
+    assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+@given(head_dim=st.sampled_from([64, 128]), cap=st.integers(1, 16), v_side=st.booleans(),
+       kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=16, max_size=16), seed=st.integers(0, 2**32 - 1))
+def test_property_masked_ldmatrix_any_pattern(head_dim, cap, v_side, kinds, seed):
+    """The masked read-back on fuzzed rows: kept channels read their value, all others zero."""
+    words, dense, want = scattered_tile(np.random.default_rng(seed), head_dim, 8 * min(cap, head_dim // 8), kinds)
     got = run_masked_ldmatrix(head_dim, words, dense, v_side)
     assert (got == want).all(), np.argwhere(got != want)[:8]
 
@@ -658,33 +708,6 @@ def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
     rng = np.random.default_rng(1000 * head_dim + 10 * k_cap + v_cap + stage)
     k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
     assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
-
-
-ROW_KINDS = ("random", "capacity", "malformed", "run", "one word", "empty")
-
-
-def pattern_rows(rng, kinds, head_dim, capacity):
-    """16 rows (bitmap words, values) of the given kinds: random counts up to capacity, exactly
-    capacity, more than capacity (malformed), a run of consecutive channels, the first channels
-    of one word, none."""
-    words = np.zeros((16, head_dim // 32), np.uint32)
-    for t, kind in enumerate(kinds):
-        keep = np.zeros(head_dim, bool)
-        if kind == "random":
-            keep[rng.choice(head_dim, rng.integers(0, capacity + 1), replace=False)] = True
-        elif kind == "capacity":
-            keep[rng.choice(head_dim, capacity, replace=False)] = True
-        elif kind == "malformed" and capacity < head_dim:
-            keep[rng.choice(head_dim, rng.integers(capacity + 1, head_dim + 1), replace=False)] = True
-        elif kind == "run":
-            start = rng.integers(0, head_dim)
-            keep[start:start + rng.integers(1, capacity + 1)] = True
-        elif kind == "one word":
-            w = rng.integers(0, head_dim // 32)
-            keep[32 * w:32 * w + min(capacity, 32)] = True
-        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
-    values = rng.integers(1, 1 << 16, size=(16, capacity), dtype=np.uint32).astype(np.uint16)
-    return words, values
 
 
 @given(head_dim=st.sampled_from([64, 128]), caps=st.tuples(st.integers(1, 16), st.integers(1, 16)),
