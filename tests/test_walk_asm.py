@@ -215,6 +215,17 @@ def popc(x):
     return bin(x & M32).count("1")
 
 
+def row_words(keep):
+    """The bitmap words [D/32] (uint32) of a row whose kept channels are the bool mask `keep`
+    [D]: channel 32 j + i is bit i of word j."""
+    return np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1).astype(np.uint32)
+
+
+def kept_channels(words):
+    """The bool mask [D] of the channels a row's bitmap words keep (row_words' inverse)."""
+    return np.array([(int(w) >> i) & 1 for w in words for i in range(32)], bool)
+
+
 def random_rows(rng, n, head_dim, capacity):
     """n tokens' bitmap words [n, D/32] (uint32) and value rows [n, capacity] (uint16 bit patterns):
     random densities, plus tokens with no bits, with all bits of some bytes, at exactly capacity,
@@ -242,8 +253,7 @@ def random_rows(rng, n, head_dim, capacity):
                 others = np.flatnonzero(keep)
                 others = others[(others < 8 * b) | (others >= 8 * b + 8)]
                 keep[rng.permutation(others)[:max(0, keep.sum() - capacity)]] = False
-        bits = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1)
-        words[t] = bits.view(">u4").reshape(-1).astype(np.uint32)
+        words[t] = row_words(keep)
     values = rng.integers(1, 1 << 16, size=(n, capacity), dtype=np.uint32).astype(np.uint16)
     return words, values
 
@@ -254,7 +264,7 @@ def dense_reference(words, values, capacity):
     n, nw = words.shape
     out = np.zeros((n, 32 * nw), np.uint16)
     for t in range(n):
-        chans = [32 * j + i for j in range(nw) for i in range(32) if (int(words[t, j]) >> i) & 1]
+        chans = np.flatnonzero(kept_channels(words[t]))
         if len(chans) <= capacity:
             out[t, chans] = values[t, :len(chans)]
     return out
@@ -282,7 +292,7 @@ def pattern_rows(rng, kinds, head_dim, capacity):
         elif kind == "one word":
             w = rng.integers(0, head_dim // 32)
             keep[32 * w:32 * w + min(capacity, 32)] = True
-        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
+        words[t] = row_words(keep)
     values = rng.integers(1, 1 << 16, size=(16, capacity), dtype=np.uint32).astype(np.uint16)
     return words, values
 
@@ -626,7 +636,7 @@ def scatter_rows(rng, head_dim, capacity):
     for t, kept in zip((6, 7, 8), (half - 1, half, half + 1)):
         keep = np.zeros(head_dim, bool)
         keep[rng.choice(head_dim, max(kept, 0), replace=False)] = True
-        words[t] = np.packbits(keep.reshape(-1, 32)[:, ::-1].astype(np.uint8), axis=1).view(">u4").reshape(-1)
+        words[t] = row_words(keep)
     words[9] = 0
     words[9, -1] = (1 << min(capacity, 32)) - 1 if capacity < 32 else M32
     if half <= 32 and capacity - half <= 32:                         # slot `half` opens word 1
@@ -646,10 +656,13 @@ def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
     v_off, kb_off, vb_off, _ = stage_offsets(head_dim, k_cap, v_cap)
     dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
     shared = np.frombuffer(np.random.default_rng(head_dim + k_cap).bytes(total), np.uint8).copy()
+
+    def value_row(is_v, t):  # the staged value row of token t (_stage_tile's layout)
+        return stage + (v_off + t * staged_row_pitch(2 * v_cap) if is_v else t * staged_row_pitch(2 * k_cap))
     for side, (words, values) in enumerate((k_rows, v_rows)):
         cap = (k_cap, v_cap)[side]
         for t in range(16):
-            vo = stage + (v_off + t * staged_row_pitch(2 * v_cap) if side else t * staged_row_pitch(2 * k_cap))
+            vo = value_row(side, t)
             shared[vo:vo + 2 * cap] = values[t].astype("<u2").view(np.uint8)
             bo = stage + (vb_off if side else kb_off) + t * staged_row_pitch(4 * nw)
             shared[bo:bo + 4 * nw] = words[t].astype("<u4").view(np.uint8)
@@ -660,8 +673,7 @@ def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
         tok, is_v = lane % 16, lane >= 16
         words = (v_rows if is_v else k_rows)[0][tok]
         fits = sum(popc(int(w)) for w in words) <= (v_cap if is_v else k_cap)
-        vrow = stage + (v_off + tok * staged_row_pitch(2 * v_cap) if is_v else tok * staged_row_pitch(2 * k_cap))
-        args = [int(w) if fits else 0 for w in words] + [vrow, dense_row(dense_off, lane, head_dim),
+        args = [int(w) if fits else 0 for w in words] + [value_row(is_v, tok), dense_row(dense_off, lane, head_dim),
                                                           queue_off + lane * 8, dummy_off]
         emu = Ptx(shared)
         emu.run(asm, 1, args)
@@ -684,9 +696,7 @@ def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage):
         cap, (words, values) = (v_cap, v_rows) if lane >= 16 else (k_cap, k_rows)
         dense = dense_reference(words[lane % 16:lane % 16 + 1], values[lane % 16:lane % 16 + 1], cap)[0]
         row = dense_row(dense_off, lane, head_dim)
-        kept = np.zeros(head_dim, bool)
-        for j, w in enumerate(words[lane % 16]):
-            kept[32 * j:32 * j + 32] = [(int(w) >> i) & 1 for i in range(32)]
+        kept = kept_channels(words[lane % 16])
         if kept.sum() <= cap:
             seg = want[row:row + 2 * head_dim].view("<u2")
             seg[kept] = dense[kept]
