@@ -38,6 +38,14 @@ MIN_STAGED_SPLIT_TOKENS = 64
 SCATTER_MAX_CAPACITY_FRACTION = 0.25
 
 
+# The scatter's programs per SM, a multiple of this: one-warp programs that do not split evenly over
+# an SM's 4 schedulers leave one scheduler with a warp more, and the scatter waits for it. H100,
+# B=16 T=16k, Llama-3-8B shape fp16, capacity 16 (sparsity 0.9), explicit split counts (1 split ~
+# 0.97 programs per SM; perf/results/h100/split_counts_32fbbb0.json): 12 splits 147.0 us, 13 165.3,
+# 14 (the plan before: 14 fit) 156.8; with 16 made to fit (smaller rows and queue), 16 splits 144.3.
+# The walk at capacity 40 gains from every program it gets (12: 232.8, 14: 227.9, 16: 201.6).
+SCATTER_PROGRAMS_MULTIPLE = 4
+
 # Powers of two only: its layouts span D. D=96 (three bitmap words) runs the tl kernel.
 GLUON_DECODE_HEAD_DIMS = (32, 64, 128, 256)
 
@@ -150,10 +158,16 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers it gives
     14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
     shared: shared memory per program (shared_bytes), which limits the staged gathers at large
-    capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128)."""
+    capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128).
+    The scatter's count is then rounded down to a multiple of the 4 schedulers
+    (SCATTER_PROGRAMS_MULTIPLE)."""
     per_warp = -(-register_cap(head_dim, block_h, gather) * 32 // 256) * 256
     programs = min(32, 4 * (16384 // per_warp))
-    return min(programs, sm_shared_bytes // shared) if shared else programs
+    if shared:
+        programs = min(programs, sm_shared_bytes // shared)
+    if gather == "scatter" and programs > SCATTER_PROGRAMS_MULTIPLE:
+        programs -= programs % SCATTER_PROGRAMS_MULTIPLE
+    return programs
 
 
 def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8) -> str:
