@@ -501,10 +501,12 @@ def test_gluon_splits_fill_whole_waves():
     # the scatter adds the dense tiles and queues: 18080 bytes at D=128 K0.7V0.7, as ptxas reports
     assert shared_bytes("scatter", 128, 40, 40) == 18080
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 40, 40), h100_shared) == 12
-    # 14 scatter programs of 15776 bytes fit (capacity 16), but the 4 schedulers get 4, 4, 3, 3 warps:
-    # the plan is 12; the walk keeps what fits (15 at capacity 96)
+    # 14 scatter programs of 15776 bytes fit (capacity 16), but the 4 schedulers would get 4, 4, 3, 3
+    # warps: the plan is 12; below 12 (11 at capacity 56) what fits; the walk keeps what fits (15 above)
     assert shared_bytes("scatter", 128, 16, 16) == 15776 and h100_shared // 15776 == 14
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 16, 16), h100_shared) == 12
+    assert h100_shared // shared_bytes("scatter", 128, 56, 56) == 11
+    assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 56, 56), h100_shared) == 11
     assert programs_per_sm(64, 8, "scatter", shared_bytes("scatter", 64, 16, 16), h100_shared) == 20
     assert shared_bytes("popc", 128, 40, 40) == 0
     for batch_heads in (8, 32, 128, 512, 2048):

@@ -38,13 +38,15 @@ MIN_STAGED_SPLIT_TOKENS = 64
 SCATTER_MAX_CAPACITY_FRACTION = 0.25
 
 
-# The scatter's programs per SM, a multiple of this: one-warp programs that do not split evenly over
-# an SM's 4 schedulers leave one scheduler with a warp more, and the scatter waits for it. H100,
-# B=16 T=16k, Llama-3-8B shape fp16, capacity 16 (sparsity 0.9), explicit split counts (1 split ~
-# 0.97 programs per SM; perf/results/h100/split_counts_32fbbb0.json): 12 splits 147.0 us, 13 165.3,
-# 14 (the plan before: 14 fit) 156.8; with 16 made to fit (smaller rows and queue), 16 splits 144.3.
-# The walk at capacity 40 gains from every program it gets (12: 232.8, 14: 227.9, 16: 201.6).
-SCATTER_PROGRAMS_MULTIPLE = 4
+# Where at least 12 scatter programs fit on an SM, the plan is a multiple of the 4 schedulers: one-warp
+# programs that do not split evenly over them leave one scheduler with a warp more, and the scatter
+# waits for it. Llama-3-8B shape fp16, capacity 16 (sparsity 0.9), 14 programs fit, explicit split
+# counts (perf/NOTES.md, 2026-12-05): H200, B=16 T=16k, 12 programs per SM 148.0 us, 14 (the plan
+# before) 157.8; B=4 T=128k 280.4 against 298.6; B=1 T=32k 26.1 against 26.8; H100, B=16 T=16k, 12
+# 147.0, 13 165.3, 14 156.8. Below 12 it keeps what fits: capacity 56, 11 fit, H200, B=16 T=16k,
+# sparsity 0.6: 11 programs 278.2 us, 8 294.5. The walk gains from every program it gets (H100,
+# capacity 40: 12 232.8, 14 227.9, 16 201.6).
+SCATTER_BALANCED_PROGRAMS = 12
 
 # Powers of two only: its layouts span D. D=96 (three bitmap words) runs the tl kernel.
 GLUON_DECODE_HEAD_DIMS = (32, 64, 128, 256)
@@ -159,14 +161,14 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
     shared: shared memory per program (shared_bytes), which limits the staged gathers at large
     capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128).
-    The scatter's count is then rounded down to a multiple of the 4 schedulers
-    (SCATTER_PROGRAMS_MULTIPLE)."""
+    The scatter's count, where it is at least SCATTER_BALANCED_PROGRAMS, is then rounded down to a
+    multiple of the 4 schedulers."""
     per_warp = -(-register_cap(head_dim, block_h, gather) * 32 // 256) * 256
     programs = min(32, 4 * (16384 // per_warp))
     if shared:
         programs = min(programs, sm_shared_bytes // shared)
-    if gather == "scatter" and programs > SCATTER_PROGRAMS_MULTIPLE:
-        programs -= programs % SCATTER_PROGRAMS_MULTIPLE
+    if gather == "scatter" and programs >= SCATTER_BALANCED_PROGRAMS:
+        programs -= programs % 4
     return programs
 
 
