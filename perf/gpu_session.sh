@@ -94,8 +94,8 @@ for stage in "$@"; do
           --out "$OUT/generation_gemma3_presets.json" > "$OUT/generation_gemma3_presets.log" 2>&1
       tail -8 "$OUT/generation_gemma3_presets.log" ;;
     split-counts)
-      # perf/NOTES.md, 2026-12-05: is the launcher's plan of one-warp programs per SM resident (the
-      # occupancy API), and does a plan that loads the 4 schedulers evenly (12, 16) beat 13-15?
+      # perf/NOTES.md, 2026-12-05: the occupancy API's resident programs against the launcher's plan,
+      # then explicit split counts (how the time changes with the programs per SM; 12 beat 13-14)
       # B=16 T=16k: 128 (batch, kv head) pairs on 132 SMs, so N splits = 0.97 N programs per SM
       echo "== resident programs per SM, then explicit split counts (scatter and walk, B=16 T=16384)"
       timeout 120 python3 perf/occupancy.py > "$OUT/occupancy.log" 2>&1; cat "$OUT/occupancy.log"

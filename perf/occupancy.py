@@ -1,7 +1,8 @@
 """How many one-warp programs of the Gluon decode kernel an SM really keeps resident, against the
 launcher's plan (decode_gluon_launch.programs_per_sm): the CUDA occupancy API asked about the
-compiled kernel (GPU only). perf/NOTES.md, 2026-12-05: a scatter queue 256-512 bytes smaller made
-the launcher plan one more program per SM and the kernel slower exactly where the grid grew.
+compiled kernel (GPU only). perf/NOTES.md, 2026-12-05: they agreed at every capacity on the H100 and
+the H200; what made plans of 13-14 scatter programs slow was their uneven spread over an SM's 4
+schedulers (the launcher now plans 12 there).
 
     python perf/occupancy.py [--gathers scatter,walk] [--capacities 16,24,32,40,48,64] [--head-dim 128]
 """
@@ -54,7 +55,9 @@ def main():
             shared = shared_bytes(gather, args.head_dim, cap, cap)
             planned = programs_per_sm(args.head_dim, gluon_block_h(args.group), gather, shared, sm_shared)
             resident = resident_programs(kernel)
-            flag = "" if planned == resident else "   <- plan differs"
+            # fewer planned than resident: the scatter's balanced plan (decode_gluon_launch.programs_per_sm)
+            flag = "" if planned == resident else ("   <- more planned than resident" if planned > resident
+                                                   else "   (balanced over the 4 schedulers)")
             print(f"{gather:>8s} {cap:4d} {shared:7d} {planned:8d} {resident:9d}{flag}", flush=True)
 
 
