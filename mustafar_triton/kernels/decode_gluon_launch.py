@@ -155,14 +155,14 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -
 
 def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
                     sm_shared_bytes: int = H100_SM_SHARED_BYTES) -> int:
-    """One-warp programs resident per SM: each of the 4 schedulers has 16K registers, allocated
-    per warp in units of 256, and an SM holds at most 32 programs (12 at D=128 with the popcount
-    gather, 16 with the walk). (65536 // per-warp registers over-counts: at 144 registers it gives
-    14 where 12 fit, and a grid planned for 14 took two waves: 493 against 250 us.)
-    shared: shared memory per program (shared_bytes), which limits the staged gathers at large
-    capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96 at D=128).
-    The scatter's count, where it is at least SCATTER_BALANCED_PROGRAMS, is then rounded down to a
-    multiple of the 4 schedulers."""
+    """One-warp programs per SM that the launcher plans: those that fit. Each of the 4 schedulers
+    has 16K registers, allocated per warp in units of 256, and an SM holds at most 32 programs (12
+    at D=128 with the popcount gather, 16 with the walk). (65536 // per-warp registers over-counts:
+    at 144 registers it gives 14 where 12 fit, and a grid planned for 14 took two waves: 493
+    against 250 us.) shared: shared memory per program (shared_bytes), which limits the staged
+    gathers at large capacities (16 walk programs need <= 14.25 KB each on an H100: capacity <= 96
+    at D=128). The scatter's count, where it is at least SCATTER_BALANCED_PROGRAMS, is then
+    rounded down to a multiple of the 4 schedulers."""
     per_warp = -(-register_cap(head_dim, block_h, gather) * 32 // 256) * 256
     programs = min(32, 4 * (16384 // per_warp))
     if shared:
