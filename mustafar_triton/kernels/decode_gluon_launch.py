@@ -202,9 +202,8 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
 def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int, context: int,
          splits_for, sm_shared_bytes: int) -> tuple[str, int, int]:
     """(gather, splits, register cap) of a launch of a Gluon config (group: its query rows per kv
-    head, Lq * G). splits_for(programs_per_sm)
-    sizes the splits (decode.choose_num_splits) for a gather's resident programs per SM, which
-    its registers and shared memory set."""
+    head, Lq * G). splits_for(programs_per_sm) sizes the splits (decode.choose_num_splits) for
+    the programs per SM planned for a gather (programs_per_sm: its registers and shared memory)."""
     block_h = gluon_block_h(group)
 
     def splits_with(gather):
