@@ -47,11 +47,9 @@ def main():
     print(f"{'gather':>8s} {'cap':>4s} {'shared':>7s} {'planned':>8s} {'resident':>9s}")
     for gather in args.gathers.split(","):
         for cap in map(int, args.capacities.split(",")):
-            compile_args = argparse.Namespace(
-                kernel="gluon", gather=gather, capacity=cap, head_dim=args.head_dim, group=args.group, lq=1,
-                window=False, page_size=0, block_n=None, maxnreg=None, dtype="fp16", slots="popc", prefetch=0,
-                warps=1, stages=1)
-            kernel = sass_report.compile_decode(compile_args)
+            kernel = sass_report.compile_decode(sass_report.parser().parse_args(
+                ["--kernel", "gluon", "--gather", gather, "--capacity", str(cap), "--head-dim", str(args.head_dim),
+                 "--group", str(args.group)]))
             shared = shared_bytes(gather, args.head_dim, cap, cap)
             planned = programs_per_sm(args.head_dim, gluon_block_h(args.group), gather, shared, sm_shared)
             resident = resident_programs(kernel)

@@ -118,7 +118,8 @@ def op_counts(sass: str) -> collections.Counter:
         r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
+    """The command line; other scripts parse their compile options with it (perf/occupancy.py)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
@@ -139,7 +140,11 @@ def main():
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     ap.add_argument("--paged", action="store_true", help="--kernel prune: its write_pages variant (PAGED)")
-    args = ap.parse_args()
+    return ap
+
+
+def main():
+    args = parser().parse_args()
     compiled = compile_prune(args) if args.kernel == "prune" else compile_decode(args)
     # a file of its own: parallel runs (pytest -n) once read each other's cubin through a shared name
     with tempfile.TemporaryDirectory() as tmp:
