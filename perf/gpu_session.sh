@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
-#   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter)
+#   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
@@ -108,13 +108,15 @@ for stage in "$@"; do
       # issue 18: where the walk's and the scatter's issue slots go (every stall reason, pipe use,
       # shared-memory wavefronts), B=16 T=4096, one call per gather and sparsity; clocks unlocked as in
       # the earlier reports (ncu's default locks base clocks: the scatter at 0.9 took 57.0 against 43.7 us)
-      echo "== Nsight Compute stall reasons: walk at 0.7 / 0.9, scatter at 0.9"
-      for spec in walk:0.7 walk:0.9 scatter:0.9; do
+      # NCU_SPECS (gather:sparsity ...) picks the calls
+      specs=${NCU_SPECS:-walk:0.7 walk:0.9 scatter:0.9}
+      echo "== Nsight Compute stall reasons: $specs"
+      for spec in $specs; do
         g=${spec%%:*}; s=${spec##*:}
         timeout 150 ncu --clock-control none --kernel-name regex:sparse_decode_gluon --metrics \
-            "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,gpu__time_duration.sum" \
+            "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum,smsp__inst_executed.sum,sm__cycles_elapsed.avg,gpu__time_duration.sum" \
             python3 perf/ncu_decode.py --gathers "$g" --sparsity "$s" > "$OUT/ncu_stalls_${g}_$s.txt" 2>&1
-        grep -E "stalled_(long_sc|short_sc|wait|mio|math|no_inst|not_sel|selected|barrier|lg_th|dispatch|branch|tex|drain|membar|sleep|misc)[a-z_]*_per_issue_active|issue_active|wavefronts|bank_conf|duration" "$OUT/ncu_stalls_${g}_$s.txt" | sed "s/^/$g $s /"
+        grep -E "stalled_(long_sc|short_sc|wait|mio|math|no_inst|not_sel|selected|barrier|lg_th|dispatch|branch|tex|drain|membar|sleep|misc)[a-z_]*_per_issue_active|issue_active|wavefronts|bank_conf|cycles_elapsed|duration" "$OUT/ncu_stalls_${g}_$s.txt" | sed "s/^/$g $s /"
       done ;;
     eager-steps)
       # the same loop unprofiled in three processes, with each step's host wall / CPU-thread time
