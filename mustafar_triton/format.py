@@ -12,6 +12,15 @@ Layout (HND, one contiguous stream per (batch, kv head)):
 `lead` is usually [B, H]. `capacity` is a multiple of 8, so every row stays 16-byte aligned.
 Bytes per token per head: D / 8 + capacity * itemsize. At D=128 fp16 and sparsity 0.7
 (39 kept, capacity 40) that is 96 B against 256 B dense (37.5%); at 0.5 it is 144 B (56.25%).
+
+fp8 values (opt-in): values may be float8_e4m3fn, one byte per kept value, with capacity a
+multiple of 16 (16-byte rows again) and a `value_scale` s: a stored byte e stands for e * s. The
+packers write x / s rounded to the nearest e4m3 value (ties to even), finite values beyond
++-448 saturate to +-448, and NaN and +-inf (which e4m3 cannot hold) become NaN, so they still
+reach the outputs they touch. The decode kernels widen e exactly and apply s in float32. Halving
+the value bytes buys twice the kept values at the same bytes, which measured far more accurate
+than fp16 values at 37.5% and below (perf/NOTES.md, "kept values in fp8"). At D=128, sparsity 0.5
+with fp8 values is 16 + 64 = 80 B per token and head (31.25% of dense fp16).
 """
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ from dataclasses import dataclass
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_VALUES = torch.float8_e4m3fn  # the one 1-byte value format (see the module docstring)
+FP8_MAX = 448.0                   # its largest finite magnitude
 SUPPORTED_HEAD_DIMS = (32, 64, 96, 128, 256)  # 96: tl kernels only (D/32 = 3 bitmap words)
 
 
@@ -32,8 +43,31 @@ def kept_per_token(head_dim: int, sparsity: float) -> int:
     return head_dim - int(sparsity * head_dim)
 
 
-def default_capacity(head_dim: int, sparsity: float) -> int:
-    return round_up(kept_per_token(head_dim, sparsity), 8)
+def value_row_multiple(value_dtype: torch.dtype | None) -> int:
+    """Capacities are multiples of this, so that every value row is 16-byte aligned: 8 slots of
+    2 or 4 bytes, 16 of fp8's 1."""
+    return 16 if value_dtype == FP8_VALUES else 8
+
+
+def default_capacity(head_dim: int, sparsity: float, value_dtype: torch.dtype | None = None) -> int:
+    return round_up(kept_per_token(head_dim, sparsity), value_row_multiple(value_dtype))
+
+
+def check_value_format(value_dtype, value_scale) -> tuple[torch.dtype | None, float]:
+    """(value_dtype, value_scale) as given to the packers and caches: value_dtype None (the dense
+    dtype) or torch.float8_e4m3fn, value_scale a positive finite float (only fp8 values may use
+    one other than 1)."""
+    if value_dtype is not None and value_dtype != FP8_VALUES:
+        raise TypeError(f"value_dtype must be None (the dense dtype) or {FP8_VALUES}, got {value_dtype}")
+    if isinstance(value_scale, bool) or not isinstance(value_scale, (int, float)):
+        raise TypeError(f"value_scale must be a float, got {type(value_scale).__name__}")
+    value_scale = float(value_scale)
+    if not (0.0 < value_scale < float("inf")):
+        raise ValueError(f"value_scale must be positive and finite, got {value_scale}")
+    if value_dtype is None and value_scale != 1.0:
+        raise ValueError(f"value_scale={value_scale} needs value_dtype={FP8_VALUES} (fp16 / bf16 / fp32 values "
+                         "are stored as they are)")
+    return value_dtype, value_scale
 
 
 @dataclass
@@ -42,10 +76,11 @@ class PackedKV:
 
     Attributes:
         bitmap:   int32 [*lead, T, D // 32].
-        values:   [*lead, T, capacity], the dtype of the dense cache.
-        capacity: value slots per token (multiple of 8, at most D).
+        values:   [*lead, T, capacity], the dtype of the dense cache, or float8_e4m3fn.
+        capacity: value slots per token (multiple of 8, of 16 for fp8 values; at most D).
         head_dim: D, the dense last dimension.
         seq_lens: int32 [B] valid tokens per sequence, or None when every token is valid.
+        value_scale: fp8 values only: a stored value e stands for e * value_scale (default 1).
     """
 
     bitmap: torch.Tensor
@@ -53,17 +88,21 @@ class PackedKV:
     capacity: int
     head_dim: int
     seq_lens: torch.Tensor | None = None
+    value_scale: float = 1.0
 
     def __post_init__(self):
         d, cap = self.head_dim, self.capacity
         if d % 32 != 0:
             raise ValueError(f"PackedKV: head_dim must be a multiple of 32, got {d}")
-        if cap % 8 != 0 or not 8 <= cap <= d:
-            raise ValueError(f"PackedKV: capacity must be a multiple of 8 in [8, {d}], got {cap}")
+        if self.values.dtype not in SUPPORTED_DTYPES + (FP8_VALUES,):
+            raise TypeError(f"PackedKV: values dtype {self.values.dtype} not in {SUPPORTED_DTYPES + (FP8_VALUES,)}")
+        multiple = value_row_multiple(self.values.dtype)
+        if cap % multiple != 0 or not multiple <= cap <= d:
+            raise ValueError(f"PackedKV: capacity must be a multiple of {multiple} in [{multiple}, {d}] for "
+                             f"{self.values.dtype} values, got {cap}")
+        check_value_format(self.values.dtype if self.fp8 else None, self.value_scale)
         if self.bitmap.dtype != torch.int32:
             raise TypeError(f"PackedKV: bitmap must be int32, got {self.bitmap.dtype}")
-        if self.values.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"PackedKV: values dtype {self.values.dtype} not in {SUPPORTED_DTYPES}")
         lead = tuple(self.values.shape[:-1])
         if tuple(self.values.shape) != lead + (cap,):
             raise ValueError(f"PackedKV: values shape {tuple(self.values.shape)} does not end in capacity {cap}")
@@ -90,6 +129,11 @@ class PackedKV:
         return self.values.dtype
 
     @property
+    def fp8(self) -> bool:
+        """Whether the values are float8_e4m3fn (scaled by value_scale)."""
+        return self.values.dtype == FP8_VALUES
+
+    @property
     def device(self) -> torch.device:
         return self.values.device
 
@@ -113,7 +157,7 @@ class PackedKV:
 
     def to(self, device) -> "PackedKV":
         return PackedKV(self.bitmap.to(device), self.values.to(device), self.capacity, self.head_dim,
-                        None if self.seq_lens is None else self.seq_lens.to(device))
+                        None if self.seq_lens is None else self.seq_lens.to(device), self.value_scale)
 
 
 @dataclass
@@ -130,7 +174,8 @@ class PagedKV:
                                           live in page block_table[b, i]
         seq_lens    int32 [B]             tokens of sequence b (required)
 
-    page_size is a multiple of 16, so a decode tile of 16 tokens never crosses a page. A K and a V
+    page_size is a multiple of 16, so a decode tile of 16 tokens never crosses a page. fp8 values
+    (and value_scale) as in PackedKV. A K and a V
     cache are two PagedKV over their own pools that share one block_table and seq_lens (the same
     tensors). Block-table entries outside [0, num_pages) for tokens below seq_lens are never read
     through: the decode kernels skip those tokens (not attended) and the writes skip them.
@@ -143,9 +188,10 @@ class PagedKV:
     head_dim: int
     block_table: torch.Tensor
     seq_lens: torch.Tensor
+    value_scale: float = 1.0
 
     def __post_init__(self):
-        PackedKV(self.bitmap, self.values, self.capacity, self.head_dim)  # the pools' own checks
+        PackedKV(self.bitmap, self.values, self.capacity, self.head_dim, value_scale=self.value_scale)  # the pools' own checks
         if self.values.dim() != 4:
             raise ValueError(f"PagedKV: values must be [num_pages, Hkv, page_size, capacity], got "
                              f"{tuple(self.values.shape)}")
@@ -171,6 +217,11 @@ class PagedKV:
     @property
     def device(self) -> torch.device:
         return self.values.device
+
+    @property
+    def fp8(self) -> bool:
+        """Whether the values are float8_e4m3fn (scaled by value_scale)."""
+        return self.values.dtype == FP8_VALUES
 
     @property
     def page_size(self) -> int:
@@ -215,4 +266,4 @@ class PagedKV:
 
     def with_tables(self, block_table: torch.Tensor, seq_lens: torch.Tensor) -> "PagedKV":
         """The same pools under another batch's block table and lengths (no copy)."""
-        return PagedKV(self.bitmap, self.values, self.capacity, self.head_dim, block_table, seq_lens)
+        return PagedKV(self.bitmap, self.values, self.capacity, self.head_dim, block_table, seq_lens, self.value_scale)

@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from .format import PackedKV, PagedKV, default_capacity, kept_per_token, round_up
+from .format import (FP8_MAX, FP8_VALUES, PackedKV, PagedKV, check_value_format, default_capacity, kept_per_token,
+                     round_up, value_row_multiple)
 
 
 def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +41,26 @@ def prune_topk(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 def _int_view(x: torch.Tensor) -> torch.Tensor:
     """The bits of a float tensor as a same-size integer tensor (for bit-exact data movement)."""
-    return x.view(torch.int32 if x.element_size() == 4 else torch.int16)
+    return x.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[x.element_size()])
+
+
+def to_fp8(x: torch.Tensor, value_scale: float = 1.0) -> torch.Tensor:
+    """x / value_scale as float8_e4m3fn, the packers' rounding: x times the float32 reciprocal of
+    value_scale, in float32, rounded to the nearest e4m3 value (ties to even); finite values
+    beyond +-448 saturate, NaN and +-inf become NaN (sign kept)."""
+    inv = torch.tensor(1.0 / value_scale, dtype=torch.float32)
+    y = x.float() * inv.to(x.device)
+    special = torch.isnan(y) | torch.isinf(y)
+    y = torch.where(special, torch.copysign(torch.full_like(y, float("nan")), y), y.clamp(-FP8_MAX, FP8_MAX))
+    return y.to(FP8_VALUES)
+
+
+def from_fp8(values: torch.Tensor, value_scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """fp8 values times value_scale in dtype: the product in float64 for float64, else in float32
+    (as unpack's kernel computes it) rounded to dtype."""
+    if dtype == torch.float64:
+        return values.double() * value_scale
+    return (values.float() * torch.tensor(value_scale, dtype=torch.float32)).to(dtype)
 
 
 def _valid_tokens(shape, seq_lens, device) -> torch.Tensor | None:
@@ -50,7 +70,8 @@ def _valid_tokens(shape, seq_lens, device) -> torch.Tensor | None:
     return (t[None, :] < seq_lens[:, None].to(device))[:, None, :, None]  # [B, 1, T, 1]
 
 
-def _pack_mask(x: torch.Tensor, mask: torch.Tensor, capacity: int, seq_lens) -> PackedKV:
+def _pack_mask(x: torch.Tensor, mask: torch.Tensor, capacity: int, seq_lens, value_dtype=None,
+               value_scale: float = 1.0) -> PackedKV:
     d = x.shape[-1]
     valid = _valid_tokens(x.shape, seq_lens, x.device)
     if valid is not None:
@@ -65,23 +86,31 @@ def _pack_mask(x: torch.Tensor, mask: torch.Tensor, capacity: int, seq_lens) -> 
     values = torch.zeros(x.shape[:-1] + (capacity + 1,), dtype=xi.dtype, device=x.device)
     values.scatter_(-1, torch.where(mask, slot, capacity), torch.where(mask, xi, 0))
     values = values[..., :capacity].contiguous().view(x.dtype)
-    return PackedKV(bitmap.contiguous(), values, capacity, d, seq_lens)
+    if value_dtype == FP8_VALUES:  # kept values rounded after the selection; empty slots stay 0
+        values = to_fp8(values, value_scale)
+    return PackedKV(bitmap.contiguous(), values, capacity, d, seq_lens, value_scale)
 
 
-def prune_and_pack(x: torch.Tensor, sparsity: float, seq_lens=None) -> PackedKV:
-    return _pack_mask(x, topk_mask(x, sparsity), default_capacity(x.shape[-1], sparsity), seq_lens)
+def prune_and_pack(x: torch.Tensor, sparsity: float, seq_lens=None, value_dtype=None,
+                   value_scale: float = 1.0) -> PackedKV:
+    value_dtype, value_scale = check_value_format(value_dtype, value_scale)
+    return _pack_mask(x, topk_mask(x, sparsity), default_capacity(x.shape[-1], sparsity, value_dtype), seq_lens,
+                      value_dtype, value_scale)
 
 
-def pack(x: torch.Tensor, capacity: int | None = None, seq_lens=None) -> PackedKV:
+def pack(x: torch.Tensor, capacity: int | None = None, seq_lens=None, value_dtype=None,
+         value_scale: float = 1.0) -> PackedKV:
+    value_dtype, value_scale = check_value_format(value_dtype, value_scale)
     mask = x != 0
     valid = _valid_tokens(x.shape, seq_lens, x.device)
     counted = mask if valid is None else mask & valid
     max_nnz = int(counted.sum(-1).max()) if x.numel() else 0
+    multiple = value_row_multiple(value_dtype)
     if capacity is None:
-        capacity = max(8, round_up(max_nnz, 8))
+        capacity = max(multiple, round_up(max_nnz, multiple))
     elif max_nnz > capacity:
         raise ValueError(f"a row of x has {max_nnz} nonzeros, more than capacity={capacity}")
-    return _pack_mask(x, mask, capacity, seq_lens)
+    return _pack_mask(x, mask, capacity, seq_lens, value_dtype, value_scale)
 
 
 def bitmap_mask(packed: PackedKV) -> torch.Tensor:
@@ -90,11 +119,16 @@ def bitmap_mask(packed: PackedKV) -> torch.Tensor:
     return bits.reshape(packed.shape).bool()
 
 
-def unpack(packed: PackedKV) -> torch.Tensor:
+def unpack(packed: PackedKV, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The dense tensor; fp8 values come out times value_scale in dtype (default float32), other
+    values bit-exactly in their own dtype."""
     mask = bitmap_mask(packed)
     slot = (mask.to(torch.int64).cumsum(-1) - 1).clamp(0, packed.capacity - 1)
     vals = _int_view(packed.values).gather(-1, slot)  # integers: bit-exact NaN payloads
-    return torch.where(mask, vals, 0).view(packed.dtype)
+    dense = torch.where(mask, vals, 0).view(packed.dtype)
+    if packed.fp8:
+        return from_fp8(dense, packed.value_scale, dtype or torch.float32)
+    return dense
 
 
 def gather_pages(paged: PagedKV) -> tuple[PackedKV, torch.Tensor]:
@@ -113,7 +147,7 @@ def gather_pages(paged: PagedKV) -> tuple[PackedKV, torch.Tensor]:
         return g.permute(0, 2, 1, 3, 4).reshape(b, hkv, p * ps, pool.shape[-1]).contiguous()
 
     values = rows(paged.values).view(paged.dtype)
-    packed = PackedKV(rows(paged.bitmap), values, paged.capacity, paged.head_dim, paged.seq_lens)
+    packed = PackedKV(rows(paged.bitmap), values, paged.capacity, paged.head_dim, paged.seq_lens, paged.value_scale)
     return packed, page_ok.repeat_interleave(ps, dim=1)
 
 
@@ -137,14 +171,16 @@ def pages_from_packed(caches, page_size: int, extra_pages: int = 0, generator=No
         width = x.shape[-1]
         xi = _int_view(x) if x.is_floating_point() else x
         xi = torch.nn.functional.pad(xi, (0, 0, 0, pages * page_size - t))
-        garbage = torch.randint(-2**15, 2**15, (num_pages, hkv, page_size, width), generator=generator,
+        bound = 2**7 if xi.element_size() == 1 else 2**15
+        garbage = torch.randint(-bound, bound, (num_pages, hkv, page_size, width), generator=generator,
                                 device=gen_dev)
         p = garbage.to(dev, xi.dtype)
         p[block_table.reshape(-1).long()] = xi.reshape(b, hkv, pages, page_size, width).transpose(1, 2).reshape(
             b * pages, hkv, page_size, width)
         return p.view(x.dtype)
 
-    return [PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens) for c in caches]
+    return [PagedKV(pool(c.bitmap), pool(c.values), c.capacity, c.head_dim, block_table, seq_lens, c.value_scale)
+            for c in caches]
 
 
 def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, sparsity: float,
@@ -161,7 +197,7 @@ def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, spa
     if validate and bool((~inside & (slots != -1)).any()):
         raise ValueError(f"slot_mapping has slots outside [0, {num_slots}) other than -1")
     mask = topk_mask(x, sparsity)
-    packed = _pack_mask(x, mask, cache.capacity, None)
+    packed = _pack_mask(x, mask, cache.capacity, None, cache.dtype if cache.fp8 else None, cache.value_scale)
     page, offset = slots[inside] // cache.page_size, slots[inside] % cache.page_size
     # [n, Hkv, X] rows -> pool[page, :, offset]; the values move as integers (bit-exact NaN payloads)
     cache.bitmap[page, :, offset] = packed.bitmap[inside]
@@ -195,7 +231,7 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
     attendable = None
     if isinstance(packed_k, PagedKV):
         (packed_k, attendable), (packed_v, _) = gather_pages(packed_k), gather_pages(packed_v)
-    k, v = unpack(packed_k), unpack(packed_v)
+    k, v = unpack(packed_k, compute_dtype), unpack(packed_v, compute_dtype)
     hkv, t = k.shape[1], k.shape[2]
     dev = q.device
     lens = packed_k.seq_lens.to(dev)[:, None] if packed_k.seq_lens is not None else torch.full((b, 1), t, device=dev)
@@ -205,8 +241,8 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
     if k_window is not None:
         w = k_window.shape[2]
         wl = window_lens.to(dev) if window_lens is not None else torch.full((b,), w, device=dev)
-        k = torch.cat([k, k_window], dim=2)
-        v = torch.cat([v, v_window], dim=2)
+        k = torch.cat([k.to(compute_dtype), k_window.to(compute_dtype)], dim=2)
+        v = torch.cat([v.to(compute_dtype), v_window.to(compute_dtype)], dim=2)
         valid = torch.cat([valid, torch.arange(w, device=dev)[None, :] < wl[:, None]], dim=1)
     # tokens past seq_lens / window_lens are not attended: whatever they hold (NaN, inf) must not
     # reach the output through 0 * NaN in the P @ V product

@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .fp8 import fp8_e4m3_bits, fp8_e4m3_value
+
 # Head dims of prune_pack_gluon.py's kernel (its per-byte mma needs N = D / 8 >= 8, a power of two)
 GLUON_PRUNE_HEAD_DIMS = (64, 128, 256)
 
@@ -71,8 +73,10 @@ def _select_kernel(
     HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, CAPACITY_POW2: tl.constexpr,
     MAG_BITS: tl.constexpr, BLOCK_T: tl.constexpr,
     SELECT_TOPK: tl.constexpr, WRITE_PACKED: tl.constexpr, HAS_SEQ_LENS: tl.constexpr,
-    PAGED: tl.constexpr,
+    PAGED: tl.constexpr, inv_value_scale=1.0, FP8_VALUES: tl.constexpr = False,
 ):
+    """FP8_VALUES: values_ptr holds float8_e4m3fn bits (uint8): each kept value is written as
+    x * inv_value_scale rounded to e4m3 (fp8.py); the selection reads x itself."""
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -116,12 +120,16 @@ def _select_kernel(
         slot = tl.cumsum(kept_i, axis=1) - 1
         count = tl.sum(kept_i, axis=1)
         # Kept values go to slots [0, count); zeros to [count, CAPACITY): disjoint stores, no race.
-        tl.store(values_ptr + out_rows[:, None] * CAPACITY + slot, x,
+        if FP8_VALUES:
+            stored = fp8_e4m3_bits(x, inv_value_scale)
+        else:
+            stored = x
+        tl.store(values_ptr + out_rows[:, None] * CAPACITY + slot, stored,
                  mask=kept & (slot < CAPACITY) & written[:, None])
         j = tl.arange(0, CAPACITY_POW2)
         zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & written[:, None]
         tl.store(values_ptr + out_rows[:, None] * CAPACITY + j[None, :],
-                 tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=x.dtype), mask=zero_slots)
+                 tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=stored.dtype), mask=zero_slots)
         bits = tl.reshape(kept_i, [BLOCK_T, D_TILE // 32, 32]).to(tl.uint32)
         shifts = tl.arange(0, 32).to(tl.uint32)
         words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
@@ -137,7 +145,10 @@ def _select_kernel(
 def _unpack_kernel(
     bitmap_ptr, values_ptr, out_ptr, n_rows,
     HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_T: tl.constexpr,
+    value_scale=1.0, FP8_VALUES: tl.constexpr = False,
 ):
+    """FP8_VALUES: values_ptr holds float8_e4m3fn bits (uint8); out gets value * value_scale
+    (float32 math) in out's dtype."""
     NUM_WORDS: tl.constexpr = HEAD_DIM // 32
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -150,7 +161,11 @@ def _unpack_kernel(
     bits = tl.reshape(bits, [BLOCK_T, D_TILE])
     slot = tl.cumsum(bits, axis=1) - 1
     keep = (bits != 0) & (slot < CAPACITY) & valid[:, None]
-    vals = tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
+    if FP8_VALUES:
+        raw = tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0)
+        vals = (fp8_e4m3_value(raw) * value_scale).to(out_ptr.dtype.element_ty)
+    else:
+        vals = tl.load(values_ptr + rows[:, None] * CAPACITY + slot, mask=keep, other=0.0)
     d = tl.arange(0, D_TILE)
     tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], vals,
              mask=_in_head(valid[:, None], d[None, :], HEAD_DIM))
