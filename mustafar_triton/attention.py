@@ -28,7 +28,7 @@ def _check_packed(name: str, p, q: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a PackedKV or PagedKV, got {type(p).__name__}")
     if p.values.dim() != 4:
         raise ValueError(f"{name} must hold a [B, Hkv, T, D] cache, got dense shape {p.shape}")
-    if p.dtype != q.dtype:
+    if p.dtype != q.dtype and not p.fp8:
         raise TypeError(f"{name} dtype {p.dtype} != q dtype {q.dtype}")
     if p.device != q.device:
         raise ValueError(f"{name} is on {p.device} but q is on {q.device}")
@@ -107,7 +107,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     q:        [B, Hq, D] fp16 / bf16 / fp32, one query token per sequence, or [B, Lq, Hq, D] with
               1 <= Lq <= MAX_QUERY_TOKENS (8): several new tokens per sequence and step
               (speculative decoding, multi-token prediction, chunked prefill); see below.
-    packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype);
+    packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype, or
+              both with fp8 values: format.py; those run decode.py's kernel, untuned, at ~the
+              tl kernel's speed, and are widened exactly to q's dtype with their value_scale);
               sequence b attends its first packed_k.seq_lens[b] tokens (all T when seq_lens is
               None; packed_v must use the same lengths). 0 compressed tokens is allowed.
               Or two PagedKV (serving engines: pages from a pool, one block table and seq_lens
@@ -191,7 +193,7 @@ def _packed_key(p):
     """What the checks read of a PackedKV (its constructor checked the rest: bitmap and seq_lens
     shapes, dtypes and devices against the values)."""
     v = p.values
-    key = (type(p), v.shape, v.dtype, v.device, p.capacity, p.head_dim, p.seq_lens is None)
+    key = (type(p), v.shape, v.dtype, v.device, p.capacity, p.head_dim, p.seq_lens is None, p.value_scale)
     return key + (p.block_table.shape,) if isinstance(p, PagedKV) else key
 
 
@@ -227,6 +229,10 @@ class _DecodePlan:
             raise ValueError(f"packed_k dense shape {packed_k.shape} != packed_v dense shape {packed_v.shape}")
         if (packed_k.seq_lens is None) != (packed_v.seq_lens is None):
             raise ValueError("packed_k and packed_v must both have seq_lens or both not")
+        if packed_k.fp8 != packed_v.fp8:
+            raise TypeError(f"packed_k values are {packed_k.dtype} but packed_v values {packed_v.dtype}: fp8 "
+                            "values are supported in both caches or in neither")
+        self.fp8 = packed_k.fp8
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
             raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
         _check_window(k_window, v_window, window_lens, packed_k, q)
@@ -263,6 +269,8 @@ class _DecodePlan:
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
                           HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None, LQ=self.lq)
         self.paged = isinstance(packed_k, PagedKV)
+        if self.fp8:  # decode.py's kernel only; the scales are part of the layout (_packed_key)
+            self.flags.update(FP8_VALUES=True, k_value_scale=packed_k.value_scale, v_value_scale=packed_v.value_scale)
         if self.paged:  # the block table's row length and the pool's pages are constant per layout
             self.flags.update(PAGE_SIZE=packed_k.page_size, max_pages=packed_k.block_table.shape[1],
                               num_pages=packed_k.num_pages)
@@ -310,10 +318,10 @@ class _DecodePlan:
         dtype = tensors[0].dtype
 
         def runnable(cfg):
-            if cfg.get("kernel") == "gluon" and not (
+            if cfg.get("kernel") == "gluon" and (self.fp8 or not (
                     gluon_launch.gluon_decode_supports(dtype, self.d, self.rows, self.on_interpreter)
-                    and gluon_runs_on(self.device)):
-                # e.g. the interpreter, an fp32 cache, a T4, more than 16 (token, head) rows
+                    and gluon_runs_on(self.device))):
+                # e.g. the interpreter, an fp32 cache, fp8 values, a T4, more than 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
             wider = gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group)
             if cfg.get("kernel") == "gluon" and wider:
@@ -322,12 +330,14 @@ class _DecodePlan:
                 cfg = {key: value for key, value in cfg.items() if key != "gather"}
             return cfg
         # Several query tokens take their GQA group's (one-token) config and never tune: a config
-        # tuned on them would be stored under the same bucket and serve one-token calls.
+        # tuned on them would be stored under the same bucket and serve one-token calls. fp8 values
+        # neither (their bucket's entry is the fp16 cache's, and the Gluon kernels do not read them).
         def run(cfg):  # one call of cfg's launch on this call's tensors (the tuner times it)
             launch, stream = _Launch(self, runnable(cfg), context), self.stream()
             part_out, part_lse, _ = self.buffers(stream, launch.splits, True)
             launch(stream, *tensors, part_out, part_lse)
-        cfg = autotune.config_for("decode", self.device, run=run if self.lq == 1 else None, head_dim=self.d,
+        cfg = autotune.config_for("decode", self.device, run=run if self.lq == 1 and not self.fp8 else None,
+                                  head_dim=self.d,
                                   group=self.group, dtype=dtype, capacity=max(self.k_capacity, self.v_capacity),
                                   batch_heads=self.batch * self.hkv, context=context)
         return _Launch(self, runnable(cfg), context)
@@ -415,14 +425,18 @@ class _Launch:
             BLOCK_D=self.block_d, BLOCK_S=self.block_s, MAX_SPLITS_POW2=self.max_splits_pow2,
             num_warps=cfg.get("merge_warps", 4))
         self.paged = plan.paged
+        self.fp8 = plan.fp8
 
     def __call__(self, stream, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, part_out, part_lse):
         pages = {"block_table_ptr": packed_k.block_table} if self.paged else {}
+        k_values, v_values = packed_k.values, packed_v.values
         if self.gluon:
-            self.decode(stream, q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values,
+            self.decode(stream, q, packed_k.bitmap, k_values, packed_v.bitmap, v_values,
                         packed_k.seq_lens, k_window, v_window, window_lens, part_out, part_lse, **pages)
         else:
+            if self.fp8:  # the kernel reads fp8 values as their bits
+                k_values, v_values = k_values.view(torch.uint8), v_values.view(torch.uint8)
             lut = self.slot_table if self.slot_table is not None else packed_k.bitmap  # a stand-in, not read
-            self.decode(stream, q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values,
+            self.decode(stream, q, packed_k.bitmap, k_values, packed_v.bitmap, v_values,
                         packed_k.seq_lens, lut, k_window, v_window, window_lens, part_out, part_lse, **pages)
         self.merge(stream, part_out, part_lse, out, lse)

@@ -70,7 +70,8 @@ from ._runtime import check_device, check_same_device
 from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
-from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, default_capacity, kept_per_token
+from .format import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, check_value_format, default_capacity,
+                     kept_per_token)
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -107,13 +108,21 @@ class SparseKVCache:
             default 0, no sinks). Each sequence's own first tokens in a ragged batch; a sequence
             shorter than `sinks` fills its sinks as it grows. They cost `sinks` dense tokens per
             sequence and head: at D=64 fp16, 4 sinks = 1 KiB per sequence and kv head (K and V).
+        value_dtype: None (the store keeps values in `dtype`) or torch.float8_e4m3fn: one byte
+            per kept value (format.py: capacity rounded to 16, NaN / inf stored as NaN, values
+            beyond 448 * scale saturated); the sinks and the window stay in `dtype`. Decode then
+            runs decode.py's kernel (not the Gluon ones).
+        value_scale: fp8 only, the scale of both stores, or a (K scale, V scale) pair: a stored
+            byte e stands for e * scale, so scale ~ max |value| / 448 uses e4m3's whole range
+            (default 1.0: values up to 448 in magnitude).
 
     See the module docstring for the flush policy and the capacity check.
     """
 
     def __init__(self, batch: int, num_kv_heads: int, head_dim: int, max_tokens: int, window: int,
                  k_sparsity: float, v_sparsity: float, dtype: torch.dtype = torch.float16,
-                 device: torch.device | str = "cuda", chunk: int | None = None, sinks: int = 0):
+                 device: torch.device | str = "cuda", chunk: int | None = None, sinks: int = 0,
+                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0):
         self.batch = _check_count("batch", batch, 1)
         self.num_kv_heads = _check_count("num_kv_heads", num_kv_heads, 1)
         self.max_tokens = _check_count("max_tokens", max_tokens, 0)
@@ -131,16 +140,22 @@ class SparseKVCache:
         self.dtype = dtype
         self.k_sparsity = _check_sparsity(k_sparsity)
         self.v_sparsity = _check_sparsity(v_sparsity)
+        scales = value_scale if isinstance(value_scale, tuple) else (value_scale, value_scale)
+        if len(scales) != 2:
+            raise ValueError(f"value_scale must be a float or a (K scale, V scale) pair, got {value_scale!r}")
+        scales = tuple(check_value_format(value_dtype, scale)[1] for scale in scales)
+        self.value_dtype = value_dtype
 
         lead = (batch, num_kv_heads, max_tokens)
         seq_lens = torch.zeros(batch, dtype=torch.int32, device=device)
 
-        def store(sparsity):
-            cap = default_capacity(head_dim, sparsity)
+        def store(sparsity, scale):
+            cap = default_capacity(head_dim, sparsity, value_dtype)
             return PackedKV(torch.zeros(lead + (head_dim // 32,), dtype=torch.int32, device=device),
-                            torch.zeros(lead + (cap,), dtype=dtype, device=device), cap, head_dim, seq_lens)
+                            torch.zeros(lead + (cap,), dtype=value_dtype or dtype, device=device), cap, head_dim,
+                            seq_lens, scale)
 
-        self.packed_k, self.packed_v = store(self.k_sparsity), store(self.v_sparsity)
+        self.packed_k, self.packed_v = store(self.k_sparsity, scales[0]), store(self.v_sparsity, scales[1])
         dense = self.sinks + window
         self.k_window = torch.zeros((batch, num_kv_heads, dense, head_dim), dtype=dtype, device=device)
         self.v_window = torch.zeros_like(self.k_window)
@@ -165,7 +180,7 @@ class SparseKVCache:
         if max_tokens % 16 == 0 and max_tokens > 0:
             # the store as PagedKV pools of B pages (append_static's write_pages; the table is unused)
             table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
-            self._pages = tuple(PagedKV(p.bitmap, p.values, p.capacity, head_dim, table, seq_lens)
+            self._pages = tuple(PagedKV(p.bitmap, p.values, p.capacity, head_dim, table, seq_lens, p.value_scale)
                                 for p in (self.packed_k, self.packed_v))
 
     @property
@@ -218,14 +233,17 @@ class SparseKVCache:
         d, c = self.head_dim, k_chunk.shape[2]
         # prune_and_pack without its argument checks (the chunks are the cache's own, checked on entry)
         pk, pv = (_launch_select(x, keep=kept_per_token(d, sparsity), capacity=p.capacity, seq_lens=n,
-                                 select_topk=True, write_packed=True)
+                                 select_topk=True, write_packed=True, value_dtype=self.value_dtype,
+                                 value_scale=p.value_scale)
                   for x, sparsity, p in ((k_chunk, self.k_sparsity, self.packed_k),
                                          (v_chunk, self.v_sparsity, self.packed_v)))
         chunk_pos = self._chunk_pos if c == self.chunk else torch.arange(c, device=n.device).view(1, 1, c, 1)
         pos = self.seq_lens.view(-1, 1, 1, 1) + chunk_pos  # int64 [B, 1, C, 1]
         index = {}   # one expanded index per destination shape (K's and V's bitmaps share one)
-        for dst, src in ((self.packed_k.bitmap, pk.bitmap), (self.packed_k.values, pk.values),
-                         (self.packed_v.bitmap, pv.bitmap), (self.packed_v.values, pv.values)):
+        # fp8 values move as their bytes (torch has no fp8 scatter)
+        as_bits = (lambda t: t.view(torch.uint8)) if self.value_dtype is not None else (lambda t: t)
+        for dst, src in ((self.packed_k.bitmap, pk.bitmap), (as_bits(self.packed_k.values), as_bits(pk.values)),
+                         (self.packed_v.bitmap, pv.bitmap), (as_bits(self.packed_v.values), as_bits(pv.values))):
             idx = index.get(src.shape)
             if idx is None:
                 idx = index[src.shape] = pos.expand(src.shape)

@@ -245,15 +245,17 @@ def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, spa
 
 def unpack(packed: PackedKV, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Exact inverse of pack / prune_and_pack: the dense [*lead, T, D] tensor (zeros past seq_lens).
-    fp8 values come out as value * value_scale (float32 math) in dtype, default float32; dtype is
-    for fp8 values only."""
+    fp8 values come out as value * value_scale (float32 math) rounded to dtype, default float32;
+    dtype is for fp8 values only."""
     if not isinstance(packed, PackedKV):
         raise TypeError(f"unpack expects a PackedKV, got {type(packed).__name__}")
     check_device("packed.values", packed.values)
     if dtype is not None and (not packed.fp8 or dtype not in SUPPORTED_DTYPES):
         raise TypeError(f"unpack: dtype={dtype} is for fp8 values only, one of {SUPPORTED_DTYPES} "
                         f"(these values are {packed.dtype})")
-    out_dtype = (dtype or torch.float32) if packed.fp8 else packed.dtype
+    # fp8: the kernel writes float32 and torch rounds it to dtype (the interpreter's float32 ->
+    # bf16 cast does not round to nearest)
+    out_dtype = torch.float32 if packed.fp8 else packed.dtype
     out = torch.empty(packed.shape, dtype=out_dtype, device=packed.device)
     n_rows = out.numel() // packed.head_dim
     cfg = autotune.config_for("unpack", packed.device, head_dim=packed.head_dim, dtype=out_dtype, rows=n_rows)
@@ -264,4 +266,4 @@ def unpack(packed: PackedKV, dtype: torch.dtype | None = None) -> torch.Tensor:
             HEAD_DIM=packed.head_dim, CAPACITY=packed.capacity, BLOCK_T=cfg["BLOCK_T"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **fp8_args,
         )
-    return out
+    return out.to(dtype) if dtype is not None else out

@@ -98,8 +98,8 @@ class PackedKV:
             raise TypeError(f"PackedKV: values dtype {self.values.dtype} not in {SUPPORTED_DTYPES + (FP8_VALUES,)}")
         multiple = value_row_multiple(self.values.dtype)
         if cap % multiple != 0 or not multiple <= cap <= d:
-            raise ValueError(f"PackedKV: capacity must be a multiple of {multiple} in [{multiple}, {d}] for "
-                             f"{self.values.dtype} values, got {cap}")
+            raise ValueError(f"PackedKV: capacity must be a multiple of {multiple} in [{multiple}, {d}], got {cap}"
+                             + (" (fp8 values: 16-byte rows)" if self.fp8 else ""))
         check_value_format(self.values.dtype if self.fp8 else None, self.value_scale)
         if self.bitmap.dtype != torch.int32:
             raise TypeError(f"PackedKV: bitmap must be int32, got {self.bitmap.dtype}")

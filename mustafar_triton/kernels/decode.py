@@ -27,6 +27,7 @@ import triton.language as tl
 
 from .._runtime import cdiv
 from .decode_gluon_launch import GATHERS, GLUON_CONFIG, gather_supports, gluon_bucket
+from .fp8 import fp8_e4m3_value
 from .prune_pack import _in_head
 
 try:  # libdevice popc: GPU only (the interpreter cannot run it)
@@ -63,7 +64,7 @@ def _load_words(bitmap_ptr, tok, tok_valid, HEAD_DIM: tl.constexpr):
 @triton.jit
 def _expand_tile_t(words, values_ptr, lut_ptr, tok,
                    HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, BLOCK_N: tl.constexpr,
-                   SLOTS: tl.constexpr):
+                   SLOTS: tl.constexpr, FP8_VALUES: tl.constexpr = False):
     """Dense TRANSPOSED tile [HEAD_DIM (padded to a power of two), BLOCK_N] of tokens `tok` (int32
     indices into one (batch, kv head) stream whose values start at values_ptr) from their bitmap
     words.
@@ -71,7 +72,8 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
     Channels run along dim 0 on purpose: Triton then puts a warp's lanes along the channels of
     one token, so each gathered value load touches one 80-byte value row instead of 32 rows.
     A token whose bitmap has more than CAPACITY bits (a malformed PackedKV) reads as all zeros,
-    so no load ever leaves its own value row.
+    so no load ever leaves its own value row. FP8_VALUES: the values are float8_e4m3fn bits
+    (uint8), returned as the float32 values they hold (unscaled).
     """
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     if SLOTS == "lut":
@@ -98,6 +100,8 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         offset = tl.reshape(word_base[:, None, :] + in_word, [D_TILE, BLOCK_N])
         keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [D_TILE, BLOCK_N])
     # offsets are token * CAPACITY + slot, formed in int32 so each element needs one 64-bit add
+    if FP8_VALUES:
+        return fp8_e4m3_value(tl.load(values_ptr + offset, mask=keep, other=0))
     return tl.load(values_ptr + offset, mask=keep, other=0.0)
 
 
@@ -178,8 +182,10 @@ def _causal_start(b, window, window_lens_ptr, LQ: tl.constexpr, HAS_WINDOW_LENS:
 
 
 @triton.jit
-def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr):
-    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D]."""
+def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr, v_scale=1.0,
+                         SCALE_V: tl.constexpr = False):
+    """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D].
+    SCALE_V: the tile's P @ V is multiplied by v_scale (fp8 values' scale)."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
@@ -193,10 +199,12 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
     p = tl.exp2(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
     if v.dtype == tl.float32:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        pv = tl.dot(p, v, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return m_new, l, acc
+        pv = tl.dot(p.to(v.dtype), v)
+    if SCALE_V:
+        pv = pv * v_scale
+    return m_new, l, acc * alpha[:, None] + pv
 
 
 @triton.jit
@@ -210,8 +218,11 @@ def _sparse_decode_kernel(
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
     SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr, LQ: tl.constexpr = 1,
     block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: tl.constexpr = 0,
+    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: tl.constexpr = False,
 ):
-    """LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
+    """FP8_VALUES: both caches hold float8_e4m3fn values (as uint8), widened exactly to q's dtype;
+    K's scale multiplies the compressed tiles' scores, V's their P @ V.
+    LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
     are the LQ * GROUP (token, head) pairs, row r = token r // GROUP, head r % GROUP (padded to
     BLOCK_H). They all attend every compressed token and the window tokens before _causal_start;
     each of the (at most LQ - 1) causal tail tokens after it is then a step of its own, whose
@@ -248,25 +259,29 @@ def _sparse_decode_kernel(
             row, ok = _page_row(tok, tok < c_hi, block_table_row, num_pages, num_kv_heads, PAGE_SIZE)
             if tl.max(ok.to(tl.int32), axis=0) > 0:  # pages outside the pool only: all -inf scores, skipped
                 k_t = _expand_tile_t(_load_words(k_bits, row, ok, HEAD_DIM), k_vals, lut_ptr, row,
-                                     HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
+                                     HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS, FP8_VALUES).to(q.dtype)
                 v_t = _expand_tile_t(_load_words(v_bits, row, ok, HEAD_DIM), v_vals, lut_ptr, row,
-                                     HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
-                m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale, FP32_MATH)
+                                     HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS, FP8_VALUES).to(q.dtype)
+                m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale * k_value_scale,
+                                                 FP32_MATH, v_value_scale, FP8_VALUES)
     else:
         tok = lo + tl.arange(0, BLOCK_N)
         k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
         v_words = _load_words(v_bits, tok, tok < c_hi, HEAD_DIM)
         for start in range(lo, c_hi, BLOCK_N):
             tok = start + tl.arange(0, BLOCK_N)
-            k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS)
-            v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS)
+            k_t = _expand_tile_t(k_words, k_vals, lut_ptr, tok, HEAD_DIM, K_CAPACITY, BLOCK_N, SLOTS,
+                                 FP8_VALUES).to(q.dtype)
+            v_t = _expand_tile_t(v_words, v_vals, lut_ptr, tok, HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS,
+                                 FP8_VALUES).to(q.dtype)
             # Prefetch the next tile's bitmap now, so only the value gathers wait on memory each step.
             k_words = _load_words(k_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
             v_words = _load_words(v_bits, tok + BLOCK_N, tok + BLOCK_N < c_hi, HEAD_DIM)
             if PREFETCH > 0:  # and the value rows PREFETCH tiles ahead
                 _prefetch_rows(k_vals, start + PREFETCH * BLOCK_N, c_hi, K_CAPACITY, BLOCK_N)
                 _prefetch_rows(v_vals, start + PREFETCH * BLOCK_N, c_hi, V_CAPACITY, BLOCK_N)
-            m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale, FP32_MATH)
+            m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale * k_value_scale,
+                                             FP32_MATH, v_value_scale, FP8_VALUES)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
