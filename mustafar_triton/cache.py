@@ -91,6 +91,15 @@ def _bound_bucket(n: int, limit: int) -> int:
     return min(-(-n // step) * step, limit)
 
 
+def value_scales(value_dtype, value_scale) -> tuple[float, float]:
+    """SparseKVCache's value_scale (one float, or a (K, V) pair) as (K scale, V scale), checked
+    with value_dtype (format.check_value_format)."""
+    scales = value_scale if isinstance(value_scale, tuple) else (value_scale, value_scale)
+    if len(scales) != 2:
+        raise ValueError(f"value_scale must be a float or a (K scale, V scale) pair, got {value_scale!r}")
+    return tuple(check_value_format(value_dtype, scale)[1] for scale in scales)
+
+
 class SparseKVCache:
     """Per-layer KV cache: pruned + packed store of older tokens, dense window of recent ones.
 
@@ -140,10 +149,7 @@ class SparseKVCache:
         self.dtype = dtype
         self.k_sparsity = _check_sparsity(k_sparsity)
         self.v_sparsity = _check_sparsity(v_sparsity)
-        scales = value_scale if isinstance(value_scale, tuple) else (value_scale, value_scale)
-        if len(scales) != 2:
-            raise ValueError(f"value_scale must be a float or a (K scale, V scale) pair, got {value_scale!r}")
-        scales = tuple(check_value_format(value_dtype, scale)[1] for scale in scales)
+        scales = value_scales(value_dtype, value_scale)
         self.value_dtype = value_dtype
 
         lead = (batch, num_kv_heads, max_tokens)

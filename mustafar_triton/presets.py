@@ -41,6 +41,22 @@ by its queries' weights (`perf/accuracy.py --grid key-scales`): "K0.7V0.7" at D=
 +10.31% -> +6.52% / +8.39%, "K0.5V0.5" +1.22% / +3.09% -> +1.18% / +2.50%. The presets were
 chosen without it.
 
+fp8 kept values (`preset(name, head_dim, fp8=True)`, which adds value_dtype=torch.float8_e4m3fn):
+one byte per kept value buys twice the kept values at the same bytes. `perf/accuracy.py --grid
+fp8` / `--model gemma3 --grid fp8-d256` (perf/results/accuracy_fp8_smollm2.json,
+accuracy_fp8_d256_gemma3.json) measured, at the bytes of K0.7V0.7, K0.25V0.25 with 4 sinks at
+D=64 (+0.31% / +0.44%, against the fp16 preset's +7.08% / +10.31%) and K0.25V0.5 with 4 sinks at
+D=256 (+0.36% / +0.34%, against +3.53% / +3.12%) as the best configurations with fp8 values, and
+the same held at 8192 tokens with window 64 (perf/results/accuracy_fp8_long_context_*.json:
++0.42% / +0.70% and +0.51% / -0.04%). Those rows scaled each layer's and kv head's values by
+amax / 448 over the text (an oracle calibration); the library has one value_scale per cache and
+the presets leave it at 1. Scale 1 against amax / 448 measured within 0.4 points on the rows
+without sinks that have both (K0.25V0.25: +0.49% / +0.63% against +0.57% / +0.31%; Gemma 3
+K0.375V0.375: +1.16% / -0.02% against +1.10% / +0.03%); the presets themselves at scale 1 are
+`--grid fp8-presets` / `fp8-presets-d256`, not yet run. Only "K0.7V0.7" was measured with fp8
+values. Their decode runs decode.py's kernel (no Gluon kernel reads fp8 values yet): more
+accuracy per byte, not more speed.
+
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves
 them, so the pruning reaches the other 3 of 18; the same texts and selection; results in
@@ -53,6 +69,8 @@ dims (128 included) raise ValueError: their capacity rounding differs, so the eq
 differ; set the four values by hand there.
 """
 from __future__ import annotations
+
+import torch
 
 from .cache import _check_count
 
@@ -71,31 +89,45 @@ PRESETS: dict[str, dict[int, dict]] = {
 }
 
 
+# The same, with fp8 kept values (value_dtype is added): {reference configuration: {head dim: settings}}
+FP8_PRESETS: dict[str, dict[int, dict]] = {
+    # SmolLM2: +0.31% / +0.44% vs +20.34% / +24.84%; Gemma 3: +0.36% / +0.34% vs +5.02% / +4.99%
+    "K0.7V0.7": {64: dict(k_sparsity=0.25, v_sparsity=0.25, sinks=4, window=32),
+                 256: dict(k_sparsity=0.25, v_sparsity=0.5, sinks=4, window=32)},
+}
+
+
 # From this many context tokens on, the presets' window is LONG_CONTEXT_WINDOW (measured at 8192
 # tokens: perf/results/accuracy_long_context_*.json).
 LONG_CONTEXT_TOKENS = 8192
 LONG_CONTEXT_WINDOW = 64
 
 
-def preset(name: str, head_dim: int, context_tokens: int | None = None) -> dict:
+def preset(name: str, head_dim: int, context_tokens: int | None = None, fp8: bool = False) -> dict:
     """The measured most accurate settings at the bytes of the configuration `name` ("K0.7V0.7" or
-    "K0.5V0.5") for `head_dim`: a new dict of k_sparsity, v_sparsity, sinks and window, to pass as
-    keyword arguments to SparseKVCache or MustafarCache. `context_tokens`, the tokens a sequence
-    will hold (prompt + generated), if given and >= LONG_CONTEXT_TOKENS, selects the window
-    measured best there (64). See the module docstring for how they were chosen. Raises
-    TypeError / ValueError naming the argument for another name or an unmeasured head dim."""
+    "K0.5V0.5") for `head_dim`: a new dict of k_sparsity, v_sparsity, sinks and window (and
+    value_dtype with fp8=True: kept values in fp8, "K0.7V0.7" only), to pass as keyword arguments
+    to SparseKVCache or MustafarCache. `context_tokens`, the tokens a sequence will hold (prompt +
+    generated), if given and >= LONG_CONTEXT_TOKENS, selects the window measured best there (64).
+    See the module docstring for how they were chosen. Raises TypeError / ValueError naming the
+    argument for another name or an unmeasured head dim."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if isinstance(head_dim, bool) or not isinstance(head_dim, int):
         raise TypeError(f"head_dim must be an int, got {type(head_dim).__name__}")
+    if not isinstance(fp8, bool):
+        raise TypeError(f"fp8 must be a bool, got {type(fp8).__name__}")
     if context_tokens is not None:
         _check_count("context_tokens", context_tokens, 0)
-    if name not in PRESETS:
-        raise ValueError(f"name {name!r} is not a preset; presets: {sorted(PRESETS)}")
-    if head_dim not in PRESETS[name]:
-        raise ValueError(f"head_dim {head_dim}: preset {name!r} was measured for head dims "
-                         f"{sorted(PRESETS[name])} only; set k_sparsity, v_sparsity, sinks and window by hand")
-    settings = dict(PRESETS[name][head_dim])
+    table = FP8_PRESETS if fp8 else PRESETS
+    if name not in table:
+        raise ValueError(f"name {name!r} is not a preset{' with fp8 values' if fp8 else ''}; presets: {sorted(table)}")
+    if head_dim not in table[name]:
+        raise ValueError(f"head_dim {head_dim}: preset {name!r}{' with fp8 values' if fp8 else ''} was measured for "
+                         f"head dims {sorted(table[name])} only; set k_sparsity, v_sparsity, sinks and window by hand")
+    settings = dict(table[name][head_dim])
+    if fp8:
+        settings["value_dtype"] = torch.float8_e4m3fn
     if context_tokens is not None and context_tokens >= LONG_CONTEXT_TOKENS:
         settings["window"] = LONG_CONTEXT_WINDOW
     return settings

@@ -12,6 +12,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid fp8     # kept values in fp8 e4m3 (a study; --model gemma3 --grid fp8-d256)
     python perf/accuracy.py --grid fp8-long-context --tokens 8192
     python perf/accuracy.py --grid high-sparsity   # K0.8-0.95, and fp8 values at K0.9V0.9's bytes
+    python perf/accuracy.py --grid fp8-presets     # presets.FP8_PRESETS as served (--model gemma3 --grid fp8-presets-d256)
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -274,8 +275,22 @@ def _grid_high_sparsity() -> list[Config]:
             c(0.75, 0.75, 0, value_format="e4m3"), c(0.75, 0.75, 4, value_format="e4m3")]
 
 
+def _grid_fp8_presets() -> list[Config]:
+    """presets.FP8_PRESETS as the library serves them (value_scale 1: "e4m3-unit"), beside the
+    reference they spend the bytes of; fp8-presets-d256 the same for Gemma 3 (D=256)."""
+    c = Config
+    return [c(0.0, 0.0), c(0.7, 0.7), c(0.25, 0.25, 4, value_format="e4m3-unit")]
+
+
+def _grid_fp8_presets_d256() -> list[Config]:
+    c = Config
+    return [c(0.0, 0.0), c(0.7, 0.7), c(0.25, 0.5, 4, value_format="e4m3-unit")]
+
+
 GRIDS = {
     "fp8": _grid_fp8(),
+    "fp8-presets": _grid_fp8_presets(),
+    "fp8-presets-d256": _grid_fp8_presets_d256(),
     "high-sparsity": _grid_high_sparsity(),
     "fp8-long-context": _grid_fp8_long_context(),
     "fp8-long-context-d256": _grid_fp8_long_context_d256(),

@@ -85,12 +85,15 @@ def test_compiled_generate_matches_dense(llama, backend):
 
 
 @torch.no_grad()   # forward only: the custom ops have no autograd formula
-def test_compiled_decode_step_equals_eager(llama):
-    """One decode step of the model forward with a pruned static cache (sparsity 0.5), compiled
-    with fullgraph=True, equals the eager step: logits and every cache buffer."""
+@pytest.mark.parametrize("value_dtype", [None, torch.float8_e4m3fn])
+def test_compiled_decode_step_equals_eager(llama, value_dtype):
+    """One decode step of the model forward with a pruned static cache (sparsity 0.5; fp16 or
+    fp8 kept values), compiled with fullgraph=True, equals the eager step: logits and every cache
+    buffer."""
     model, ids, mask, _ = llama
     torch._dynamo.reset()
-    settings = {**SETTINGS, "k_sparsity": 0.5, "v_sparsity": 0.5, "window": 1}
+    settings = {**SETTINGS, "k_sparsity": 0.5, "v_sparsity": 0.5, "window": 1, "value_dtype": value_dtype,
+                "value_scale": 1.0 if value_dtype is None else 0.01}
     caches = [MustafarCache(model.config, static=True, **settings) for _ in range(2)]
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     for cache in caches:   # the prompt: eager, dense attention, then compression
@@ -105,7 +108,8 @@ def test_compiled_decode_step_equals_eager(llama):
         for name in ("seq_lens", "window_lens", "ring_start", "k_window", "v_window"):
             assert torch.equal(getattr(a.store, name), getattr(b.store, name)), name
         for x, y in ((a.store.packed_k, b.store.packed_k), (a.store.packed_v, b.store.packed_v)):
-            assert torch.equal(x.bitmap, y.bitmap) and torch.equal(x.values, y.values)
+            assert x.values.dtype == (value_dtype or model.dtype)
+            assert torch.equal(x.bitmap, y.bitmap) and torch.equal(x.values.view(torch.uint8), y.values.view(torch.uint8))
         assert int(a.cumulative_length) == int(b.cumulative_length) == ids.shape[1] + 3
     assert int(caches[0].layers[0].store.seq_lens.min()) > 0
 
@@ -117,6 +121,10 @@ def test_static_cache_arguments_are_checked(llama):
         MustafarCache(model.config, static=True, max_tokens=20)
     with pytest.raises(TypeError, match="static must be a bool"):
         MustafarCache(model.config, static=1)
+    with pytest.raises(ValueError, match="needs value_dtype"):
+        MustafarCache(model.config, value_scale=0.5)
+    with pytest.raises(TypeError, match="value_dtype must be None"):
+        MustafarCache(model.config, value_dtype=torch.float16)
     cache = MustafarCache(model.config, static=True, **SETTINGS)
     model(ids, attention_mask=mask, **with_cache(model, cache))
     with pytest.raises(ValueError, match="one new token per sequence and step after the prompt, got 2"):

@@ -37,7 +37,8 @@ def test_schema():
         "mustafar_triton::sparse_decode_attention(Tensor q, Tensor k_bitmap, Tensor k_values, "
         "Tensor v_bitmap, Tensor v_values, Tensor? seq_lens=None, Tensor? k_window=None, "
         "Tensor? v_window=None, Tensor? window_lens=None, float? softmax_scale=None, "
-        "SymInt num_splits=0, SymInt? max_seq_len=None, Tensor? block_table=None) -> (Tensor, Tensor)")
+        "SymInt num_splits=0, SymInt? max_seq_len=None, Tensor? block_table=None, float k_value_scale=1., "
+        "float v_value_scale=1.) -> (Tensor, Tensor)")
 
 
 @pytest.mark.parametrize("with_window", [True, False], ids=["window", "no-window"])

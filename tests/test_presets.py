@@ -47,7 +47,26 @@ def test_presets_cost_their_reference_bytes_and_build_caches(name, device):
         assert (cache.sinks, cache.window) == (p["sinks"], p["window"])
 
 
+@pytest.mark.parametrize("name", sorted(mt.presets.FP8_PRESETS))
+def test_fp8_presets_cost_their_reference_bytes_and_build_caches(name, device):
+    """fp8 kept values: the same store bytes per token as the fp16 reference, twice the slots."""
+    k_ref, v_ref = (float(x) for x in name[1:].split("V"))
+    for head_dim in mt.presets.FP8_PRESETS[name]:
+        p = mt.preset(name, head_dim, fp8=True)
+        assert set(p) == {"k_sparsity", "v_sparsity", "sinks", "window", "value_dtype"}
+        assert p["value_dtype"] == torch.float8_e4m3fn
+        cache = mt.SparseKVCache(2, 1, head_dim, 8, dtype=torch.bfloat16, device=device, **p)
+        reference = mt.SparseKVCache(2, 1, head_dim, 8, dtype=torch.bfloat16, device=device,
+                                     k_sparsity=k_ref, v_sparsity=v_ref, window=p["window"])
+        assert cache.packed_k.nbytes + cache.packed_v.nbytes == reference.packed_k.nbytes + reference.packed_v.nbytes
+        assert mt.preset(name, head_dim, context_tokens=8192, fp8=True)["window"] == 64
+
+
 def test_preset_arguments_are_checked():
+    with pytest.raises(ValueError, match="'K0.5V0.5' is not a preset with fp8 values"):
+        mt.preset("K0.5V0.5", head_dim=64, fp8=True)
+    with pytest.raises(TypeError, match="fp8 must be a bool"):
+        mt.preset("K0.7V0.7", head_dim=64, fp8="yes")
     with pytest.raises(ValueError, match="name 'K0.9V0.9' is not a preset"):
         mt.preset("K0.9V0.9", head_dim=64)
     with pytest.raises(ValueError, match="head_dim 128: .*measured for head dims \\[64, 256\\]"):

@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, sdpa_mask
 
-from ..cache import SparseKVCache, _check_count
+from ..cache import SparseKVCache, _check_count, value_scales
 from ..compress import _check_sparsity
 from ..custom_op import sparse_decode_attention_op
 from ..key_scales import rescale_query_key_
@@ -104,10 +104,12 @@ class MustafarLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, max_tokens: int, sinks: int = 0):
+    def __init__(self, k_sparsity: float, v_sparsity: float, window: int, max_tokens: int, sinks: int = 0,
+                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0):
         super().__init__()
         self.k_sparsity, self.v_sparsity = k_sparsity, v_sparsity
         self.window, self.max_tokens, self.sinks = window, max_tokens, sinks
+        self.value_dtype, self.value_scale = value_dtype, value_scale
         self.store: SparseKVCache | None = None
         self.length = 0
         self.has_prompt = False      # the prompt went through update()
@@ -117,7 +119,8 @@ class MustafarLayer(CacheLayerMixin):
         b, hkv, _, d = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store = SparseKVCache(b, hkv, d, self.max_tokens, self.window, self.k_sparsity, self.v_sparsity,
-                                   dtype=key_states.dtype, device=key_states.device, sinks=self.sinks)
+                                   dtype=key_states.dtype, device=key_states.device, sinks=self.sinks,
+                                   value_dtype=self.value_dtype, value_scale=self.value_scale)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -229,8 +232,9 @@ class MustafarCache(Cache):
     windows; sliding-window layers (Gemma 2 / 3, ...) keep their at most `sliding_window`
     tokens dense in transformers' own sliding layers and attend through SDPA with the model's mask.
 
-    k_sparsity, v_sparsity, window, max_tokens and sinks (the first `sinks` tokens of every
-    sequence kept dense, default 0) are those of `SparseKVCache`, checked on construction;
+    k_sparsity, v_sparsity, window, max_tokens, sinks (the first `sinks` tokens of every
+    sequence kept dense, default 0), value_dtype and value_scale (fp8 kept values) are those of
+    `SparseKVCache`, checked on construction;
     `mustafar_triton.preset(name, head_dim, context_tokens)` gives measured equal-bytes settings to
     pass as **kwargs.
     static=True: compileable layers (StaticMustafarLayer), for generate()'s compiled decode; needs
@@ -239,8 +243,10 @@ class MustafarCache(Cache):
     """
 
     def __init__(self, config, k_sparsity: float = 0.5, v_sparsity: float = 0.5, window: int = 32,
-                 max_tokens: int = 4096, sinks: int = 0, static: bool = False):
+                 max_tokens: int = 4096, sinks: int = 0, static: bool = False,
+                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0):
         _check_count("sinks", sinks, 0)
+        value_scales(value_dtype, value_scale)
         _check_count("window", window, 0)
         _check_count("max_tokens", max_tokens, 0)
         _check_sparsity(k_sparsity)
@@ -254,7 +260,7 @@ class MustafarCache(Cache):
         layers = []
         for kind, sliding_window in attention_layers(config):
             if kind == "full_attention":
-                layers.append(layer(k_sparsity, v_sparsity, window, max_tokens, sinks))
+                layers.append(layer(k_sparsity, v_sparsity, window, max_tokens, sinks, value_dtype, value_scale))
             elif static:  # at most sliding_window dense tokens: transformers' own layers, as StaticCache's
                 layers.append(StaticSlidingWindowLayer(max_tokens + sinks + window, sliding_window))
             else:
