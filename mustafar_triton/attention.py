@@ -108,8 +108,9 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
               1 <= Lq <= MAX_QUERY_TOKENS (8): several new tokens per sequence and step
               (speculative decoding, multi-token prediction, chunked prefill); see below.
     packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype, or
-              both with fp8 values: format.py; those run decode.py's kernel, untuned, at ~the
-              tl kernel's speed, and are widened exactly to q's dtype with their value_scale);
+              both with fp8 values: format.py; widened exactly to q's dtype, with their
+              value_scale; the Gluon walk reads them for fp16 queries, decode.py's kernel for
+              bf16 / fp32 ones; such layouts never tune);
               sequence b attends its first packed_k.seq_lens[b] tokens (all T when seq_lens is
               None; packed_v must use the same lengths). 0 compressed tokens is allowed.
               Or two PagedKV (serving engines: pages from a pool, one block table and seq_lens
@@ -269,7 +270,7 @@ class _DecodePlan:
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
                           HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None, LQ=self.lq)
         self.paged = isinstance(packed_k, PagedKV)
-        if self.fp8:  # decode.py's kernel only; the scales are part of the layout (_packed_key)
+        if self.fp8:  # both kernels take them; the scales are part of the layout (_packed_key)
             self.flags.update(FP8_VALUES=True, k_value_scale=packed_k.value_scale, v_value_scale=packed_v.value_scale)
         if self.paged:  # the block table's row length and the pool's pages are constant per layout
             self.flags.update(PAGE_SIZE=packed_k.page_size, max_pages=packed_k.block_table.shape[1],
@@ -318,11 +319,15 @@ class _DecodePlan:
         dtype = tensors[0].dtype
 
         def runnable(cfg):
-            if cfg.get("kernel") == "gluon" and (self.fp8 or not (
+            if cfg.get("kernel") == "gluon" and not (
                     gluon_launch.gluon_decode_supports(dtype, self.d, self.rows, self.on_interpreter)
-                    and gluon_runs_on(self.device))):
-                # e.g. the interpreter, an fp32 cache, fp8 values, a T4, more than 16 (token, head) rows
+                    and gluon_runs_on(self.device)
+                    and (not self.fp8 or gluon_launch.gluon_fp8_supports(dtype, self.d))):
+                # e.g. the interpreter, an fp32 cache, fp8 values with bf16 queries, a T4, more than
+                # 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
+            if cfg.get("kernel") == "gluon" and self.fp8:  # only the walk reads fp8 values
+                return dict(cfg, gather="walk")
             wider = gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group)
             if cfg.get("kernel") == "gluon" and wider:
                 # Lq > 1 on more padded rows than the group's config was tuned on: its gather does not
@@ -331,7 +336,7 @@ class _DecodePlan:
             return cfg
         # Several query tokens take their GQA group's (one-token) config and never tune: a config
         # tuned on them would be stored under the same bucket and serve one-token calls. fp8 values
-        # neither (their bucket's entry is the fp16 cache's, and the Gluon kernels do not read them).
+        # neither (their bucket's entry is the fp16 cache's; they run its kernel's fp8 form).
         def run(cfg):  # one call of cfg's launch on this call's tensors (the tuner times it)
             launch, stream = _Launch(self, runnable(cfg), context), self.stream()
             part_out, part_lse, _ = self.buffers(stream, launch.splits, True)
@@ -382,7 +387,8 @@ class _Launch:
         if self.gluon:
             self.block_h = gluon_launch.gluon_block_h(rows)
             self.gather, splits, self.maxnreg = gluon_launch.plan(
-                cfg, d, rows, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device))
+                cfg, d, rows, plan.k_capacity, plan.v_capacity, context, splits_for, sm_shared_bytes(plan.device),
+                value_bytes=1 if plan.fp8 else 2)
         else:
             splits = splits_for(0)
             # the "lut" expansion's table (never picked on a GPU); any int32 tensor stands in where
@@ -430,12 +436,12 @@ class _Launch:
     def __call__(self, stream, q, packed_k, packed_v, k_window, v_window, window_lens, out, lse, part_out, part_lse):
         pages = {"block_table_ptr": packed_k.block_table} if self.paged else {}
         k_values, v_values = packed_k.values, packed_v.values
+        if self.fp8:  # the kernels read fp8 values as their bits
+            k_values, v_values = k_values.view(torch.uint8), v_values.view(torch.uint8)
         if self.gluon:
             self.decode(stream, q, packed_k.bitmap, k_values, packed_v.bitmap, v_values,
                         packed_k.seq_lens, k_window, v_window, window_lens, part_out, part_lse, **pages)
         else:
-            if self.fp8:  # the kernel reads fp8 values as their bits
-                k_values, v_values = k_values.view(torch.uint8), v_values.view(torch.uint8)
             lut = self.slot_table if self.slot_table is not None else packed_k.bitmap  # a stand-in, not read
             self.decode(stream, q, packed_k.bitmap, k_values, packed_v.bitmap, v_values,
                         packed_k.seq_lens, lut, k_window, v_window, window_lens, part_out, part_lse, **pages)

@@ -4,7 +4,7 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
     python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
-                               [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--maxnreg N]
+                               [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--fp8] [--maxnreg N]
                                [--dump DIR]
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
@@ -42,7 +42,7 @@ def compile_decode(args):
     window = args.window or args.lq > 1
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
                   HAS_SEQ_LENS=args.page_size > 0, HAS_WINDOW=window, HAS_WINDOW_LENS=window, LQ=args.lq,
-                  PAGE_SIZE=args.page_size)
+                  PAGE_SIZE=args.page_size, FP8_VALUES=args.fp8)
     if not args.page_size:  # contiguous: the block table is None (a constexpr)
         common["block_table_ptr"] = None
     rows = args.group * args.lq
@@ -66,9 +66,11 @@ def compile_decode(args):
     for name in names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in ("k_values_ptr", "v_values_ptr") and args.fp8:
+            signature[name] = "*u8"
         elif name.endswith("_ptr"):
             signature[name] = POINTER_ARGS.get(name, f"*{args.dtype}")
-        elif name == "qk_scale":
+        elif name in ("qk_scale", "k_value_scale", "v_value_scale"):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
@@ -137,6 +139,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", action="store_true", help="compile with the dense window and window_lens")
     ap.add_argument("--page-size", type=int, default=0, help="a paged cache (format.PagedKV) of this page size")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    ap.add_argument("--fp8", action="store_true", help="decode kernels: fp8 (e4m3) kept values (FP8_VALUES)")
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     ap.add_argument("--paged", action="store_true", help="--kernel prune: its write_pages variant (PAGED)")

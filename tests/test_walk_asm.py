@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -179,6 +180,14 @@ class Ptx:
                     self.shared[off:off + 4] = np.frombuffer((val(x) & M32).to_bytes(4, "little"), np.uint8)
             elif opcode == "ld.shared.u16":
                 put(ops[0], lds(addr(ops[1]), 2))
+            elif opcode == "ld.shared.u8":
+                put(ops[0], lds(addr(ops[1]), 1))
+            elif opcode == "cvt.u16.u32":
+                put(ops[0], val(ops[1]) & 0xFFFF)
+            elif opcode == "cvt.rn.f16x2.e4m3x2":  # byte i of the 16-bit source -> half i (exact)
+                two = torch.tensor([val(ops[1]) & 0xFF, (val(ops[1]) >> 8) & 0xFF], dtype=torch.uint8)
+                halves = two.view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+                put(ops[0], int(halves[0]) | int(halves[1]) << 16)
             elif parts[:2] == ["ld", "shared"]:
                 a = addr(ops[1])
                 dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
@@ -297,9 +306,9 @@ def pattern_rows(rng, kinds, head_dim, capacity):
     return words, values
 
 
-def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr):
+def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr, value_bytes=2):
     """_gather_walk's per-token inputs of one run: the shared address of the run's first slot
-    and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
+    (value_bytes per slot) and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
     nw = head_dim // 32
     nb = head_dim // 32 if k_side else head_dim // 64
     w = [int(x) for x in row_words]
@@ -320,22 +329,24 @@ def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr):
         slot = before + popc(own & ((1 << shift) - 1))
         s_own = own - (1 << 32) if own >> 31 else own      # int32: an arithmetic shift
         bits = [(s_own >> shift) & M32] * nb
-    return row_addr + slot * 2, bits
+    return row_addr + slot * value_bytes, bits
 
 
 def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
     """All runs of all tokens through _walk_asm, as one lane's instances see them: returns
-    [n, D] uint16 (the channels of run r of token t at [t, r * 8 nb ..])."""
+    [n, D] uint16 (the channels of run r of token t at [t, r * 8 nb ..]). values uint8: fp8
+    slots (the walk's one-byte form, widened to fp16 bits)."""
     n = len(words)
     nb = head_dim // 32 if k_side else head_dim // 64
     runs = 4 if k_side else 8
-    pitch = staged_row_pitch(2 * capacity)
+    value_bytes = values.itemsize
+    pitch = staged_row_pitch(value_bytes * capacity)
     stage_off = 48                                   # some stage offset in mt_dstage
     shared = np.full(stage_off + n * pitch + 64, 0xEE, np.uint8)  # stale bytes everywhere
     for t in range(n):
         off = stage_off + t * pitch
-        shared[off:off + 2 * capacity] = values[t].view(np.uint8)
-    asm = (asm_fn or _fn(dg._walk_asm))(not k_side, nb)
+        shared[off:off + value_bytes * capacity] = values[t].view(np.uint8)
+    asm = (asm_fn or _fn(dg._walk_asm))(not k_side, nb, value_bytes)
     constraints = _fn(dg._walk_constraints)(not k_side, nb)
     n_out = constraints.count("=r")
     n_el = 8 * nb                                    # elements per token per instance
@@ -345,8 +356,8 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
     pairs = [(t,) for t in range(n)] if k_side else [(t, t + 1) for t in range(0, n - 1, 2)]
     for toks in pairs:
         for r in range(runs):
-            per_tok = [walk_inputs(words[t], capacity, head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch)
-                       for t in toks]
+            per_tok = [walk_inputs(words[t], capacity, head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch,
+                                   value_bytes) for t in toks]
             s = len(toks)
             addrs = [0] * (s * n_el)
             bits = [0] * (s * n_el)
@@ -391,6 +402,25 @@ def test_property_walk_asm_any_pattern(head_dim, cap, k_side, kinds, seed):
     assert (got == want).all(), np.argwhere(got != want)[:8]
 
 
+def fp8_as_fp16_bits(values):
+    """uint8 e4m3 bytes [n, capacity] as the fp16 bit patterns (uint16) they widen to exactly."""
+    return torch.from_numpy(values).view(torch.float8_e4m3fn).to(torch.float16).view(torch.int16).numpy().view(np.uint16)
+
+
+@pytest.mark.parametrize("k_side", [True, False], ids=["K", "V"])
+@pytest.mark.parametrize("head_dim,capacity", [(64, 48), (128, 32), (128, 80), (256, 192)])
+def test_walk_asm_widens_fp8_rows_exactly(head_dim, capacity, k_side):
+    """fp8 slots (one byte each, every byte value including NaN) land as their fp16 values."""
+    rng = np.random.default_rng(head_dim * 1000 + capacity + k_side + 1)
+    words, values16 = random_rows(rng, 12, head_dim, capacity)
+    values = (values16 & 0xFF).astype(np.uint8)
+    values[1, :] = np.arange(capacity) % 256           # rows 1 and 7 keep channels [0, capacity)
+    values[7, :] = (np.arange(capacity) + 128) % 256
+    got = run_walk(head_dim, capacity, k_side, words, values)
+    want = dense_reference(words, fp8_as_fp16_bits(values), capacity)
+    assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
 def test_walk_asm_zeroed_rows_read_zero_whatever_the_values():
     """Rows past a tile's end are staged with zero bitmaps (stale value rows): zeros out."""
     rng = np.random.default_rng(7)
@@ -402,8 +432,8 @@ def test_walk_asm_zeroed_rows_read_zero_whatever_the_values():
 
 def test_emulator_catches_a_broken_walk():
     """The check above fails for a walk whose slot step is wrong (guards the emulator itself)."""
-    def broken(pairs, nbytes):
-        return _fn(dg._walk_asm)(pairs, nbytes).replace("add.u32 a0, a0, 2;", "add.u32 a0, a0, 4;", 1)
+    def broken(pairs, nbytes, value_bytes):
+        return _fn(dg._walk_asm)(pairs, nbytes, value_bytes).replace("add.u32 a0, a0, 2;", "add.u32 a0, a0, 4;", 1)
     rng = np.random.default_rng(3)
     words, values = random_rows(rng, 6, 128, 40)
     assert (run_walk(128, 40, True, words, values, broken) != dense_reference(words, values, 40)).any()

@@ -101,8 +101,10 @@ def _expand_tile_t(words, values_ptr, lut_ptr, tok,
         keep = tl.reshape(((words[:, None, :] >> shifts[None, :, None]) & 1) != 0, [D_TILE, BLOCK_N])
     # offsets are token * CAPACITY + slot, formed in int32 so each element needs one 64-bit add
     if FP8_VALUES:
-        return fp8_e4m3_value(tl.load(values_ptr + offset, mask=keep, other=0))
-    return tl.load(values_ptr + offset, mask=keep, other=0.0)
+        values = fp8_e4m3_value(tl.load(values_ptr + offset, mask=keep, other=0))
+    else:
+        values = tl.load(values_ptr + offset, mask=keep, other=0.0)
+    return values
 
 
 @triton.jit

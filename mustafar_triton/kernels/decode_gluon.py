@@ -140,18 +140,20 @@ def _stage_decl(nbytes):
 
 
 @gluon.constexpr_function
-def _walk_asm(pairs, nbytes):
+def _walk_asm(pairs, nbytes, value_bytes=2):
     """PTX of one walk instance: nbytes consecutive bitmap bytes (8 nbytes channels, a run of
     _walk_layout) of one token (pairs False, 4 nbytes outputs holding channel pairs) or of two
     tokens (pairs True, 8 nbytes outputs holding token pairs). Inputs, one per element (n = 8
     nbytes per token, elements in register order: bit, byte, and for pairs the token first): the
     shared address of the run's first slot (only the first element's is read, per token), then
     the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
-    The slot address is carried from byte to byte (+2 per kept channel), so only the run's start
-    is computed outside."""
+    The slot address is carried from byte to byte (+value_bytes per kept channel), so only the
+    run's start is computed outside. value_bytes 1: fp8 (e4m3) slots, each output pair widened to
+    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+)."""
     n = 8 * nbytes
     n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
-    parts = ["{ .reg .pred p; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
+    load = "ld.shared.u16" if value_bytes == 2 else "ld.shared.u8"
+    parts = ["{ .reg .pred p; .reg .b16 h; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
              % (streams * n, n_out)]
     if pairs:
         parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
@@ -159,13 +161,16 @@ def _walk_asm(pairs, nbytes):
         for j in range(n):  # bit test, zero, predicated load, predicated next slot
             bits = n_out + n_in + (st + 2 * 8 * (j // 8) if pairs else 8 * (j // 8))
             mask = 1 << (8 * ((j // 8) % 4) + j % 8)
-            parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p ld.shared.u16 v%d, [a%d];"
-                         % (bits, mask, n * st + j, n * st + j, st))
+            parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p %s v%d, [a%d];"
+                         % (bits, mask, n * st + j, load, n * st + j, st))
             if j + 1 < n:
-                parts.append("@p add.u32 a%d, a%d, 2;" % (st, st))
+                parts.append("@p add.u32 a%d, a%d, %d;" % (st, st, value_bytes))
     for k in range(n_out):  # pack on the FMA pipe (a PRMT would take the busier ALU pipe)
         lo, hi = (k, n + k) if pairs else (2 * k, 2 * k + 1)
-        parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
+        if value_bytes == 2:
+            parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
+        else:
+            parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 $%d, h;" % (hi, lo, k))
     parts.append("}")
     return " ".join(parts)
 
@@ -198,11 +203,13 @@ def _lds_word(addr):
 
 
 @gluon.jit
-def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr):
+def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr,
+                 VALUE_BYTES: gl.constexpr = 2):
     """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows at mt_dstage + stage_off. Tokens past the tile's end
-    (staged with zero bitmap rows: _stage_rows' ZFILL; their value rows are stale) and malformed
-    tokens (more bits than CAPACITY) read as zeros."""
+    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16)
+    at mt_dstage + stage_off. Tokens past the tile's end (staged with zero bitmap rows:
+    _stage_rows' ZFILL; their value rows are stale) and malformed tokens (more bits than CAPACITY)
+    read as zeros."""
     L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
@@ -238,16 +245,16 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
         shift = (run_idx % (4 // NB)) * (8 * NB)
         slot = before + _popc(own & ((gl.full_like(shift, 1) << shift) - 1))
         bits3 = (own >> shift)[:, :, None] + b * 0
-    addr = stage_off + tok * staged_row_pitch(CAPACITY * 2) + slot * 2
+    addr = stage_off + tok * staged_row_pitch(CAPACITY * VALUE_BYTES) + slot * VALUE_BYTES
     z = gl.zeros([16, RUNS, NB, 8], gl.int32, L4)
     addr4, _ = gl.broadcast(addr[:, :, None, None], z)
     bits4, _ = gl.broadcast(bits3[:, :, :, None], z)
     if K_SIDE:
-        return gl.inline_asm_elementwise(_walk_asm(False, NB), _walk_constraints(False, NB), [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=8 * NB)
+        return gl.inline_asm_elementwise(_walk_asm(False, NB, VALUE_BYTES), _walk_constraints(False, NB),
+                                         [addr4, bits4], dtype=gl.float16, is_pure=False, pack=8 * NB)
     else:
-        return gl.inline_asm_elementwise(_walk_asm(True, NB), _walk_constraints(True, NB), [addr4, bits4],
-                                         dtype=gl.float16, is_pure=False, pack=16 * NB)
+        return gl.inline_asm_elementwise(_walk_asm(True, NB, VALUE_BYTES), _walk_constraints(True, NB),
+                                         [addr4, bits4], dtype=gl.float16, is_pure=False, pack=16 * NB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,15 +542,16 @@ def _cp_async_zfill_asm(chunk, limit):
 
 @gluon.jit
 def _stage_tile(k_vals, v_vals, k_bits, v_bits, tile_start, c_hi, base, lane,
-                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
+                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
+                VALUE_BYTES: gl.constexpr = 2):
     """cp.async of a tile's rows (the four pointers: its first token's rows, _tile_source) into the
     stage at mt_dstage + base, as one commit group. A stage holds 16 K value rows, 16 V value
     rows, 16 K bitmap rows and 16 V bitmap rows, at stage_offsets, each row staged_row_pitch bytes
-    apart."""
+    apart (VALUE_BYTES: the value pointers' element size)."""
     NW: gl.constexpr = HEAD_DIM // 32
-    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
     _stage_rows(k_vals, tile_start, c_hi, base, lane, K_CAPACITY)
     _stage_rows(v_vals, tile_start, c_hi, base + V_OFF, lane, V_CAPACITY)
     _stage_rows(k_bits, tile_start, c_hi, base + KB_OFF, lane, NW, True)
@@ -573,13 +581,14 @@ def _tile_source(k_vals, v_vals, k_bits, v_bits, start, c_hi, block_table_row, n
 
 @gluon.jit
 def _stage_next(k_vals, v_vals, k_bits, v_bits, start, stage, c_hi, lane, STAGE: gl.constexpr,
-                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr):
+                K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                VALUE_BYTES: gl.constexpr = 2):
     """The staged gathers' pipeline step for the tile at `start`, staged at `stage` (0 or STAGE,
     the loop's toggle): the next tile's rows (the four pointers and c_hi: _tile_source of
     start + BLOCK_N) go into the other stage (cp.async), this tile's are waited for and made
     visible to the warp."""
     _stage_tile(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, STAGE - stage, lane,
-                K_CAPACITY, V_CAPACITY, HEAD_DIM)
+                K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES)
     _lane_asm("cp.async.wait_group 1; bar.warp.sync -1; mov.b32 $0, $1;", lane)
 
 
@@ -625,16 +634,21 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
 
 @gluon.jit
 def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
-               MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
-    """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step."""
-    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
-    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
-    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True)
+               MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
+               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0):
+    """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
+    fp8 values (VALUE_BYTES 1): qk_scale carries K's value scale, and P is multiplied by V's
+    (v_scale) before the P @ V product."""
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
+    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, VALUE_BYTES)
     k = _k_operand(k4, A_OP, HEAD_DIM)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False)
+    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, VALUE_BYTES)
     v_t = _v_operand(v4, A_OP, HEAD_DIM)
+    if VALUE_BYTES == 1:
+        p = p * v_scale
     acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     return m, l, acc
 
@@ -643,25 +657,28 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
 def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
                 block_table_row, num_pages, num_kv_heads,
                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
-                V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
+                V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0):
     """The walk over the tiles [lo, c_hi) (staged one tile ahead in mt_dstage's two stages):
     returns the online softmax's running max and sum and the accumulator O^T. A paged cache's
-    block-table row, num_pages and num_kv_heads go to _tile_source."""
+    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale: as in
+    _walk_tile."""
     gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
-    STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
+    STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-    _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES)
     stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N,
+                    VALUE_BYTES)
         # skips a paged tile outside the pool (all -inf scores: NaN from a -inf running max); always
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                   K_CAPACITY, V_CAPACITY, HEAD_DIM)
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -725,7 +742,10 @@ def _sparse_decode_gluon_kernel(
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
     GATHER: gl.constexpr, LQ: gl.constexpr = 1,
     block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: gl.constexpr = 0,
+    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False,
 ):
+    # FP8_VALUES (the walk only): the value pointers hold float8_e4m3fn bits (uint8), widened to
+    # fp16 two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
     # the window up to decode._causal_start as for one token, then each causal tail token as a
@@ -768,10 +788,19 @@ def _sparse_decode_gluon_kernel(
         block_table_row = block_table_ptr + b.to(gl.int64) * max_pages
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     if GATHER == "walk":
-        _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
-        m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
-                                block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
-                                HEAD_DIM, BLOCK_N, PAGE_SIZE)
+        VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
+        _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]), lane)
+        if FP8_VALUES:
+            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc,
+                                    qk_scale * k_value_scale, tok_s, block_table_row, num_pages, num_kv_heads,
+                                    A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE,
+                                    VALUE_BYTES, v_value_scale)
+        else:
+            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
+                                    block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
+                                    HEAD_DIM, BLOCK_N, PAGE_SIZE)
+    elif FP8_VALUES:
+        gl.static_assert(False, "fp8 values are read by the walk only")
     elif GATHER == "scatter":
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,

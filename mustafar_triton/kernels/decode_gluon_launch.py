@@ -61,6 +61,13 @@ def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) 
             and head_dim in GLUON_DECODE_HEAD_DIMS and group <= 16)
 
 
+def gluon_fp8_supports(dtype, head_dim: int) -> bool:
+    """Whether the Gluon kernel reads fp8 (e4m3) values for queries of `dtype`: the walk only, fp16
+    queries only (cvt.rn.f16x2.e4m3x2 widens two values per instruction into fp16 mma operands;
+    bf16 would need two more conversions per pair: decode.py's kernel serves it)."""
+    return str(dtype).replace("torch.", "") == "float16" and gather_supports("walk", head_dim, GLUON_CONFIG["BLOCK_N"])
+
+
 def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
     """Whether a tuning bucket (which may lack dtype, as when a shipped file is validated) is one
     the Gluon kernel handles."""
@@ -114,11 +121,12 @@ def staged_row_pitch(row_bytes: int) -> int:
 
 
 @constexpr_function
-def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int, int, int, int]:
+def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> tuple[int, int, int, int]:
     """Byte offsets of a staged tile's V value rows, K bitmap rows and V bitmap rows, and the
-    stage's size (16 rows of each; the K value rows come first)."""
-    v_off = 16 * staged_row_pitch(2 * k_capacity)
-    kb_off = v_off + 16 * staged_row_pitch(2 * v_capacity)
+    stage's size (16 rows of each; the K value rows come first). value_bytes: 2 (fp16 / bf16) or
+    1 (fp8 values, the walk only)."""
+    v_off = 16 * staged_row_pitch(value_bytes * k_capacity)
+    kb_off = v_off + 16 * staged_row_pitch(value_bytes * v_capacity)
     vb_off = kb_off + 16 * staged_row_pitch(head_dim // 8)
     return v_off, kb_off, vb_off, vb_off + 16 * staged_row_pitch(head_dim // 8)
 
@@ -141,7 +149,7 @@ def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[in
     return dense, dummy, queue, queue + 256 * scatter_queue_entries(head_dim, max(k_capacity, v_capacity))
 
 
-def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -> int:
+def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> int:
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates no dynamic shared memory here).
     walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
@@ -149,7 +157,7 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int) -
     if gather == "popc":
         return 0
     if gather == "walk":
-        return 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
+        return 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3] + 1024
     return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
@@ -200,14 +208,15 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
 
 
 def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int, context: int,
-         splits_for, sm_shared_bytes: int) -> tuple[str, int, int]:
+         splits_for, sm_shared_bytes: int, value_bytes: int = 2) -> tuple[str, int, int]:
     """(gather, splits, register cap) of a launch of a Gluon config (group: its query rows per kv
     head, Lq * G). splits_for(programs_per_sm) sizes the splits (decode.choose_num_splits) for
-    the programs per SM planned for a gather (programs_per_sm: its registers and shared memory)."""
+    the programs per SM planned for a gather (programs_per_sm: its registers and shared memory).
+    value_bytes 1: fp8 values, which only the walk reads (attention.py names it in cfg)."""
     block_h = gluon_block_h(group)
 
     def splits_with(gather):
-        shared = shared_bytes(gather, head_dim, k_capacity, v_capacity)
+        shared = shared_bytes(gather, head_dim, k_capacity, v_capacity, value_bytes)
         return splits_for(programs_per_sm(head_dim, block_h, gather, shared, sm_shared_bytes))
 
     gather = choose_gather(cfg, head_dim, k_capacity, v_capacity, context, splits_with, block_h)
