@@ -30,6 +30,9 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     care; q is loaded and the output stored through the same permutation): K lane q of a row's
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
     follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
+    It is the one gather that reads fp8 (e4m3) values (FP8_VALUES, fp16 queries): one-byte slots,
+    each pair of outputs widened by one cvt.rn.f16x2.e4m3x2, the value scales applied to the
+    scores and to P.
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
     staged row into a dense tile in shared memory (a bfind per value, section below), and
     ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
