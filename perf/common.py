@@ -49,6 +49,15 @@ PHI3_MINI = Model("Phi-3-mini", hq=32, hkv=32, d=96, layers=32)  # head dim 96: 
 MODELS = {m.name: m for m in (LLAMA3_8B, SMOLLM2_135M)}  # the KV-memory figure's models
 
 
+def decode_inputs(model: Model, batch: int, tokens: int, device: torch.device, dtype=torch.float16):
+    """Random q [B, Hq, D] and k, v [B, Hkv, T, D] of a model's attention, and the result-row fields
+    that name the shape."""
+    q = torch.randn(batch, model.hq, model.d, device=device, dtype=dtype)
+    k, v = (torch.randn(batch, model.hkv, tokens, model.d, device=device, dtype=dtype) for _ in range(2))
+    return q, k, v, dict(batch=batch, tokens=tokens, hq=model.hq, hkv=model.hkv, d=model.d,
+                         dtype=str(dtype).replace("torch.", ""))
+
+
 def git_commit() -> str:
     """MUSTAFAR_COMMIT if set (a copy of the tree without its real .git, as on a lent GPU), else git's HEAD."""
     if os.environ.get("MUSTAFAR_COMMIT"):

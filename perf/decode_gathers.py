@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import LLAMA3_8B, bench_us, copy_bandwidth, environment, write_results  # noqa: E402 (repo first)
+from common import LLAMA3_8B, bench_us, copy_bandwidth, decode_inputs, environment, write_results  # noqa: E402 (repo first)
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import attention, autotune  # noqa: E402
@@ -83,9 +83,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
-        q = torch.randn(b, m.hq, m.d, device=dev, dtype=torch.float16)
-        k, v = (torch.randn(b, m.hkv, t, m.d, device=dev, dtype=torch.float16) for _ in range(2))
-        base_row = dict(batch=b, tokens=t, hq=m.hq, hkv=m.hkv, d=m.d, dtype="float16")
+        q, k, v, base_row = decode_inputs(m, b, t, dev)
         dense_bytes = 2 * k.numel() * 2
         best_dense = float("inf")
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import LLAMA3_8B, bench_us, environment, write_results  # noqa: E402 (repo first)
+from common import LLAMA3_8B, bench_us, decode_inputs, environment, write_results  # noqa: E402 (repo first)
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import autotune  # noqa: E402
@@ -45,9 +45,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
-        q = torch.randn(b, m.hq, m.d, device=dev, dtype=torch.float16)
-        k, v = (torch.randn(b, m.hkv, t, m.d, device=dev, dtype=torch.float16) for _ in range(2))
-        base = dict(batch=b, tokens=t, hq=m.hq, hkv=m.hkv, d=m.d, dtype="float16")
+        q, k, v, base = decode_inputs(m, b, t, dev)
         dense = float("inf")
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
             try:
