@@ -162,6 +162,16 @@ def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(head_dim, group,
     assert loop.get("F2FP.F16.E4M3.UNPACK_B", 0) == head_dim // 2, loop
 
 
+@pytest.mark.parametrize("args", [("--dtype", "bf16", "--head-dim", 256, "--capacity", 192),
+                                  ("--head-dim", 64, "--capacity", 48, "--page-size", 16)])
+def test_tl_decode_fp8_compiles(args):
+    """decode.py's kernel with fp8 values (bf16 queries and other shapes the Gluon walk leaves to
+    it) compiles for sm_90: the interpreter runs its fp8 path but does not type-check it as the
+    compiler does (an early return of another type passed the interpreter and failed here)."""
+    report = sass_report("--kernel", "tl", "--fp8", *args)
+    assert any(op.startswith("HMMA.16816.F32") for op in report["loop_ops"]), "not the main loop"
+
+
 @pytest.mark.parametrize("gather", ["walk", "popc", "scatter"])
 @pytest.mark.parametrize("group,lq", [(4, 2), (4, 4), (2, 8)])
 def test_gluon_decode_multi_query_compiles_within_its_register_cap(group, lq, gather):
