@@ -47,7 +47,8 @@ def _int_view(x: torch.Tensor) -> torch.Tensor:
 def to_fp8(x: torch.Tensor, value_scale: float = 1.0) -> torch.Tensor:
     """x / value_scale as float8_e4m3fn, the packers' rounding: x times the float32 reciprocal of
     value_scale, in float32, rounded to the nearest e4m3 value (ties to even); finite values
-    beyond +-448 saturate, NaN and +-inf become NaN (sign kept)."""
+    beyond +-448 saturate, NaN and +-inf become NaN (sign kept here; the kernels on a GPU may
+    drop a NaN's sign)."""
     inv = torch.tensor(1.0 / value_scale, dtype=torch.float32)
     y = x.float() * inv.to(x.device)
     special = torch.isnan(y) | torch.isinf(y)

@@ -46,7 +46,10 @@ def _round(x: torch.Tensor, scale: float) -> torch.Tensor:
 def test_rounding_of_every_fp16_value_matches_the_reference(device, scale):
     """All 65,536 fp16 bit patterns (subnormals, the 448 / 464 / 480 boundaries, inf, NaN)."""
     x = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16).to(device)
-    assert torch.equal(_round(x, scale).cpu(), u8(ref.to_fp8(x.cpu(), scale)))
+    got, want = _round(x, scale).cpu(), u8(ref.to_fp8(x.cpu(), scale))
+    nan = (want & 0x7F) == 0x7F   # NaN's sign is not kept on GPUs (their float conversions drop it)
+    assert nan.sum() == 2 * 1023 + 2 * 1   # fp16 NaNs, and +-inf
+    assert torch.equal(got[~nan], want[~nan]) and ((got[nan] & 0x7F) == 0x7F).all()
 
 
 def test_rounding_of_float32_values_matches_torch(device):

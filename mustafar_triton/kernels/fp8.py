@@ -15,7 +15,8 @@ import triton.language as tl
 @triton.jit
 def fp8_e4m3_bits(x, inv_scale):
     """x * inv_scale (float32) as float8_e4m3fn bits (uint8): nearest value, ties to even; finite
-    values beyond +-448 saturate to +-448, NaN and +-inf give NaN (0x7f, with the sign)."""
+    values beyond +-448 saturate to +-448, NaN and +-inf give NaN (0x7f or 0xff: a NaN's sign is
+    kept by the interpreter, not by GPUs' float conversions)."""
     y = x.to(tl.float32) * inv_scale
     bits = y.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
