@@ -12,6 +12,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
+#   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~2 + ~5 minutes: fp8 values' tests and timings, memcheck)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
@@ -46,6 +47,17 @@ for stage in "$@"; do
           tests/test_decode.py tests/test_compress.py tests/test_cache.py tests/test_paged_decode.py \
           -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk) or (kernel_variants and gatherscatter) or paged" \
           > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
+    fp8)
+      echo "== fp8 values: their tests, then decode times against fp16 values and dense (perf/fp8_decode.py)"
+      MUSTAFAR_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_fp8_values.py \
+          > "$OUT/gpu_tests_fp8.log" 2>&1; tail -2 "$OUT/gpu_tests_fp8.log"
+      timeout 200 python3 perf/fp8_decode.py --out "$OUT/fp8_decode.json" > "$OUT/fp8_decode.log" 2>&1
+      tail -16 "$OUT/fp8_decode.log" ;;
+    fp8-memcheck)
+      echo "== memcheck of the fp8 tests (decode, pack, caches)"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 480 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_fp8_values.py \
+          -k "not property" > "$OUT/sanitizer_fp8.log" 2>&1; tail -3 "$OUT/sanitizer_fp8.log" ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1
