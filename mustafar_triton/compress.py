@@ -21,8 +21,8 @@ import torch
 from . import autotune
 from ._gluon_compat import gluon_runs_on
 from ._runtime import cdiv, check_device, check_same_device, interpreting, next_pow2
-from .format import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, check_value_format, default_capacity,
-                     kept_per_token, round_up, value_row_multiple)
+from .format import (FP8_VALUES, SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, check_value_format,
+                     default_capacity, kept_per_token, round_up, value_row_multiple)
 from .kernels.prune_pack import _select_kernel, _unpack_kernel, gluon_prune_supports
 
 
@@ -83,7 +83,7 @@ def _run_select(x, out, bitmap, values, *, keep, capacity, seq_lens, select_topk
     bitmap / values), or (slot_mapping, num_heads, page_size, num_slots): row n * Hkv + h of x
     [N, Hkv, D] -> its slot's row of the pools bitmap / values (write_pages). fp8 values (their
     dtype says so) are written by prune_pack.py's kernel."""
-    fp8 = values is not None and values.dtype != x.dtype
+    fp8 = values is not None and values.dtype == FP8_VALUES
     head_dim = x.shape[-1]
     n_rows = x.numel() // head_dim
     tokens = x.shape[-2]

@@ -54,8 +54,8 @@ the presets leave it at 1. Scale 1 against amax / 448 measured within 0.4 points
 without sinks that have both (K0.25V0.25: +0.49% / +0.63% against +0.57% / +0.31%; Gemma 3
 K0.375V0.375: +1.16% / -0.02% against +1.10% / +0.03%); the presets themselves at scale 1 are
 `--grid fp8-presets` / `fp8-presets-d256`, not yet run. Only "K0.7V0.7" was measured with fp8
-values. Their decode runs decode.py's kernel (no Gluon kernel reads fp8 values yet): more
-accuracy per byte, not more speed.
+values. With fp16 queries the Gluon walk decodes them at about fp16 K0.7V0.7's speed (H100,
+perf/NOTES.md); bf16 queries (Gemma 3) run decode.py's kernel, slower than dense.
 
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves

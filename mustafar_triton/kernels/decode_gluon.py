@@ -793,15 +793,12 @@ def _sparse_decode_gluon_kernel(
     if GATHER == "walk":
         VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
         _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]), lane)
+        qk_stored = qk_scale  # the compressed tiles' (the window's stays qk_scale)
         if FP8_VALUES:
-            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc,
-                                    qk_scale * k_value_scale, tok_s, block_table_row, num_pages, num_kv_heads,
-                                    A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE,
-                                    VALUE_BYTES, v_value_scale)
-        else:
-            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
-                                    block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
-                                    HEAD_DIM, BLOCK_N, PAGE_SIZE)
+            qk_stored = qk_scale * k_value_scale
+        m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_stored, tok_s,
+                                block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
+                                HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale)
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walk only")
     elif GATHER == "scatter":
