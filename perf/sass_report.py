@@ -13,7 +13,9 @@ default, its register cap; --block-n / --maxnreg override). --lq N: N query toke
 and window_lens, as --window does for one token. Costs no device time: use it to
 check an idea's instruction count before spending a GPU run (the one-warp Gluon kernel's
 measurements up to 2f21df9 showed the ALU-pipe share of the loop, not its length, to be what
-predicts its speed).
+predicts its speed). It also sums the loop's fixed stall cycles (the control codes' stall counts:
+what one warp waits per iteration on fixed latencies alone); a 28% cut of those in the walk
+(2026-12-06, chains of 2 slot steps) did not make it faster on an H100: treat it as a diagnostic.
 """
 from __future__ import annotations
 
@@ -115,6 +117,23 @@ def loop_body(sass: str) -> list[str]:
     return lines[best[0]:best[1] + 1]
 
 
+def loop_stall_cycles(sass_hex: str, loop: list[str]) -> int:
+    """Sum of the control codes' stall counts (bits 105-108 of each 128-bit sm_90 instruction) over
+    the loop's instructions: the cycles one warp needs per iteration from fixed latencies alone (an
+    instruction that issues right after its predecessor counts 1; variable latencies such as shared
+    loads are not in it). sass_hex: `nvdisasm -hex` output, whose second line per instruction holds
+    the control word."""
+    addrs = [int(m.group(1), 16) for line in loop for m in [re.search(r"/\*([0-9a-f]{4,})\*/", line)] if m]
+    lines = sass_hex.splitlines()
+    total = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"/\*([0-9a-f]{4,})\*/\s+\S.*;\s*/\*\s*0x[0-9a-f]{16}", line)
+        if m and addrs[0] <= int(m.group(1), 16) <= addrs[-1]:
+            control = int(re.search(r"0x([0-9a-f]{16})", lines[i + 1]).group(1), 16)
+            total += (control >> 41) & 0xF
+    return total
+
+
 def op_counts(sass: str) -> collections.Counter:
     return collections.Counter(m.group(1) for m in re.finditer(
         r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", sass))
@@ -154,6 +173,8 @@ def main():
         cubin = Path(tmp) / "decode.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([NVIDIA_BIN / "nvdisasm", "-c", cubin], capture_output=True, text=True, check=True).stdout
+        sass_hex = subprocess.run([NVIDIA_BIN / "nvdisasm", "-hex", "-c", cubin], capture_output=True, text=True,
+                                  check=True).stdout
         usage = subprocess.run([NVIDIA_BIN / "cuobjdump", "--dump-resource-usage", cubin],
                                capture_output=True, text=True, check=True).stdout
     if args.dump:
@@ -163,14 +184,17 @@ def main():
             (out / f"decode.{kind}").write_text(compiled.asm[kind])
         (out / "decode.sass").write_text(sass)
     ops = op_counts(sass)
-    loop = op_counts("\n".join(loop_body(sass)))
+    body = loop_body(sass)
+    loop = op_counts("\n".join(body))
+    stalls = loop_stall_cycles(sass_hex, body)
     resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if args.json:
         print(json.dumps(dict(zip(("registers", "stack", "shared", "local"), map(int, resources.groups())),
-                              instructions=sum(ops.values()), loop_ops=dict(loop))))
+                              instructions=sum(ops.values()), loop_ops=dict(loop), loop_stall_cycles=stalls)))
         return
     print(resources.group(0))
-    print(f"{sum(ops.values())} SASS instructions, {sum(loop.values())} in the main loop; loop's most frequent:")
+    print(f"{sum(ops.values())} SASS instructions, {sum(loop.values())} in the main loop ({stalls} cycles of fixed"
+          " stalls per iteration); loop's most frequent:")
     for op, n in loop.most_common(24):
         print(f"  {op:24s} {n}")
 
