@@ -1,14 +1,14 @@
 """Decode with fp8 kept values (format.py) against fp16 values and dense SDPA, in one run on the
 same data: GPU time per call (perf/common.bench_us), bytes, and the output's distance from the
-fp16-values call at the same sparsity. fp8 values run decode.py's tl kernel (what the library
-dispatches for them); "fp16 tl" is the same kernel and config on fp16 values, so the two rows
-apart are the fp8 widening, and "fp16" the library's default (Gluon) path.
+fp16-values call at the same sparsity (the rows say "fp16" for values in the queries' dtype). fp8
+values run the library's own choice (the Gluon walk for fp16 queries, decode.py's kernel for
+bf16); "fp16 tl" is decode.py's kernel on values in the queries' dtype, for scale.
 
-    python perf/fp8_decode.py --out perf/results/h200/fp8_decode.json [--shapes 16x16384,1x32768]
+    python perf/fp8_decode.py --out perf/results/h200/fp8_decode.json [--shapes 16x16384,1x32768] [--dtype bf16]
 
-Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16 queries, K and V at the
-same sparsity, no window. "fp8 K0.375V0.375" keeps 80 of 128 channels in 80 bytes: the bytes of
-fp16 K0.7V0.7 (40 slots of 2 bytes).
+Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16 (or --dtype bf16)
+queries and caches, K and V at the same sparsity, no window. "fp8 K0.375V0.375" keeps 80 of 128
+channels in 80 bytes: the bytes of fp16 K0.7V0.7 (40 slots of 2 bytes).
 """
 from __future__ import annotations
 
@@ -37,7 +37,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="fp8_decode.json")
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated BxT")
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the queries' and caches' dtype")
     args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = torch.device("cuda")
     torch.manual_seed(0)
     m = LLAMA3_8B
@@ -45,7 +47,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
-        q, k, v, base = decode_inputs(m, b, t, dev)
+        q, k, v, base = decode_inputs(m, b, t, dev, dtype)
         dense = float("inf")
         for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
             try:

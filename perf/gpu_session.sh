@@ -12,7 +12,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
-#   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~2 + ~5 minutes: fp8 values' tests and timings, memcheck)
+#   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
 # Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
@@ -52,7 +52,10 @@ for stage in "$@"; do
       MUSTAFAR_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_fp8_values.py \
           > "$OUT/gpu_tests_fp8.log" 2>&1; tail -2 "$OUT/gpu_tests_fp8.log"
       timeout 200 python3 perf/fp8_decode.py --out "$OUT/fp8_decode.json" > "$OUT/fp8_decode.log" 2>&1
-      tail -16 "$OUT/fp8_decode.log" ;;
+      tail -16 "$OUT/fp8_decode.log"
+      timeout 150 python3 perf/fp8_decode.py --dtype bf16 --shapes 16x16384,1x32768 --out "$OUT/fp8_decode_bf16.json" \
+          > "$OUT/fp8_decode_bf16.log" 2>&1
+      tail -10 "$OUT/fp8_decode_bf16.log" ;;
     fp8-memcheck)
       echo "== memcheck of the fp8 tests (decode, pack, caches)"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 480 \
