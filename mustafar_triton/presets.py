@@ -52,9 +52,11 @@ the same held at 8192 tokens with window 64 (perf/results/accuracy_fp8_long_cont
 amax / 448 over the text (an oracle calibration); the library has one value_scale per cache and
 the presets leave it at 1. Scale 1 against amax / 448 measured within 0.4 points on the rows
 without sinks that have both (K0.25V0.25: +0.49% / +0.63% against +0.57% / +0.31%; Gemma 3
-K0.375V0.375: +1.16% / -0.02% against +1.10% / +0.03%); the presets themselves at scale 1 are
-`--grid fp8-presets` / `fp8-presets-d256`, not yet run. Only "K0.7V0.7" was measured with fp8
-values. With fp16 queries the Gluon walk decodes them at about fp16 K0.7V0.7's speed (H100,
+K0.375V0.375: +1.16% / -0.02% against +1.10% / +0.03%), and the presets as served (scale 1,
+`--grid fp8-presets` / `fp8-presets-d256`, perf/results/accuracy_fp8_presets_*.json, 2026-12-06):
+D=64 +0.14% / +0.46%, D=256 +0.47% / +0.07% (K0.7V0.7: +20.34% / +24.84% and +5.02% / +4.99%),
+at 0.4474 / 0.3860 of the dense bytes against K0.7V0.7's 0.4463 / 0.3848 (the 4 sinks). Only
+"K0.7V0.7" was measured with fp8 values. With fp16 queries the Gluon walk decodes them at about fp16 K0.7V0.7's speed (H100,
 perf/NOTES.md); bf16 queries (Gemma 3) run decode.py's kernel, slower than dense.
 
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
