@@ -124,6 +124,8 @@ def loop_stall_cycles(sass_hex: str, loop: list[str]) -> int:
     loads are not in it). sass_hex: `nvdisasm -hex` output, whose second line per instruction holds
     the control word."""
     addrs = [int(m.group(1), 16) for line in loop for m in [re.search(r"/\*([0-9a-f]{4,})\*/", line)] if m]
+    if not addrs:  # no loop
+        return 0
     lines = sass_hex.splitlines()
     total = 0
     for i, line in enumerate(lines):
