@@ -398,9 +398,16 @@ def key_scales_rows(meta: dict, tokens: int) -> list[dict]:
 
 
 def fp8_rows(meta: dict, tokens: int) -> list[dict]:
-    """The rows with fp8 (e4m3) values (perf/accuracy.py --grid fp8 / fp8-d256: an accuracy study,
-    not a library format)."""
-    return newest_study_rows("accuracy_fp8_*.json", meta, tokens, lambda r: r.get("value_format", "fp16") != "fp16")
+    """The rows with fp8 (e4m3) values of the study (perf/accuracy.py --grid fp8 / fp8-d256: an
+    oracle per-layer scale; the presets' own files are fp8_preset_rows)."""
+    return newest_study_rows("accuracy_fp8_[!p]*.json", meta, tokens,
+                             lambda r: r.get("value_format", "fp16") != "fp16")
+
+
+def fp8_preset_rows(meta: dict, tokens: int) -> list[dict]:
+    """The fp8 presets as the library serves them (--grid fp8-presets / fp8-presets-d256: value
+    scale 1)."""
+    return newest_study_rows("accuracy_fp8_presets_*.json", meta, tokens, lambda r: r.get("value_format") == "e4m3-unit")
 
 
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
@@ -409,14 +416,16 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     configurations as a staircase, its points named, as are the reference configurations (S=0,
     W=32) and the library's presets (mustafar_triton.presets, green). Stars: the same configurations
     after rescale_key_channels, where measured (key_scales_rows), an arrow from the plain point.
-    Orange triangles and a dashed front: kept values rounded to fp8 e4m3 (fp8_rows; not a library
-    format), beside them what serving engines offer (a dense fp8 cache). Log y when every change is > 0."""
-    from mustafar_triton.presets import PRESETS
+    Orange triangles and a dashed front: kept values rounded to fp8 e4m3 (fp8_rows, the study),
+    beside them what serving engines offer (a dense fp8 cache); green triangles: the fp8 presets as
+    served (fp8_preset_rows). Log y when every change is > 0."""
+    from mustafar_triton.presets import FP8_PRESETS, PRESETS
 
     data = read_results(path)
     meta, rows = data["meta"], [r for r in data["rows"] if r["k_sparsity"] or r["v_sparsity"]]
     rescaled = key_scales_rows(meta, rows[0]["tokens"])
     fp8 = fp8_rows(meta, rows[0]["tokens"])
+    fp8_presets = fp8_preset_rows(meta, rows[0]["tokens"])
     d = meta["head_dim"]
     texts = list(dict.fromkeys(r["text"] for r in rows))
     sink_colors = {0: "tab:gray", 4: "tab:blue", 8: "tab:purple", 16: "tab:red"}
@@ -424,6 +433,8 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
     refs = {"K0.7V0.7 S0 W32": "K0.7V0.7 (S=0)", "K0.5V0.5 S0 W32": "K0.5V0.5 (S=0)"}
     presets = {f"K{p['k_sparsity']:g}V{p['v_sparsity']:g} S{p['sinks']} W{p['window']}": name
                for name, per_d in PRESETS.items() for dim, p in per_d.items() if dim == d}
+    fp8_names = {f"K{p['k_sparsity']:g}V{p['v_sparsity']:g} S{p['sinks']} W{p['window']} e4m3-unit": name
+                 for name, per_d in FP8_PRESETS.items() for dim, p in per_d.items() if dim == d}
     fig, axes = plt.subplots(1, len(texts), figsize=(7.2 * len(texts), 5.6), squeeze=False)
     for ax, text in zip(axes[0], texts):
         group = [r for r in rows if r["text"] == text]
@@ -453,6 +464,12 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
                 if (r["bytes_ratio"], 100 * r["perplexity_change"]) in fp8_front or not r["k_sparsity"]:
                     ax.annotate(r["config"], (r["bytes_ratio"], 100 * r["perplexity_change"]), fontsize=7,
                                 color="tab:orange", xytext=(5, 3), textcoords="offset points")
+        for r in (r for r in fp8_presets if r["text"] == text and r["config"] in fp8_names):
+            xy = (r["bytes_ratio"], 100 * r["perplexity_change"])
+            ax.scatter(*xy, s=60, zorder=4, marker="^", color="tab:green", edgecolor="black", linewidth=0.5)
+            ax.annotate(f"fp8 preset {fp8_names[r['config']]!r} = {r['config'].removesuffix(' e4m3-unit')}", xy,
+                        fontsize=7, color="tab:green", xytext=(5, -10), textcoords="offset points")
+            group_fp8 = group_fp8 + [r]
         front = pareto_front([(r["bytes_ratio"], 100 * r["perplexity_change"]) for r in group])
         xs, ys = zip(*front)
         all_x = [r["bytes_ratio"] for r in group + group_fp8]
@@ -487,7 +504,9 @@ def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
                                label="after rescale_key_channels (Llama-style models)")]
     if fp8:
         handles += [plt.Line2D([], [], ls="--", marker="^", color="tab:orange",
-                               label="values in fp8 e4m3 (study, not a library format)")]
+                               label="values in fp8 e4m3 (study: per-layer scale)")]
+    if fp8_presets:
+        handles += [plt.Line2D([], [], ls="", marker="^", color="tab:green", label="fp8 preset as served (scale 1)")]
     fig.legend(handles=handles, fontsize=7, loc="upper center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{meta['model']}, Hkv={meta['num_kv_heads']} D={d}: accuracy per byte, K/V split, sinks, window\n"
                  f"teacher-forced, {meta['path'].split(',')[0]} | torch {meta['torch']} | commit {meta['commit'][:10]}",
