@@ -376,16 +376,17 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
-def newest_study_rows(pattern: str, meta: dict, tokens: int, keep) -> list[dict]:
-    """The rows at `tokens` tokens for which keep(row) holds, from the newest results file in
-    RESULTS_DIR matching `pattern` that has such rows and the script, model, path (dtype) and head
-    dim of `meta`; [] if none. (A study's long-context file is not the 2048-token figure's.)"""
+def newest_study_rows(grids: tuple[str, ...], meta: dict, tokens: int, keep) -> list[dict]:
+    """The rows at `tokens` tokens for which keep(row) holds, from the newest perf/accuracy.py
+    results file in RESULTS_DIR of one of `grids` (its --grid) that has such rows and the model,
+    path (dtype) and head dim of `meta`; [] if none. (A study's long-context file is not the
+    2048-token figure's.)"""
     found = []
-    for path in sorted(RESULTS_DIR.glob(pattern)):
+    for path in sorted(RESULTS_DIR.glob("accuracy_*.json")):
         data = read_results(path)
         m = data["meta"]
         rows = [r for r in data["rows"] if r["tokens"] == tokens and keep(r)]
-        if rows and (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
+        if rows and m.get("grid") in grids and (m.get("script"), m["model"], m["path"], m["head_dim"]) == (
                 ACCURACY_SCRIPT, meta["model"], meta["path"], meta["head_dim"]):
             found.append((m["date_utc"], rows))
     return max(found, key=lambda f: f[0])[1] if found else []
@@ -393,21 +394,22 @@ def newest_study_rows(pattern: str, meta: dict, tokens: int, keep) -> list[dict]
 
 def key_scales_rows(meta: dict, tokens: int) -> list[dict]:
     """The pruned rows measured after rescale_key_channels (perf/accuracy.py --grid key-scales)."""
-    return newest_study_rows("accuracy_key_scales_*.json", meta, tokens,
+    return newest_study_rows(("key-scales", "key-scales-long-context"), meta, tokens,
                              lambda r: r.get("key_scales") and (r["k_sparsity"] or r["v_sparsity"]))
 
 
 def fp8_rows(meta: dict, tokens: int) -> list[dict]:
     """The rows with fp8 (e4m3) values of the study (perf/accuracy.py --grid fp8 / fp8-d256: an
-    oracle per-layer scale; the presets' own files are fp8_preset_rows)."""
-    return newest_study_rows("accuracy_fp8_[!p]*.json", meta, tokens,
+    oracle per-layer scale; the presets' own runs are fp8_preset_rows)."""
+    return newest_study_rows(("fp8", "fp8-d256", "fp8-long-context", "fp8-long-context-d256"), meta, tokens,
                              lambda r: r.get("value_format", "fp16") != "fp16")
 
 
 def fp8_preset_rows(meta: dict, tokens: int) -> list[dict]:
     """The fp8 presets as the library serves them (--grid fp8-presets / fp8-presets-d256: value
     scale 1)."""
-    return newest_study_rows("accuracy_fp8_presets_*.json", meta, tokens, lambda r: r.get("value_format") == "e4m3-unit")
+    return newest_study_rows(("fp8-presets", "fp8-presets-d256"), meta, tokens,
+                             lambda r: r.get("value_format") == "e4m3-unit")
 
 
 def plot_accuracy_vs_bytes(path: Path, out_dir: Path) -> None:
