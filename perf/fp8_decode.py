@@ -1,8 +1,8 @@
 """Decode with fp8 kept values (format.py) against fp16 values and dense SDPA, in one run on the
 same data: GPU time per call (perf/common.bench_us), bytes, and the output's distance from the
-fp16-values call at the same sparsity (the rows say "fp16" for values in the queries' dtype). fp8
-values run the library's own choice (the Gluon walk for fp16 queries, decode.py's kernel for
-bf16); "fp16 tl" is decode.py's kernel on values in the queries' dtype, for scale.
+fp16-values call at the same sparsity ("bf16" in the labels with --dtype bf16). fp8 values run the
+library's own choice (the Gluon walk for fp16 queries, decode.py's kernel for bf16); "fp16 tl" is
+decode.py's kernel on values in the queries' dtype, for scale.
 
     python perf/fp8_decode.py --out perf/results/h200/fp8_decode.json [--shapes 16x16384,1x32768] [--dtype bf16]
 
@@ -43,7 +43,8 @@ def main():
     dev = torch.device("cuda")
     torch.manual_seed(0)
     m = LLAMA3_8B
-    meta = dict(environment(dev), variants=[v[0] for v in VARIANTS])
+    variants = [(label.replace("fp16", args.dtype), *rest) for label, *rest in VARIANTS]
+    meta = dict(environment(dev), variants=[v[0] for v in variants])
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
@@ -58,7 +59,7 @@ def main():
                 continue
         rows.append(dict(base, variant="dense SDPA", us=dense, bytes=2 * k.numel() * 2))
         fp16_out = {}
-        for label, sparsity, fp8, forced in VARIANTS:
+        for label, sparsity, fp8, forced in variants:
             kw = dict(value_dtype=FP8) if fp8 else {}
             pk, pv = mt.prune_and_pack(k, sparsity, **kw), mt.prune_and_pack(v, sparsity, **kw)
             cfg = autotune.heuristic_config("decode", dev) if forced == "tl" else None
