@@ -109,8 +109,8 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
               (speculative decoding, multi-token prediction, chunked prefill); see below.
     packed_k, packed_v: PackedKV of [B, Hkv, T, D] caches (same B, Hkv, T, D and q's dtype, or
               both with fp8 values: format.py; widened exactly to q's dtype, with their
-              value_scale; the Gluon walk reads them for fp16 queries, decode.py's kernel for
-              bf16 / fp32 ones; such layouts never tune);
+              value_scale; the Gluon walk reads them for fp16 and bf16 queries, decode.py's
+              kernel for fp32 ones; such layouts never tune);
               sequence b attends its first packed_k.seq_lens[b] tokens (all T when seq_lens is
               None; packed_v must use the same lengths). 0 compressed tokens is allowed.
               Or two PagedKV (serving engines: pages from a pool, one block table and seq_lens
@@ -323,7 +323,7 @@ class _DecodePlan:
                     gluon_launch.gluon_decode_supports(dtype, self.d, self.rows, self.on_interpreter)
                     and gluon_runs_on(self.device)
                     and (not self.fp8 or gluon_launch.gluon_fp8_supports(dtype, self.d))):
-                # e.g. the interpreter, an fp32 cache, fp8 values with bf16 queries, a T4, more than
+                # e.g. the interpreter, an fp32 cache, fp8 values at D=32, a T4, more than
                 # 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
             if cfg.get("kernel") == "gluon" and self.fp8:  # only the walk reads fp8 values

@@ -120,7 +120,7 @@ class SparseKVCache:
         value_dtype: None (the store keeps values in `dtype`) or torch.float8_e4m3fn: one byte
             per kept value (format.py: capacity rounded to 16, NaN / inf stored as NaN, values
             beyond 448 * scale saturated); the sinks and the window stay in `dtype`. Decode reads
-            them in the Gluon walk for fp16 queries, else in decode.py's kernel.
+            them in the Gluon walk for fp16 and bf16 queries, else in decode.py's kernel.
         value_scale: fp8 only, the scale of both stores, or a (K scale, V scale) pair: a stored
             byte e stands for e * scale, so scale ~ max |value| / 448 uses e4m3's whole range
             (default 1.0: values up to 448 in magnitude).

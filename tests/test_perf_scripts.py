@@ -144,22 +144,26 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
         assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
 
 
-@pytest.mark.parametrize("head_dim,group,capacity,page_size", [(128, 4, 48, 0), (128, 8, 80, 0), (64, 3, 48, 16),
-                                                                (256, 4, 192, 0)])
-def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(head_dim, group, capacity, page_size):
+@pytest.mark.parametrize("head_dim,group,capacity,page_size,dtype", [
+    (128, 4, 48, 0, "fp16"), (128, 8, 80, 0, "fp16"), (64, 3, 48, 16, "fp16"), (256, 4, 192, 0, "fp16"),
+    (128, 4, 48, 0, "bf16"), (64, 3, 48, 16, "bf16"), (256, 4, 192, 0, "bf16")])
+def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(head_dim, group, capacity, page_size, dtype):
     """fp8 kept values (FP8_VALUES: the walk only) compile for sm_90 within the walk's register
     cap, without spilling: a one-byte shared load per element and one F2FP (cvt.rn.f16x2.e4m3x2)
-    per pair of elements, no two-byte loads."""
+    per pair of elements, no two-byte loads; for bf16 queries each pair then goes through two
+    float32 (HADD2.F32) to bf16x2 (F2FP.BF16.F32.PACK_AB)."""
     args = ["--kernel", "gluon", "--gather", "walk", "--head-dim", head_dim, "--group", group, "--capacity",
-            capacity, "--fp8", "--page-size", page_size]
+            capacity, "--fp8", "--page-size", page_size, "--dtype", dtype]
     report = sass_report(*args)
     from mustafar_triton.kernels.decode_gluon_launch import gluon_block_h, register_cap
     assert report["registers"] <= register_cap(head_dim, gluon_block_h(group), "walk")
     assert report["stack"] == 0 and report["local"] == 0, f"spills {report['stack']} bytes"
     loop = report["loop_ops"]
-    assert loop.get("HMMA.16816.F32", 0) > 0, "not the main loop"
+    assert any(op.startswith("HMMA.16816.F32") for op in loop), "not the main loop"
     assert loop.get("LDS.U8", 0) == head_dim and "LDS.U16" not in loop, loop
     assert loop.get("F2FP.F16.E4M3.UNPACK_B", 0) == head_dim // 2, loop
+    if dtype == "bf16":
+        assert loop.get("HADD2.F32", 0) == head_dim and loop.get("F2FP.BF16.F32.PACK_AB", 0) >= head_dim // 2, loop
 
 
 @pytest.mark.parametrize("args", [("--dtype", "bf16", "--head-dim", 256, "--capacity", 192),

@@ -30,9 +30,9 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     care; q is loaded and the output stored through the same permutation): K lane q of a row's
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
     follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
-    It is the one gather that reads fp8 (e4m3) values (FP8_VALUES, fp16 queries): one-byte slots,
-    each pair of outputs widened by one cvt.rn.f16x2.e4m3x2, the value scales applied to the
-    scores and to P.
+    It is the one gather that reads fp8 (e4m3) values (FP8_VALUES): one-byte slots, each pair of
+    outputs widened by one cvt.rn.f16x2.e4m3x2 (for bf16 queries three more conversions, through
+    float32), the value scales applied to the scores and to P.
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
     staged row into a dense tile in shared memory (a bfind per value, section below), and
     ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
@@ -143,7 +143,7 @@ def _stage_decl(nbytes):
 
 
 @gluon.constexpr_function
-def _walk_asm(pairs, nbytes, value_bytes=2):
+def _walk_asm(pairs, nbytes, value_bytes=2, bf16=False):
     """PTX of one walk instance: nbytes consecutive bitmap bytes (8 nbytes channels, a run of
     _walk_layout) of one token (pairs False, 4 nbytes outputs holding channel pairs) or of two
     tokens (pairs True, 8 nbytes outputs holding token pairs). Inputs, one per element (n = 8
@@ -152,12 +152,13 @@ def _walk_asm(pairs, nbytes, value_bytes=2):
     the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
     The slot address is carried from byte to byte (+value_bytes per kept channel), so only the
     run's start is computed outside. value_bytes 1: fp8 (e4m3) slots, each output pair widened to
-    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+)."""
+    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+), and for bf16 outputs (bf16) on to bf16 through
+    two float32 (exact: an e4m3 value has 4 significant bits; sm_90 has no e4m3 -> bf16x2 cvt)."""
     n = 8 * nbytes
     n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
     load = "ld.shared.u16" if value_bytes == 2 else "ld.shared.u8"
-    parts = ["{ .reg .pred p; .reg .b16 h; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage; add.u32 a0, t, $%d;"
-             % (streams * n, n_out)]
+    parts = ["{ .reg .pred p; .reg .b16 h, h1; .reg .f32 f0, f1; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage;"
+             " add.u32 a0, t, $%d;" % (streams * n, n_out)]
     if pairs:
         parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
     for st in range(streams):
@@ -172,8 +173,11 @@ def _walk_asm(pairs, nbytes, value_bytes=2):
         lo, hi = (k, n + k) if pairs else (2 * k, 2 * k + 1)
         if value_bytes == 2:
             parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
-        else:
+        elif not bf16:
             parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 $%d, h;" % (hi, lo, k))
+        else:
+            parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 t, h; mov.b32 {h, h1}, t;"
+                         " cvt.f32.f16 f0, h; cvt.f32.f16 f1, h1; cvt.rn.bf16x2.f32 $%d, f1, f0;" % (hi, lo, k))
     parts.append("}")
     return " ".join(parts)
 
@@ -207,9 +211,10 @@ def _lds_word(addr):
 
 @gluon.jit
 def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr,
-                 VALUE_BYTES: gl.constexpr = 2):
+                 VALUE_BYTES: gl.constexpr = 2, BF16: gl.constexpr = False):
     """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16)
+    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16, or
+    to bf16 for BF16)
     at mt_dstage + stage_off. Tokens past the tile's end (staged with zero bitmap rows:
     _stage_rows' ZFILL; their value rows are stale) and malformed tokens (more bits than CAPACITY)
     read as zeros."""
@@ -253,10 +258,10 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
     addr4, _ = gl.broadcast(addr[:, :, None, None], z)
     bits4, _ = gl.broadcast(bits3[:, :, :, None], z)
     if K_SIDE:
-        return gl.inline_asm_elementwise(_walk_asm(False, NB, VALUE_BYTES), _walk_constraints(False, NB),
+        return gl.inline_asm_elementwise(_walk_asm(False, NB, VALUE_BYTES, BF16), _walk_constraints(False, NB),
                                          [addr4, bits4], dtype=gl.float16, is_pure=False, pack=8 * NB)
     else:
-        return gl.inline_asm_elementwise(_walk_asm(True, NB, VALUE_BYTES), _walk_constraints(True, NB),
+        return gl.inline_asm_elementwise(_walk_asm(True, NB, VALUE_BYTES, BF16), _walk_constraints(True, NB),
                                          [addr4, bits4], dtype=gl.float16, is_pure=False, pack=16 * NB)
 
 
@@ -645,10 +650,11 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
-    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, VALUE_BYTES)
+    BF16: gl.constexpr = VALUE_BYTES == 1 and q_t.dtype == gl.bfloat16  # fp8 values widened to q's dtype
+    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, VALUE_BYTES, BF16)
     k = _k_operand(k4, A_OP, HEAD_DIM)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, VALUE_BYTES)
+    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, VALUE_BYTES, BF16)
     v_t = _v_operand(v4, A_OP, HEAD_DIM)
     if VALUE_BYTES == 1:
         p = p * v_scale
@@ -748,7 +754,7 @@ def _sparse_decode_gluon_kernel(
     k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False,
 ):
     # FP8_VALUES (the walk only): the value pointers hold float8_e4m3fn bits (uint8), widened to
-    # fp16 two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
+    # q's dtype two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
     # the window up to decode._causal_start as for one token, then each causal tail token as a
