@@ -1,7 +1,7 @@
 """Decode with fp8 kept values (format.py) against fp16 values and dense SDPA, in one run on the
 same data: GPU time per call (perf/common.bench_us), bytes, and the output's distance from the
 fp16-values call at the same sparsity ("bf16" in the labels with --dtype bf16). fp8 values run the
-library's own choice (the Gluon walk for fp16 queries, decode.py's kernel for bf16); "fp16 tl" is
+library's own choice (the Gluon walk for fp16 and bf16 queries, since 9a59b48); "fp16 tl" is
 decode.py's kernel on values in the queries' dtype, for scale.
 
     python perf/fp8_decode.py --out perf/results/h200/fp8_decode.json [--shapes 16x16384,1x32768] [--dtype bf16]
