@@ -9,7 +9,8 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
     python perf/decode_gathers.py --baseline old.py --baseline other.py --baseline-gathers scatter --gathers scatter
 
 Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16, K and V at the same
-sparsity, no window. Configs are forced (autotune.forced_config), one wave of programs
+sparsity, no window (--window N: N dense recent tokens besides the T compressed ones, as a cache
+serves them; dense SDPA then attends T + N tokens). Configs are forced (autotune.forced_config), one wave of programs
 (num_splits=-1; --num-splits) for every gather.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main():
     ap.add_argument("--baseline", type=Path, action="append", default=[],
                     help="another decode_gluon.py, timed as base-<gather> (repeatable: <file stem>-<gather>)")
     ap.add_argument("--baseline-gathers", default="walk")
+    ap.add_argument("--window", type=int, default=0, help="dense recent tokens beside the compressed ones")
     ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
                     help="splits for every gather (-k: k waves of programs)")
     args = ap.parse_args()
@@ -79,18 +81,23 @@ def main():
         variants += [(f"{prefix}-{g}", g, lambda base=base: base) for g in args.baseline_gathers.split(",")]
     m = LLAMA3_8B
     meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
-                baseline=[str(p) for p in args.baseline] or None)
+                baseline=[str(p) for p in args.baseline] or None, window=args.window)
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
-        q, k, v, base_row = decode_inputs(m, b, t, dev)
-        dense_bytes = 2 * k.numel() * 2
+        q, k_all, v_all, base_row = decode_inputs(m, b, t + args.window, dev)
+        base_row.update(tokens=t, window=args.window)  # T compressed tokens (+ the window)
+        k, v = k_all[:, :, :t].contiguous(), v_all[:, :, :t].contiguous()
+        windows = {}
+        if args.window:
+            windows = dict(k_window=k_all[:, :, t:].contiguous(), v_window=v_all[:, :, t:].contiguous())
+        dense_bytes = 2 * k_all.numel() * 2
         best_dense = float("inf")
         for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
             try:
                 with sdpa_kernel(backend):
                     us = bench_us(lambda: torch.nn.functional.scaled_dot_product_attention(
-                        q[:, :, None], k, v, enable_gqa=True), dev)
+                        q[:, :, None], k_all, v_all, enable_gqa=True), dev)
             except RuntimeError as err:  # a backend that refuses the shape
                 print(f"{shape} sdpa {name}: {str(err)[:80]}", flush=True)
                 continue
@@ -98,15 +105,15 @@ def main():
             rows.append(dict(base_row, kind="dense", variant=name, us=us, bytes=dense_bytes))
         for sparsity in map(float, args.sparsities.split(",")):
             pk, pv = mt.prune_and_pack(k, sparsity), mt.prune_and_pack(v, sparsity)
-            nbytes = pk.nbytes + pv.nbytes
+            nbytes = pk.nbytes + pv.nbytes + 2 * 2 * b * m.hkv * args.window * m.d
             byte_bound_us = nbytes / bw * 1e6
             outs = {}
             for label, gather, kernel in variants:
                 attention._sparse_decode_gluon_kernel = kernel
                 try:
                     with autotune.forced_config("decode", dict(GLUON_CONFIG, gather=gather, num_splits=args.num_splits)):
-                        outs[label] = mt.sparse_decode_attention(q, pk, pv).float()
-                        us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv), dev)
+                        outs[label] = mt.sparse_decode_attention(q, pk, pv, **windows).float()
+                        us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv, **windows), dev)
                 finally:
                     attention._sparse_decode_gluon_kernel = own_kernel
                 diff = max((outs[label] - o).abs().max().item() for o in outs.values())
@@ -117,7 +124,7 @@ def main():
                       f"  bound {byte_bound_us:6.1f} us  diff {diff:.1e}", flush=True)
             del pk, pv
             write_results(Path(args.out), meta, rows)  # after every point: a run cut short keeps them
-        del q, k, v
+        del q, k, v, k_all, v_all, windows
         torch.cuda.empty_cache()
     print(f"\n{'shape':>9s} {'dense':>7s} " + " ".join(f"{s:>22s}" for s in args.sparsities.split(",")))
     labels = [v[0] for v in variants]

@@ -2,7 +2,7 @@
 hardware will execute: registers, spills, shared memory, and SASS instruction counts, for the
 whole kernel and for its main loop's body (the longest backward branch: what repeats per tile).
 
-    python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
+    python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|walk_halves|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
                                [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--fp8] [--maxnreg N]
                                [--dump DIR]
@@ -147,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--kernel", default="tl", choices=("tl", "gluon", "prune"),
                     help="prune: prune_pack_gluon.py's prune_and_pack kernel (--head-dim, --capacity, --dtype)")
     ap.add_argument("--slots", default="popc", choices=decode.SLOT_MODES)
-    ap.add_argument("--gather", default="walk", choices=("walk", "popc", "scatter"), help="the Gluon kernel's gather")
+    ap.add_argument("--gather", default="walk", choices=gluon_launch.GATHERS, help="the Gluon kernel's gather")
     ap.add_argument("--block-n", type=int, default=None, help="default 64 (tl) / 16 (gluon)")
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)

@@ -489,6 +489,7 @@ def test_gluon_splits_fill_whole_waves():
     per_sm = programs_per_sm(128, 8, "popc")
     assert per_sm == 12                      # 168 registers per thread: 3 warps per scheduler
     assert programs_per_sm(128, 8, "walk") == 16      # 128 registers: 4 per scheduler
+    assert programs_per_sm(128, 8, "walk_halves") == 20   # 96: 5 per scheduler
     assert programs_per_sm(64, 8, "walk") == 20       # 96: 5 per scheduler (not 65536 // 3072 = 21)
     assert programs_per_sm(128, 16, "popc") == 8      # 224: 2 per scheduler (not 65536 // 7168 = 9)
     # the staged gathers' shared memory: 16 walk programs fit 228 KB up to 14.25 KB each; rows of
@@ -509,6 +510,10 @@ def test_gluon_splits_fill_whole_waves():
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 56, 56), h100_shared) == 11
     assert programs_per_sm(64, 8, "scatter", shared_bytes("scatter", 64, 16, 16), h100_shared) == 20
     assert shared_bytes("popc", 128, 40, 40) == 0
+    # walk_halves adds q^T (D x 8 query rows x 2 bytes): 20 programs fit at capacity 40, 17 at 64
+    assert shared_bytes("walk_halves", 128, 40, 40) == shared_bytes("walk", 128, 40, 40) + 2048 == 9216
+    assert programs_per_sm(128, 8, "walk_halves", shared_bytes("walk_halves", 128, 40, 40), h100_shared) == 20
+    assert programs_per_sm(128, 8, "walk_halves", shared_bytes("walk_halves", 128, 64, 64), h100_shared) == 17
     for batch_heads in (8, 32, 128, 512, 2048):
         for waves in (1, 2, 3):
             splits = choose_num_splits(-waves, 132, batch_heads, 1 << 20, 16, per_sm)
@@ -522,7 +527,8 @@ def test_gluon_splits_fill_whole_waves():
 
 
 def test_gluon_gather_choice():
-    """Without a "gather" key: the scatter for caches of few stored values, else the walk, unless
+    """Without a "gather" key: the scatter for caches of few stored values, then walk_halves (D=128,
+    up to capacity 40), else the walk, unless
     their splits would be short (the popcount gather has fewer fixed costs per split); a config's
     explicit gather wins where it supports the shape, and popc runs where nothing else does."""
     from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG, MIN_STAGED_SPLIT_TOKENS, choose_gather
@@ -533,7 +539,8 @@ def test_gluon_gather_choice():
     assert gather(GLUON_CONFIG, 128, (64, 64), 32768, 264) == "walk"       # B=1: 124 per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 8192, 264) == "popc"        # 31 per split
     assert gather(GLUON_CONFIG, 128, (16, 32), 16384, 16) == "scatter"     # few values stored
-    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "walk"        # V at sparsity 0.7
+    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "walk_halves"  # V at sparsity 0.7
+    assert gather(GLUON_CONFIG, 128, (40, 48), 16384, 16) == "walk"        # 0.65: the halves lose there
     assert gather(GLUON_CONFIG, 128, (16, 16), 8192, 264) == "popc"
     assert gather(GLUON_CONFIG, 256, (16, 16), 16384, 16) == "walk"        # the scatter: D 64 / 128
     assert gather(GLUON_CONFIG, 128, (64, 64), MIN_STAGED_SPLIT_TOKENS * 3, 3) == "walk"

@@ -317,15 +317,17 @@ def pattern_rows(rng, kinds, head_dim, capacity):
     return words, values
 
 
-def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr, value_bytes=2):
-    """_gather_walk's per-token inputs of one run: the shared address of the run's first slot
-    (value_bytes per slot) and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
+def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr, value_bytes=2, span=None, first=0):
+    """_gather_walk's per-token inputs of one run of the channels [first, first + span) (all of
+    them, or a half for walk_halves): the shared address of the run's first slot (value_bytes per
+    slot) and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
+    span = span or head_dim
     nw = head_dim // 32
-    nb = head_dim // 32 if k_side else head_dim // 64
+    nb = span // 32 if k_side else span // 64
     w = [int(x) for x in row_words]
     kept = sum(popc(x) for x in w)
     fits = kept <= capacity
-    w0 = run * (nb // 4) if nb >= 4 else run // (4 // nb)
+    w0 = (run * (nb // 4) if nb >= 4 else run // (4 // nb)) + first // 32
     before = sum(popc(w[j]) for j in range(nw) if w0 > j)
     own = w[w0] if fits else 0
     if nb > 4:
@@ -343,12 +345,14 @@ def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr, value_byte
     return row_addr + slot * value_bytes, bits
 
 
-def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
+def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None, span=None, first=0):
     """All runs of all tokens through _walk_asm, as one lane's instances see them: returns
-    [n, D] uint16 (the channels of run r of token t at [t, r * 8 nb ..]). values uint8: fp8
-    slots (the walk's one-byte form, widened to fp16 bits)."""
+    [n, span] uint16 (the channels first + [r * 8 nb ..] of run r of token t at [t, r * 8 nb ..];
+    span: all D, or a half for walk_halves). values uint8: fp8 slots (the walk's one-byte form,
+    widened to fp16 bits)."""
     n = len(words)
-    nb = head_dim // 32 if k_side else head_dim // 64
+    span = span or head_dim
+    nb = span // 32 if k_side else span // 64
     runs = 4 if k_side else 8
     value_bytes = values.itemsize
     pitch = staged_row_pitch(value_bytes * capacity)
@@ -363,12 +367,12 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
     n_el = 8 * nb                                    # elements per token per instance
     emu = Ptx(shared)
     rng = np.random.default_rng(0)
-    out = np.zeros((n, head_dim), np.uint16)
+    out = np.zeros((n, span), np.uint16)
     pairs = [(t,) for t in range(n)] if k_side else [(t, t + 1) for t in range(0, n - 1, 2)]
     for toks in pairs:
         for r in range(runs):
             per_tok = [walk_inputs(words[t], capacity, head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch,
-                                   value_bytes) for t in toks]
+                                   value_bytes, span, first) for t in toks]
             s = len(toks)
             addrs = [0] * (s * n_el)
             bits = [0] * (s * n_el)
@@ -377,9 +381,9 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None):
             # byte's first element's bits): the others get garbage here, to hold it to that.
             for st, (a, bw) in enumerate(per_tok):
                 for j in range(n_el):
-                    first = j % 8 == 0
+                    byte_start = j % 8 == 0
                     addrs[st + s * j] = a - MT_DSTAGE if j == 0 else int(rng.integers(1 << 32))  # asm adds mt_dstage
-                    bits[st + s * j] = bw[j // 8] if first else int(rng.integers(1 << 32))
+                    bits[st + s * j] = bw[j // 8] if byte_start else int(rng.integers(1 << 32))
             assert constraints.count("r") - n_out == 2 * s * n_el
             regs = emu.run(asm, n_out, addrs + bits)
             elems = []
@@ -399,6 +403,20 @@ def test_walk_asm_expands_rows_exactly(head_dim, capacity, k_side):
     got = run_walk(head_dim, capacity, k_side, words, values)
     want = dense_reference(words, values, capacity)
     assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+@pytest.mark.parametrize("k_side", [True, False], ids=["K", "V"])
+@pytest.mark.parametrize("head_dim,capacity", [(128, 40), (128, 64), (256, 80)])
+def test_walk_halves_expand_their_channels_exactly(head_dim, capacity, k_side):
+    """walk_halves gathers each half of the channels as a walk of D / 2 whose runs start at the
+    half's first bitmap word (_gather_walk's FIRST): each half expands exactly."""
+    rng = np.random.default_rng(head_dim * 1000 + capacity + k_side + 7)
+    words, values = random_rows(rng, 12, head_dim, capacity)
+    want = dense_reference(words, values, capacity)
+    half = head_dim // 2
+    for first in (0, half):
+        got = run_walk(head_dim, capacity, k_side, words, values, span=half, first=first)
+        assert (got == want[:, first:first + half]).all(), (first, np.argwhere(got != want[:, first:first + half])[:8])
 
 
 @given(head_dim=st.sampled_from([64, 128, 256]), cap=st.integers(1, 32), k_side=st.booleans(),

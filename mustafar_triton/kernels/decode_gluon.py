@@ -33,6 +33,11 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     It is the one gather that reads fp8 (e4m3) values (FP8_VALUES): one-byte slots, each pair of
     outputs widened by one cvt.rn.f16x2.e4m3x2 (for bf16 queries three more conversions, through
     float32), the value scales applied to the scores and to P.
+  * "walk_halves" (HEAD_DIM 128 / 256): the walk with q^T in shared memory (read as the mma's B
+    operand per half) and each operand gathered and multiplied as two halves of D/2 channels
+    (acc as two [D/2, H] halves, joined after the loop), each half permuted as a walk of D/2.
+    Fewer registers live at once: 96 without spilling at D=128, so 5 programs per scheduler
+    instead of 4 (the walk is latency bound: perf/NOTES.md, 2026-12-06), for ~7% more instructions.
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
     staged row into a dense tile in shared memory (a bfind per value, section below), and
     ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
@@ -211,14 +216,15 @@ def _lds_word(addr):
 
 @gluon.jit
 def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr,
-                 VALUE_BYTES: gl.constexpr = 2, BF16: gl.constexpr = False):
-    """The staged tile's dense values in _walk_layout (fp16-typed bits); its bitmap rows are at
+                 SPAN: gl.constexpr, FIRST: gl.constexpr, VALUE_BYTES: gl.constexpr = 2, BF16: gl.constexpr = False):
+    """The staged tile's dense values of the channels [FIRST, FIRST + SPAN) (all HEAD_DIM, or a half
+    for "walk_halves") in _walk_layout(SPAN) (fp16-typed bits); its bitmap rows are at
     mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16, or
     to bf16 for BF16)
     at mt_dstage + stage_off. Tokens past the tile's end (staged with zero bitmap rows:
     _stage_rows' ZFILL; their value rows are stale) and malformed tokens (more bits than CAPACITY)
     read as zeros."""
-    L4: gl.constexpr = _walk_layout(HEAD_DIM, K_SIDE)
+    L4: gl.constexpr = _walk_layout(SPAN, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
     NW: gl.constexpr = HEAD_DIM // 32
@@ -227,8 +233,8 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
     tok = gl.arange(0, 16, layout=gl.SliceLayout(1, P2))[:, None]                  # [16, 1]
     run_idx = gl.arange(0, RUNS, layout=gl.SliceLayout(0, P2))[None, :]           # [1, RUNS]
     b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(1, PB)))[None, None, :]
-    # per token and run: the run's first bitmap word and the slots before it
-    w0 = run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)
+    # per token and run: the run's first bitmap word and the slots before it (FIRST: whole words)
+    w0 = (run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)) + FIRST // 32
     row = bits_off + tok * staged_row_pitch(NW * 4)
     words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
                                       is_pure=False, pack=1)
@@ -493,12 +499,22 @@ def _v_operand(v4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
 def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: gl.constexpr):
     """The channel in column idx of the K operand (and row idx of q^T; K_SIDE) or in row idx of V^T
     (and of the output O^T): the walk's permutation (decode_gluon.py's docstring), or idx itself."""
-    if GATHER != "walk":
-        return idx
-    elif K_SIDE:
-        return ((idx // 2) % 4) * (HEAD_DIM // 4) + (idx // 16) * 4 + ((idx // 8) % 2) * 2 + idx % 2
+    if GATHER == "walk_halves":  # each half of the channels permuted as a walk of D / 2
+        HALF: gl.constexpr = HEAD_DIM // 2
+        return (idx // HALF) * HALF + _walk_channel(idx % HALF, HALF, K_SIDE)
+    elif GATHER == "walk":
+        return _walk_channel(idx, HEAD_DIM, K_SIDE)
     else:
-        return (idx % 8) * (HEAD_DIM // 8) + (idx // 16) * 2 + (idx // 8) % 2
+        return idx
+
+
+@gluon.jit
+def _walk_channel(idx, SPAN: gl.constexpr, K_SIDE: gl.constexpr):
+    """_operand_channel of the walk's operands over SPAN channels (_k_operand, _v_operand)."""
+    if K_SIDE:
+        return ((idx // 2) % 4) * (SPAN // 4) + (idx // 16) * 4 + ((idx // 8) % 2) * 2 + idx % 2
+    else:
+        return (idx % 8) * (SPAN // 8) + (idx // 16) * 2 + (idx // 8) % 2
 
 
 @gluon.jit
@@ -624,8 +640,14 @@ def _scores(k, valid, q_t, m, l, qk_scale, MMA: gl.constexpr):
     """Online-softmax step, base 2, transposed: k [BLOCK_N, D] (A operand) against q_t [D, H]
     (B operand); valid [BLOCK_N] masks tokens. Returns the weights P^T [BLOCK_N, H], the new
     running max and sum, and the factor that rescales the accumulator."""
-    s = mma_v2(k, q_t, gl.zeros([k.shape[0], q_t.shape[1]], gl.float32, MMA)) * qk_scale
-    s = gl.where(valid[:, None], s, float("-inf"))
+    return _softmax_step(mma_v2(k, q_t, gl.zeros([k.shape[0], q_t.shape[1]], gl.float32, MMA)), valid, m, l,
+                         qk_scale)
+
+
+@gluon.jit
+def _softmax_step(s, valid, m, l, qk_scale):
+    """_scores' step from the unscaled scores S^T [BLOCK_N, H]."""
+    s = gl.where(valid[:, None], s * qk_scale, float("-inf"))
     m_new = gl.maximum(m, gl.max(s, axis=0))
     alpha = gl.exp2(m - m_new)
     p = gl.exp2(s - m_new[None, :])
@@ -643,22 +665,44 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
 @gluon.jit
 def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
                MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
-               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0):
+               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False):
     """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
     fp8 values (VALUE_BYTES 1): qk_scale carries K's value scale, and P is multiplied by V's
-    (v_scale) before the P @ V product."""
+    (v_scale) before the P @ V product. HALVES ("walk_halves"): q_t is q^T in shared memory, acc a
+    pair of [D/2, H] halves, and each operand is gathered and multiplied as two D/2 halves, so
+    fewer registers are live at once (_sparse_decode_gluon_kernel's comment)."""
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
-    BF16: gl.constexpr = VALUE_BYTES == 1 and q_t.dtype == gl.bfloat16  # fp8 values widened to q's dtype
-    k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, VALUE_BYTES, BF16)
-    k = _k_operand(k4, A_OP, HEAD_DIM)
-    p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, VALUE_BYTES, BF16)
-    v_t = _v_operand(v4, A_OP, HEAD_DIM)
-    if VALUE_BYTES == 1:
-        p = p * v_scale
-    acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    DT: gl.constexpr = q_t.dtype
+    BF16: gl.constexpr = VALUE_BYTES == 1 and DT == gl.bfloat16  # fp8 values widened to q's dtype
+    valid = start + tok_s < tile_hi
+    if HALVES:
+        H: gl.constexpr = HEAD_DIM // 2
+        BLOCK_H: gl.constexpr = q_t.shape[1]
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, 0, VALUE_BYTES, BF16)
+        s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(0, H).load(B_OP),
+                   gl.zeros([16, BLOCK_H], gl.float32, MMA))
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, H, VALUE_BYTES, BF16)
+        s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(H, H).load(B_OP), s)
+        p, m, l, alpha = _softmax_step(s, valid, m, l, qk_scale)
+        if VALUE_BYTES == 1:
+            p = p * v_scale
+        acc_lo, acc_hi = acc
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES, BF16)
+        acc_lo = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_lo, alpha, B_OP)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES, BF16)
+        acc_hi = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_hi, alpha, B_OP)
+        acc = (acc_lo, acc_hi)
+    else:
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES, BF16)
+        k = _k_operand(k4, A_OP, HEAD_DIM)
+        p, m, l, alpha = _scores(k.to(DT, bitcast=True), valid, q_t, m, l, qk_scale, MMA)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, HEAD_DIM, 0, VALUE_BYTES, BF16)
+        v_t = _v_operand(v4, A_OP, HEAD_DIM)
+        if VALUE_BYTES == 1:
+            p = p * v_scale
+        acc = _accumulate(v_t.to(DT, bitcast=True), p, acc, alpha, B_OP)
     return m, l, acc
 
 
@@ -667,11 +711,11 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
                 block_table_row, num_pages, num_kv_heads,
                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
                 V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0):
+                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False):
     """The walk over the tiles [lo, c_hi) (staged one tile ahead in mt_dstage's two stages):
     returns the online softmax's running max and sum and the accumulator O^T. A paged cache's
-    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale: as in
-    _walk_tile."""
+    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale / HALVES:
+    as in _walk_tile."""
     gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
@@ -687,7 +731,7 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale)
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale, HALVES)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -741,6 +785,20 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
 
 
 @gluon.jit
+def _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP: gl.constexpr, BLOCK_H: gl.constexpr,
+              HEAD_DIM: gl.constexpr, LQ: gl.constexpr, GATHER: gl.constexpr, B_OP: gl.constexpr):
+    """q^T [D, BLOCK_H] of kv head h of sequence b in the mma B operand layout, its rows in the
+    gather's channel order (_operand_channel), its columns the LQ * GROUP (token, head) rows."""
+    d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), HEAD_DIM, True, GATHER)
+    h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
+    if LQ == 1:
+        return gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
+                       mask=(h_q < GROUP)[None, :], other=0.0)
+    q_rows = (h_q // GROUP) * stride_qt + (h * GROUP + h_q % GROUP) * stride_qh
+    return gl.load(q_ptr + b * stride_qb + q_rows[None, :] + d_q[:, None], mask=(h_q < LQ * GROUP)[None, :], other=0.0)
+
+
+@gluon.jit
 def _sparse_decode_gluon_kernel(
     q_ptr, k_bitmap_ptr, k_values_ptr, v_bitmap_ptr, v_values_ptr, seq_lens_ptr,
     k_window_ptr, v_window_ptr, window_lens_ptr, part_out_ptr, part_lse_ptr,
@@ -753,7 +811,7 @@ def _sparse_decode_gluon_kernel(
     block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: gl.constexpr = 0,
     k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False,
 ):
-    # FP8_VALUES (the walk only): the value pointers hold float8_e4m3fn bits (uint8), widened to
+    # FP8_VALUES (the walks only): the value pointers hold float8_e4m3fn bits (uint8), widened to
     # q's dtype two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
@@ -768,15 +826,8 @@ def _sparse_decode_gluon_kernel(
     b = bh // num_kv_heads
     h = bh % num_kv_heads
 
-    d_q = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, B_OP)), HEAD_DIM, True, GATHER)
-    h_q = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, B_OP))
     ROWS: gl.constexpr = LQ * GROUP
-    if LQ == 1:
-        q_t = gl.load(q_ptr + b * stride_qb + (h * GROUP + h_q)[None, :] * stride_qh + d_q[:, None],
-                      mask=(h_q < GROUP)[None, :], other=0.0)                    # [D, BLOCK_H]
-    else:
-        q_rows = (h_q // GROUP) * stride_qt + (h * GROUP + h_q % GROUP) * stride_qh
-        q_t = gl.load(q_ptr + b * stride_qb + q_rows[None, :] + d_q[:, None], mask=(h_q < ROWS)[None, :], other=0.0)
+    q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
     COL: gl.constexpr = gl.SliceLayout(0, MMA)
     m = gl.full([BLOCK_H], float("-inf"), gl.float32, COL)
     l = gl.zeros([BLOCK_H], gl.float32, COL)
@@ -796,17 +847,33 @@ def _sparse_decode_gluon_kernel(
     if PAGE_SIZE > 0:
         block_table_row = block_table_ptr + b.to(gl.int64) * max_pages
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
-    if GATHER == "walk":
+    if (GATHER == "walk") or (GATHER == "walk_halves"):
         VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
         _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]), lane)
         qk_stored = qk_scale  # the compressed tiles' (the window's stays qk_scale)
         if FP8_VALUES:
             qk_stored = qk_scale * k_value_scale
-        m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_stored, tok_s,
-                                block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
-                                HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale)
+        if GATHER == "walk_halves":
+            gl.static_assert(HEAD_DIM >= 128, "walk_halves: HEAD_DIM 128 or 256")
+            # q^T in shared memory and O^T as two [D/2, H] halves: ~32 registers fewer in the loop
+            # (decode_gluon_launch.register_cap); q^T is loaded again for the window, so that the
+            # registers of the first load are free during the walk
+            q_s = gl.allocate_shared_memory(q_t.dtype, [HEAD_DIM, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                            q_t)
+            halves = (gl.zeros([HEAD_DIM // 2, BLOCK_H], gl.float32, MMA),
+                      gl.zeros([HEAD_DIM // 2, BLOCK_H], gl.float32, MMA))
+            m, l, halves = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_s, m, l, halves, qk_stored,
+                                       tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
+                                       V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, True)
+            joined = gl.permute(gl.join(halves[0], halves[1]), (2, 0, 1))  # [2, D/2, H]: the half is a register bit
+            acc = gl.convert_layout(gl.reshape(joined, [HEAD_DIM, BLOCK_H]), MMA, assert_trivial=True)
+            q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
+        else:
+            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_stored, tok_s,
+                                    block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
+                                    HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale)
     elif FP8_VALUES:
-        gl.static_assert(False, "fp8 values are read by the walk only")
+        gl.static_assert(False, "fp8 values are read by the walks only")
     elif GATHER == "scatter":
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,

@@ -3,11 +3,14 @@ each config uses, its register cap, its shared memory, and so how many one-warp 
 an SM (the split count fills whole waves of them). No Gluon import: attention.py, the tuner and
 the tests use it on machines where Gluon cannot run.
 
-The three gathers (decode_gluon.py's module docstring has the details):
+The gathers (decode_gluon.py's module docstring has the details):
   "popc"    a popcount per element, values loaded from global memory: no staging, so the fewest
             fixed costs per split (short splits), any HEAD_DIM multiple of 32;
   "walk"    per element a bit test, predicated shared load and add, on rows staged in shared
             memory: its cost follows the DENSE elements (D 64 / 128 / 256);
+  "walk_halves" the walk with q^T in shared memory and each operand gathered and multiplied as two
+            D/2 halves: ~7% more instructions, 96 registers at D=128 (5 programs per scheduler
+            instead of 4; D 128 / 256);
   "scatter" per KEPT value a bfind and a 2-byte store into a dense tile in shared memory, read
             back by ldmatrix and masked by the bitmap: its cost follows the stored values (D 64 / 128).
 """
@@ -21,7 +24,7 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 # decode.choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
 # Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
-GATHERS = ("walk", "popc", "scatter")
+GATHERS = ("walk", "walk_halves", "popc", "scatter")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
@@ -36,6 +39,15 @@ MIN_STAGED_SPLIT_TOKENS = 64
 # 38.0: the scatter wins only there, where the tuner may pick it); capacity 16 (0.9) 157.1 / 203.5.
 # D=64 not measured.
 SCATTER_MAX_CAPACITY_FRACTION = 0.25
+
+# walk_halves (20 programs per SM at D=128, 8 query rows, against the walk's 16) where the larger
+# capacity is at most this fraction of D (and the scatter does not take it): it wins only at few
+# stored values. H100, Llama-3-8B shape fp16, one wave, walk / walk_halves us (perf/results/h100/
+# walk_halves_ab_*): capacity 40 (sparsity 0.7), B=16 T=16k 201.4 / 198.4, B=4 T=128k 386.0 / 371.9,
+# 1x32k 38.1 / 36.6 (with a 32-token window, 16x16k: 210.0 / 202.4); capacity 48 (0.65) 217.8 /
+# 225.9, 56 (0.6) 214.1 / 230.0, 64 (0.5) 240.9 / 269.3: more instructions and, at 64, shared
+# memory for 17 programs only. H200 not measured.
+WALK_HALVES_MAX_CAPACITY_FRACTION = 0.3125
 
 
 # Where at least 12 scatter programs fit on an SM, the plan is a multiple of the 4 schedulers: one-warp
@@ -87,6 +99,8 @@ def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
         return True
     if gather == "walk":
         return head_dim in (64, 128, 256) and block_n == 16
+    if gather == "walk_halves":
+        return head_dim in (128, 256) and block_n == 16
     if gather == "scatter":
         return head_dim in (64, 128) and block_n == 16
     raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
@@ -98,7 +112,8 @@ def register_cap(head_dim: int, block_h: int, gather: str) -> int:
     and the walk at D=128 with an 8-wide group (0 bytes of stack at capacity 40, 16 at 64;
     ~176 registers uncapped: 4 programs per scheduler instead of 3 made it 1.2x faster,
     perf/results/decode_gluon_ab_h100_5_walk.json; a cap of 96, 5 per scheduler, spills 120 bytes
-    and measured 1.13-1.24x slower, decode_gluon_ab_h100_aaca482_bits_merge.json). The scatter needs
+    and measured 1.13-1.24x slower, decode_gluon_ab_h100_aaca482_bits_merge.json; "walk_halves" fits 96
+    without spilling in its loop: 0 bytes at capacity 40, 16-24 at 24 / 64). The scatter needs
     111-124 at D=128 (capacities 16-64). Fixing the cap makes the resident programs, and so the
     waves, exact."""
     staged = gather != "popc"
@@ -107,7 +122,9 @@ def register_cap(head_dim: int, block_h: int, gather: str) -> int:
     if head_dim <= 64:
         return (96 if staged else 128) if block_h <= 8 else 152
     if head_dim <= 128:
-        return (128 if staged else 168) if block_h <= 8 else 224
+        if block_h > 8:
+            return 224
+        return 96 if gather == "walk_halves" else 128 if staged else 168
     return 255
 
 
@@ -150,15 +167,18 @@ def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[in
     return dense, dummy, queue, queue + 256 * scatter_queue_entries(head_dim, max(k_capacity, v_capacity))
 
 
-def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> int:
+def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2,
+                 block_h: int = 8) -> int:
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
-    reports the PTX-declared buffer + 1024 bytes; Gluon allocates no dynamic shared memory here).
+    reports the PTX-declared buffer + 1024 bytes; Gluon allocates dynamic shared memory only for
+    walk_halves' q^T, head_dim x block_h in 2 bytes).
     walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
     scatter: scatter_offsets; popc: none."""
     if gather == "popc":
         return 0
-    if gather == "walk":
-        return 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3] + 1024
+    if gather in ("walk", "walk_halves"):
+        q_t = 2 * head_dim * block_h if gather == "walk_halves" else 0
+        return 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3] + 1024 + q_t
     return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
@@ -186,10 +206,15 @@ def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int
     values are few enough for its per-value cost to beat the walk's per-element cost, and for 16
     query rows (block_h), where the walk's 224 registers leave too few programs per SM. H200,
     B=16 T=16k, Lq=4 G=4 with a 32-token window (perf/NOTES.md, 2026-12-03): K0.7 scatter 271.6
-    against walk 341.7 us (walk at Lq=1: 217.3); K0.9 190.1 against 346.0."""
+    against walk 341.7 us (walk at Lq=1: 217.3); K0.9 190.1 against 346.0. Then walk_halves up to
+    WALK_HALVES_MAX_CAPACITY_FRACTION where its registers buy programs (D=128, 8 rows)."""
+    capacity = max(k_capacity, v_capacity)
     if gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]) and (
-            block_h > 8 or max(k_capacity, v_capacity) <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
+            block_h > 8 or capacity <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
         return "scatter"
+    if (head_dim == 128 and block_h <= 8 and capacity <= WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim
+            and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"])):
+        return "walk_halves"
     return "walk"
 
 
@@ -217,7 +242,7 @@ def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int,
     block_h = gluon_block_h(group)
 
     def splits_with(gather):
-        shared = shared_bytes(gather, head_dim, k_capacity, v_capacity, value_bytes)
+        shared = shared_bytes(gather, head_dim, k_capacity, v_capacity, value_bytes, block_h)
         return splits_for(programs_per_sm(head_dim, block_h, gather, shared, sm_shared_bytes))
 
     gather = choose_gather(cfg, head_dim, k_capacity, v_capacity, context, splits_with, block_h)
