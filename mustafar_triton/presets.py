@@ -56,9 +56,8 @@ K0.375V0.375: +1.16% / -0.02% against +1.10% / +0.03%), and the presets as serve
 `--grid fp8-presets` / `fp8-presets-d256`, perf/results/accuracy_fp8_presets_*.json, 2026-12-06):
 D=64 +0.14% / +0.46%, D=256 +0.47% / +0.07% (K0.7V0.7: +20.34% / +24.84% and +5.02% / +4.99%),
 at 0.4474 / 0.3860 of the dense bytes against K0.7V0.7's 0.4463 / 0.3848 (the 4 sinks). Only
-"K0.7V0.7" was measured with fp8 values. With fp16 queries the Gluon walk decodes them at about
-fp16 K0.7V0.7's speed (H100, perf/NOTES.md); bf16 queries (Gemma 3) run decode.py's kernel,
-slower than dense.
+"K0.7V0.7" was measured with fp8 values. The Gluon walk decodes them for fp16 queries at about
+fp16 K0.7V0.7's speed, and for bf16 queries (Gemma 3) 5-7% slower (H100, perf/NOTES.md, 9a59b48).
 
 Head dim 256: `perf/accuracy.py --model gemma3 --grid equal-bytes-d256` (Gemma 3 270M, one kv
 head; 5 of 6 layers attend a 512-token sliding window and stay dense, as MustafarCache serves
