@@ -9,8 +9,8 @@ The gathers (decode_gluon.py's module docstring has the details):
   "walk"    per element a bit test, predicated shared load and add, on rows staged in shared
             memory: its cost follows the DENSE elements (D 64 / 128 / 256);
   "walk_halves" the walk with q^T in shared memory and each operand gathered and multiplied as two
-            D/2 halves: ~7% more instructions, 96 registers at D=128 (5 programs per scheduler
-            instead of 4; D 128 / 256);
+            D/2 halves: ~8% more instructions, 96 registers at D=128 (5 programs per scheduler
+            instead of 4; D 128 / 256): faster than the walk at few stored values only;
   "scatter" per KEPT value a bfind and a 2-byte store into a dense tile in shared memory, read
             back by ldmatrix and masked by the bitmap: its cost follows the stored values (D 64 / 128).
 """
