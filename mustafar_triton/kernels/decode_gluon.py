@@ -38,7 +38,7 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     (acc as two [D/2, H] halves, joined after the loop), each half permuted as a walk of D/2.
     Fewer registers live at once: 96 without spilling at D=128, so 5 programs per scheduler
     instead of 4, for ~8% more instructions: 1.5-4% faster than the walk on an H100 at sparsity
-    0.7-0.9, 4-14% slower at 0.5-0.65 (perf/NOTES.md, 2026-12-06).
+    0.7-0.9, up to 14% slower at 0.5-0.65 (perf/NOTES.md, 2026-12-06).
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
     staged row into a dense tile in shared memory (a bfind per value, section below), and
     ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
