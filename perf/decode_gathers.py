@@ -105,7 +105,7 @@ def main():
             rows.append(dict(base_row, kind="dense", variant=name, us=us, bytes=dense_bytes))
         for sparsity in map(float, args.sparsities.split(",")):
             pk, pv = mt.prune_and_pack(k, sparsity), mt.prune_and_pack(v, sparsity)
-            nbytes = pk.nbytes + pv.nbytes + 2 * 2 * b * m.hkv * args.window * m.d
+            nbytes = pk.nbytes + pv.nbytes + sum(w.numel() * w.element_size() for w in windows.values())
             byte_bound_us = nbytes / bw * 1e6
             outs = {}
             for label, gather, kernel in variants:
