@@ -65,13 +65,16 @@ max_tokens.
 from __future__ import annotations
 
 import torch
+import triton
 
+from ._fast_launch import CompiledLauncher
 from ._runtime import check_device, check_same_device
 from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
 from .format import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, check_value_format, default_capacity,
                      kept_per_token)
+from .kernels.window_append import _append_token_kernel
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -169,9 +172,7 @@ class SparseKVCache:
         self.ring_start = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's oldest ring row
         self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's drops (full store)
         check_device("SparseKVCache buffers", self.k_window)
-        # append's scatter index: window_lens as int64 [B, 1, 1, 1], kept in step with it (eager path only)
-        self._next_row = torch.zeros((batch, 1, 1, 1), dtype=torch.int64, device=device)
-        self._next_rows = self._next_row.expand(batch, num_kv_heads, 1, head_dim)
+        self._append_launches = {}  # append's launch per (k_new, v_new) strides: _append_launch
         self._token_shape = (batch, num_kv_heads, 1, head_dim)
         self._device = self.k_window.device
         # constants of the flush: chunk positions [1, 1, C, 1] and dense slots [1, 1, S + W, 1]
@@ -204,8 +205,7 @@ class SparseKVCache:
     def reset(self) -> None:
         """Empty every sequence (zeroes the store, so tokens past seq_lens stay all-zero rows)."""
         for buf in (self.packed_k.bitmap, self.packed_k.values, self.packed_v.bitmap,
-                    self.packed_v.values, self.seq_lens, self.window_lens, self.ring_start, self.dropped,
-                    self._next_row):
+                    self.packed_v.values, self.seq_lens, self.window_lens, self.ring_start, self.dropped):
             buf.zero_()
         self._max_store = self._max_window = 0
         self._static = False
@@ -299,7 +299,6 @@ class SparseKVCache:
             self.k_window.copy_(torch.where(valid, k.gather(2, idx), zero))
             self.v_window.copy_(torch.where(valid, v.gather(2, idx), zero))
             self.window_lens.copy_(fill)
-            self._next_row.copy_(fill.view(b, 1, 1, 1))
         self._max_store = max(t - dense, 0)
         self._max_window = min(t, dense)
 
@@ -323,7 +322,6 @@ class SparseKVCache:
         self.k_window.copy_(self.k_window.gather(2, idx))
         self.v_window.copy_(self.v_window.gather(2, idx))
         self.window_lens.sub_(n)
-        self._next_row.sub_(n4)
         self._max_store += c
         self._max_window = s + w - c
 
@@ -352,12 +350,29 @@ class SparseKVCache:
         if self._max_window == s + w:
             self._check_capacity("append (window flush)", self._max_store + self.chunk)
             self._flush()
-        idx = self._next_rows  # window_lens as int64, expanded to [B, Hkv, 1, D]
-        self.k_window.scatter_(2, idx, k_new)
-        self.v_window.scatter_(2, idx, v_new)
-        self.window_lens.add_(1)
-        self._next_row.add_(1)
+        self._append_launch(k_new, v_new)(self._stream(), k_new, v_new, self.k_window, self.v_window,
+                                          self.window_lens)
         self._max_window += 1
+
+    def _append_launch(self, k_new: torch.Tensor, v_new: torch.Tensor) -> CompiledLauncher:
+        """append's kernel (kernels/window_append.py) with everything but the tensors bound, per
+        layout of the new tokens (transformers hands over transposed views)."""
+        key = (k_new.stride(), v_new.stride())
+        launch = self._append_launches.get(key)
+        if launch is None:
+            heads, d = self.num_kv_heads, self.head_dim
+            ks, vs, ws = k_new.stride(), v_new.stride(), self.k_window.stride()
+            block = triton.next_power_of_2(heads * d)
+            launch = CompiledLauncher(_append_token_kernel, (self.batch,), (), stride_kb=ks[0], stride_kh=ks[1],
+                                      stride_kd=ks[3], stride_vb=vs[0], stride_vh=vs[1], stride_vd=vs[3],
+                                      stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2], HEADS=heads,
+                                      HEAD_DIM=d, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+            self._append_launches[key] = launch
+        return launch
+
+    def _stream(self) -> int:
+        """The current raw CUDA stream of the cache's device (0 off CUDA)."""
+        return torch._C._cuda_getCurrentRawStream(self._device.index) if self._device.type == "cuda" else 0
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """window == 0: a sequence with fewer than `sinks` tokens takes the token as a sink, every

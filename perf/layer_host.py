@@ -1,7 +1,8 @@
 """Host (CPU) work of one layer's decode step in transformers' eager loop, without the GPU: the
 cache update (`Cache.update`) and the attention call (`ALL_ATTENTION_FUNCTIONS[...]`), as
 LlamaAttention.forward makes them, with every Triton launch stubbed out (perf/host_cost.py's
-stubs: decode, merge and the flush's prune_and_pack), so CPU tensors stand in for the GPU's.
+stubs: decode, merge, append's and the flush's prune_and_pack), so CPU tensors stand in for the
+GPU's.
 
     python perf/layer_host.py [--layers 30] [--steps 128] [--rounds 7] [--prompt 8000]
                               [--sparsity 0.7] [--window 32] [--out perf/results/layer_host_cpu.json]
@@ -163,7 +164,7 @@ def main():
     args.hq, args.hkv, args.head_dim = map(int, args.heads.split(","))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    stub_launches(flush=True)
+    stub_launches(cache=True)
     from transformers import LlamaConfig
     config = LlamaConfig(vocab_size=128, hidden_size=args.hq * args.head_dim, num_hidden_layers=args.layers,
                          num_attention_heads=args.hq, num_key_value_heads=args.hkv, head_dim=args.head_dim,

@@ -46,9 +46,8 @@ def sparse_loop(caches, q, new, steps):
 
 def rewind(cache: SparseKVCache) -> None:
     """Set every sequence's window fill back to half the window (captured in the graph, so each
-    replay appends into the same rows): window_lens and append's int64 copy of it."""
+    replay appends into the same rows)."""
     cache.window_lens.fill_(cache.window // 2)
-    cache._next_row.fill_(cache.window // 2)
 
 
 def timed(fn) -> float:

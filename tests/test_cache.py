@@ -154,6 +154,37 @@ def test_prefill_and_appends_across_flushes(dtype, device):
     run_steps(cache, model, device, 14, seed + 3, attend_every=7)
 
 
+@pytest.mark.parametrize("layout", ["heads_innermost", "strided_channels"])
+def test_append_writes_only_the_new_rows(layout, device):
+    """append's kernel (kernels/window_append.py) with the new tokens as views, as transformers
+    hands them over: permuted (the heads innermost), or channels 2 elements apart. Each sequence's
+    row window_lens[b] gets its token bit for bit, window_lens grows by 1, every other row (filled
+    or not, poisoned beforehand) keeps its bits; ragged fills (no flush), 3 kv heads."""
+    b, hkv, d, seed = 3, 3, 32, seed_of("append_rows", layout)
+    cache = mt.SparseKVCache(b, hkv, d, 16, 10, SK, SV, device=device)
+    k = randn((b, hkv, 9, d), torch.float16, seed, device)
+    cache.prefill(k, -k, torch.tensor([9, 2, 0], dtype=torch.int32, device=device))
+    lens = cache.window_lens.clone()
+    rows = torch.arange(cache.window, device=device)[None, :] >= lens[:, None]  # [B, rows] unfilled
+    poison = torch.full((), -7.5, dtype=torch.float16, device=device)
+    cache.k_window.copy_(torch.where(rows[:, None, :, None], poison, cache.k_window))
+    cache.v_window.copy_(torch.where(rows[:, None, :, None], -poison, cache.v_window))
+    k_before, v_before = cache.k_window.clone(), cache.v_window.clone()
+    if layout == "heads_innermost":
+        k_new = randn((b, 1, d, hkv), torch.float16, seed + 1, device).permute(0, 3, 1, 2)
+        v_new = randn((b, 1, d, hkv), torch.float16, seed + 2, device).permute(0, 3, 1, 2)
+    else:
+        k_new = randn((b, hkv, 1, 2 * d), torch.float16, seed + 1, device)[..., ::2]
+        v_new = randn((b, hkv, 1, 2 * d), torch.float16, seed + 2, device)[..., ::2]
+    assert not k_new.is_contiguous() and not v_new.is_contiguous()
+    cache.append(k_new, v_new)
+    assert cache.window_lens.tolist() == (lens + 1).tolist()
+    new_row = torch.arange(cache.window, device=device)[None, :] == lens[:, None]  # [B, rows]
+    for got, before, new in ((cache.k_window, k_before, k_new), (cache.v_window, v_before, v_new)):
+        want = torch.where(new_row[:, None, :, None], new.expand_as(before), before)
+        assert bit_equal(got, want)
+
+
 def test_uniform_batch_flushes_when_full(device):
     """Without lens every window is compressed exactly when full: fills 8 -> 5, 6, 7, 8 -> 5."""
     cache, _ = make(device, b=3, window=8, chunk=3)
