@@ -365,8 +365,9 @@ class SparseKVCache:
             block = triton.next_power_of_2(heads * d)
             launch = CompiledLauncher(_append_token_kernel, (self.batch,), (), stride_kb=ks[0], stride_kh=ks[1],
                                       stride_kd=ks[3], stride_vb=vs[0], stride_vh=vs[1], stride_vd=vs[3],
-                                      stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2], HEADS=heads,
-                                      HEAD_DIM=d, BLOCK=block, num_warps=max(1, min(8, block // 256)))
+                                      stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2],
+                                      rows=self.k_window.shape[2], HEADS=heads, HEAD_DIM=d, BLOCK=block,
+                                      num_warps=max(1, min(8, block // 256)))
             self._append_launches[key] = launch
         return launch
 

@@ -185,6 +185,22 @@ def test_append_writes_only_the_new_rows(layout, device):
         assert bit_equal(got, want)
 
 
+def test_append_into_a_full_window_writes_nothing(device):
+    """If the host bound that triggers flushes were wrong (forced here: _max_window reset), a full
+    window meets append's kernel: it must leave the window and its length alone, not write past
+    the buffer's end (the interpreter's bounds guard would raise; on a GPU, memcheck)."""
+    cache = mt.SparseKVCache(2, HKV, D, 16, 4, SK, SV, device=device)
+    k = randn((2, HKV, 4, D), torch.float16, seed_of("full_window"), device)
+    cache.prefill(k, -k, torch.tensor([4, 2], dtype=torch.int32, device=device))
+    cache._max_window = 0  # the broken invariant: no flush before this append
+    k_before, v_before = cache.k_window.clone(), cache.v_window.clone()
+    k_new, v_new = tokens(2, 1, torch.float16, seed_of("full_window") + 1, device)
+    cache.append(k_new, v_new)
+    assert cache.window_lens.tolist() == [4, 3]  # the full sequence unchanged, the other appended
+    assert bit_equal(cache.k_window[0], k_before[0]) and bit_equal(cache.v_window[0], v_before[0])
+    assert bit_equal(cache.k_window[1, :, 2], k_new[1, :, 0]) and bit_equal(cache.v_window[1, :, 2], v_new[1, :, 0])
+
+
 def test_uniform_batch_flushes_when_full(device):
     """Without lens every window is compressed exactly when full: fills 8 -> 5, 6, 7, 8 -> 5."""
     cache, _ = make(device, b=3, window=8, chunk=3)
