@@ -27,7 +27,9 @@ def _append_token_kernel(k_new_ptr, v_new_ptr, k_window_ptr, v_window_ptr, windo
     i = tl.arange(0, BLOCK)
     head = i // HEAD_DIM
     chan = i % HEAD_DIM
-    ok = (i < HEADS * HEAD_DIM) & room
+    # room as a block: triton 3.9's interpreter refuses a block mask ANDed with a scalar one
+    row_i = row + i * 0
+    ok = (i < HEADS * HEAD_DIM) & (row_i >= 0) & (row_i < rows)
     dst = b * stride_wb + head * stride_wh + row.to(tl.int64) * stride_wt + chan
     k = tl.load(k_new_ptr + b * stride_kb + head * stride_kh + chan * stride_kd, mask=ok)
     v = tl.load(v_new_ptr + b * stride_vb + head * stride_vh + chan * stride_vd, mask=ok)
