@@ -65,10 +65,9 @@ max_tokens.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ._fast_launch import CompiledLauncher
-from ._runtime import check_device, check_same_device
+from ._runtime import check_device, check_same_device, next_pow2
 from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
@@ -362,7 +361,7 @@ class SparseKVCache:
         if launch is None:
             heads, d = self.num_kv_heads, self.head_dim
             ks, vs, ws = k_new.stride(), v_new.stride(), self.k_window.stride()
-            block = triton.next_power_of_2(heads * d)
+            block = next_pow2(heads * d)
             launch = CompiledLauncher(_append_token_kernel, (self.batch,), (), stride_kb=ks[0], stride_kh=ks[1],
                                       stride_kd=ks[3], stride_vb=vs[0], stride_vh=vs[1], stride_vd=vs[3],
                                       stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2],
