@@ -16,6 +16,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def current_raw_stream(device: torch.device) -> int:
+    """The current raw CUDA stream of device (0 off CUDA): the stream _fast_launch's launches take."""
+    return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (read at import time by Triton)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -8,7 +8,7 @@ import torch
 from . import autotune
 from ._fast_launch import CompiledLauncher
 from ._gluon_compat import gluon_runs_on
-from ._runtime import cdiv, check_device, interpreting, next_pow2, num_sms, sm_shared_bytes
+from ._runtime import cdiv, check_device, current_raw_stream, interpreting, next_pow2, num_sms, sm_shared_bytes
 from .format import PackedKV, PagedKV
 from .kernels import decode_gluon_launch as gluon_launch
 from .kernels.decode import MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
@@ -258,7 +258,6 @@ class _DecodePlan:
         self.num_splits = num_splits
         self.k_capacity, self.v_capacity = packed_k.capacity, packed_v.capacity
         self.device = q.device
-        self.on_cuda = q.device.type == "cuda"
         self.lse_shape = q.shape[:-1]
         # the strides the kernels get, from stand-ins on the meta device: q as launched (contiguous
         # if copied) and out = torch.empty_like(q)
@@ -354,7 +353,7 @@ class _DecodePlan:
 
     def stream(self) -> int:
         """The current raw CUDA stream (0 off CUDA): the launches' stream and the buffers' key."""
-        return torch._C._cuda_getCurrentRawStream(self.device.index) if self.on_cuda else 0
+        return current_raw_stream(self.device)
 
     def buffers(self, stream: int, splits: int, keep: bool):
         """Flat float32 split buffers holding at least [B * Hkv, splits, Lq * G, (D)] and an lse

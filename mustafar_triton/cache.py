@@ -67,7 +67,7 @@ from __future__ import annotations
 import torch
 
 from ._fast_launch import CompiledLauncher
-from ._runtime import check_device, check_same_device, next_pow2
+from ._runtime import check_device, check_same_device, current_raw_stream, next_pow2
 from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
@@ -349,8 +349,8 @@ class SparseKVCache:
         if self._max_window == s + w:
             self._check_capacity("append (window flush)", self._max_store + self.chunk)
             self._flush()
-        self._append_launch(k_new, v_new)(self._stream(), k_new, v_new, self.k_window, self.v_window,
-                                          self.window_lens)
+        self._append_launch(k_new, v_new)(current_raw_stream(self._device), k_new, v_new, self.k_window,
+                                          self.v_window, self.window_lens)
         self._max_window += 1
 
     def _append_launch(self, k_new: torch.Tensor, v_new: torch.Tensor) -> CompiledLauncher:
@@ -369,10 +369,6 @@ class SparseKVCache:
                                       num_warps=max(1, min(8, block // 256)))
             self._append_launches[key] = launch
         return launch
-
-    def _stream(self) -> int:
-        """The current raw CUDA stream of the cache's device (0 off CUDA)."""
-        return torch._C._cuda_getCurrentRawStream(self._device.index) if self._device.type == "cuda" else 0
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """window == 0: a sequence with fewer than `sinks` tokens takes the token as a sink, every

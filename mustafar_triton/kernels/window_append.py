@@ -3,9 +3,9 @@
 One program per sequence b reads its fill window_lens[b], copies the token's K and V rows (all
 kv heads) to that window row and stores window_lens[b] + 1. Only program b touches sequence b's
 row and length, so the read-then-increment needs no atomics (a barrier orders the program's own
-threads). One launch instead of the four torch
-ops it replaces (two scatter_ of the rows, two increments of the lengths): an eager decode step
-is host-bound, ~10-30 us per launched op (perf/NOTES.md, 2026-12-04).
+threads). One launch instead of the four torch ops it replaces (two scatter_ of the rows, two
+increments of the lengths): an eager decode step is host-bound, ~10-30 us per launched op
+(perf/NOTES.md, 2026-12-04).
 """
 from __future__ import annotations
 
