@@ -11,6 +11,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-warm      (~4 minutes: the same after one untimed process)
+#   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-cold      (~5 minutes: processes that compile in-process against ones that load)
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
@@ -159,6 +160,21 @@ for stage in "$@"; do
             --runs dense,K0.7V0.7 --out "$OUT/eager_steps_rep$r.json" > "$OUT/eager_steps_rep$r.log" 2>&1
         tail -2 "$OUT/eager_steps_rep$r.log"
       done ;;
+    eager-steps-cold)
+      # is the slow first process the one that compiled its kernels (an empty Triton cache), and is
+      # Python's garbage collector the mechanism? After one untimed process (it fills Triton's cache):
+      # processes with an empty TRITON_CACHE_DIR (compile in-process) and with the filled one,
+      # alternating, then one with an empty cache and the collector off (a sitecustomize on PYTHONPATH)
+      echo "== eager generate(), B=1: processes that compile in-process (cold) against ones that load (warm)"
+      eager_run() { timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 \
+          --batches 1 --runs dense,K0.7V0.7 --out "$1" > "${1%.json}.log" 2>&1; tail -2 "${1%.json}.log" | sed "s/^/$2: /"; }
+      eager_run /tmp/eager_untimed.json untimed > /dev/null
+      for r in 1 2; do
+        TRITON_CACHE_DIR=$(mktemp -d) eager_run "$OUT/eager_cold_rep$r.json" "cold $r"
+        eager_run "$OUT/eager_warm_rep$r.json" "warm $r"
+      done
+      mkdir -p /tmp/nogc && echo "import gc; gc.disable()" > /tmp/nogc/sitecustomize.py
+      TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=$PYTHONPATH:/tmp/nogc eager_run "$OUT/eager_cold_nogc.json" "cold, gc off" ;;
     fuzz-all|fuzz-compress|fuzz-decode|fuzz-memcheck)
       echo "== GPU fuzz ($stage)"
       export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$PWD/.gen/triton_cache}"
