@@ -167,7 +167,7 @@ for stage in "$@"; do
       # alternating, then one with an empty cache and the collector off (a sitecustomize on PYTHONPATH)
       echo "== eager generate(), B=1: processes that compile in-process (cold) against ones that load (warm)"
       eager_run() { timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 \
-          --batches 1 --runs dense,K0.7V0.7 --out "$1" > "${1%.json}.log" 2>&1; tail -2 "${1%.json}.log" | sed "s/^/$2: /"; }
+          --batches 1 --runs dense,K0.7V0.7 --out "$1" > "/tmp/$(basename "${1%.json}").log" 2>&1; tail -2 "/tmp/$(basename "${1%.json}").log" | sed "s/^/$2: /"; }
       eager_run /tmp/eager_untimed.json untimed > /dev/null
       for r in 1 2; do
         TRITON_CACHE_DIR=$(mktemp -d) eager_run "$OUT/eager_cold_rep$r.json" "cold $r"
