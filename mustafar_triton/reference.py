@@ -207,9 +207,11 @@ def write_pages(cache: PagedKV, x: torch.Tensor, slot_mapping: torch.Tensor, spa
 
 def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
-                            compute_dtype=torch.float64):
+                            compute_dtype=torch.float64, p_dtype=None):
     """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
-    [0, window_len), computed in `compute_dtype`. PagedKV caches: through gather_pages (tokens on
+    [0, window_len), computed in `compute_dtype`. p_dtype: the attention weights are rounded to it
+    before the P @ V product, relative to their maximum (as a tensor-core kernel rounds its P
+    operand; perf/rounding_floor.py measures what that costs); None: not rounded. PagedKV caches: through gather_pages (tokens on
     block-table entries outside the pool are not attended). Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]].
 
     q [B, Lq, Hq, D]: the Lq new tokens are the window's last Lq; query i attends the compressed
@@ -225,7 +227,7 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
         outs = [sparse_decode_attention(q[:, i], packed_k, packed_v, k_window=k_window, v_window=v_window,
                                         window_lens=(w_len - lq + i + 1).clamp(min=0),
                                         softmax_scale=softmax_scale, return_lse=True, max_seq_len=max_seq_len,
-                                        compute_dtype=compute_dtype) for i in range(lq)]
+                                        compute_dtype=compute_dtype, p_dtype=p_dtype) for i in range(lq)]
         out, lse = torch.stack([o for o, _ in outs], 1), torch.stack([s for _, s in outs], 1)
         return (out, lse) if return_lse else out
     b, hq, d = q.shape
@@ -257,5 +259,9 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
     lse = torch.logsumexp(scores, dim=-1)
     empty = torch.isneginf(lse)[..., None]  # no token at all: all-zero output, lse -inf
     probs = torch.where(empty, 0.0, torch.exp(scores - lse[..., None]))
+    if p_dtype is not None:  # exp(s - max) rounded, then divided by the unrounded sum, as a kernel does
+        top = scores.amax(-1, keepdim=True)
+        rounded = torch.exp(scores - top).to(p_dtype).to(compute_dtype)
+        probs = torch.where(empty, 0.0, rounded * torch.exp(top - lse[..., None]))
     out = torch.einsum("bht,bhtd->bhd", probs, v).to(q.dtype)
     return (out, lse.float()) if return_lse else out

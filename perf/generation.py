@@ -73,9 +73,10 @@ def text_batch(tokenizer, batch: int, length: int) -> torch.Tensor:
 
 
 @contextmanager
-def reference_path(compute_dtype: torch.dtype = torch.float64):
-    """Run SparseKVCache on mustafar_triton.reference (torch, attention in compute_dtype): its
-    decode plan and its prune/pack launch (the two kernel entry points cache.py calls) replaced."""
+def reference_path(compute_dtype: torch.dtype = torch.float64, p_dtype: torch.dtype | None = None):
+    """Run SparseKVCache on mustafar_triton.reference (torch, attention in compute_dtype, the
+    weights rounded to p_dtype before P @ V if given): its decode plan and its prune/pack launch
+    (the two kernel entry points cache.py calls) replaced."""
     def select(x, *, keep, capacity, seq_lens, select_topk, write_packed, value_dtype=None, value_scale=1.0):
         assert select_topk and write_packed, "SparseKVCache only prunes and packs"
         return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens, value_dtype,
@@ -87,7 +88,7 @@ def reference_path(compute_dtype: torch.dtype = torch.float64):
             got = reference.sparse_decode_attention(q[:, 0] if one else q, packed_k, packed_v, k_window=k_window,
                                                     v_window=v_window, window_lens=window_lens,
                                                     softmax_scale=softmax_scale, return_lse=True,
-                                                    compute_dtype=compute_dtype)
+                                                    compute_dtype=compute_dtype, p_dtype=p_dtype)
             out, lse = (t[:, None] for t in got) if one else got
             return (out, lse) if return_lse else out
         return attend

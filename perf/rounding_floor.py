@@ -1,9 +1,10 @@
 """The rounding floor of perf/generation.py's kernel-vs-reference check: the same teacher-forced
-run twice on the reference path (torch, no Triton), attention in float64 and in float32, the model
-in --dtype. Any kernel accumulating in float32 differs from the float64 reference by roundings of
-this kind, so a kernel-vs-reference perplexity gap of the size measured here is rounding noise, not
-a kernel error. Runs on the CPU (no Triton kernel runs; TRITON_INTERPRET=1 lets the cache take CPU
-tensors).
+run three times on the reference path (torch, no Triton), attention in float64, in float32, and in
+float32 with the weights P rounded to the model's dtype before P @ V (as the kernels' tensor-core
+P operand is), the model in --dtype. Any kernel accumulating in float32 differs from the float64
+reference by roundings of this kind, so a kernel-vs-reference perplexity gap of the size measured
+here is rounding noise, not a kernel error. Runs on the CPU (no Triton kernel runs;
+TRITON_INTERPRET=1 lets the cache take CPU tensors).
 
     PYTHONPATH=$PWD:$PWD/perf python perf/rounding_floor.py --model gemma3 --dtype bf16 --batch 1 \\
         --out perf/results/rounding_floor_gemma3_bf16.json
@@ -45,15 +46,18 @@ def main():
         if name not in args.runs.split(","):
             continue
         result = {}
-        for compute in ("float64", "float32"):
-            with reference_path(getattr(torch, compute)):
+        for label, compute, p_dtype in (("float64", torch.float64, None), ("float32", torch.float32, None),
+                                        ("float32_p_rounded", torch.float32, dtype)):
+            with reference_path(compute, p_dtype):
                 logits = run(model, ids, args.prompt, make_cache(model, ids.shape[1], settings, args.window, False), False)[0]
-            result[compute] = (perplexity(logits, targets), logits)
-        (p64, l64), (p32, l32) = result["float64"], result["float32"]
+            result[label] = (perplexity(logits, targets), logits)
+        (p64, l64), (p32, l32), (pr, lr) = result["float64"], result["float32"], result["float32_p_rounded"]
         row = dict(run=name, batch=args.batch, prompt=args.prompt, steps=args.steps, dtype=args.dtype, **settings,
                    perplexity_float64_attention=p64, perplexity_float32_attention=p32,
                    relative_gap=p32 / p64 - 1, max_logit_diff=(l32 - l64).abs().max().item(),
-                   top1_agreement=(l32.argmax(-1) == l64.argmax(-1)).float().mean().item())
+                   top1_agreement=(l32.argmax(-1) == l64.argmax(-1)).float().mean().item(),
+                   perplexity_float32_p_rounded=pr, relative_gap_p_rounded=pr / p64 - 1,
+                   top1_agreement_p_rounded=(lr.argmax(-1) == l64.argmax(-1)).float().mean().item())
         rows.append(row)
         print(json.dumps(row), flush=True)
     write_results(args.out, dict(environment(torch.device("cpu")), model=args.model), rows)

@@ -242,6 +242,22 @@ def test_empty_sequence_gives_zero_and_neg_inf(device):
     assert torch.all(mt.sparse_decode_attention(q, pk, pv) == 0)
 
 
+def test_reference_p_dtype_rounds_only_the_weights(device):
+    """reference.sparse_decode_attention(p_dtype=...) models a kernel's rounded P operand: the output
+    moves by at most P's rounding (relative 2^-8 for bfloat16 of the weights, times sum |v|), it does
+    move, empty sequences still give zeros, and the lse is unchanged."""
+    q, pk, pv, kw = make_case(device, b=3, hq=4, hkv=2, t=37, d=64, seed=21, seq_lens=[0, 37, 19],
+                              w=5, window_lens=[0, 5, 2])
+    exact, lse = reference64(q, pk, pv, **kw)
+    rounded, rounded_lse = ref.sparse_decode_attention(q.double(), pk, pv, return_lse=True, p_dtype=torch.bfloat16, **kw)
+    assert torch.equal(lse, rounded_lse)
+    v_abs = torch.cat([ref.unpack(pv, torch.float64), kw["v_window"].double()], dim=2).abs().amax(dim=(2, 3))
+    bound = 2.0 ** -8 * v_abs.repeat_interleave(2, dim=1)[..., None]  # |sum (p' - p) v| <= max |p' - p| / p * max |v|
+    assert ((rounded - exact).abs() <= bound).all()
+    assert (rounded[1:] != exact[1:]).any()
+    assert torch.all(rounded[0] == 0) and torch.all(torch.isneginf(rounded_lse[0]))  # sequence 0 is empty
+
+
 def test_empty_batch(device):
     q, pk, pv, _ = make_case(device, b=0, hq=4, hkv=2, t=8, d=64, seed=17)
     out, lse = mt.sparse_decode_attention(q, pk, pv, return_lse=True)
