@@ -8,7 +8,7 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
     python perf/decode_gathers.py --baseline .gen/decode_gluon_base.py --shapes 16x16384 --sparsities 0.7
     python perf/decode_gathers.py --baseline old.py --baseline other.py --baseline-gathers scatter --gathers scatter
 
-Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16, K and V at the same
+Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16 (--dtype bf16), K and V at the same
 sparsity, no window (--window N: N dense recent tokens besides the T compressed ones, as a cache
 serves them; dense SDPA then attends T + N tokens). Configs are forced (autotune.forced_config), one wave of programs
 (num_splits=-1; --num-splits) for every gather.
@@ -68,7 +68,9 @@ def main():
     ap.add_argument("--window", type=int, default=0, help="dense recent tokens beside the compressed ones")
     ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
                     help="splits for every gather (-k: k waves of programs)")
+    ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the queries' and caches' dtype")
     args = ap.parse_args()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = torch.device("cuda")
     torch.manual_seed(0)
     bw = copy_bandwidth(dev, 2**30)
@@ -85,7 +87,7 @@ def main():
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
-        q, k_all, v_all, base_row = decode_inputs(m, b, t + args.window, dev)
+        q, k_all, v_all, base_row = decode_inputs(m, b, t + args.window, dev, dtype)
         base_row.update(tokens=t, window=args.window)  # T compressed tokens (+ the window)
         k, v = k_all[:, :, :t].contiguous(), v_all[:, :, :t].contiguous()
         windows = {}
