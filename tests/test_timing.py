@@ -9,13 +9,16 @@ from mustafar_triton._timing import gpu_time_ms
 
 @pytest.mark.cuda_only
 def test_gpu_time_scales_with_the_work(device):
-    """Copying 4x the bytes takes about 4x the time (the flush, subtracted, does not count)."""
+    """Copying 4x the bytes takes about 4x the time (the flush, subtracted, does not count: the
+    256 MB flush left in would add ~0.1 ms to both, estimated, and pull the ratio to ~2.3 on an
+    H100). The upper bound leaves room for the GPU suite's 8 workers, which share the GPU: 5.1 was
+    seen there (e65bb90, H100: 0.046 / 0.235 ms)."""
     small_src, big_src = torch.randn(1 << 24, device=device), torch.randn(1 << 26, device=device)
     small_dst, big_dst = torch.empty_like(small_src), torch.empty_like(big_src)
     small = gpu_time_ms(lambda: small_dst.copy_(small_src))
     big = gpu_time_ms(lambda: big_dst.copy_(big_src))
     assert small > 0
-    assert 3.0 < big / small < 5.0, (small, big)
+    assert 3.0 < big / small < 6.0, (small, big)
 
 
 @pytest.mark.cuda_only

@@ -203,13 +203,7 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
     if v.dtype == tl.float32:
         pv = tl.dot(p, v, input_precision="ieee")
     else:
-        p_op = p.to(v.dtype)
-        pv = tl.dot(p_op, v)
-        if v.dtype == tl.bfloat16:
-            # bf16 keeps 8 bits of each weight: rounded once, a third of the bf16 outputs came out
-            # one unit off the correctly rounded result (perf/NOTES.md, 2026-12-06); a second
-            # product with the rounding's remainder makes P exact to ~16 bits for one more dot
-            pv = tl.dot((p - p_op.to(tl.float32)).to(v.dtype), v, pv)
+        pv = tl.dot(p.to(v.dtype), v)
     if SCALE_V:
         pv = pv * v_scale
     return m_new, l, acc * alpha[:, None] + pv

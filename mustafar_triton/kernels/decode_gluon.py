@@ -659,14 +659,8 @@ def _softmax_step(s, valid, m, l, qk_scale):
 def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
     """acc = O^T [D, H] rescaled, plus V^T [D, BLOCK_N] (A operand) @ P^T. Called after the V
     gather, which is issued after the scores: gathering K and V first costs ~30 more registers.
-    (Skipping the rescale when no running max moved measured within noise on the H200.)
-    bf16: P^T as two bf16 operands, its rounding and the remainder (decode.py's
-    _online_softmax_step says why)."""
-    p_op = p.to(v_t.dtype)
-    acc = mma_v2(v_t, gl.convert_layout(p_op, B_OP), acc * alpha[None, :])
-    if v_t.dtype == gl.bfloat16:
-        acc = mma_v2(v_t, gl.convert_layout((p - p_op.to(gl.float32)).to(v_t.dtype), B_OP), acc)
-    return acc
+    (Skipping the rescale when no running max moved measured within noise on the H200.)"""
+    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
 
 
 @gluon.jit
