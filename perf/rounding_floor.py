@@ -8,6 +8,10 @@ TRITON_INTERPRET=1 lets the cache take CPU tensors).
 
     PYTHONPATH=$PWD:$PWD/perf python perf/rounding_floor.py --model gemma3 --dtype bf16 --batch 1 \\
         --out perf/results/rounding_floor_gemma3_bf16.json
+
+--outputs: no model; for random Llama-3-8B-shaped caches pruned at 0.7, the fraction of attention
+outputs (in --dtype) that differ from the float64 result rounded to --dtype, with attention in
+float32, P exact or rounded.
 """
 from __future__ import annotations
 
@@ -25,6 +29,27 @@ from common import environment, write_results  # noqa: E402
 from generation import make_cache, perplexity, reference_path, run, runs, text_batch  # noqa: E402
 
 
+def output_rounding(dtype: torch.dtype) -> list[dict]:
+    """--outputs: per (q scale, tokens), the share of outputs off the correctly rounded result."""
+    from mustafar_triton import reference
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for q_scale in (1.0, 3.0, 6.0):
+        for tokens in (256, 2048):
+            k, v = (torch.randn(3, 2, tokens, 128, generator=gen).to(dtype) for _ in range(2))
+            q = (torch.randn(3, 8, 128, generator=gen) * q_scale).to(dtype)
+            pk, pv = reference.prune_and_pack(k, 0.7), reference.prune_and_pack(v, 0.7)
+            want = reference.sparse_decode_attention(q.double(), pk, pv).to(dtype)
+            row = dict(dtype=str(dtype).replace("torch.", ""), q_scale=q_scale, tokens=tokens, sparsity=0.7)
+            for label, p_dtype in (("p_exact", None), ("p_rounded", dtype)):
+                got = reference.sparse_decode_attention(q.float(), pk, pv, compute_dtype=torch.float32,
+                                                        p_dtype=p_dtype).to(dtype)
+                row[f"off_{label}"] = (got != want).float().mean().item()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="gemma3", choices=("smollm2", "gemma3"))
@@ -35,8 +60,12 @@ def main():
     ap.add_argument("--window", type=int, default=32)
     ap.add_argument("--runs", default="preset-K0.7V0.7,preset-K0.5V0.5")
     ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--outputs", action="store_true", help="per-output rounding of random caches, no model")
     args = ap.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.outputs:
+        write_results(args.out, environment(torch.device("cpu")), output_rounding(dtype))
+        return
     tokenizer, model = load_model(args.model)
     model = model.to(dtype)
     ids = text_batch(tokenizer, args.batch, args.prompt + args.steps + 1)

@@ -266,8 +266,26 @@ def test_generation_reference_path_runs_the_cache_on_the_reference(monkeypatch):
     want32 = reference.sparse_decode_attention(q[:, 0], cache32.packed_k, cache32.packed_v, **cache32.window_kwargs(),
                                                compute_dtype=torch.float32)
     assert torch.equal(out32[:, 0], want32) and not torch.equal(out32, out)
+    # and its third arm: float32 with the weights rounded to p_dtype before P @ V
+    with generation.reference_path(torch.float32, torch.bfloat16):
+        cache_p, (out_p, _) = decode()
+    want_p = reference.sparse_decode_attention(q[:, 0], cache_p.packed_k, cache_p.packed_v, **cache_p.window_kwargs(),
+                                               compute_dtype=torch.float32, p_dtype=torch.bfloat16)
+    assert torch.equal(out_p[:, 0], want_p) and not torch.equal(out_p, out32)
     tol = 1e-5 if INTERPRETING else 3e-3  # a GPU's fp32 dots run as tf32 (test_decode.FLOOR)
     assert rel_err(kernels[0], out) < tol and rel_err(kernels[1], lse) < tol
+
+
+def test_rounding_floor_outputs_mode(tmp_path):
+    """perf/rounding_floor.py --outputs: one row per (q scale, tokens) and P arm; P rounded once to
+    bf16 puts far more outputs off the correctly rounded result than P exact."""
+    out = tmp_path / "outputs.json"
+    subprocess.run([sys.executable, str(REPO / "perf" / "rounding_floor.py"), "--outputs", "--dtype", "bf16",
+                    "--out", str(out)], check=True, capture_output=True, timeout=300,
+                   env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'perf'}"))
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 6
+    assert all(r["off_p_exact"] < 0.01 and r["off_p_rounded"] > 0.1 for r in rows)
 
 
 def test_accuracy_nm_mask_keeps_the_largest_of_each_group(monkeypatch):
