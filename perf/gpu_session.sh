@@ -9,7 +9,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh gathers-ab tune sweep (~6 minutes: issue 18's gather A/B, then tuning)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
-#   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~3 minutes: the same loop unprofiled, per-step host times)
+#   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~2 minutes: the same loop unprofiled, per-step host times; EAGER_PROCESSES=8: ~5)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-warm      (~4 minutes: the same after one untimed process)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps-cold      (~5 minutes: processes that compile in-process against ones that load)
 #   OUT=/tmp/out bash perf/gpu_session.sh ncu-stalls            (~3 minutes: issue 18, every stall reason of the walk and the scatter; NCU_SPECS)
@@ -145,20 +145,21 @@ for stage in "$@"; do
         grep -E "stalled_(long_sc|short_sc|wait|mio|math|no_inst|not_sel|selected|barrier|lg_th|dispatch|branch|tex|drain|membar|sleep|misc)[a-z_]*_per_issue_active|issue_active|wavefronts|bank_conf|cycles_elapsed|duration" "$OUT/ncu_stalls_${g}_$s.txt" | sed "s/^/$g $s /"
       done ;;
     eager-steps|eager-steps-warm)
-      # the same loop unprofiled in three processes, with each step's host wall / CPU-thread time
-      # (generation.py's host_step_ms, host_step_cpu_ms): is a slow process slow at every step, and
-      # does its thread wait (wall >> CPU) or work? The slow process was the first of its call on
-      # three leases (807ed42's profiles, 4c61e11, 17f7f35; at 17f7f35 the first on a fresh machine,
-      # whose warm-up compiled the kernels): eager-steps-warm runs one untimed process first
-      echo "== eager generate(), B=1, 8k prompt, random weights: three processes, per-step host times"
+      # the same loop unprofiled in EAGER_PROCESSES processes (default 3; ~30-40 s each on an H100),
+      # with each step's host wall / CPU-thread time (generation.py's host_step_ms, host_step_cpu_ms).
+      # One process in four was slow on 2026-12-06's leases, cold or warm (perf/NOTES.md): the ratio
+      # needs a median over many processes. eager-steps-warm runs one untimed process first. Logs
+      # stay in /tmp: a call returns at most 8 files
+      n=${EAGER_PROCESSES:-3}
+      echo "== eager generate(), B=1, 8k prompt, random weights: $n processes, per-step host times"
       if [ "$stage" = eager-steps-warm ]; then
         timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
             --runs dense,K0.7V0.7 --out /tmp/eager_steps_untimed.json > /dev/null 2>&1
       fi
-      for r in 1 2 3; do
+      for r in $(seq 1 "$n"); do
         timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
-            --runs dense,K0.7V0.7 --out "$OUT/eager_steps_rep$r.json" > "$OUT/eager_steps_rep$r.log" 2>&1
-        tail -2 "$OUT/eager_steps_rep$r.log"
+            --runs dense,K0.7V0.7 --out "$OUT/eager_steps_rep$r.json" > "/tmp/eager_steps_rep$r.log" 2>&1
+        tail -2 "/tmp/eager_steps_rep$r.log" | sed "s/^/$r: /"
       done ;;
     eager-steps-cold)
       # is the slow first process the one that compiled its kernels (an empty Triton cache), and is
