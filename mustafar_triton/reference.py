@@ -209,10 +209,11 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
                             softmax_scale=None, return_lse=False, num_splits=0, max_seq_len=None,
                             compute_dtype=torch.float64, p_dtype=None):
     """Attention of q [B, Hq, D] over unpack(packed) tokens [0, seq_len) followed by window tokens
-    [0, window_len), computed in `compute_dtype`. p_dtype: the attention weights are rounded to it
-    before the P @ V product, relative to their maximum (as a tensor-core kernel rounds its P
-    operand; perf/rounding_floor.py measures what that costs); None: not rounded. PagedKV caches: through gather_pages (tokens on
+    [0, window_len), computed in `compute_dtype`. PagedKV caches: through gather_pages (tokens on
     block-table entries outside the pool are not attended). Returns out [B, Hq, D] (q's dtype) [, lse [B, Hq]].
+    p_dtype: the attention weights are rounded to it before the P @ V product, relative to their
+    maximum, as a tensor-core kernel rounds its P operand (perf/rounding_floor.py measures what
+    that costs); None: not rounded.
 
     q [B, Lq, Hq, D]: the Lq new tokens are the window's last Lq; query i attends the compressed
     tokens and the window tokens [0, w_len - Lq + i + 1) (none if that is <= 0), w_len =
