@@ -259,8 +259,9 @@ def sparse_decode_attention(q, packed_k, packed_v, *, k_window=None, v_window=No
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     empty = torch.isneginf(lse)[..., None]  # no token at all: all-zero output, lse -inf
-    probs = torch.where(empty, 0.0, torch.exp(scores - lse[..., None]))
-    if p_dtype is not None:  # exp(s - max) rounded, then divided by the unrounded sum, as a kernel does
+    if p_dtype is None:
+        probs = torch.where(empty, 0.0, torch.exp(scores - lse[..., None]))
+    else:  # exp(s - max) rounded, then divided by the unrounded sum, as a kernel does
         top = scores.amax(-1, keepdim=True)
         rounded = torch.exp(scores - top).to(p_dtype).to(compute_dtype)
         probs = torch.where(empty, 0.0, rounded * torch.exp(top - lse[..., None]))
