@@ -23,9 +23,14 @@ Reported per run:
     end) and prefill time;
   - host_step_ms / host_step_cpu_ms: wall and CPU-thread time of each step's forward call as the
     host issues it (no sync per step; median, p90, max, mean): wall well above CPU time means
-    the thread waited (the launch queue full, a lock, descheduled), a high max alone a few slow
-    steps (window flushes, a launch resolved for a new bound);
+    the thread waited (a lock, descheduled), a high max alone a few slow steps (window flushes, a
+    launch resolved for a new bound); with --sync-steps, each step then waits for the GPU and
+    sync_step_ms is that wait: short waits mean a host-bound step, long ones a GPU-bound step (whose
+    host time, without the sync, would include launches spinning on a full queue);
   - perplexity of the continuation and top-1 agreement with dense;
+  - jit_launches, num_device_alloc / _free / num_alloc_retries: over the timed run (prefill
+    included), the launches that took Triton's JIT path instead of a kept launcher, and the CUDA
+    caching allocator's device allocations, frees and retries (host_counters);
   - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
   - for the compressed caches (not the compiled runs, whose custom ops the swap does not reach),
     the same run once more with the decode attention AND the prune/pack swapped for
@@ -132,10 +137,11 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
+def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool, sync_steps: bool = False):
     """Prefill ids[:, :prompt] (eager), then feed ids[:, prompt:] one token per step (through
     generate()'s compiled call if `compiled`). Returns (logits of every step [B, steps, V]
-    float32, prefill s, decode s, {"wall", "cpu"}: each step's host seconds)."""
+    float32, prefill s, decode s, {"wall", "cpu"}: each step's host seconds, "sync": with
+    sync_steps, each step's wait for the GPU after its forward call, else empty)."""
     from transformers import CompileConfig
 
     from mustafar_triton.integrations.transformers import cache_keyword
@@ -147,16 +153,47 @@ def run(model, ids: torch.Tensor, prompt: int, cache, compiled: bool):
     synchronize(ids.device)
     prefill_s = time.perf_counter() - start
     logits = [out.logits[:, -1]]
-    wall, cpu = [time.perf_counter()], [time.thread_time()]
+    start = t_prev = time.perf_counter()
+    c_prev = time.thread_time()
+    steps = dict(wall=[], cpu=[], sync=[])
     for i in range(prompt, ids.shape[1] - 1):
         out = forward(input_ids=ids[:, i:i + 1], **cache_arg, use_cache=True)
         logits.append(out.logits[:, -1].clone())   # a CUDA graph's output is overwritten by the next replay
-        wall.append(time.perf_counter())
-        cpu.append(time.thread_time())
+        t, c = time.perf_counter(), time.thread_time()
+        steps["wall"].append(t - t_prev)
+        steps["cpu"].append(c - c_prev)
+        if sync_steps:  # the wait is not host time (a spinning wait would count as CPU time)
+            synchronize(ids.device)
+            steps["sync"].append(time.perf_counter() - t)
+            t, c = time.perf_counter(), time.thread_time()
+        t_prev, c_prev = t, c
     synchronize(ids.device)
-    decode_s = time.perf_counter() - wall[0]
-    steps = dict(wall=[b - a for a, b in zip(wall, wall[1:])], cpu=[b - a for a, b in zip(cpu, cpu[1:])])
+    decode_s = time.perf_counter() - start
     return torch.stack(logits, 1).float(), prefill_s, decode_s, steps
+
+
+@contextmanager
+def host_counters(device: torch.device, counts: dict):
+    """Fills counts with what the block did on the host that can make a step slow: launches that took
+    Triton's JIT path instead of a launcher kept by mustafar_triton's CompiledLauncher (its _keep runs
+    after each), and the CUDA caching allocator's device allocations, frees and retries."""
+    from mustafar_triton import _fast_launch
+    keep = _fast_launch.CompiledLauncher._keep
+    jit = [0]
+
+    def counted_keep(self, *a, **k):
+        jit[0] += 1
+        return keep(self, *a, **k)
+
+    keys = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+    before = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    _fast_launch.CompiledLauncher._keep = counted_keep
+    try:
+        yield
+    finally:
+        _fast_launch.CompiledLauncher._keep = keep
+    after = torch.cuda.memory_stats(device) if device.type == "cuda" else {}
+    counts.update(jit_launches=jit[0], **{k: after.get(k, 0) - before.get(k, 0) for k in keys})
 
 
 def step_summary(seconds: list[float]) -> dict:
@@ -177,6 +214,9 @@ def main():
     ap.add_argument("--model", default="smollm2", choices=("smollm2", "gemma3"))
     ap.add_argument("--profile", help="write a cProfile of every timed decode loop to this folder")
     ap.add_argument("--out", default="perf/results/generation_smollm2.json")
+    ap.add_argument("--sync-steps", action="store_true",
+                    help="wait for the GPU after every step and report the wait (sync_step_ms): tells a host-bound "
+                         "step (short waits) from a GPU-bound one; tokens/s then includes the waits")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference-path rerun (timing only)")
     ap.add_argument("--key-scales", action="store_true",
                     help="apply integrations.transformers.rescale_key_channels to the model first (SmolLM2; "
@@ -217,7 +257,9 @@ def main():
             profiler = cProfile.Profile() if args.profile else None
             if profiler:
                 profiler.enable()
-            logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled)
+            counts = {}
+            with host_counters(dev, counts):
+                logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled, args.sync_steps)
             if profiler:
                 profiler.disable()
                 text = io.StringIO()
@@ -227,7 +269,8 @@ def main():
             row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
                        **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
                        decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets),
-                       host_step_ms=step_summary(step_s["wall"]), host_step_cpu_ms=step_summary(step_s["cpu"]))
+                       host_step_ms=step_summary(step_s["wall"]), host_step_cpu_ms=step_summary(step_s["cpu"]),
+                       **({"sync_step_ms": step_summary(step_s["sync"])} if args.sync_steps else {}), **counts)
             if name == "dense":
                 dense_top1 = logits.argmax(-1)
             elif "dense" in args.runs.split(","):

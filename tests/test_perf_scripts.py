@@ -276,6 +276,32 @@ def test_generation_reference_path_runs_the_cache_on_the_reference(monkeypatch):
     assert rel_err(kernels[0], out) < tol and rel_err(kernels[1], lse) < tol
 
 
+def test_generation_host_counters_count_jit_path_launches(monkeypatch):
+    """perf/generation.py's host_counters: every launch that takes Triton's JIT path (a
+    CompiledLauncher's first call, or one whose kept launcher cannot serve) is counted, launches
+    outside the block are not, and CompiledLauncher is left as it was."""
+    import torch
+
+    from mustafar_triton._fast_launch import CompiledLauncher
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import generation
+    calls = []
+
+    class Stub:  # a JIT function's [grid](...) that compiles nothing (its launches always take the JIT path)
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(args)
+
+    launcher = CompiledLauncher(Stub(), (1,))
+    launcher(0, 1)
+    keep, counts = CompiledLauncher._keep, {}
+    with generation.host_counters(torch.device("cpu"), counts):
+        launcher(0, 2)
+        launcher(0, 3)
+    launcher(0, 4)
+    assert len(calls) == 4 and counts["jit_launches"] == 2
+    assert counts["num_device_alloc"] == 0 and CompiledLauncher._keep is keep
+
+
 def test_rounding_floor_outputs_mode(tmp_path):
     """perf/rounding_floor.py --outputs: one row per (q scale, tokens) and P arm; P rounded once to
     bf16 puts far more outputs off the correctly rounded result than P exact."""
