@@ -30,7 +30,9 @@ Reported per run:
   - perplexity of the continuation and top-1 agreement with dense;
   - jit_launches, num_device_alloc / _free / num_alloc_retries: over the timed run (prefill
     included), the launches that took Triton's JIT path instead of a kept launcher, and the CUDA
-    caching allocator's device allocations, frees and retries (host_counters);
+    caching allocator's device allocations, frees and retries (host_counters); host_probe_ms: a
+    fixed Python loop's time before and after the timed run (host_probe_ms()): a slow run with a
+    slow probe is a slow host, not slow code;
   - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
   - for the compressed caches (not the compiled runs, whose custom ops the swap does not reach),
     the same run once more with the decode attention AND the prune/pack swapped for
@@ -196,6 +198,19 @@ def host_counters(device: torch.device, counts: dict):
     counts.update(jit_launches=jit[0], **{k: after.get(k, 0) - before.get(k, 0) for k in keys})
 
 
+def host_probe_ms(repeats: int = 5) -> float:
+    """Median ms of a fixed pure-Python loop (~1 ms): how fast this process's CPU runs Python right
+    now, so that a slow run can be told from a slow host (another tenant, a shared core)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = 0
+        for i in range(20000):
+            total += i * i % 7
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
 def step_summary(seconds: list[float]) -> dict:
     """ms: median, 90th percentile and max of the per-step times, and the mean over all steps."""
     ms = sorted(1e3 * s for s in seconds)
@@ -258,8 +273,10 @@ def main():
             if profiler:
                 profiler.enable()
             counts = {}
+            probe_before = host_probe_ms()
             with host_counters(dev, counts):
                 logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled, args.sync_steps)
+            counts["host_probe_ms"] = [probe_before, host_probe_ms()]
             if profiler:
                 profiler.disable()
                 text = io.StringIO()
