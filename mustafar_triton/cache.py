@@ -24,8 +24,9 @@ sequence, so the host can track, without reading the device, an upper bound `F` 
 (sinks + recent) of every sequence (exact for sequences prefilled with all T tokens). Before an
 append with F == sinks + window (some window may be full), the cache flushes: every sequence whose
 recent window holds more than `window - chunk` tokens moves its oldest min(recent, chunk) recent
-tokens to the store (pruned + packed in one launch per K / V, O(chunk) work; never the sinks) and
-shifts the rest of its recent window down; the other sequences are left alone. Afterwards every
+tokens to the store and shifts the rest of its recent window down (pruned + packed and shifted
+by one launch, kernels/window_flush.py, O(chunk) work; never the sinks); the other sequences are
+left alone. Afterwards every
 recent window holds at most `window - chunk` tokens, so the next `chunk` appends fit. For a batch
 prefilled without `lens` (all sequences equally long) this is exactly "compress the oldest chunk
 tokens when the window is full". No step reads a device value on the host, and no step loops
@@ -74,6 +75,7 @@ from .custom_op import write_pages_op
 from .format import (SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, PackedKV, PagedKV, check_value_format, default_capacity,
                      kept_per_token)
 from .kernels.window_append import _append_token_kernel
+from .kernels.window_flush import _flush_kernel
 
 
 def _check_count(name: str, value, minimum: int) -> int:
@@ -172,11 +174,10 @@ class SparseKVCache:
         self.dropped = torch.zeros(batch, dtype=torch.int32, device=device)  # append_static's drops (full store)
         check_device("SparseKVCache buffers", self.k_window)
         self._append_launches = {}  # append's launch per (k_new, v_new) strides: _append_launch
+        self._flush_launch = None   # _flush's launch and its tensors, bound at the first flush
+        self._flush_args = ()
         self._token_shape = (batch, num_kv_heads, 1, head_dim)
         self._device = self.k_window.device
-        # constants of the flush: chunk positions [1, 1, C, 1] and dense slots [1, 1, S + W, 1]
-        self._chunk_pos = torch.arange(chunk, device=device).view(1, 1, chunk, 1)
-        self._dense_slot = torch.arange(self.sinks + window, device=device).view(1, 1, -1, 1)
         self._plan = None     # attend's decode plan and the query layout it was made for
         self._plan_key = None
         self._max_store = 0   # host upper bound on seq_lens (exact for the longest sequence)
@@ -242,8 +243,7 @@ class SparseKVCache:
                                  value_scale=p.value_scale)
                   for x, sparsity, p in ((k_chunk, self.k_sparsity, self.packed_k),
                                          (v_chunk, self.v_sparsity, self.packed_v)))
-        chunk_pos = self._chunk_pos if c == self.chunk else torch.arange(c, device=n.device).view(1, 1, c, 1)
-        pos = self.seq_lens.view(-1, 1, 1, 1) + chunk_pos  # int64 [B, 1, C, 1]
+        pos = self.seq_lens.view(-1, 1, 1, 1) + torch.arange(c, device=n.device).view(1, 1, c, 1)  # int64 [B, 1, C, 1]
         index = {}   # one expanded index per destination shape (K's and V's bitmaps share one)
         # fp8 values move as their bytes (torch has no fp8 scatter)
         as_bits = (lambda t: t.view(torch.uint8)) if self.value_dtype is not None else (lambda t: t)
@@ -304,25 +304,27 @@ class SparseKVCache:
     def _flush(self) -> None:
         """Move the oldest min(recent, chunk) recent-window tokens of every sequence whose recent
         window holds more than window - chunk tokens to the store, and shift its remaining recent
-        tokens down (the sinks, rows [0, sinks), never move)."""
-        s, w, c = self.sinks, self.window, self.chunk
-        # a sequence with recent tokens has all its sinks (so without sinks, recent = window_lens)
-        recent = self.window_lens if s == 0 else (self.window_lens - s).clamp_min(0)
-        n = recent.clamp_max(c).mul_(recent > w - c)  # int32 [B]: min(recent, c) where recent > w - c, else 0
-        self._store(self.k_window[:, :, s:s + c], self.v_window[:, :, s:s + c], n)
-        # recent slot j <- slot j + n[b] (slots that would read past the window keep stale data,
-        # they lie past the new fill and are never attended)
-        n4 = n.view(-1, 1, 1, 1)
-        slot = self._dense_slot  # [1, 1, S + W, 1]
-        src = (slot + n4).clamp_max_(s + w - 1)  # int64 [B, 1, S + W, 1]
-        if s:
-            src = torch.where(slot < s, slot, src)
-        idx = src.expand(self.k_window.shape)
-        self.k_window.copy_(self.k_window.gather(2, idx))
-        self.v_window.copy_(self.v_window.gather(2, idx))
-        self.window_lens.sub_(n)
-        self._max_store += c
-        self._max_window = s + w - c
+        tokens down (the sinks, rows [0, sinks), never move): one launch (kernels/window_flush.py)."""
+        if self._flush_launch is None:
+            kw, ws = self.k_window, self.k_window.stride()
+            fp8 = self.value_dtype is not None
+            self._flush_args = (kw, self.v_window, self.window_lens, self.seq_lens) + tuple(
+                t.view(torch.uint8) if fp8 and t.dtype == self.value_dtype else t
+                for p in (self.packed_k, self.packed_v) for t in (p.bitmap, p.values))
+            self._flush_launch = CompiledLauncher(
+                _flush_kernel, (self.batch,), ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr",
+                                               "k_bitmap_ptr", "k_values_ptr", "v_bitmap_ptr", "v_values_ptr"),
+                num_heads=self.num_kv_heads, max_tokens=self.max_tokens,
+                k_keep=kept_per_token(self.head_dim, self.k_sparsity),
+                v_keep=kept_per_token(self.head_dim, self.v_sparsity),
+                stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2],
+                k_inv_value_scale=1.0 / self.packed_k.value_scale, v_inv_value_scale=1.0 / self.packed_v.value_scale,
+                SINKS=self.sinks, WINDOW=self.window, CHUNK=self.chunk, HEAD_DIM=self.head_dim,
+                K_CAPACITY=self.packed_k.capacity, V_CAPACITY=self.packed_v.capacity,
+                MAG_BITS=31 if self.dtype == torch.float32 else 15, FP8_VALUES=fp8, num_warps=4)
+        self._flush_launch(current_raw_stream(self._device), *self._flush_args)
+        self._max_store += self.chunk
+        self._max_window = self.sinks + self.window - self.chunk
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Add one decode token to every sequence. k_new, v_new: [B, Hkv, 1, D] (keys after RoPE).

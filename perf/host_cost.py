@@ -69,8 +69,8 @@ class _StubCompiled:
 
 
 def stub_launches(cache: bool = False) -> None:
-    """Replace the decode and merge kernels (and with cache, SparseKVCache's own: append's and the
-    flush's prune kernel) by stand-ins, so the host path runs on CPU tensors (perf/layer_host.py
+    """Replace the decode and merge kernels (and with cache, SparseKVCache's own: prefill's prune
+    kernel, append's and the flush's) by stand-ins, so the host path runs on CPU tensors (perf/layer_host.py
     uses it too)."""
     attention._sparse_decode_kernel = _StubKernel(attention._sparse_decode_kernel)
     attention._merge_splits_kernel = _StubKernel(attention._merge_splits_kernel)
@@ -78,6 +78,7 @@ def stub_launches(cache: bool = False) -> None:
         from mustafar_triton import cache as cache_module, compress
         compress._select_kernel = _StubKernel(compress._select_kernel)
         cache_module._append_token_kernel = _StubKernel(cache_module._append_token_kernel)
+        cache_module._flush_kernel = _StubKernel(cache_module._flush_kernel)
     if not hasattr(torch._C, "_cuda_getCurrentRawStream"):  # a CPU-only torch build
         torch._C._cuda_getCurrentRawStream = lambda index: 0
 

@@ -1,8 +1,8 @@
 """Host (CPU) work of one layer's decode step in transformers' eager loop, without the GPU: the
 cache update (`Cache.update`) and the attention call (`ALL_ATTENTION_FUNCTIONS[...]`), as
 LlamaAttention.forward makes them, with every Triton launch stubbed out (perf/host_cost.py's
-stubs: decode, merge, append's and the flush's prune_and_pack), so CPU tensors stand in for the
-GPU's.
+stubs: decode, merge, prefill's prune_and_pack, append's and the flush's kernels), so CPU tensors
+stand in for the GPU's.
 
     python perf/layer_host.py [--layers 30] [--steps 128] [--rounds 7] [--prompt 8000]
                               [--sparsity 0.7] [--window 32] [--out perf/results/layer_host_cpu.json]

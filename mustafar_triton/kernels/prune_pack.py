@@ -67,6 +67,58 @@ def _magnitude_bits(x, MAG_BITS: tl.constexpr):
 
 
 @triton.jit
+def _kept_topk(mag, keep, BLOCK_T: tl.constexpr, MAG_BITS: tl.constexpr):
+    """Each row's top-`keep` entries of mag [BLOCK_T, D] (_magnitude_bits), ties to the lowest channel."""
+    # Largest tau with count(mag >= tau) >= keep, built from the top bit down. 15-bit
+    # magnitudes are exact in fp32, so their counting runs on the (twice as wide) fp32 pipe.
+    if MAG_BITS == 31:
+        key = mag
+    else:
+        key = mag.to(tl.float32)
+    tau = tl.zeros([BLOCK_T], dtype=tl.int32)
+    for bit in tl.static_range(MAG_BITS - 1, -1, -1):
+        candidate = tau | (1 << bit)
+        count = tl.sum((key >= candidate.to(key.dtype)[:, None]).to(key.dtype), axis=1)
+        tau = tl.where(count >= keep, candidate, tau)
+    above = mag > tau[:, None]
+    n_above = tl.sum(above.to(tl.int32), axis=1)
+    at_tau = mag == tau[:, None]
+    tie_rank = tl.cumsum(at_tau.to(tl.int32), axis=1)  # ties: lowest index first
+    return above | (at_tau & (tie_rank <= (keep - n_above)[:, None]))
+
+
+@triton.jit
+def _store_packed(x, kept, out_rows, written, bitmap_ptr, values_ptr, inv_value_scale, BLOCK_T: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, CAPACITY: tl.constexpr, CAPACITY_POW2: tl.constexpr,
+                  FP8_VALUES: tl.constexpr):
+    """Rows x [BLOCK_T, D_TILE] with their kept masks as bitmap + values rows out_rows (int64
+    [BLOCK_T]) of bitmap_ptr / values_ptr, where `written`; zeros fill each row's slots past its
+    kept count (FP8_VALUES: values_ptr holds e4m3 bits of x * inv_value_scale)."""
+    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
+    D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
+    kept_i = kept.to(tl.int32)
+    slot = tl.cumsum(kept_i, axis=1) - 1
+    count = tl.sum(kept_i, axis=1)
+    # Kept values go to slots [0, count); zeros to [count, CAPACITY): disjoint stores, no race.
+    if FP8_VALUES:
+        stored = fp8_e4m3_bits(x, inv_value_scale)
+    else:
+        stored = x
+    tl.store(values_ptr + out_rows[:, None] * CAPACITY + slot, stored,
+             mask=kept & (slot < CAPACITY) & written[:, None])
+    j = tl.arange(0, CAPACITY_POW2)
+    zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & written[:, None]
+    tl.store(values_ptr + out_rows[:, None] * CAPACITY + j[None, :],
+             tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=stored.dtype), mask=zero_slots)
+    bits = tl.reshape(kept_i, [BLOCK_T, D_TILE // 32, 32]).to(tl.uint32)
+    shifts = tl.arange(0, 32).to(tl.uint32)
+    words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
+    w = tl.arange(0, D_TILE // 32)
+    tl.store(bitmap_ptr + out_rows[:, None] * NUM_WORDS + w[None, :], words,
+             mask=_in_head(written[:, None], 32 * w[None, :], HEAD_DIM))
+
+
+@triton.jit
 def _select_kernel(
     x_ptr, out_ptr, bitmap_ptr, values_ptr, seq_lens_ptr, slot_mapping_ptr,
     n_rows, tokens_per_seq, rows_per_batch, keep, num_heads, page_size, num_slots,
@@ -77,7 +129,6 @@ def _select_kernel(
 ):
     """FP8_VALUES: values_ptr holds float8_e4m3fn bits (uint8): each kept value is written as
     x * inv_value_scale rounded to e4m3 (fp8.py); the selection reads x itself."""
-    NUM_WORDS: tl.constexpr = HEAD_DIM // 32
     D_TILE: tl.constexpr = triton.next_power_of_2(HEAD_DIM)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     valid = rows < n_rows
@@ -95,47 +146,14 @@ def _select_kernel(
     mag = _magnitude_bits(x, MAG_BITS)
 
     if SELECT_TOPK:
-        # Largest tau with count(mag >= tau) >= keep, built from the top bit down. 15-bit
-        # magnitudes are exact in fp32, so their counting runs on the (twice as wide) fp32 pipe.
-        if MAG_BITS == 31:
-            key = mag
-        else:
-            key = mag.to(tl.float32)
-        tau = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for bit in tl.static_range(MAG_BITS - 1, -1, -1):
-            candidate = tau | (1 << bit)
-            count = tl.sum((key >= candidate.to(key.dtype)[:, None]).to(key.dtype), axis=1)
-            tau = tl.where(count >= keep, candidate, tau)
-        above = mag > tau[:, None]
-        n_above = tl.sum(above.to(tl.int32), axis=1)
-        at_tau = mag == tau[:, None]
-        tie_rank = tl.cumsum(at_tau.to(tl.int32), axis=1)  # ties: lowest index first
-        kept = above | (at_tau & (tie_rank <= (keep - n_above)[:, None]))
+        kept = _kept_topk(mag, keep, BLOCK_T, MAG_BITS)
     else:
         kept = mag != 0
     kept = kept & in_row
 
     if WRITE_PACKED:
-        kept_i = kept.to(tl.int32)
-        slot = tl.cumsum(kept_i, axis=1) - 1
-        count = tl.sum(kept_i, axis=1)
-        # Kept values go to slots [0, count); zeros to [count, CAPACITY): disjoint stores, no race.
-        if FP8_VALUES:
-            stored = fp8_e4m3_bits(x, inv_value_scale)
-        else:
-            stored = x
-        tl.store(values_ptr + out_rows[:, None] * CAPACITY + slot, stored,
-                 mask=kept & (slot < CAPACITY) & written[:, None])
-        j = tl.arange(0, CAPACITY_POW2)
-        zero_slots = (j[None, :] >= count[:, None]) & (j[None, :] < CAPACITY) & written[:, None]
-        tl.store(values_ptr + out_rows[:, None] * CAPACITY + j[None, :],
-                 tl.zeros([BLOCK_T, CAPACITY_POW2], dtype=stored.dtype), mask=zero_slots)
-        bits = tl.reshape(kept_i, [BLOCK_T, D_TILE // 32, 32]).to(tl.uint32)
-        shifts = tl.arange(0, 32).to(tl.uint32)
-        words = tl.sum(bits << shifts[None, None, :], axis=2).to(tl.int32, bitcast=True)
-        w = tl.arange(0, D_TILE // 32)
-        tl.store(bitmap_ptr + out_rows[:, None] * NUM_WORDS + w[None, :], words,
-                 mask=_in_head(written[:, None], 32 * w[None, :], HEAD_DIM))
+        _store_packed(x, kept, out_rows, written, bitmap_ptr, values_ptr, inv_value_scale,
+                      BLOCK_T, HEAD_DIM, CAPACITY, CAPACITY_POW2, FP8_VALUES)
     else:
         tl.store(out_ptr + rows[:, None] * HEAD_DIM + d[None, :], tl.where(kept, x, 0.0),
                  mask=_in_head((rows < n_rows)[:, None], d[None, :], HEAD_DIM))
