@@ -216,6 +216,29 @@ def test_uniform_batch_flushes_when_full(device):
     assert all(len(set(f)) == 1 for f in fills + stored)
 
 
+def test_flush_stores_nan_and_inf_as_prune_and_pack_does(device):
+    """NaN / inf window tokens moved to the store by a flush (kernels/window_flush.py) are stored
+    bit for bit as prune_and_pack stores them (kept first), and only the heads that attend a NaN key
+    come out NaN."""
+    b, h, w, c = 2, 2, 8, 4
+    k = randn((b, h, w, D), torch.float16, seed_of("flush-nan", 1), device)
+    v = randn((b, h, w, D), torch.float16, seed_of("flush-nan", 2), device)
+    k[1, 0, 2, 5], k[1, 1, 1, 7], v[1, 0, 3, 9] = float("nan"), float("inf"), float("-inf")
+    cache = mt.SparseKVCache(b, h, D, 16, w, SK, SV, dtype=torch.float16, device=device, chunk=c)
+    cache.prefill(k, v)  # the whole prompt in the window: the next append flushes its oldest c tokens
+    cache.append(randn((b, h, 1, D), torch.float16, seed_of("flush-nan", 3), device),
+                 randn((b, h, 1, D), torch.float16, seed_of("flush-nan", 4), device))
+    assert cache.seq_lens.tolist() == [c, c] and cache.window_lens.tolist() == [w - c + 1] * b
+    for stored, x, sparsity in ((cache.packed_k, k, SK), (cache.packed_v, v, SV)):
+        want = mt.prune_and_pack(x[:, :, :c], sparsity)
+        assert bit_equal(stored.bitmap[:, :, :c], want.bitmap) and bit_equal(stored.values[:, :, :c], want.values)
+        assert not stored.bitmap[:, :, c:].any() and not stored.values[:, :, c:].any()
+    assert bit_equal(cache.k_window[:, :, :w - c], k[:, :, c:])
+    out = cache.attend(randn((b, HQ, D), torch.float16, seed_of("flush-nan", 5), device))
+    group = HQ // h
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1, :group]).all()
+
+
 def test_ragged_prefill(device):
     """lens 0, 3 (< window), 8 (== window), 20: windows fill at different steps."""
     seed = seed_of("ragged")
