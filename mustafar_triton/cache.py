@@ -104,6 +104,11 @@ def value_scales(value_dtype, value_scale) -> tuple[float, float]:
     return tuple(check_value_format(value_dtype, scale)[1] for scale in scales)
 
 
+# append's and the flush's launches per layout (SparseKVCache._shared_launch), oldest dropped first
+_shared_launches: dict[tuple, CompiledLauncher] = {}
+_MAX_SHARED_LAUNCHES = 256
+
+
 class SparseKVCache:
     """Per-layer KV cache: pruned + packed store of older tokens, dense window of recent ones.
 
@@ -311,9 +316,9 @@ class SparseKVCache:
             self._flush_args = (kw, self.v_window, self.window_lens, self.seq_lens) + tuple(
                 t.view(torch.uint8) if fp8 and t.dtype == self.value_dtype else t
                 for p in (self.packed_k, self.packed_v) for t in (p.bitmap, p.values))
-            self._flush_launch = CompiledLauncher(
-                _flush_kernel, (self.batch,), ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr",
-                                               "k_bitmap_ptr", "k_values_ptr", "v_bitmap_ptr", "v_values_ptr"),
+            self._flush_launch = self._shared_launch(
+                _flush_kernel, ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr",
+                                "k_bitmap_ptr", "k_values_ptr", "v_bitmap_ptr", "v_values_ptr"),
                 num_heads=self.num_kv_heads, max_tokens=self.max_tokens,
                 k_keep=kept_per_token(self.head_dim, self.k_sparsity),
                 v_keep=kept_per_token(self.head_dim, self.v_sparsity),
@@ -364,12 +369,25 @@ class SparseKVCache:
             heads, d = self.num_kv_heads, self.head_dim
             ks, vs, ws = k_new.stride(), v_new.stride(), self.k_window.stride()
             block = next_pow2(heads * d)
-            launch = CompiledLauncher(_append_token_kernel, (self.batch,), (), stride_kb=ks[0], stride_kh=ks[1],
-                                      stride_kd=ks[3], stride_vb=vs[0], stride_vh=vs[1], stride_vd=vs[3],
-                                      stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2],
-                                      rows=self.k_window.shape[2], HEADS=heads, HEAD_DIM=d, BLOCK=block,
-                                      num_warps=max(1, min(8, block // 256)))
+            launch = self._shared_launch(_append_token_kernel, (), stride_kb=ks[0], stride_kh=ks[1],
+                                         stride_kd=ks[3], stride_vb=vs[0], stride_vh=vs[1], stride_vd=vs[3],
+                                         stride_wb=ws[0], stride_wh=ws[1], stride_wt=ws[2],
+                                         rows=self.k_window.shape[2], HEADS=heads, HEAD_DIM=d, BLOCK=block,
+                                         num_warps=max(1, min(8, block // 256)))
             self._append_launches[key] = launch
+        return launch
+
+    def _shared_launch(self, kernel, fresh: tuple, **constants) -> CompiledLauncher:
+        """kernel's launch over the grid (batch,) with these constants, shared by every cache of the
+        same device and dtypes (a model's layers): only the first one's first call takes Triton's
+        JIT path. What a launch takes per call (the cache's own buffers, append's new tokens of the
+        strides in the constants) has the same shapes and dtypes in every such cache."""
+        key = (kernel, self.batch, fresh, self._device, self.dtype, self.value_dtype, tuple(sorted(constants.items())))
+        launch = _shared_launches.get(key)
+        if launch is None:
+            if len(_shared_launches) >= _MAX_SHARED_LAUNCHES:
+                del _shared_launches[next(iter(_shared_launches))]  # the oldest
+            launch = _shared_launches[key] = CompiledLauncher(kernel, (self.batch,), fresh, **constants)
         return launch
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -239,6 +239,24 @@ def test_flush_stores_nan_and_inf_as_prune_and_pack_does(device):
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1, :group]).all()
 
 
+def test_caches_of_one_layout_share_their_launches(device):
+    """A model's layers (caches of one shape, dtype and device) share append's and the flush's
+    launches, so only the first layer's first call of each goes through Triton's JIT; a cache of
+    another dtype, or another window, gets its own."""
+    def stepped(dtype=torch.float16, window=4):
+        cache = mt.SparseKVCache(2, HKV, D, 16, window, SK, SV, dtype=dtype, device=device, chunk=2)
+        for i in range(window + 1):  # the last append flushes
+            cache.append(*(randn((2, HKV, 1, D), dtype, seed_of("shared", i, j), device) for j in range(2)))
+        return cache
+
+    first, second, other_dtype, other_window = stepped(), stepped(), stepped(torch.bfloat16), stepped(window=6)
+    assert second._flush_launch is first._flush_launch
+    assert list(second._append_launches.values()) == list(first._append_launches.values())
+    for other in (other_dtype, other_window):
+        assert other._flush_launch is not first._flush_launch
+        assert set(map(id, other._append_launches.values())).isdisjoint(map(id, first._append_launches.values()))
+
+
 def test_ragged_prefill(device):
     """lens 0, 3 (< window), 8 (== window), 20: windows fill at different steps."""
     seed = seed_of("ragged")
