@@ -250,8 +250,7 @@ class SparseKVCache:
                                          (v_chunk, self.v_sparsity, self.packed_v)))
         pos = self.seq_lens.view(-1, 1, 1, 1) + torch.arange(c, device=n.device).view(1, 1, c, 1)  # int64 [B, 1, C, 1]
         index = {}   # one expanded index per destination shape (K's and V's bitmaps share one)
-        # fp8 values move as their bytes (torch has no fp8 scatter)
-        as_bits = (lambda t: t.view(torch.uint8)) if self.value_dtype is not None else (lambda t: t)
+        as_bits = self._value_bits  # fp8 values move as their bytes (torch has no fp8 scatter)
         for dst, src in ((self.packed_k.bitmap, pk.bitmap), (as_bits(self.packed_k.values), as_bits(pk.values)),
                          (self.packed_v.bitmap, pv.bitmap), (as_bits(self.packed_v.values), as_bits(pv.values))):
             idx = index.get(src.shape)
@@ -259,6 +258,10 @@ class SparseKVCache:
                 idx = index[src.shape] = pos.expand(src.shape)
             dst.scatter_(2, idx, src)
         self.seq_lens.add_(n)
+
+    def _value_bits(self, values: torch.Tensor) -> torch.Tensor:
+        """Stored values as the kernels and scatters move them: fp8 as their bytes (uint8), else as they are."""
+        return values.view(torch.uint8) if self.value_dtype is not None else values
 
     def prefill(self, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor | None = None) -> None:
         """Replace the cache contents with a prompt.
@@ -311,11 +314,9 @@ class SparseKVCache:
         window holds more than window - chunk tokens to the store, and shift its remaining recent
         tokens down (the sinks, rows [0, sinks), never move): one launch (kernels/window_flush.py)."""
         if self._flush_launch is None:
-            kw, ws = self.k_window, self.k_window.stride()
-            fp8 = self.value_dtype is not None
-            self._flush_args = (kw, self.v_window, self.window_lens, self.seq_lens) + tuple(
-                t.view(torch.uint8) if fp8 and t.dtype == self.value_dtype else t
-                for p in (self.packed_k, self.packed_v) for t in (p.bitmap, p.values))
+            ws = self.k_window.stride()
+            self._flush_args = (self.k_window, self.v_window, self.window_lens, self.seq_lens) + tuple(
+                t for p in (self.packed_k, self.packed_v) for t in (p.bitmap, self._value_bits(p.values)))
             self._flush_launch = self._shared_launch(
                 _flush_kernel, ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr",
                                 "k_bitmap_ptr", "k_values_ptr", "v_bitmap_ptr", "v_values_ptr"),
@@ -326,7 +327,8 @@ class SparseKVCache:
                 k_inv_value_scale=1.0 / self.packed_k.value_scale, v_inv_value_scale=1.0 / self.packed_v.value_scale,
                 SINKS=self.sinks, WINDOW=self.window, CHUNK=self.chunk, HEAD_DIM=self.head_dim,
                 K_CAPACITY=self.packed_k.capacity, V_CAPACITY=self.packed_v.capacity,
-                MAG_BITS=31 if self.dtype == torch.float32 else 15, FP8_VALUES=fp8, num_warps=4)
+                MAG_BITS=31 if self.dtype == torch.float32 else 15, FP8_VALUES=self.value_dtype is not None,
+                num_warps=4)
         self._flush_launch(current_raw_stream(self._device), *self._flush_args)
         self._max_store += self.chunk
         self._max_window = self.sinks + self.window - self.chunk
