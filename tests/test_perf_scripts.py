@@ -111,6 +111,16 @@ def test_layer_host_smoke_run(tmp_path):
     assert 0 < data["results"]["mustafar"]["torch_ops_per_layer_step"] < 12
 
 
+def test_flush_cost_smoke_run(tmp_path):
+    """perf/flush_cost.py on the CPU: one small shape, every time measured and positive, the flush's
+    per-step share its time over the chunk."""
+    out = tmp_path / "flush_cost.json"
+    run_script("perf/flush_cost.py", "--out", out)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["flush_us"] > 0 and row["append_us"] > 0 and row["attend_us"] > 0
+    assert row["per_step_us"] == pytest.approx(row["flush_us"] / row["chunk"])
+
+
 @pytest.mark.parametrize("gather", ["walk", "walk_halves", "popc", "scatter"])
 @pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40)])
 def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity, gather):
