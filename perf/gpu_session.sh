@@ -151,6 +151,8 @@ for stage in "$@"; do
       # needs a median over many processes. eager-steps-warm runs one untimed process first. Logs
       # stay in /tmp: a call returns at most 8 files
       # EAGER_SYNC=1: every step waits for the GPU and reports the wait (generation.py --sync-steps)
+      # EAGER_ROUNDS=N: each process times dense and K0.7V0.7 N times, interleaved (generation.py
+      # --rounds): its log's last line is the median of the per-round ratios
       n=${EAGER_PROCESSES:-3}
       echo "== eager generate(), B=1, 8k prompt, random weights: $n processes, per-step host times"
       if [ "$stage" = eager-steps-warm ]; then
@@ -159,8 +161,9 @@ for stage in "$@"; do
       fi
       for r in $(seq 1 "$n"); do
         timeout 150 python3 perf/generation.py --random-weights --no-reference --prompt 8000 --steps 64 --batches 1 \
-            --runs dense,K0.7V0.7 ${EAGER_SYNC:+--sync-steps} --out "$OUT/eager_steps_rep$r.json" > "/tmp/eager_steps_rep$r.log" 2>&1
-        tail -2 "/tmp/eager_steps_rep$r.log" | sed "s/^/$r: /"
+            --runs dense,K0.7V0.7 ${EAGER_SYNC:+--sync-steps} --rounds "${EAGER_ROUNDS:-1}" \
+            --out "$OUT/eager_steps_rep$r.json" > "/tmp/eager_steps_rep$r.log" 2>&1
+        tail -1 "/tmp/eager_steps_rep$r.log" | sed "s/^/$r: /"
       done ;;
     eager-steps-cold)
       # is the slow first process the one that compiled its kernels (an empty Triton cache), and is

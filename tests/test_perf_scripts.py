@@ -312,6 +312,25 @@ def test_generation_host_counters_count_jit_path_launches(monkeypatch):
     assert counts["num_device_alloc"] == 0 and CompiledLauncher._keep is keep
 
 
+def test_generation_round_summary_pairs_each_round_with_its_dense_run(monkeypatch):
+    """perf/generation.py's round_summary: each round's ratio divides by the dense run of the same
+    batch and round (compiled runs by dense_compiled's), the medians are over the rounds, and
+    dense itself gets no ratio. A whole round running slow (both runs alike) leaves its ratio fair."""
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import generation
+    ms = {("dense", 0): 20.0, ("K0.7V0.7", 0): 22.0, ("dense", 1): 40.0, ("K0.7V0.7", 1): 42.0,
+          ("dense", 2): 21.0, ("K0.7V0.7", 2): 26.25, ("dense_compiled", 0): 10.0, ("K0.7V0.7_compiled", 0): 5.0}
+    rows = [dict(run=run, batch=1, round=r, decode_ms_per_step=t) for (run, r), t in ms.items()]
+    rows.append(dict(run="K0.7V0.7", batch=16, round=0, decode_ms_per_step=30.0))  # no dense at B=16
+    summary = {(e["run"], e["batch"]): e for e in generation.round_summary(rows)}
+    assert "median_ratio_to_dense" not in summary[("dense", 1)]
+    k = summary[("K0.7V0.7", 1)]
+    assert k["rounds"] == 3 and k["median_ms_per_step"] == 26.25
+    assert k["ratios_to_dense"] == pytest.approx([1.1, 1.05, 1.25]) and k["median_ratio_to_dense"] == pytest.approx(1.1)
+    assert summary[("K0.7V0.7_compiled", 1)]["median_ratio_to_dense"] == pytest.approx(0.5)
+    assert "median_ratio_to_dense" not in summary[("K0.7V0.7", 16)]
+
+
 def test_rounding_floor_outputs_mode(tmp_path):
     """perf/rounding_floor.py --outputs: one row per (q scale, tokens) and P arm; P rounded once to
     bf16 puts far more outputs off the correctly rounded result than P exact."""
