@@ -112,10 +112,10 @@ def test_layer_host_smoke_run(tmp_path):
 
 
 def test_flush_cost_smoke_run(tmp_path):
-    """perf/flush_cost.py on the CPU: one small shape, every time measured and positive, the flush's
-    per-step share its time over the chunk."""
+    """perf/flush_cost.py at one small shape (the CPU's default; named, so a GPU run of the suite
+    runs it too): every time measured and positive, the flush's per-step share its time over the chunk."""
     out = tmp_path / "flush_cost.json"
-    run_script("perf/flush_cost.py", "--out", out)
+    run_script("perf/flush_cost.py", "--shapes", "2x2x32", "--context", 48, "--out", out)
     (row,) = json.loads(out.read_text())["rows"]
     assert row["flush_us"] > 0 and row["append_us"] > 0 and row["attend_us"] > 0
     assert row["per_step_us"] == pytest.approx(row["flush_us"] / row["chunk"])
