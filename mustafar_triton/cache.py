@@ -180,6 +180,7 @@ class SparseKVCache:
         check_device("SparseKVCache buffers", self.k_window)
         self._append_launches = {}  # append's launch per (k_new, v_new) strides: _append_launch
         self._flush_launch = None   # _flush's launch and its tensors, bound at the first flush
+        self._flush_done = torch.zeros_like(self.window_lens)  # its programs' count per sequence, zero between flushes
         self._flush_args = ()
         self._token_shape = (batch, num_kv_heads, 1, head_dim)
         self._device = self.k_window.device
@@ -315,11 +316,12 @@ class SparseKVCache:
         tokens down (the sinks, rows [0, sinks), never move): one launch (kernels/window_flush.py)."""
         if self._flush_launch is None:
             ws = self.k_window.stride()
-            self._flush_args = (self.k_window, self.v_window, self.window_lens, self.seq_lens) + tuple(
+            self._flush_args = (self.k_window, self.v_window, self.window_lens, self.seq_lens, self._flush_done) + tuple(
                 t for p in (self.packed_k, self.packed_v) for t in (p.bitmap, self._value_bits(p.values)))
             self._flush_launch = self._shared_launch(
-                _flush_kernel, ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr",
+                _flush_kernel, ("k_window_ptr", "v_window_ptr", "window_lens_ptr", "seq_lens_ptr", "done_ptr",
                                 "k_bitmap_ptr", "k_values_ptr", "v_bitmap_ptr", "v_values_ptr"),
+                grid=(self.batch, self.num_kv_heads, 2),
                 num_heads=self.num_kv_heads, max_tokens=self.max_tokens,
                 k_keep=kept_per_token(self.head_dim, self.k_sparsity),
                 v_keep=kept_per_token(self.head_dim, self.v_sparsity),
@@ -379,17 +381,18 @@ class SparseKVCache:
             self._append_launches[key] = launch
         return launch
 
-    def _shared_launch(self, kernel, fresh: tuple, **constants) -> CompiledLauncher:
-        """kernel's launch over the grid (batch,) with these constants, shared by every cache of the
-        same device and dtypes (a model's layers): only the first one's first call takes Triton's
-        JIT path. What a launch takes per call (the cache's own buffers, append's new tokens of the
-        strides in the constants) has the same shapes and dtypes in every such cache."""
-        key = (kernel, self.batch, fresh, self._device, self.dtype, self.value_dtype, tuple(sorted(constants.items())))
+    def _shared_launch(self, kernel, fresh: tuple, grid: tuple | None = None, **constants) -> CompiledLauncher:
+        """kernel's launch over the grid (default (batch,)) with these constants, shared by every
+        cache of the same device and dtypes (a model's layers): only the first one's first call takes
+        Triton's JIT path. What a launch takes per call (the cache's own buffers, append's new tokens
+        of the strides in the constants) has the same shapes and dtypes in every such cache."""
+        grid = grid or (self.batch,)
+        key = (kernel, grid, fresh, self._device, self.dtype, self.value_dtype, tuple(sorted(constants.items())))
         launch = _shared_launches.get(key)
         if launch is None:
             if len(_shared_launches) >= _MAX_SHARED_LAUNCHES:
                 del _shared_launches[next(iter(_shared_launches))]  # the oldest
-            launch = _shared_launches[key] = CompiledLauncher(kernel, (self.batch,), fresh, **constants)
+            launch = _shared_launches[key] = CompiledLauncher(kernel, grid, fresh, **constants)
         return launch
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """What SparseKVCache's window flush costs on the GPU, beside the per-step work it amortizes over.
 
 Every `chunk` appends, SparseKVCache.append first flushes (kernels/window_flush.py: one program per
-sequence walks its kv heads in turn, pruning + packing the chunk of K and V into the store and
-shifting the window). This times, per shape (batch, kv heads, head dim) at one context:
+sequence, kv head and side prunes + packs the chunk into the store and shifts the window). This
+times, per shape (batch, kv heads, head dim) at one context:
   flush_us     one flush launch (the window full, every sequence moving `chunk` tokens);
   per_step_us  flush_us / chunk: its share of every decode step;
   append_us    one token's append (the launch of every step);

@@ -114,6 +114,7 @@ def check_state(cache, model):
                 assert bit_equal(got[:, :w], torch.stack(dense, 1))
         for p in (cache.packed_k, cache.packed_v):  # the store stays zero past seq_lens
             assert not p.bitmap[b, :, n:].any() and not p.values[b, :, n:].any()
+    assert not cache._flush_done.any()  # the flush kernel's last program of each sequence reset its count
 
 
 def check_attend(cache, model, seed, device):
