@@ -284,7 +284,7 @@ def main():
         ids = (torch.randint(0, model.config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
                if tokenizer is None else text_batch(tokenizer, batch, length)).to(dev)
         targets = ids[:, args.prompt + 1:]
-        warm = {}  # run name -> the cache its warm-up used (a compiled run's graphs replay over its buffers)
+        warm = {}  # run name -> its warm-up's cache if compiled (the graphs replay over its buffers), else None
         for round_ in range(args.rounds):
             # odd rounds in reverse order (dense, K, K, dense, ...): a host that drifts during the
             # process then slows both runs of a round pair alike, and each round's ratio stays fair
@@ -293,8 +293,9 @@ def main():
                 if name not in warm:
                     # Warm up with the identical run: Triton specializes on integer arguments (the cache's
                     # allocated length, say), so a shorter warm-up would leave compiles in the timed loop.
-                    warm[name] = make_cache(model, ids.shape[1], settings, args.window, compiled)
-                    run(model, ids, args.prompt, warm[name], compiled)
+                    cache = make_cache(model, ids.shape[1], settings, args.window, compiled)
+                    run(model, ids, args.prompt, cache, compiled)
+                    warm[name] = cache if compiled else None
                 if compiled:
                     cache = warm[name]
                     cache.reset()   # the same buffers: the graphs recorded in the warm-up replay

@@ -58,7 +58,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--window", type=int, default=32)
-    ap.add_argument("--runs", default="preset-K0.7V0.7,preset-K0.5V0.5")
+    ap.add_argument("--runs", default="preset-K0.7V0.7,preset-K0.5V0.5",
+                    help="generation.py's runs, or K0V0: sparsity 0 (dense attention on the same paths)")
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--outputs", action="store_true", help="per-output rounding of random caches, no model")
     args = ap.parse_args()
@@ -71,7 +72,8 @@ def main():
     ids = text_batch(tokenizer, args.batch, args.prompt + args.steps + 1)
     targets = ids[:, args.prompt + 1:]
     rows = []
-    for name, settings in runs(model.config.head_dim):
+    # K0V0: nothing pruned, so the three arms are dense attention's own rounding floor
+    for name, settings in runs(model.config.head_dim) + [("K0V0", dict(k_sparsity=0.0, v_sparsity=0.0))]:
         if name not in args.runs.split(","):
             continue
         result = {}
