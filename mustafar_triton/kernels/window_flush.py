@@ -12,9 +12,10 @@ flushes: the last program resets it): every program has read both lengths before
 none reads an updated one. A barrier orders each program's own threads (every read of a row before
 its overwrite). The caller guarantees seq_lens[b] + CHUNK <= max_tokens (the cache's host capacity
 check). One launch instead of the ~20 torch ops and two prune/pack launches of the torch flush:
-an eager step is host-bound, ~10-30 us per launched op (perf/NOTES.md, 2026-12-06). One program
-per sequence walking its heads in turn took 80-84 us per flush for 8 kv heads at D=128 on an H100
-(perf/results/h100/flush_cost_8bd830f.json), 7% of a B=16 T=4k decode call's time per step.
+an eager step is host-bound, ~10-30 us per launched op (perf/NOTES.md, 2026-12-06). The grid:
+one program per sequence walking its heads in turn took 81-85 us per flush for 8 kv heads at
+D=128, B=1-64, on an H100; this one 5.0-17.2 us in the same run
+(perf/results/h100/flush_cost_{one_program_b6dd3b4,grid_0205016}.json).
 """
 from __future__ import annotations
 
