@@ -383,6 +383,37 @@ def test_accuracy_nm_keys_after_a_channel_order(monkeypatch):
     assert torch.equal(order.sort(-1).values, torch.arange(64).expand(3, 64))   # a permutation per head
 
 
+def test_accuracy_pairs_keep_whole_pairs_of_largest_energy(monkeypatch):
+    """perf/accuracy.py's channel-pair study (--grid pairs): per token, the kept channels are whole
+    pairs (j, j + D/2) for "rope", (2j, 2j + 1) for "adjacent", as many pairs as the top-k row's
+    value slots / 2, those of largest a^2 + b^2 (a small pair with a large partner beats a pair of
+    two middling channels); a side's bytes count a bitmap bit per pair."""
+    import torch
+
+    from mt_testutils import randn
+    monkeypatch.syspath_prepend(str(REPO / "perf"))
+    import accuracy
+    x = randn((2, 3, 5, 64), torch.float32, 13, "cpu")
+    x[0, 0, 0] = 0.1
+    x[0, 0, 0, [3, 35]] = torch.tensor([4.0, 0.0])     # rope pair 3: energy 16
+    x[0, 0, 0, [5, 37]] = torch.tensor([2.0, 2.0])     # rope pair 5: energy 8
+    for how in ("rope", "adjacent"):
+        cfg = accuracy.Config(0.7, 0.7, k_pattern=f"pairs-{how}", v_pattern=f"pairs-{how}")
+        kept = accuracy.pair_mask(x, 12, how)
+        assert torch.equal(accuracy.prune_keys(x, cfg), torch.where(kept, x, 0.0))
+        a, b = (kept[..., :32], kept[..., 32:]) if how == "rope" else (kept[..., 0::2], kept[..., 1::2])
+        assert torch.equal(a, b)                                        # whole pairs
+        assert torch.equal(a.sum(-1), torch.full((2, 3, 5), 12))         # D=64 K0.7: 24 slots, 12 pairs
+        energy = ((x[..., :32] ** 2 + x[..., 32:] ** 2) if how == "rope" else (x[..., 0::2] ** 2 + x[..., 1::2] ** 2))
+        assert (energy.masked_fill(~a, float("inf")).amin(-1) >= energy.masked_fill(a, -1).amax(-1)).all()
+    assert accuracy.pair_mask(x, 2, "rope")[0, 0, 0].nonzero().flatten().tolist() == [3, 5, 35, 37]
+    assert accuracy.pair_mask(x, 1, "rope")[0, 0, 0].nonzero().flatten().tolist() == [3, 35]
+    assert accuracy.Config(0.7, 0.625, k_pattern="pairs-rope").name == "Kpairs-rope@0.7V0.625 S0 W32"
+    assert accuracy.pattern_row_bytes(64, 0.7, "pairs-rope") == 4 + 48      # vs 8 + 48 for top-k
+    assert accuracy.pattern_row_bytes(64, 0.7, "topk") == 8 + 48
+    assert accuracy.pattern_row_bytes(256, 0.0, "pairs-rope") == 512
+
+
 def test_accuracy_attention_keeps_sliding_layers_dense(monkeypatch):
     """perf/accuracy.py's pruning attention prunes full-attention layers only: a call with
     `sliding_window` (Gemma 3's local layers, which MustafarCache keeps dense) equals the dense
