@@ -383,12 +383,14 @@ def bytes_ratios(cfg: Config, tokens: int, num_kv_heads: int, head_dim: int) -> 
     """(bytes_ratio, bytes_ratio_per_token) of cfg at `tokens` tokens: see the module docstring.
     Allocates the cache on the CPU: run under TRITON_INTERPRET=1 (main() sets it)."""
     dense_tokens = min(tokens, cfg.sinks + cfg.window)
+    row_bytes = None   # the study formats (not the library's): their bytes per token and head of one side
     if "pairs" in cfg.k_pattern + cfg.v_pattern:
-        per_token = (pattern_row_bytes(head_dim, cfg.k_sparsity, cfg.k_pattern)
-                     + pattern_row_bytes(head_dim, cfg.v_sparsity, cfg.v_pattern)) / (4 * head_dim)
-        return ((tokens - dense_tokens) * per_token + dense_tokens) / tokens, per_token
-    if cfg.value_format != "fp16":
-        per_token = (fp8_row_bytes(head_dim, cfg.k_sparsity) + fp8_row_bytes(head_dim, cfg.v_sparsity)) / (4 * head_dim)
+        row_bytes = (pattern_row_bytes(head_dim, cfg.k_sparsity, cfg.k_pattern),
+                     pattern_row_bytes(head_dim, cfg.v_sparsity, cfg.v_pattern))
+    elif cfg.value_format != "fp16":
+        row_bytes = (fp8_row_bytes(head_dim, cfg.k_sparsity), fp8_row_bytes(head_dim, cfg.v_sparsity))
+    if row_bytes:
+        per_token = sum(row_bytes) / (4 * head_dim)
         return ((tokens - dense_tokens) * per_token + dense_tokens) / tokens, per_token
     cache = SparseKVCache(1, num_kv_heads, head_dim, tokens - dense_tokens, cfg.window, cfg.k_sparsity,
                           cfg.v_sparsity, dtype=torch.float16, device="cpu", sinks=cfg.sinks)
