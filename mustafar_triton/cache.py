@@ -249,7 +249,8 @@ class SparseKVCache:
                                  value_scale=p.value_scale)
                   for x, sparsity, p in ((k_chunk, self.k_sparsity, self.packed_k),
                                          (v_chunk, self.v_sparsity, self.packed_v)))
-        pos = self.seq_lens.view(-1, 1, 1, 1)  # int64 [B, 1, C, 1]; one token (window 0's appends): one op
+        # the store rows, int64 [B, 1, C, 1]; one token (window 0's appends): seq_lens alone, one op
+        pos = self.seq_lens.view(-1, 1, 1, 1)
         pos = pos + torch.arange(c, device=n.device).view(1, 1, c, 1) if c > 1 else pos.long()
         index = {}   # one expanded index per destination shape (K's and V's bitmaps share one)
         as_bits = self._value_bits  # fp8 values move as their bytes (torch has no fp8 scatter)
