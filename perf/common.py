@@ -15,6 +15,7 @@ Result files are JSON: {"meta": {...}, "rows": [{...}, ...]}; see perf/sweep.py 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -56,6 +57,18 @@ def decode_inputs(model: Model, batch: int, tokens: int, device: torch.device, d
     k, v = (torch.randn(batch, model.hkv, tokens, model.d, device=device, dtype=dtype) for _ in range(2))
     return q, k, v, dict(batch=batch, tokens=tokens, hq=model.hq, hkv=model.hkv, d=model.d,
                          dtype=str(dtype).replace("torch.", ""))
+
+
+def load_kernel_copy(path: Path):
+    """Another copy of a module of mustafar_triton/kernels/ (an older commit's, or a variant such as
+    perf/scatter_ablations.py writes), its relative imports made absolute, as a module of its own."""
+    source = path.read_text().replace("from .", "from mustafar_triton.kernels.")
+    tmp = path.with_name(path.stem + "_loaded.py")
+    tmp.write_text(source)
+    spec = importlib.util.spec_from_file_location(f"kernel_copy_{path.stem}", tmp)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def git_commit() -> str:

@@ -16,13 +16,13 @@ serves them; dense SDPA then attends T + N tokens). Configs are forced (autotune
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import LLAMA3_8B, bench_us, copy_bandwidth, decode_inputs, environment, write_results  # noqa: E402 (repo first)
+from common import (LLAMA3_8B, bench_us, copy_bandwidth, decode_inputs, environment,  # noqa: E402 (repo first)
+                    load_kernel_copy, write_results)
 
 import mustafar_triton as mt  # noqa: E402
 from mustafar_triton import attention, autotune  # noqa: E402
@@ -35,13 +35,7 @@ SPARSITIES = (0.5, 0.7, 0.8, 0.9, 0.95)
 def load_baseline(path: Path):
     """The kernel of another copy of decode_gluon.py (its relative imports made absolute), wrapped
     to take this launcher's GATHER argument (older copies took WALK)."""
-    source = path.read_text().replace("from .", "from mustafar_triton.kernels.")
-    tmp = path.with_name(path.stem + "_loaded.py")
-    tmp.write_text(source)
-    spec = importlib.util.spec_from_file_location("decode_gluon_baseline", tmp)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    kernel = module._sparse_decode_gluon_kernel
+    kernel = load_kernel_copy(path)._sparse_decode_gluon_kernel
     takes_walk = "WALK" in kernel.arg_names
 
     class Launcher:

@@ -16,6 +16,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh split-counts          (~3 minutes: programs resident per SM, and explicit split counts)
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
+#   OUT=/tmp/out bash perf/gpu_session.sh scatter-ablations     (~4 minutes: issue 18, where the scatter's time goes)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
@@ -87,6 +88,17 @@ for stage in "$@"; do
           --shapes 16x16384,4x131072,1x32768,64x4096 --sparsities "${AB_SPARSITIES:-0.65,0.7,0.8}" \
           --out "$OUT/gathers_ab.json" > "$OUT/gathers_ab.log" 2>&1
       grep -A 16 "^    shape" "$OUT/gathers_ab.log" || tail -20 "$OUT/gathers_ab.log" ;;
+    scatter-ablations)
+      # issue 18: where the scatter's time goes, copies of decode_gluon.py with one part removed or
+      # made free (perf/scatter_ablations.py), each timed beside main's scatter in its own run
+      echo "== scatter ablations, B=16 T=16384, sparsity ${AB_SPARSITIES:-0.7,0.8,0.9}"
+      python3 perf/scatter_ablations.py --out-dir .gen > /dev/null
+      for name in ${ABLATIONS:-conflict_free stores_as_adds no_queue_loads no_masks no_value_loop}; do
+        timeout 150 python3 perf/decode_gathers.py --gathers scatter --baseline ".gen/scatter_$name.py" \
+            --baseline-gathers scatter --shapes 16x16384 --sparsities "${AB_SPARSITIES:-0.7,0.8,0.9}" \
+            --out "$OUT/scatter_ablation_$name.json" > "/tmp/scatter_ablation_$name.log" 2>&1
+        grep -E "^ *16x16384 +[0-9.]+ " "/tmp/scatter_ablation_$name.log" || tail -3 "/tmp/scatter_ablation_$name.log"
+      done ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1

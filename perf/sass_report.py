@@ -5,7 +5,7 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
     python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|walk_halves|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
                                [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--fp8] [--maxnreg N]
-                               [--dump DIR]
+                               [--dump DIR] [--source FILE]
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
 default, its register cap; --block-n / --maxnreg override). --lq N: N query tokens per step (q
@@ -24,6 +24,7 @@ import collections
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -50,7 +51,12 @@ def compile_decode(args):
     rows = args.group * args.lq
     if gluon:
         from mustafar_triton._gluon_compat import GluonASTSource
-        from mustafar_triton.kernels import decode_gluon
+        if args.source:  # another copy of decode_gluon.py (perf/scatter_ablations.py writes some)
+            sys.path.insert(0, str(Path(__file__).parent))
+            from common import load_kernel_copy
+            decode_gluon = load_kernel_copy(args.source)
+        else:
+            from mustafar_triton.kernels import decode_gluon
         kernel, source = decode_gluon._sparse_decode_gluon_kernel, GluonASTSource
         block_h = gluon_launch.gluon_block_h(rows)
         constexprs = dict(common, BLOCK_H=block_h, BLOCK_N=args.block_n or gluon_launch.GLUON_CONFIG["BLOCK_N"],
@@ -162,6 +168,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--fp8", action="store_true", help="decode kernels: fp8 (e4m3) kept values (FP8_VALUES)")
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
+    ap.add_argument("--source", type=Path, help="--kernel gluon: compile this copy of decode_gluon.py instead")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")
     ap.add_argument("--paged", action="store_true", help="--kernel prune: its write_pages variant (PAGED)")
     return ap

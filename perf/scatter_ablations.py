@@ -1,0 +1,87 @@
+"""Where the scatter gather's time goes (issue 18): copies of decode_gluon.py with one part of
+the scatter removed or made free, each timed beside main's scatter by perf/decode_gathers.py
+(--baseline FILE --baseline-gathers scatter). The copies compute WRONG attention (their diff
+column says by how much); only their times mean something: the time a part costs is main's time
+minus its copy's, a ceiling for any lever that makes that part cheaper.
+
+    python perf/scatter_ablations.py --out-dir .gen            # writes .gen/scatter_<name>.py
+    python perf/decode_gathers.py --gathers scatter --baseline .gen/scatter_conflict_free.py \
+        --baseline-gathers scatter --shapes 16x16384 --sparsities 0.7,0.8,0.9
+
+The copies (each one edit of decode_gluon.py's PTX generators, asserted to apply exactly once):
+  conflict_free  every kept value's 2-byte store goes to a word of its lane's own bank (32 lanes,
+                 32 banks): the stores without bank conflicts (main's measure 3.5-way on average),
+                 one instruction more per value than main;
+  stores_as_adds no stores of kept values: each becomes an integer multiply-add (the same issue
+                 slots, no shared-memory traffic);
+  no_queue_loads no load of the next bitmap word at a hand-over (main issues one predicated LDS
+                 per kept value and warp; its address add dies with it: 2 instructions per value);
+  no_masks       ldmatrix registers used unmasked (the bitmap words are still read; the prmt
+                 and and per register, and their shifts, are gone);
+  no_value_loop  no per-value loop at all: staging, queue set-up, ldmatrix, masks, mma and
+                 softmax only (the scatter's fixed cost per tile).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+SOURCE = Path(__file__).resolve().parents[1] / "mustafar_triton" / "kernels" / "decode_gluon.py"
+
+STORE = '"bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; st.shared.u16 [a], %s;" % val'
+LOOP = "    for r in range(capacity):\n        val = "
+MASK = '"prmt.b32 m, %s, %s, %s; and.b32 $%d, r%d, m;" % (srcs[k] + (k, k))'
+SETUP = '"mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue'
+QUEUE_LOAD = '" @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;"'
+END = '"mov.b32 $0, 0; }"'
+DECL = '"{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, v<%d>;" % nvals'
+
+ABLATIONS = {
+    # lb: the first 128-byte line at or after the lane's dense row, plus 4 x lane (bank = lane); the
+    # store's address keeps main's mad and adds one lop3 ((a & 2) | lb: the same word of the bank)
+    "conflict_free": [
+        (DECL, DECL.replace("hb, v<%d>", "hb, lb, v<%d>")),
+        (SETUP, SETUP + ', "add.u32 a, t, %s; add.u32 a, a, 127; and.b32 a, a, 0xffffff80; mov.u32 lb, %%laneid;'
+                        ' mad.lo.u32 lb, lb, 4, a;" % drow'),
+        (STORE, '"bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; and.b32 a, a, 2; or.b32 a, a, lb;'
+                ' st.shared.u16 [a], %s;" % val'),
+    ],
+    # each store becomes one integer multiply-add of its address and value into a register that is
+    # stored once at the end (so that nothing is dead): the loop's issue slots stay, its stores go
+    "stores_as_adds": [
+        (DECL, DECL.replace("hb, v<%d>", "hb, sink, v<%d>")),
+        (SETUP, SETUP + ', "mov.u32 sink, 0;"'),
+        (STORE, '"bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; mad.lo.u32 sink, a, %s, sink;" % val'),
+        (END, '"add.u32 b, t, %s; st.shared.u32 [b], sink; mov.b32 $0, 0; }" % dummy'),
+    ],
+    # the predicated queue load of each value's hand-over (one LDS per value and warp) removed
+    "no_queue_loads": [(QUEUE_LOAD, '" @!ps add.u32 q, q, 256;"')],
+    "no_masks": [(MASK, '"mov.b32 $%d, r%d;" % (k, k)')],
+    "no_value_loop": [(LOOP, "    for r in range(0):\n        val = ")],
+}
+
+
+def ablated_source(name: str) -> str:
+    """decode_gluon.py with ablation `name`'s edits (each must match exactly once)."""
+    text = SOURCE.read_text()
+    for old, new in ABLATIONS[name]:
+        if text.count(old) != 1:
+            raise ValueError(f"ablation {name!r}: {old[:60]!r} occurs {text.count(old)} times in {SOURCE.name}")
+        text = text.replace(old, new)
+    return text
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, default=Path(".gen"))
+    ap.add_argument("--ablations", default=",".join(ABLATIONS))
+    args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    for name in args.ablations.split(","):
+        path = args.out_dir / f"scatter_{name}.py"
+        path.write_text(ablated_source(name))
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
