@@ -459,3 +459,24 @@ def test_accuracy_fp8_values_round_to_e4m3_and_count_one_byte(monkeypatch):
     out = accuracy.make_attention(cfg)(None, q, x, x, None, scaling=0.125)[0]
     plain = accuracy.make_attention(accuracy.Config(0.25, 0.25, 0, 8))(None, q, x, x, None, scaling=0.125)[0]
     assert torch.equal(out[:, :9], plain[:, :9]) and not torch.equal(out, plain)  # the first 9 see no compressed token
+
+
+def test_scatter_ablations_apply_to_the_kernel_and_compile():
+    """perf/scatter_ablations.py's copies of decode_gluon.py: every edit still matches the kernel's
+    source (a kernel change that moves one fails here, not on a lent GPU), each copy is valid
+    Python, and one copy compiles for sm_90 through sass_report.py --source with its stores intact
+    and one more instruction per kept value than main (the conflict-free address)."""
+    sys.path.insert(0, str(REPO / "perf"))
+    import scatter_ablations
+    main_source = scatter_ablations.SOURCE.read_text()
+    for name in scatter_ablations.ABLATIONS:
+        text = scatter_ablations.ablated_source(name)
+        assert text != main_source, name
+        compile(text, f"scatter_{name}.py", "exec")
+    out = REPO / ".gen" / "test_ablation"
+    run_script("perf/scatter_ablations.py", "--out-dir", out, "--ablations", "conflict_free")
+    copy = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 40,
+                       "--source", out / "scatter_conflict_free.py")
+    main = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 40)
+    assert copy["loop_ops"]["STS.U16"] == main["loop_ops"]["STS.U16"] == 40
+    assert sum(copy["loop_ops"].values()) - sum(main["loop_ops"].values()) >= 40
