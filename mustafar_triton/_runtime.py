@@ -21,6 +21,15 @@ def current_raw_stream(device: torch.device) -> int:
     return torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
 
 
+def remember(cache: dict, key, value, limit: int):
+    """cache[key] = value (returned), the oldest entry dropped first once `limit` are kept: the
+    per-layout caches of decode plans (attention._plans) and of the cache's launches."""
+    if len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels through its CPU interpreter (read at import time by Triton)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -8,7 +8,8 @@ import torch
 from . import autotune
 from ._fast_launch import CompiledLauncher
 from ._gluon_compat import gluon_runs_on
-from ._runtime import cdiv, check_device, current_raw_stream, interpreting, next_pow2, num_sms, sm_shared_bytes
+from ._runtime import (cdiv, check_device, current_raw_stream, interpreting, next_pow2, num_sms, remember,
+                       sm_shared_bytes)
 from .format import PackedKV, PagedKV
 from .kernels import decode_gluon_launch as gluon_launch
 from .kernels.decode import MERGE_BLOCK_D, _merge_splits_kernel, _sparse_decode_kernel, byte_slot_table, choose_num_splits
@@ -164,9 +165,7 @@ def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_sca
     if plan is None:
         plan = _DecodePlan(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
         if key is not None:
-            if len(_plans) >= _MAX_PLANS:
-                del _plans[next(iter(_plans))]  # the oldest layout
-            _plans[key] = plan
+            remember(_plans, key, plan, _MAX_PLANS)
     return plan
 
 

@@ -68,7 +68,7 @@ from __future__ import annotations
 import torch
 
 from ._fast_launch import CompiledLauncher
-from ._runtime import check_device, check_same_device, current_raw_stream, next_pow2
+from ._runtime import check_device, check_same_device, current_raw_stream, next_pow2, remember
 from .attention import _tensor_key, plan_for
 from .compress import _check_sparsity, _launch_select, prune_and_pack
 from .custom_op import write_pages_op
@@ -392,9 +392,8 @@ class SparseKVCache:
         key = (kernel, grid, fresh, self._device, self.dtype, self.value_dtype, tuple(sorted(constants.items())))
         launch = _shared_launches.get(key)
         if launch is None:
-            if len(_shared_launches) >= _MAX_SHARED_LAUNCHES:
-                del _shared_launches[next(iter(_shared_launches))]  # the oldest
-            launch = _shared_launches[key] = CompiledLauncher(kernel, grid, fresh, **constants)
+            launch = remember(_shared_launches, key, CompiledLauncher(kernel, grid, fresh, **constants),
+                              _MAX_SHARED_LAUNCHES)
         return launch
 
     def _append_without_window(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:

@@ -106,3 +106,14 @@ def test_library_allocations_are_poisoned(module):
 def test_device_switch(device):
     assert device.type in ("cpu", "cuda")
     assert mustafar_triton._runtime.interpreting() == (device.type == "cpu") == INTERPRETING
+
+
+def test_remember_drops_the_oldest_entry_at_its_limit():
+    """The per-layout caches (decode plans, the cache's launches) stay bounded: at the limit the
+    entry stored first goes, the others and the new one stay."""
+    from mustafar_triton._runtime import remember
+    cache = {}
+    for i in range(3):
+        assert remember(cache, ("layout", i), i * 10, limit=3) == i * 10
+    remember(cache, ("layout", 3), 30, limit=3)
+    assert list(cache) == [("layout", 1), ("layout", 2), ("layout", 3)] and cache[("layout", 3)] == 30
