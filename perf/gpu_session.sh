@@ -17,6 +17,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh gemma3-presets        (~6 minutes; after the five Gemma carries, see the stage)
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-ablations     (~4 minutes: issue 18, where the scatter's time goes)
+#   OUT=/tmp/out bash perf/gpu_session.sh scatter-undo          (~5 minutes: issue 18, undone stores vs masks, their tests, memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
@@ -99,6 +100,26 @@ for stage in "$@"; do
             --out "$OUT/scatter_ablation_$name.json" > "/tmp/scatter_ablation_$name.log" 2>&1
         grep -E "^ *16x16384 +[0-9.]+ " "/tmp/scatter_ablation_$name.log" || tail -3 "/tmp/scatter_ablation_$name.log"
       done ;;
+    scatter-undo)
+      # issue 18: the scatter that undoes its stores instead of masking its tiles (decode_gluon_launch.
+      # scatter_undoes; off on main) against both forced choices, then its GPU tests and memcheck with
+      # the policy on at capacities <= D/8 in this machine's copy of the tree (restored at the end)
+      echo "== scatter: policy / masks / undone stores, sparsity 0.8-0.95"
+      python3 perf/scatter_ablations.py --out-dir .gen --ablations undo_never,undo_always > /dev/null
+      timeout 200 python3 perf/decode_gathers.py --gathers scatter --baseline .gen/scatter_undo_never.py \
+          --baseline .gen/scatter_undo_always.py --baseline-gathers scatter --shapes 16x16384,1x32768 \
+          --sparsities 0.8,0.85,0.9,0.95 --out "$OUT/scatter_undo_ab.json" > "$OUT/scatter_undo_ab.log" 2>&1
+      grep -A 8 "^    shape" "$OUT/scatter_undo_ab.log" || tail -12 "$OUT/scatter_undo_ab.log"
+      policy=mustafar_triton/kernels/decode_gluon_launch.py
+      sed -i 's/^SCATTER_UNDO_MAX_CAPACITY_FRACTION = .*/SCATTER_UNDO_MAX_CAPACITY_FRACTION = 0.125/' $policy
+      MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_decode.py \
+          tests/test_paged_decode.py -k "gluon or scatter" > "$OUT/gpu_tests_scatter_undo.log" 2>&1
+      tail -1 "$OUT/gpu_tests_scatter_undo.log"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 200 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
+          -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and scatter" > "$OUT/sanitizer_scatter_undo.log" 2>&1
+      tail -1 "$OUT/sanitizer_scatter_undo.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_scatter_undo.log"
+      sed -i 's/^SCATTER_UNDO_MAX_CAPACITY_FRACTION = .*/SCATTER_UNDO_MAX_CAPACITY_FRACTION = 0.0/' $policy ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1

@@ -20,6 +20,10 @@ The copies (each one edit of decode_gluon.py's PTX generators, asserted to apply
                  and and per register, and their shifts, are gone);
   no_value_loop  no per-value loop at all: staging, queue set-up, ldmatrix, masks, mma and
                  softmax only (the scatter's fixed cost per tile).
+The ablations edit the masked scatter (the one that runs unless decode_gluon_launch.scatter_undoes).
+Two more copies are not ablations (both compute right attention): undo_never / undo_always force
+the choice between masking the dense tiles and undoing the stores (decode_gluon_launch.
+scatter_undoes) either way, to time the policy against both.
 """
 from __future__ import annotations
 
@@ -33,14 +37,17 @@ LOOP = "    for r in range(capacity):\n        val = "
 MASK = '"prmt.b32 m, %s, %s, %s; and.b32 $%d, r%d, m;" % (srcs[k] + (k, k))'
 SETUP = '"mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue'
 QUEUE_LOAD = '" @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;"'
-END = '"mov.b32 $0, 0; }"'
-DECL = '"{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, v<%d>;" % nvals'
+END = '"}" if save else "mov.b32 $0, 0; }"'
+IMPORT = "from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,"
+IMPORTED = "                                  staged_row_pitch)\n"
+UNDOES = "\n\n@gluon.constexpr_function\ndef scatter_undoes(head_dim, k_capacity, v_capacity):\n    return %s\n"
+DECL = '"{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, o, v<%d>;" % nvals'
 
 ABLATIONS = {
     # lb: the first 128-byte line at or after the lane's dense row, plus 4 x lane (bank = lane); the
     # store's address keeps main's mad and adds one lop3 ((a & 2) | lb: the same word of the bank)
     "conflict_free": [
-        (DECL, DECL.replace("hb, v<%d>", "hb, lb, v<%d>")),
+        (DECL, DECL.replace("o, v<%d>", "o, lb, v<%d>")),
         (SETUP, SETUP + ', "add.u32 a, t, %s; add.u32 a, a, 127; and.b32 a, a, 0xffffff80; mov.u32 lb, %%laneid;'
                         ' mad.lo.u32 lb, lb, 4, a;" % drow'),
         (STORE, '"bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; and.b32 a, a, 2; or.b32 a, a, lb;'
@@ -49,15 +56,19 @@ ABLATIONS = {
     # each store becomes one integer multiply-add of its address and value into a register that is
     # stored once at the end (so that nothing is dead): the loop's issue slots stay, its stores go
     "stores_as_adds": [
-        (DECL, DECL.replace("hb, v<%d>", "hb, sink, v<%d>")),
+        (DECL, DECL.replace("o, v<%d>", "o, sink, v<%d>")),
         (SETUP, SETUP + ', "mov.u32 sink, 0;"'),
         (STORE, '"bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; mad.lo.u32 sink, a, %s, sink;" % val'),
-        (END, '"add.u32 b, t, %s; st.shared.u32 [b], sink; mov.b32 $0, 0; }" % dummy'),
+        (END, '"}" if save else "add.u32 b, t, %s; st.shared.u32 [b], sink; mov.b32 $0, 0; }" % dummy'),
     ],
     # the predicated queue load of each value's hand-over (one LDS per value and warp) removed
     "no_queue_loads": [(QUEUE_LOAD, '" @!ps add.u32 q, q, 256;"')],
     "no_masks": [(MASK, '"mov.b32 $%d, r%d;" % (k, k)')],
     "no_value_loop": [(LOOP, "    for r in range(0):\n        val = ")],
+    # not ablations (both compute right): the choice between masking the tiles and undoing the
+    # stores (decode_gluon_launch.scatter_undoes) forced either way, to time it against the policy
+    "undo_never": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % False)],
+    "undo_always": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % True)],
 }
 
 

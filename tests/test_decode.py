@@ -416,6 +416,8 @@ def test_malformed_bitmap_reads_as_zero_token(device, decode_config):
     (128, 16, 1, 0.7, 0.7, torch.bfloat16),   # MQA, group 16: the padded group is 16, not 8
     (256, 4, 4, 0.7, 0.9, torch.bfloat16),    # D=256, capacities 80 and 32
     (32, 6, 2, 0.3, 0.6, torch.float16),      # D=32: one bitmap word per token
+    (128, 8, 2, 0.95, 0.9, torch.float16),    # capacities 8 and 16: the scatter undoes its stores
+    (64, 6, 2, 0.9, 0.9, torch.bfloat16),     # D=64, capacity 8: the same
 ])
 @pytest.mark.parametrize("gather", gluon_launch.GATHERS)
 def test_gluon_kernel_shapes(d, hq, hkv, sk, sv, dtype, gather, device, decode_config):
@@ -450,14 +452,16 @@ def test_gluon_config_falls_back_before_ampere(device, decode_config, monkeypatc
 
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
 @pytest.mark.parametrize("gather", gluon_launch.GATHERS)
-@pytest.mark.parametrize("d,hq,hkv,dtype", [(64, 6, 2, torch.float16), (128, 8, 2, torch.bfloat16)])
-def test_gluon_any_pattern(d, hq, hkv, dtype, gather, device, decode_config):
+@pytest.mark.parametrize("d,hq,hkv,dtype,k_nnz,v_nnz", [
+    (64, 6, 2, torch.float16, 21, 12), (128, 8, 2, torch.bfloat16, 42, 25),
+    (128, 8, 2, torch.float16, 12, 6)])       # capacities 16 and 8: the scatter undoes its stores
+def test_gluon_any_pattern(d, hq, hkv, dtype, k_nnz, v_nnz, gather, device, decode_config):
     """Caches packed by `pack` from arbitrary patterns (not top-k): rows with empty bitmap words at
     the start, middle and end, all-zero rows, rows at capacity, K and V of different capacities.
     The scatter gather skips empty words and stores exactly one value per kept bit."""
     b, t = 2, 83
-    k = sparse_values((b, hkv, t, d), dtype, 51 + d, device, max_nnz=d // 3)
-    v = sparse_values((b, hkv, t, d), dtype, 53 + d, device, max_nnz=d // 5)
+    k = sparse_values((b, hkv, t, d), dtype, 51 + d, device, max_nnz=k_nnz)
+    v = sparse_values((b, hkv, t, d), dtype, 53 + d, device, max_nnz=v_nnz)
     words = k.view(b, hkv, t, d // 32, 32)
     words[:, :, 5:20, 0] = 0                           # empty first word
     words[:, :, 20:30, 1] = 0                          # empty middle word
@@ -477,11 +481,13 @@ def test_gluon_any_pattern(d, hq, hkv, dtype, gather, device, decode_config):
 
 @pytest.mark.skipif(INTERPRETING, reason="Gluon has no interpreter: GPU only")
 @pytest.mark.parametrize("gather", gluon_launch.GATHERS)
-def test_gluon_malformed_bitmap_reads_as_zero_token(gather, device, decode_config):
+@pytest.mark.parametrize("d,sparsity", [(64, 0.8), (128, 0.9)])  # D=128 capacity 16: the undone scatter
+def test_gluon_malformed_bitmap_reads_as_zero_token(d, sparsity, gather, device, decode_config):
     """As test_malformed_bitmap_reads_as_zero_token, for the Gluon kernel (fp16: it has no fp32)."""
-    q, pk, pv, _ = make_case(device, b=1, hq=2, hkv=1, t=8, d=64, dtype=torch.float16, seed=35, sk=0.8, sv=0.8)
+    q, pk, pv, _ = make_case(device, b=1, hq=2, hkv=1, t=8, d=d, dtype=torch.float16, seed=35, sk=sparsity,
+                             sv=sparsity)
     bad_bitmap, zero_bitmap = pk.bitmap.clone(), pk.bitmap.clone()
-    bad_bitmap[0, 0, -1] = -1                # all 64 bits set, capacity 16: last token, last row
+    bad_bitmap[0, 0, -1] = -1                # every bit set, beyond the capacity: last token, last row
     zero_bitmap[0, 0, -1] = 0
     decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)
     out = mt.sparse_decode_attention(q, mt.PackedKV(bad_bitmap, pk.values, pk.capacity, pk.head_dim), pv)

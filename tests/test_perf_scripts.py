@@ -122,7 +122,8 @@ def test_flush_cost_smoke_run(tmp_path):
 
 
 @pytest.mark.parametrize("gather", ["walk", "walk_halves", "popc", "scatter"])
-@pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40)])
+@pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40),
+                                                     (128, 4, 16)])
 def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity, gather):
     """The Gluon decode kernel compiled for sm_90 as the launcher compiles it (perf/sass_report.py;
     no GPU needed): within its register cap (decode_gluon_launch.register_cap), which the split
@@ -132,10 +133,11 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     of 128 at D=128 spills 0 bytes at capacity 40 and 16 at 64; at 12 programs per SM without a
     cap it measured 1.2x slower); the scatter's loop stores one value per kept bit (a bfind and a
     2-byte store per iteration of its unrolled capacity) and reads the dense tiles by ldmatrix,
-    masked by the bitmap words; walk_halves (D >= 128) is the walk in two halves at a cap of 96
+    masked by the bitmap words, or at capacities <= D/8 unmasked, each store undone (a second
+    2-byte store per value) after the tile is read (decode_gluon_launch.scatter_undoes); walk_halves (D >= 128) is the walk in two halves at a cap of 96
     (at D=128 with 8 query rows), spilling at most 24 bytes (capacity 64);
     per triton version: stack_budget."""
-    from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap
+    from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap, scatter_undoes
     if not gather_supports(gather, head_dim, 16):
         pytest.skip(f"{gather} does not run at D={head_dim}")
     report = sass_report("--kernel", "gluon", "--gather", gather, "--head-dim", head_dim, "--group", group,
@@ -153,12 +155,17 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
         assert loop.get("LDS.U16", 0) == head_dim and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
         assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
     else:
-        assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
+        undo = scatter_undoes(head_dim, capacity, capacity)
+        assert loop.get("FLO.U32.SH", 0) == capacity, loop
+        assert loop.get("STS.U16", 0) == capacity * (2 if undo else 1), loop
         assert loop.get("LDSM.16.M88.4", 0) == loop.get("LDSM.16.MT88.4", 0) == head_dim // 16, loop
         assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDS.U16" not in loop, loop
-        # the dense tiles are masked on their way out (a prmt per operand register), never zeroed
-        # (at D=128 the one 16-byte store left zeroes a malformed row's staged bitmap)
-        assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
+        if undo:  # no masks (a prmt per operand register) and no bitmap row zeroed
+            assert loop.get("PRMT", 0) < head_dim // 4 and "STS.128" not in loop, loop
+        else:
+            # the dense tiles are masked on their way out (a prmt per operand register), never zeroed
+            # (at D=128 the one 16-byte store left zeroes a malformed row's staged bitmap)
+            assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
 
 
 @pytest.mark.parametrize("head_dim,group,capacity,page_size,dtype", [
@@ -464,8 +471,9 @@ def test_accuracy_fp8_values_round_to_e4m3_and_count_one_byte(monkeypatch):
 def test_scatter_ablations_apply_to_the_kernel_and_compile():
     """perf/scatter_ablations.py's copies of decode_gluon.py: every edit still matches the kernel's
     source (a kernel change that moves one fails here, not on a lent GPU), each copy is valid
-    Python, and one copy compiles for sm_90 through sass_report.py --source with its stores intact
-    and one more instruction per kept value than main (the conflict-free address)."""
+    Python, and copies compile for sm_90 through sass_report.py --source: the conflict-free one
+    with its stores intact and one more instruction per kept value than main, the one that always
+    undoes its stores as that path should."""
     sys.path.insert(0, str(REPO / "perf"))
     import scatter_ablations
     main_source = scatter_ablations.SOURCE.read_text()
@@ -474,9 +482,18 @@ def test_scatter_ablations_apply_to_the_kernel_and_compile():
         assert text != main_source, name
         compile(text, f"scatter_{name}.py", "exec")
     out = REPO / ".gen" / "test_ablation"
-    run_script("perf/scatter_ablations.py", "--out-dir", out, "--ablations", "conflict_free")
+    run_script("perf/scatter_ablations.py", "--out-dir", out, "--ablations", "conflict_free,undo_always")
     copy = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 40,
                        "--source", out / "scatter_conflict_free.py")
     main = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 40)
     assert copy["loop_ops"]["STS.U16"] == main["loop_ops"]["STS.U16"] == 40
     assert sum(copy["loop_ops"].values()) - sum(main["loop_ops"].values()) >= 40
+    # the scatter that undoes its stores (off on main: decode_gluon_launch.scatter_undoes): a second
+    # store per value, no masks, within the register cap without spilling, a shorter loop
+    undo = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 16,
+                       "--source", out / "scatter_undo_always.py")
+    masked = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 16)
+    assert undo["loop_ops"]["STS.U16"] == 2 * masked["loop_ops"]["STS.U16"] == 32
+    assert undo["loop_ops"].get("PRMT", 0) < 32 <= masked["loop_ops"]["PRMT"]
+    assert undo["registers"] <= 128 and undo["stack"] == 0 and undo["local"] == 0
+    assert sum(undo["loop_ops"].values()) < sum(masked["loop_ops"].values())

@@ -816,6 +816,66 @@ def test_property_scatter_asm_any_pattern(head_dim, caps, kinds, seed, stage):
     assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
 
 
+@pytest.mark.parametrize("head_dim,k_cap,v_cap", [(128, 16, 16), (128, 8, 16), (64, 16, 8), (128, 24, 24)])
+def test_scatter_saves_its_stores_and_undo_zeroes_them(head_dim, k_cap, v_cap):
+    """The scatter without masks (_scatter_asm with save): its dense tiles start as zeros, so after
+    every lane's scatter each row holds exactly its dense expansion (zeros where the row keeps
+    nothing, all zeros for rows past their capacity); the packed offsets it returns are its stores,
+    in order; _undo_asm on them turns the dense tiles back into zeros and touches nothing else
+    but the dummy area."""
+    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
+    rng = np.random.default_rng(7 * head_dim + k_cap + v_cap)
+    k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
+    nw, cap = head_dim // 32, max(k_cap, v_cap)
+    v_off, kb_off, vb_off, _ = stage_offsets(head_dim, k_cap, v_cap)
+    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
+    shared = np.frombuffer(rng.bytes(total), np.uint8).copy()
+    shared[dense_off:dummy_off] = 0
+    rows = []
+    for lane in range(32):
+        tok, is_v = lane % 16, lane >= 16
+        side_cap, (words, values) = (v_cap, v_rows) if is_v else (k_cap, k_rows)
+        vrow = v_off + tok * staged_row_pitch(2 * v_cap) if is_v else tok * staged_row_pitch(2 * k_cap)
+        shared[vrow:vrow + 2 * side_cap] = values[tok].astype("<u2").view(np.uint8)
+        fits = sum(popc(int(w)) for w in words[tok]) <= side_cap
+        rows.append(([int(w) if fits else 0 for w in words[tok]], vrow, fits))
+    scatter = _fn(dg._scatter_asm)(nw, cap, True)
+    saved = []
+    for lane, (words, vrow, _) in enumerate(rows):
+        emu = Ptx(shared)
+        packed = emu.run(scatter, cap // 2, words + [vrow, dense_row(dense_off, lane, head_dim),
+                                                     queue_off + lane * 8, dummy_off])
+        offsets = [(x >> (16 * h)) & 0xFFFF for x in packed for h in (0, 1)]
+        assert offsets == [off for off, _ in emu.stores], lane
+        saved.append(packed)
+    for lane, (_, _, fits) in enumerate(rows):
+        tok, side_cap, (words, values) = lane % 16, *((v_cap, v_rows) if lane >= 16 else (k_cap, k_rows))
+        want = dense_reference(words[tok:tok + 1], values[tok:tok + 1], side_cap)[0] if fits else 0
+        row = dense_row(dense_off, lane, head_dim)
+        assert (shared[row:row + 2 * head_dim].view("<u2") == want).all(), lane
+    before_undo = shared.copy()
+    undo = _fn(dg._undo_asm)(cap // 2)
+    for packed in saved:
+        Ptx(shared).run(undo, 1, packed)
+    assert not shared[dense_off:dummy_off].any()
+    untouched = np.ones(total, bool)
+    untouched[dense_off:dummy_off + 64] = False
+    assert (shared[untouched] == before_undo[untouched]).all()
+
+
+@pytest.mark.parametrize("start,end", [(0, 512), (6144, 6144 + 8800 - 32 * 3), (16, 16 + 8800)])
+def test_zero_area_asm_zeroes_exactly_its_range(start, end):
+    """_zero_area_asm run by the 32 lanes zeroes mt_dstage + [start, end) and nothing else."""
+    shared = np.frombuffer(np.random.default_rng(end).bytes(end + 1024), np.uint8).copy()
+    shared[shared == 0] = 1
+    before = shared.copy()
+    asm = _fn(dg._zero_area_asm)(start, end)
+    for lane in range(32):
+        Ptx(shared).run(asm, 1, [lane])
+    assert not shared[start:end].any()
+    assert (shared[:start] == before[:start]).all() and (shared[end:] == before[end:]).all()
+
+
 def test_emulator_catches_a_broken_scatter():
     """The check above fails when one of the stores lands a channel off."""
     rng = np.random.default_rng(3)

@@ -45,6 +45,9 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     bits: the tiles are never zeroed. Its cost follows the kept values plus a fixed ldmatrix of the
     dense tiles: H200, B=16 T=16384, 222 us at 0.7, 157 at 0.9, 119 at 0.95 (4c61e11; 234 / 163 /
     133 when it zeroed the tiles). Issue 57% busy, L1 75% at 0.9 (3.5-way conflicts on its stores).
+    At capacities <= D/8 (decode_gluon_launch.scatter_undoes) it keeps the offsets of its stores
+    (two per register) and, once the tile is read, stores zeros there: the tiles, zeroed once per
+    program, hold zeros wherever a tile keeps nothing, and ldmatrix needs no masks.
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
@@ -57,7 +60,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _page_row, _split_ranges, _window_range
-from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, stage_offsets,
+from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,
                                   staged_row_pitch)
 
 
@@ -292,15 +295,19 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
 # ---------------------------------------------------------------------------------------------
 
 @gluon.constexpr_function
-def _scatter_asm(num_words, capacity):
+def _scatter_asm(num_words, capacity, save=False):
     """PTX of one lane's scatter. Inputs: the row's bitmap words ($1..$num_words, zero for rows
     that must read as zeros), then the offsets in mt_dstage of its value row, its dense row, its
-    queue (entries 256 bytes apart: the 32 lanes' entries are contiguous) and the dummy area."""
-    w = ["$%d" % (1 + i) for i in range(num_words)]
-    vrow, drow, queue, dummy = ("$%d" % (1 + num_words + i) for i in range(4))
+    queue (entries 256 bytes apart: the 32 lanes' entries are contiguous) and the dummy area.
+    save: the inputs start at $(capacity / 2) instead, and outputs $0..$(capacity / 2 - 1) hold the
+    offsets (from mt_dstage) of its `capacity` stores, two 16-bit offsets per register, low half
+    first, in store order (_undo_asm zeroes them)."""
+    outs = capacity // 2 if save else 1
+    w = ["$%d" % (outs + i) for i in range(num_words)]
+    vrow, drow, queue, dummy = ("$%d" % (outs + num_words + i) for i in range(4))
     nvals = capacity // 2
     sentinels = scatter_queue_entries(num_words * 32, capacity) - num_words
-    parts = ["{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, v<%d>;" % nvals,
+    parts = ["{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, o, v<%d>;" % nvals,
              "mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue]
     for i in range(num_words):  # queue the words that have bits (bit-reversed: lowest channel first)
         parts.append("brev.b32 x, %s; setp.ne.b32 pz, x, 0; add.u32 b, t, %s; add.u32 b, b, %d;"
@@ -318,10 +325,40 @@ def _scatter_asm(num_words, capacity):
             parts.append("shr.b32 x, %s, 16;" % val)
             val = "x"
         parts.append("bfind.shiftamt.u32 p, cur; mad.lo.u32 a, p, 2, base; st.shared.u16 [a], %s;" % val)
+        if save:  # the store's offset into half r % 2 of output r // 2
+            parts.append("sub.u32 o, a, t;" + (" prmt.b32 $%d, $%d, o, 0x5410;" % (r // 2, r // 2) if r % 2
+                                                else " mov.b32 $%d, o;" % (r // 2)))
         if r + 1 < capacity:  # clear the bit; an empty word hands over to the next queue entry
             parts.append("shr.b32 m, hb, p; and.b32 cur, cur, m; setp.ne.b32 ps, cur, 0;"
                          " @!ps mov.b32 cur, nw; @!ps mov.b32 base, nb;"
                          " @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;")
+    parts.append("}" if save else "mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _undo_asm(nregs):
+    """PTX: store a zero half at mt_dstage + each of the 2 * nregs 16-bit offsets packed in $1..$nregs
+    (_scatter_asm's saved stores), so that the dense tiles are all zeros again."""
+    parts = ["{ .reg .b32 t, x; .reg .b16 z; mov.u32 t, mt_dstage; mov.b16 z, 0;"]
+    for i in range(nregs):
+        parts.append("and.b32 x, $%d, 0xffff; add.u32 x, x, t; st.shared.u16 [x], z;"
+                     " shr.b32 x, $%d, 16; add.u32 x, x, t; st.shared.u16 [x], z;" % (i + 1, i + 1))
+    parts.append("mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _zero_area_asm(start, end):
+    """PTX: the warp zeroes mt_dstage + [start, end) (16-byte aligned bounds), 16 bytes per lane
+    and step ($1: the lane)."""
+    assert start % 16 == 0 and end % 16 == 0
+    parts = ["{ .reg .pred p; .reg .b32 a, z; mov.b32 z, 0; mov.u32 a, mt_dstage; mad.lo.u32 a, $1, 16, a;"]
+    for off in range(start, end, 512):
+        if end - off >= 512:
+            parts.append("st.shared.v4.b32 [a+%d], {z, z, z, z};" % off)
+        else:
+            parts.append("setp.lt.u32 p, $1, %d; @p st.shared.v4.b32 [a+%d], {z, z, z, z};" % ((end - off) // 16, off))
     parts.append("mov.b32 $0, 0; }")
     return " ".join(parts)
 
@@ -364,6 +401,15 @@ def _ldmatrix_asm(trans):
 
 
 @gluon.constexpr_function
+def _ldmatrix_plain_asm(trans):
+    """PTX of one ldmatrix.x4 (_ldmatrix_asm's registers and address $4; $5..$11 are the other
+    copies of it that pack=8 hands over) without masks: for dense tiles that hold zeros wherever a
+    tile keeps nothing (the scatter's stores undone after every tile)."""
+    return ("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $4;"
+            " ldmatrix.sync.aligned.m8n8.x4%s.shared.b16 {$0, $1, $2, $3}, [a]; }" % (".trans" if trans else ""))
+
+
+@gluon.constexpr_function
 def _fragment_layout(blocks):
     """[blocks, 32 lanes, 8] where [b, l, e] is element e of lane l's ldmatrix.x4 fragment of
     16x16 block b: e = e0 + 2 e1 + 4 e2 with e0 the pair's second half, e1 the matrix 8 rows
@@ -403,11 +449,12 @@ def _fragment_words(bits_off, tok, shift, z, HEAD_DIM: gl.constexpr):
 
 
 @gluon.jit
-def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr):
+def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr, V_SIDE: gl.constexpr,
+                      MASKED: gl.constexpr = True):
     """The staged dense [16 tokens, HEAD_DIM] K tile (rows 0-15 at dense_off, _dense_row) as the
     mma A operand [16, D], or (V_SIDE) the V tile (rows 16-31) as V^T [D, 16] by ldmatrix.trans,
     with the channels that the tile's bitmap rows (at mt_dstage + bits_off) do not keep read as
-    zeros (_ldmatrix_asm)."""
+    zeros (_ldmatrix_asm); not MASKED: as the tiles hold them (zeros there: _undo_stores)."""
     NB: gl.constexpr = HEAD_DIM // 16
     FL: gl.constexpr = _fragment_layout(NB)
     blk = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
@@ -416,7 +463,15 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
     z = gl.zeros([NB, 32, 8], gl.int32, FL)
     sel0, _ = gl.broadcast(0xCC88 + 0x2222 * (blk % 2), z)
     sel1 = sel0 + 0x1111
-    if V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
+    if not MASKED:  # matrix m: K tokens + 8 (m % 2), channels + 8 (m // 2); V as below
+        if V_SIDE:
+            addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
+        else:
+            addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
+        addr, _ = gl.broadcast(addr, z)
+        frag = gl.inline_asm_elementwise(_ldmatrix_plain_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr], dtype=gl.float16,
+                                         is_pure=False, pack=8)
+    elif V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
         addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
         addr, _ = gl.broadcast(addr, z)
         tok = 2 * (lanes % 4)
@@ -448,12 +503,15 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
 
 @gluon.jit
 def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
-                  K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr):
+                  K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
+                  UNDO: gl.constexpr = False):
     """Each lane stores its staged row's kept values into the dense tiles (lanes < 16: K row
     `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one). Rows of
     tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and malformed rows
     (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
-    so that the masks read it as a row without kept channels."""
+    so that the masks read it as a row without kept channels. UNDO (decode_gluon_launch.
+    scatter_undoes): returns the stores' offsets instead, packed (_scatter_asm's save), for
+    _undo_stores; no bitmap row is zeroed (no mask reads it)."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
@@ -471,6 +529,9 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
     args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
+    if UNDO:
+        return gl.inline_asm_elementwise(_scatter_asm(NW, CAP, True), "=r," * (CAP // 2) + "r," * (NW + 3) + "r",
+                                         args, dtype=(gl.int32,) * (CAP // 2), is_pure=False, pack=1)
     gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
                               dtype=gl.int32, is_pure=False, pack=1)
     # a malformed row's staged bitmap row is zeroed in place: the masks (_ldmatrix_asm) read it
@@ -743,20 +804,25 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
                   B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
                   HEAD_DIM: gl.constexpr):
     """One staged tile of the scatter (tokens [start, tile_hi) attended): the kept values into the
-    dense tiles, the tiles read back masked by the bitmap rows, the online softmax step."""
+    dense tiles, the tiles read back masked by the bitmap rows (or unmasked, and the stores undone
+    afterwards: scatter_undoes), the online softmax step."""
     DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
-    _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    UNDO: gl.constexpr = scatter_undoes(HEAD_DIM, K_CAPACITY, V_CAPACITY)
+    saved = _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM, UNDO)
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
-    k = _ldmatrix_operand(DENSE, stage + KB_OFF, A_OP, HEAD_DIM, False)
+    k = _ldmatrix_operand(DENSE, stage + KB_OFF, A_OP, HEAD_DIM, False, not UNDO)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
-    v_t = _ldmatrix_operand(DENSE, stage + VB_OFF, A_OP, HEAD_DIM, True)
+    v_t = _ldmatrix_operand(DENSE, stage + VB_OFF, A_OP, HEAD_DIM, True, not UNDO)
     acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
     # the next tile's scatter overwrites the dense tiles only after every lane has read them
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
+    if UNDO:  # each lane zeroes what it stored: the next tile's rows start from zeros
+        gl.inline_asm_elementwise(_undo_asm(len(saved)), "=r," + "r," * (len(saved) - 1) + "r", list(saved),
+                                  dtype=gl.int32, is_pure=False, pack=1)
     return m, l, acc
 
 
@@ -772,6 +838,10 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
     _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
+    if scatter_undoes(HEAD_DIM, K_CAPACITY, V_CAPACITY):  # unmasked tiles: zeros before the first scatter
+        DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+        DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+        _lane_asm(_zero_area_asm(DENSE, DUMMY), lane)
     stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,

@@ -156,6 +156,25 @@ def scatter_queue_entries(head_dim: int, capacity: int) -> int:
     return head_dim // 32 + capacity // 32 + 3
 
 
+# The scatter can zero the channels a tile does not keep by UNDOING its stores (a zero stored at
+# each saved offset once the tile is read: two 16-bit offsets per register, capacity / 2 registers)
+# instead of masking the ldmatrix registers with the bitmap: it does where the larger capacity is
+# at most this fraction of D. The masks cost 13% of the scatter's time at capacity 16 (H100,
+# perf/NOTES.md, c332d24's ablations); undoing costs a store per kept value. sm_90 loop
+# instructions per tile, D=128, masked -> undone: capacity 8 479 -> 328, 16 558 -> 436, 24 647 ->
+# 557, 32 723 -> 665, with ~28 / 56 / 84 / 112 shared-memory wavefronts more and 24 fewer. OFF
+# (0) until timed and checked on a GPU: `perf/gpu_session.sh scatter-undo` (both choices forced,
+# the undone path's GPU tests and memcheck, which need this set to 0.125 first).
+SCATTER_UNDO_MAX_CAPACITY_FRACTION = 0.0
+
+
+@constexpr_function
+def scatter_undoes(head_dim: int, k_capacity: int, v_capacity: int) -> bool:
+    """Whether the scatter undoes its stores instead of masking its tiles
+    (SCATTER_UNDO_MAX_CAPACITY_FRACTION)."""
+    return max(k_capacity, v_capacity) <= SCATTER_UNDO_MAX_CAPACITY_FRACTION * head_dim
+
+
 @constexpr_function
 def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int, int, int, int]:
     """Byte offsets of the scatter's dense tiles (after the two stages: 32 rows, K then V,
