@@ -45,9 +45,10 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     bits: the tiles are never zeroed. Its cost follows the kept values plus a fixed ldmatrix of the
     dense tiles: H200, B=16 T=16384, 222 us at 0.7, 157 at 0.9, 119 at 0.95 (4c61e11; 234 / 163 /
     133 when it zeroed the tiles). Issue 57% busy, L1 75% at 0.9 (3.5-way conflicts on its stores).
-    At capacities <= D/8 (decode_gluon_launch.scatter_undoes) it keeps the offsets of its stores
-    (two per register) and, once the tile is read, stores zeros there: the tiles, zeroed once per
-    program, hold zeros wherever a tile keeps nothing, and ldmatrix needs no masks.
+    Where decode_gluon_launch.scatter_undoes says (nowhere yet: not timed on a GPU) it keeps the
+    offsets of its stores (two per register) and, once the tile is read, stores zeros there: the
+    tiles, zeroed once per program, hold zeros wherever a tile keeps nothing, and ldmatrix needs no
+    masks.
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
@@ -454,7 +455,7 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
     """The staged dense [16 tokens, HEAD_DIM] K tile (rows 0-15 at dense_off, _dense_row) as the
     mma A operand [16, D], or (V_SIDE) the V tile (rows 16-31) as V^T [D, 16] by ldmatrix.trans,
     with the channels that the tile's bitmap rows (at mt_dstage + bits_off) do not keep read as
-    zeros (_ldmatrix_asm); not MASKED: as the tiles hold them (zeros there: _undo_stores)."""
+    zeros (_ldmatrix_asm); not MASKED: as the tiles hold them (zeros there: _undo_asm)."""
     NB: gl.constexpr = HEAD_DIM // 16
     FL: gl.constexpr = _fragment_layout(NB)
     blk = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, FL)))[:, None, None]
@@ -463,17 +464,15 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
     z = gl.zeros([NB, 32, 8], gl.int32, FL)
     sel0, _ = gl.broadcast(0xCC88 + 0x2222 * (blk % 2), z)
     sel1 = sel0 + 0x1111
-    if not MASKED:  # matrix m: K tokens + 8 (m % 2), channels + 8 (m // 2); V as below
-        if V_SIDE:
-            addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
-        else:
-            addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
-        addr, _ = gl.broadcast(addr, z)
-        frag = gl.inline_asm_elementwise(_ldmatrix_plain_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr], dtype=gl.float16,
-                                         is_pure=False, pack=8)
-    elif V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
+    if V_SIDE:  # matrix m = lane // 8: tokens + 8 (m // 2), channels + 8 (m % 2)
         addr = _dense_row(dense_off, 16 + (lane % 8) + 8 * (lane // 16), HEAD_DIM) + 32 * blk + 16 * ((lane // 8) % 2)
-        addr, _ = gl.broadcast(addr, z)
+    else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
+        addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
+    addr, _ = gl.broadcast(addr, z)
+    if not MASKED:
+        frag = gl.inline_asm_elementwise(_ldmatrix_plain_asm(V_SIDE), "=r,=r,=r,=r," + "r," * 7 + "r", [addr],
+                                         dtype=gl.float16, is_pure=False, pack=8)
+    elif V_SIDE:
         tok = 2 * (lanes % 4)
         shift = 7 - lanes // 4
         frag = gl.inline_asm_elementwise(
@@ -481,9 +480,7 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
             [addr, _fragment_words(bits_off, tok, shift, z, HEAD_DIM)[0], _fragment_words(bits_off, tok + 1, shift, z, HEAD_DIM)[0],
              _fragment_words(bits_off, tok + 8, shift, z, HEAD_DIM)[0], _fragment_words(bits_off, tok + 9, shift, z, HEAD_DIM)[0],
              sel0, sel1], dtype=gl.float16, is_pure=False, pack=8)
-    else:       # matrix m: tokens + 8 (m % 2), channels + 8 (m // 2)
-        addr = _dense_row(dense_off, (lane % 8) + 8 * ((lane // 8) % 2), HEAD_DIM) + 32 * blk + 16 * (lane // 16)
-        addr, _ = gl.broadcast(addr, z)
+    else:
         tok = lanes // 4
         shift = 7 - 2 * (lanes % 4)
         lo_r, hi_r = _fragment_words(bits_off, tok, shift, z, HEAD_DIM)
@@ -511,7 +508,7 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
     so that the masks read it as a row without kept channels. UNDO (decode_gluon_launch.
     scatter_undoes): returns the stores' offsets instead, packed (_scatter_asm's save), for
-    _undo_stores; no bitmap row is zeroed (no mask reads it)."""
+    _undo_asm; no bitmap row is zeroed (no mask reads it)."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
