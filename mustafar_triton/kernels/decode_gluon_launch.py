@@ -16,6 +16,7 @@ The gathers (decode_gluon.py's module docstring has the details):
 """
 from __future__ import annotations
 
+from triton.language.core import constexpr
 from triton.runtime.jit import constexpr_function
 
 from .._runtime import H100_SM_SHARED_BYTES, next_pow2
@@ -164,15 +165,17 @@ def scatter_queue_entries(head_dim: int, capacity: int) -> int:
 # instructions per tile, D=128, masked -> undone: capacity 8 479 -> 328, 16 558 -> 436, 24 647 ->
 # 557, 32 723 -> 665, with ~28 / 56 / 84 / 112 shared-memory wavefronts more and 24 fewer. OFF
 # (0) until timed and checked on a GPU: `perf/gpu_session.sh scatter-undo` (both choices forced,
-# the undone path's GPU tests and memcheck, which need this set to 0.125 first).
-SCATTER_UNDO_MAX_CAPACITY_FRACTION = 0.0
+# the undone path's GPU tests and memcheck, which need this set to 0.125 first). A constexpr:
+# Triton's cache key holds the kernels' constexpr globals only, so a plain float changed here
+# would leave compiled kernels of the old choice in its cache.
+SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.0)
 
 
 @constexpr_function
 def scatter_undoes(head_dim: int, k_capacity: int, v_capacity: int) -> bool:
     """Whether the scatter undoes its stores instead of masking its tiles
     (SCATTER_UNDO_MAX_CAPACITY_FRACTION)."""
-    return max(k_capacity, v_capacity) <= SCATTER_UNDO_MAX_CAPACITY_FRACTION * head_dim
+    return max(k_capacity, v_capacity) <= SCATTER_UNDO_MAX_CAPACITY_FRACTION.value * head_dim
 
 
 @constexpr_function
