@@ -132,11 +132,11 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     of 128 at D=128 spills 0 bytes at capacity 40 and 16 at 64; at 12 programs per SM without a
     cap it measured 1.2x slower); the scatter's loop stores one value per kept bit (a bfind and a
     2-byte store per iteration of its unrolled capacity) and reads the dense tiles by ldmatrix,
-    masked by the bitmap words, or at capacities <= D/8 unmasked, each store undone (a second
-    2-byte store per value) after the tile is read (decode_gluon_launch.scatter_undoes); walk_halves (D >= 128) is the walk in two halves at a cap of 96
+    masked by the bitmap words (the scatter that undoes its stores instead: the ablations test
+    below); walk_halves (D >= 128) is the walk in two halves at a cap of 96
     (at D=128 with 8 query rows), spilling at most 24 bytes (capacity 64);
     per triton version: stack_budget."""
-    from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap, scatter_undoes
+    from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap
     if not gather_supports(gather, head_dim, 16):
         pytest.skip(f"{gather} does not run at D={head_dim}")
     report = sass_report("--kernel", "gluon", "--gather", gather, "--head-dim", head_dim, "--group", group,
@@ -154,17 +154,12 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
         assert loop.get("LDS.U16", 0) == head_dim and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
         assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
     else:
-        undo = scatter_undoes(head_dim, capacity, capacity)
-        assert loop.get("FLO.U32.SH", 0) == capacity, loop
-        assert loop.get("STS.U16", 0) == capacity * (2 if undo else 1), loop
+        assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
         assert loop.get("LDSM.16.M88.4", 0) == loop.get("LDSM.16.MT88.4", 0) == head_dim // 16, loop
         assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDS.U16" not in loop, loop
-        if undo:  # no masks (a prmt per operand register) and no bitmap row zeroed
-            assert loop.get("PRMT", 0) < head_dim // 4 and "STS.128" not in loop, loop
-        else:
-            # the dense tiles are masked on their way out (a prmt per operand register), never zeroed
-            # (at D=128 the one 16-byte store left zeroes a malformed row's staged bitmap)
-            assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
+        # the dense tiles are masked on their way out (a prmt per operand register), never zeroed
+        # (at D=128 the one 16-byte store left zeroes a malformed row's staged bitmap)
+        assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
 
 
 @pytest.mark.parametrize("head_dim,group,capacity,page_size,dtype", [
