@@ -482,8 +482,8 @@ def test_scatter_ablations_apply_to_the_kernel_and_compile():
     main = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 40)
     assert copy["loop_ops"]["STS.U16"] == main["loop_ops"]["STS.U16"] == 40
     assert sum(copy["loop_ops"].values()) - sum(main["loop_ops"].values()) >= 40
-    # the scatter that undoes its stores (off on main: decode_gluon_launch.scatter_undoes): a second
-    # store per value, no masks, within the register cap without spilling, a shorter loop
+    # the scatter that undoes its stores (decode_gluon_launch.scatter_undoes, forced at capacity 16): a
+    # second store per value, no masks, within the register cap without spilling, a shorter loop
     undo = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 16,
                        "--source", out / "scatter_undo_always.py")
     masked = sass_report("--kernel", "gluon", "--gather", "scatter", "--capacity", 16)

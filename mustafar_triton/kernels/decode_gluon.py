@@ -45,10 +45,11 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     bits: the tiles are never zeroed. Its cost follows the kept values plus a fixed ldmatrix of the
     dense tiles: H200, B=16 T=16384, 222 us at 0.7, 157 at 0.9, 119 at 0.95 (4c61e11; 234 / 163 /
     133 when it zeroed the tiles). Issue 57% busy, L1 75% at 0.9 (3.5-way conflicts on its stores).
-    Where decode_gluon_launch.scatter_undoes says (nowhere yet: not timed on a GPU) it keeps the
+    Where decode_gluon_launch.scatter_undoes says (capacities <= D/16: 0.95 at D=128) it keeps the
     offsets of its stores (two per register) and, once the tile is read, stores zeros there: the
     tiles, zeroed once per program, hold zeros wherever a tile keeps nothing, and ldmatrix needs no
-    masks.
+    masks (H200, B=16 T=16384 at 0.95: 110.5 against 118.9 us; at 0.9 it loses: the undo stores
+    repeat the scatter's bank conflicts).
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)

@@ -160,15 +160,16 @@ def scatter_queue_entries(head_dim: int, capacity: int) -> int:
 # The scatter can zero the channels a tile does not keep by UNDOING its stores (a zero stored at
 # each saved offset once the tile is read: two 16-bit offsets per register, capacity / 2 registers)
 # instead of masking the ldmatrix registers with the bitmap: it does where the larger capacity is
-# at most this fraction of D. The masks cost 13% of the scatter's time at capacity 16 (H100,
-# perf/NOTES.md, c332d24's ablations); undoing costs a store per kept value. sm_90 loop
-# instructions per tile, D=128, masked -> undone: capacity 8 479 -> 328, 16 558 -> 436, 24 647 ->
-# 557, 32 723 -> 665, with ~28 / 56 / 84 / 112 shared-memory wavefronts more and 24 fewer. OFF
-# (0) until timed and checked on a GPU: `perf/gpu_session.sh scatter-undo` (both choices forced,
-# the undone path's GPU tests and memcheck, which need this set to 0.125 first). A constexpr:
-# Triton's cache key holds the kernels' constexpr globals only, so a plain float changed here
-# would leave compiled kernels of the old choice in its cache.
-SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.0)
+# at most this fraction of D. sm_90 loop instructions per tile, D=128, masked -> undone: capacity
+# 8 479 -> 328, 16 558 -> 436, 24 647 -> 557, 32 723 -> 665; but each undo store repeats its
+# scatter store's bank conflicts. H200, Llama-3-8B shape fp16, one wave, masked / undone us
+# (perf/results/h200/scatter_undo_ab_815d7b9.json): B=16 T=16k capacity 8 (sparsity 0.95) 118.9 /
+# 110.5, 16 (0.9) 148.1 / 149.4, 24 (0.85) 173.2 / 186.8, 32 (0.8) 194.5 / 224.0; B=1 T=32k
+# 21.6 / 20.4 at 8, 25.8 / 26.1 at 16. At 16 Nsight Compute puts issue-active at 43% against 55%
+# (short-scoreboard stalls 2.96 against 1.31 per issue; ncu_stalls_scatter_0.9_*_815d7b9.txt).
+# A constexpr: Triton's cache key holds the kernels' constexpr globals only, so a plain float
+# changed here would leave compiled kernels of the old choice in its cache.
+SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.0625)
 
 
 @constexpr_function
