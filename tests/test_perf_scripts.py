@@ -121,7 +121,7 @@ def test_flush_cost_smoke_run(tmp_path):
     assert row["per_step_us"] == pytest.approx(row["flush_us"] / row["chunk"])
 
 
-@pytest.mark.parametrize("gather", ["walk", "walk_halves", "popc", "scatter"])
+@pytest.mark.parametrize("gather", ["walk", "walk_halves", "popc", "scatter", "scatter_regs"])
 @pytest.mark.parametrize("head_dim,group,capacity", [(128, 4, 40), (128, 8, 64), (64, 3, 24), (128, 16, 40)])
 def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity, gather):
     """The Gluon decode kernel compiled for sm_90 as the launcher compiles it (perf/sass_report.py;
@@ -133,7 +133,8 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     cap it measured 1.2x slower); the scatter's loop stores one value per kept bit (a bfind and a
     2-byte store per iteration of its unrolled capacity) and reads the dense tiles by ldmatrix,
     masked by the bitmap words (the scatter that undoes its stores instead: the ablations test
-    below); walk_halves (D >= 128) is the walk in two halves at a cap of 96
+    below; scatter_regs loads each lane's value row from global memory, 16 bytes per load, and
+    stages only the bitmap rows); walk_halves (D >= 128) is the walk in two halves at a cap of 96
     (at D=128 with 8 query rows), spilling at most 24 bytes (capacity 64);
     per triton version: stack_budget."""
     from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap
@@ -156,7 +157,12 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     else:
         assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
         assert loop.get("LDSM.16.M88.4", 0) == loop.get("LDSM.16.MT88.4", 0) == head_dim // 16, loop
-        assert loop.get("LDGSTS.E.BYPASS.128", 0) > 0 and "LDS.U16" not in loop, loop
+        assert "LDS.U16" not in loop, loop
+        staged = loop.get("LDGSTS.E.BYPASS.128", 0) + loop.get("LDGSTS.E.64", 0)
+        if gather == "scatter_regs":  # the bitmap rows of K and V, one copy each per lane
+            assert staged == 2 and loop.get("LDG.E.128.CONSTANT", 0) == capacity // 8, loop
+        else:
+            assert staged > 2 and "LDG.E.128.CONSTANT" not in loop, loop
         # the dense tiles are masked on their way out (a prmt per operand register), never zeroed
         # (at D=128 the one 16-byte store left zeroes a malformed row's staged bitmap)
         assert loop.get("PRMT", 0) >= head_dim // 2 and loop.get("STS.128", 0) <= 1, loop
