@@ -18,6 +18,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-ablations     (~4 minutes: issue 18, where the scatter's time goes)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-undo          (~5 minutes: issue 18, undone stores vs masks, their tests, memcheck)
+#   OUT=/tmp/out bash perf/gpu_session.sh scatter-regs          (~5 minutes: issue 18, scatter_regs against the scatter, its tests, memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
@@ -122,6 +123,22 @@ for stage in "$@"; do
           -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and scatter" > "$OUT/sanitizer_scatter_undo.log" 2>&1
       tail -1 "$OUT/sanitizer_scatter_undo.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_scatter_undo.log"
       cp /tmp/decode_gluon_launch.py.orig $policy ;;
+    scatter-regs)
+      # issue 18: scatter_regs (value rows in registers, 16 programs per SM) against the scatter
+      # (12), and without its L2 prefetch; then its GPU tests and memcheck
+      echo "== scatter / scatter_regs, sparsity ${AB_SPARSITIES:-0.7,0.8,0.9,0.95}"
+      python3 perf/scatter_ablations.py --out-dir .gen --ablations regs_no_l2_prefetch > /dev/null
+      timeout 200 python3 perf/decode_gathers.py --gathers scatter,scatter_regs --baseline .gen/scatter_regs_no_l2_prefetch.py \
+          --baseline-gathers scatter_regs --shapes ${AB_SHAPES:-16x16384,4x131072,1x32768,64x4096} \
+          --sparsities "${AB_SPARSITIES:-0.7,0.8,0.9,0.95}" --out "$OUT/scatter_regs_ab.json" > "$OUT/scatter_regs_ab.log" 2>&1
+      grep -A 16 "^    shape" "$OUT/scatter_regs_ab.log" || tail -12 "$OUT/scatter_regs_ab.log"
+      MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_decode.py \
+          tests/test_paged_decode.py -k "scatter_regs" > "$OUT/gpu_tests_scatter_regs.log" 2>&1
+      tail -1 "$OUT/gpu_tests_scatter_regs.log"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 200 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
+          -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and scatter_regs" > "$OUT/sanitizer_scatter_regs.log" 2>&1
+      tail -1 "$OUT/sanitizer_scatter_regs.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_scatter_regs.log" ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1
