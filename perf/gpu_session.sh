@@ -41,6 +41,18 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/mustafar_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+
+# A scatter variant's checks: the decode / paged GPU tests selected by -k "$2", then memcheck of the
+# Gluon shape, pattern and malformed-row tests selected by "$3"; logs named after $1
+scatter_gpu_checks() {
+  MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_decode.py \
+      tests/test_paged_decode.py -k "$2" > "$OUT/gpu_tests_$1.log" 2>&1
+  tail -1 "$OUT/gpu_tests_$1.log"
+  MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 200 \
+      compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
+      -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and $3" > "$OUT/sanitizer_$1.log" 2>&1
+  tail -1 "$OUT/sanitizer_$1.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_$1.log"
+}
 for stage in "$@"; do
   case $stage in
     tests)
@@ -115,13 +127,7 @@ for stage in "$@"; do
       policy=mustafar_triton/kernels/decode_gluon_launch.py
       cp $policy /tmp/decode_gluon_launch.py.orig
       sed -i 's/^SCATTER_UNDO_MAX_CAPACITY_FRACTION = .*/SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.125)/' $policy
-      MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_decode.py \
-          tests/test_paged_decode.py -k "gluon or scatter" > "$OUT/gpu_tests_scatter_undo.log" 2>&1
-      tail -1 "$OUT/gpu_tests_scatter_undo.log"
-      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 200 \
-          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
-          -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and scatter" > "$OUT/sanitizer_scatter_undo.log" 2>&1
-      tail -1 "$OUT/sanitizer_scatter_undo.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_scatter_undo.log"
+      scatter_gpu_checks scatter_undo "gluon or scatter" scatter
       cp /tmp/decode_gluon_launch.py.orig $policy ;;
     scatter-regs)
       # issue 18: scatter_regs (value rows in registers, 16 programs per SM) against the scatter
@@ -132,13 +138,7 @@ for stage in "$@"; do
           --baseline-gathers scatter_regs --shapes ${AB_SHAPES:-16x16384,4x131072,1x32768,64x4096} \
           --sparsities "${AB_SPARSITIES:-0.7,0.8,0.9,0.95}" --out "$OUT/scatter_regs_ab.json" > "$OUT/scatter_regs_ab.log" 2>&1
       grep -A 16 "^    shape" "$OUT/scatter_regs_ab.log" || tail -12 "$OUT/scatter_regs_ab.log"
-      MUSTAFAR_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_decode.py \
-          tests/test_paged_decode.py -k "scatter_regs" > "$OUT/gpu_tests_scatter_regs.log" 2>&1
-      tail -1 "$OUT/gpu_tests_scatter_regs.log"
-      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 200 \
-          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider tests/test_decode.py \
-          -k "(gluon_kernel_shapes or gluon_any_pattern or gluon_malformed) and scatter_regs" > "$OUT/sanitizer_scatter_regs.log" 2>&1
-      tail -1 "$OUT/sanitizer_scatter_regs.log"; grep "ERROR SUMMARY" "$OUT/sanitizer_scatter_regs.log" ;;
+      scatter_gpu_checks scatter_regs scatter_regs scatter_regs ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1
