@@ -179,8 +179,8 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
 def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(head_dim, group, capacity, page_size, dtype):
     """fp8 kept values (FP8_VALUES: the walk only) compile for sm_90 within the walk's register
     cap, without spilling (per triton version: stack_budget): a one-byte shared load per element
-    and one F2FP (cvt.rn.f16x2.e4m3x2) per pair of elements, no two-byte loads; for bf16 queries each pair then goes through two
-    float32 (HADD2.F32) to bf16x2 (F2FP.BF16.F32.PACK_AB)."""
+    and one F2FP (cvt.rn.f16x2.e4m3x2) per pair of elements, no two-byte loads; for bf16 queries
+    each pair then goes through two float32 (HADD2.F32) to bf16x2 (F2FP.BF16.F32.PACK_AB)."""
     args = ["--kernel", "gluon", "--gather", "walk", "--head-dim", head_dim, "--group", group, "--capacity",
             capacity, "--fp8", "--page-size", page_size, "--dtype", dtype]
     report = sass_report(*args)
