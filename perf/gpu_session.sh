@@ -134,7 +134,7 @@ for stage in "$@"; do
       # (12), and without its L2 prefetch; then its GPU tests and memcheck
       echo "== scatter / scatter_regs, sparsity ${AB_SPARSITIES:-0.7,0.8,0.9,0.95}"
       python3 perf/scatter_ablations.py --out-dir .gen --ablations regs_no_l2_prefetch > /dev/null
-      timeout 200 python3 perf/decode_gathers.py --gathers ${AB_GATHERS:-scatter,scatter_regs} --baseline .gen/scatter_regs_no_l2_prefetch.py \
+      timeout 280 python3 perf/decode_gathers.py --gathers ${AB_GATHERS:-scatter,scatter_regs} --baseline .gen/scatter_regs_no_l2_prefetch.py \
           --baseline-gathers scatter_regs --shapes ${AB_SHAPES:-16x16384,4x131072,1x32768,64x4096} \
           --sparsities "${AB_SPARSITIES:-0.7,0.8,0.9,0.95}" --out "$OUT/scatter_regs_ab.json" > "$OUT/scatter_regs_ab.log" 2>&1
       grep -A 16 "^    shape" "$OUT/scatter_regs_ab.log" || tail -12 "$OUT/scatter_regs_ab.log"
