@@ -639,7 +639,7 @@ def _stage_rows(src_ptr, tile_start, c_hi, stage_off, lane, ROW: gl.constexpr, Z
     PER_ROW: gl.constexpr = ROW_BYTES // CHUNK
     NCH: gl.constexpr = 16 * PER_ROW
     PAD: gl.constexpr = staged_row_pitch(ROW_BYTES) - ROW_BYTES
-    nbytes = gl.minimum(gl.maximum(c_hi - tile_start, 0), 16) * ROW_BYTES
+    nbytes = _rows_in_tile(c_hi, tile_start, 16) * ROW_BYTES
     src = src_ptr.to(gl.pointer_type(gl.int8), bitcast=True)
     for i in gl.static_range(0, NCH, 32):
         c = i + lane
@@ -729,6 +729,12 @@ def _stage_next(k_vals, v_vals, k_bits, v_bits, start, stage, c_hi, lane, STAGE:
 def _lane_asm(asm: gl.constexpr, lane):
     """An asm statement run once per lane, kept in program order (returns a dummy)."""
     return gl.inline_asm_elementwise(asm, "=r,r", [lane], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _rows_in_tile(hi, start, ROWS: gl.constexpr):
+    """How many of the ROWS tokens from start lie before hi (0 for a tile at or past hi)."""
+    return gl.minimum(gl.maximum(hi - start, 0), ROWS)
 
 
 @gluon.jit
@@ -910,7 +916,7 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
         else:
             # ptxas issues these loads late (after this tile's scatter, into the registers it frees):
             # ask L2 for the rows now, so that they come from L2 then
-            rows = gl.minimum(gl.maximum(next_hi - start - BLOCK_N, 0), BLOCK_N)
+            rows = _rows_in_tile(next_hi, start + BLOCK_N, BLOCK_N)
             _prefetch_l2(kv, rows * (2 * K_CAPACITY), lane)
             _prefetch_l2(vv, rows * (2 * V_CAPACITY), lane)
             next_values = _load_value_rows(kv, vv, start + BLOCK_N, next_hi, lane, K_CAPACITY, V_CAPACITY)
@@ -1039,7 +1045,7 @@ def _sparse_decode_gluon_kernel(
             for start in range(lo, c_hi, BLOCK_N):
                 # the next tile's bitmap words and value rows: 1.07-1.10x (2 tiles ahead: less; L1: same)
                 nxt = start + BLOCK_N
-                n_next = gl.maximum(gl.minimum(BLOCK_N, c_hi - nxt), 0)
+                n_next = _rows_in_tile(c_hi, nxt, BLOCK_N)
                 _prefetch_l2(k_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
                 _prefetch_l2(v_bits + nxt * (HEAD_DIM // 32), n_next * WORD_BYTES, lane)
                 _prefetch_l2(k_vals + nxt * K_CAPACITY, n_next * (K_CAPACITY * k_vals.dtype.element_ty.primitive_bitwidth // 8), lane)
