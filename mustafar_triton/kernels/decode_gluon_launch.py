@@ -29,6 +29,7 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 # Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
 GATHERS = ("walk", "walk_halves", "popc", "scatter", "scatter_regs")
+SCATTER_GATHERS = ("scatter", "scatter_regs")  # the per-kept-value gathers (scatter_offsets, balanced splits)
 # The gathers the tuner tries: scatter_regs joins once it has passed the GPU tests and memcheck
 # (built 2026-12-06 at aff08fb, CPU checks only: no device time was left to run them).
 TUNED_GATHERS = ("walk", "walk_halves", "popc", "scatter")
@@ -108,7 +109,7 @@ def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
         return head_dim in (64, 128, 256) and block_n == 16
     if gather == "walk_halves":
         return head_dim in (128, 256) and block_n == 16
-    if gather in ("scatter", "scatter_regs"):
+    if gather in SCATTER_GATHERS:
         return head_dim in (64, 128) and block_n == 16
     raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
 
@@ -237,7 +238,7 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     programs = min(32, 4 * (16384 // per_warp))
     if shared:
         programs = min(programs, sm_shared_bytes // shared)
-    if gather in ("scatter", "scatter_regs") and programs >= SCATTER_BALANCED_PROGRAMS:
+    if gather in SCATTER_GATHERS and programs >= SCATTER_BALANCED_PROGRAMS:
         programs -= programs % 4
     return programs
 
