@@ -137,9 +137,6 @@ def test_config_space_respects_tile_limits():
     dec = at.config_space("decode", **DECODE_BUCKET)
     assert dec and all({"BLOCK_N", "num_warps", "num_stages", "num_splits", "SLOTS"} <= set(c)
                        for c in dec if c.get("kernel") != "gluon")
-    # the Gluon gathers the tuner tries at D=128: those that passed the GPU tests (TUNED_GATHERS)
-    from mustafar_triton.kernels.decode_gluon_launch import GATHERS, TUNED_GATHERS
-    assert {c["gather"] for c in dec if c.get("kernel") == "gluon"} == set(TUNED_GATHERS) <= set(GATHERS)
     with pytest.raises(KeyError):
         at.config_space("nope")
 

@@ -868,13 +868,12 @@ def test_value_rows_load_their_own_slots_only(k_cap, v_cap, valid):
 
 
 @pytest.mark.parametrize("head_dim,k_cap,v_cap", [(128, 16, 16), (128, 8, 16), (64, 16, 8), (128, 24, 24)])
-@pytest.mark.parametrize("values_in", [False, True], ids=["staged", "regs"])
-def test_scatter_saves_its_stores_and_undo_zeroes_them(head_dim, k_cap, v_cap, values_in):
+def test_scatter_saves_its_stores_and_undo_zeroes_them(head_dim, k_cap, v_cap):
     """The scatter without masks (_scatter_asm with save): its dense tiles start as zeros, so after
     every lane's scatter each row holds exactly its dense expansion (zeros where the row keeps
     nothing, all zeros for rows past their capacity); the packed offsets it returns are its stores,
     in order; _undo_asm on them turns the dense tiles back into zeros and touches nothing else
-    but the dummy area. values_in: the value rows in registers ("scatter_regs")."""
+    but the dummy area."""
     from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
     rng = np.random.default_rng(7 * head_dim + k_cap + v_cap)
     k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
@@ -888,17 +887,15 @@ def test_scatter_saves_its_stores_and_undo_zeroes_them(head_dim, k_cap, v_cap, v
         tok, is_v = lane % 16, lane >= 16
         side_cap, (words, values) = (v_cap, v_rows) if is_v else (k_cap, k_rows)
         vrow = v_off + tok * staged_row_pitch(2 * v_cap) if is_v else tok * staged_row_pitch(2 * k_cap)
-        if not values_in:  # else the rows' bytes stay random: the scatter must not read them
-            shared[vrow:vrow + 2 * side_cap] = values[tok].astype("<u2").view(np.uint8)
+        shared[vrow:vrow + 2 * side_cap] = values[tok].astype("<u2").view(np.uint8)
         fits = sum(popc(int(w)) for w in words[tok]) <= side_cap
-        row = value_registers(values[tok], cap) if values_in else [vrow]
-        rows.append(([int(w) if fits else 0 for w in words[tok]], row, fits))
-    scatter = _fn(dg._scatter_asm)(nw, cap, True, values_in)
+        rows.append(([int(w) if fits else 0 for w in words[tok]], vrow, fits))
+    scatter = _fn(dg._scatter_asm)(nw, cap, True)
     saved = []
-    for lane, (words, row, _) in enumerate(rows):
+    for lane, (words, vrow, _) in enumerate(rows):
         emu = Ptx(shared)
-        packed = emu.run(scatter, cap // 2, words + row + [dense_row(dense_off, lane, head_dim),
-                                                           queue_off + lane * 8, dummy_off])
+        packed = emu.run(scatter, cap // 2, words + [vrow, dense_row(dense_off, lane, head_dim),
+                                                     queue_off + lane * 8, dummy_off])
         offsets = [(x >> (16 * h)) & 0xFFFF for x in packed for h in (0, 1)]
         assert offsets == [off for off, _ in emu.stores], lane
         saved.append(packed)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv
-from .decode_gluon_launch import GLUON_CONFIG, TUNED_GATHERS, gather_supports, gluon_bucket
+from .decode_gluon_launch import GATHERS, GLUON_CONFIG, gather_supports, gluon_bucket
 from .fp8 import fp8_e4m3_value
 from .prune_pack import _in_head
 
@@ -410,7 +410,7 @@ def decode_config_space(**bucket) -> list[dict]:
     # The Gluon kernel: 1-3 whole waves of one-warp programs (0, ~2 programs per SM, leaves most
     # SMs idle: 1069 us at B=16 T=16k where one wave took 364 us).
     if gluon_bucket(bucket, False):
-        space += [dict(GLUON_CONFIG, num_splits=s, gather=g) for g in TUNED_GATHERS for s in (-1, -2, -3)
+        space += [dict(GLUON_CONFIG, num_splits=s, gather=g) for g in GATHERS for s in (-1, -2, -3)
                   if gather_supports(g, bucket["head_dim"], GLUON_CONFIG["BLOCK_N"])]
     return space
 

@@ -30,9 +30,6 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
 GATHERS = ("walk", "walk_halves", "popc", "scatter", "scatter_regs")
 SCATTER_GATHERS = ("scatter", "scatter_regs")  # the per-kept-value gathers (scatter_offsets, balanced splits)
-# The gathers the tuner tries: scatter_regs joins once it has passed the GPU tests and memcheck
-# (built 2026-12-06 at aff08fb, CPU checks only: no device time was left to run them).
-TUNED_GATHERS = ("walk", "walk_halves", "popc", "scatter")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
