@@ -18,7 +18,6 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-ablations     (~4 minutes: issue 18, where the scatter's time goes)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-undo          (~5 minutes: issue 18, undone stores vs masks, their tests, memcheck)
-#   OUT=/tmp/out bash perf/gpu_session.sh scatter-regs          (~5 minutes: issue 18, scatter_regs against the scatter, its tests, memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
@@ -129,16 +128,6 @@ for stage in "$@"; do
       sed -i 's/^SCATTER_UNDO_MAX_CAPACITY_FRACTION = .*/SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.125)/' $policy
       scatter_gpu_checks scatter_undo "gluon or scatter" scatter
       cp /tmp/decode_gluon_launch.py.orig $policy ;;
-    scatter-regs)
-      # issue 18: scatter_regs (value rows in registers, 16 programs per SM) against the scatter
-      # (12), and without its L2 prefetch; then its GPU tests and memcheck
-      echo "== scatter / scatter_regs, sparsity ${AB_SPARSITIES:-0.7,0.8,0.9,0.95}"
-      python3 perf/scatter_ablations.py --out-dir .gen --ablations regs_no_l2_prefetch > /dev/null
-      timeout 280 python3 perf/decode_gathers.py --gathers ${AB_GATHERS:-scatter,scatter_regs} --baseline .gen/scatter_regs_no_l2_prefetch.py \
-          --baseline-gathers scatter_regs --shapes ${AB_SHAPES:-16x16384,4x131072,1x32768,64x4096} \
-          --sparsities "${AB_SPARSITIES:-0.7,0.8,0.9,0.95}" --out "$OUT/scatter_regs_ab.json" > "$OUT/scatter_regs_ab.log" 2>&1
-      grep -A 16 "^    shape" "$OUT/scatter_regs_ab.log" || tail -12 "$OUT/scatter_regs_ab.log"
-      scatter_gpu_checks scatter_regs scatter_regs scatter_regs ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1

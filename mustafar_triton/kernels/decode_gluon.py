@@ -50,10 +50,6 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     tiles, zeroed once per program, hold zeros wherever a tile keeps nothing, and ldmatrix needs no
     masks (H200, B=16 T=16384 at 0.95: 110.5 against 118.9 us; at 0.9 it loses: the undo stores
     repeat the scatter's bank conflicts).
-  * "scatter_regs" (HEAD_DIM 64 / 128): the scatter with each lane's value row loaded from global
-    memory straight into registers (16-byte loads, one tile ahead, the rows L2-prefetched) instead
-    of staged: the stage holds the bitmap rows only, so its programs take 12.7-13.2 KB of shared
-    memory at D=128 (the scatter 15.8-18.1 KB) and 16 fit per SM instead of 12.
   * "popc" (any HEAD_DIM multiple of 32): each element's slot is a masked popcount of its bitmap
     word, and the value is loaded from global memory (L2-prefetched one tile ahead). Fewer fixed
     costs per split: used below 64 tokens per split (decode_gluon_launch.MIN_STAGED_SPLIT_TOKENS)
