@@ -23,9 +23,7 @@ The copies (each one edit of decode_gluon.py's PTX generators, asserted to apply
 The ablations edit the masked scatter (the one that runs unless decode_gluon_launch.scatter_undoes).
 Two more copies are not ablations (both compute right attention): undo_never / undo_always force
 the choice between masking the dense tiles and undoing the stores (decode_gluon_launch.
-scatter_undoes) either way, to time the policy against both; regs_no_l2_prefetch is
-"scatter_regs" without the L2 prefetch of the next tile's value rows (time it with
---baseline-gathers scatter_regs).
+scatter_undoes) either way, to time the policy against both.
 """
 from __future__ import annotations
 
@@ -40,11 +38,9 @@ MASK = '"prmt.b32 m, %s, %s, %s; and.b32 $%d, r%d, m;" % (srcs[k] + (k, k))'
 SETUP = '"mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue'
 QUEUE_LOAD = '" @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;"'
 END = '"}" if save else "mov.b32 $0, 0; }"'
-IMPORT = "from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_stage_offsets, scatter_undoes,"
-IMPORTED = "                                  stage_offsets, staged_row_pitch)\n"
+IMPORT = "from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,"
+IMPORTED = "                                  staged_row_pitch)\n"
 UNDOES = "\n\n@gluon.constexpr_function\ndef scatter_undoes(head_dim, k_capacity, v_capacity):\n    return %s\n"
-REGS_PREFETCH = ("            _prefetch_l2(kv, rows * (2 * K_CAPACITY), lane)\n"
-                 "            _prefetch_l2(vv, rows * (2 * V_CAPACITY), lane)\n")
 DECL = '"{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, o, v<%d>;" % nvals'
 
 ABLATIONS = {
@@ -73,7 +69,6 @@ ABLATIONS = {
     # stores (decode_gluon_launch.scatter_undoes) forced either way, to time it against the policy
     "undo_never": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % False)],
     "undo_always": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % True)],
-    "regs_no_l2_prefetch": [(REGS_PREFETCH, "")],
 }
 
 

@@ -509,10 +509,6 @@ def test_gluon_splits_fill_whole_waves():
     assert h100_shared // shared_bytes("scatter", 128, 56, 56) == 11
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 56, 56), h100_shared) == 11
     assert programs_per_sm(64, 8, "scatter", shared_bytes("scatter", 64, 16, 16), h100_shared) == 20
-    # scatter_regs stages the bitmap rows only (its value rows go to registers): 16 programs at D=128
-    assert shared_bytes("scatter_regs", 128, 16, 16) == 2 * 2 * 16 * 16 + 8800 + 64 + 7 * 256 + 1024 == 12704
-    for caps in ((8, 8), (16, 16), (24, 24), (40, 40), (64, 64)):
-        assert programs_per_sm(128, 8, "scatter_regs", shared_bytes("scatter_regs", 128, *caps), h100_shared) == 16
     assert shared_bytes("popc", 128, 40, 40) == 0
     # walk_halves adds q^T (D x 8 query rows x 2 bytes): 20 programs fit at capacity 40, 17 at 64
     assert shared_bytes("walk_halves", 128, 40, 40) == shared_bytes("walk", 128, 40, 40) + 2048 == 9216

@@ -206,17 +206,6 @@ class Ptx:
                 assert a % (4 * len(dsts)) == 0, "misaligned vector load"
                 for i, d in enumerate(dsts):
                     put(d, lds(a + 4 * i, 4))
-            elif parts[:3] == ["ld", "global", "nc"]:  # ld.global.nc.v4.b32 {...}, [a]
-                a = addr(ops[1])
-                dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
-                nbytes = 4 * len(dsts)
-                assert parts[-1] == "b32" and a % nbytes == 0, opcode
-                off = a - GLOBAL_BASE
-                assert self.glob is not None and 0 <= off and off + nbytes <= len(self.glob), \
-                    f"global load {hex(a)} outside the tensor"
-                self.global_reads.append((a, nbytes))
-                for i, d in enumerate(dsts):
-                    put(d, int.from_bytes(self.glob[off + 4 * i:off + 4 * i + 4].tobytes(), "little"))
             elif parts[:2] == ["cp", "async"] and len(parts) == 5:
                 dst, src, size = addr(ops[0]), addr(ops[1]), int(ops[2])
                 src_size = val(ops[3]) if len(ops) > 3 else size
@@ -741,24 +730,15 @@ def scatter_rows(rng, head_dim, capacity):
     return words, values
 
 
-def value_registers(values, cap):
-    """A value row [side capacity] (uint16 bit patterns) as _load_value_rows hands it to the
-    scatter ("scatter_regs"): cap / 2 registers of two values, low half first, zeros past the row."""
-    row = np.zeros(cap, np.uint32)
-    row[:len(values)] = values
-    return [int(row[2 * i]) | int(row[2 * i + 1]) << 16 for i in range(cap // 2)]
-
-
-def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None, values_in=False):
+def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
     """Every lane's _scatter_asm instance on a shared buffer of random bytes laid out by
     scatter_offsets, with the K and V rows staged at `stage` and the inputs decode_gluon._scatter_tile
-    computes (a Python copy of its arithmetic). values_in ("scatter_regs"): the value rows come as
-    registers (value_registers) and only the bitmap rows are staged. Returns (shared before, shared
-    after, the 2-byte stores of each lane)."""
-    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, scatter_stage_offsets
+    computes (a Python copy of its arithmetic). Returns (shared before, shared after, the 2-byte
+    stores of each lane)."""
+    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
     nw = head_dim // 32
-    v_off, kb_off, vb_off, _ = scatter_stage_offsets(head_dim, k_cap, v_cap, not values_in)
-    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap, not values_in)
+    v_off, kb_off, vb_off, _ = stage_offsets(head_dim, k_cap, v_cap)
+    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
     shared = np.frombuffer(np.random.default_rng(head_dim + k_cap).bytes(total), np.uint8).copy()
 
     def value_row(is_v, t):  # the staged value row of token t (_stage_tile's layout)
@@ -766,38 +746,35 @@ def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None, value
     for side, (words, values) in enumerate((k_rows, v_rows)):
         cap = (k_cap, v_cap)[side]
         for t in range(16):
-            if not values_in:
-                vo = value_row(side, t)
-                shared[vo:vo + 2 * cap] = values[t].astype("<u2").view(np.uint8)
+            vo = value_row(side, t)
+            shared[vo:vo + 2 * cap] = values[t].astype("<u2").view(np.uint8)
             bo = stage + (vb_off if side else kb_off) + t * staged_row_pitch(4 * nw)
             shared[bo:bo + 4 * nw] = words[t].astype("<u4").view(np.uint8)
     before = shared.copy()
-    asm = asm or _fn(dg._scatter_asm)(nw, max(k_cap, v_cap), False, values_in)
+    asm = asm or _fn(dg._scatter_asm)(nw, max(k_cap, v_cap))
     stores = []
     for lane in range(32):
         tok, is_v = lane % 16, lane >= 16
-        words, values = (v_rows if is_v else k_rows)
-        fits = sum(popc(int(w)) for w in words[tok]) <= (v_cap if is_v else k_cap)
-        row = value_registers(values[tok], max(k_cap, v_cap)) if values_in else [value_row(is_v, tok)]
-        args = ([int(w) if fits else 0 for w in words[tok]] + row
-                + [dense_row(dense_off, lane, head_dim), queue_off + lane * 8, dummy_off])
+        words = (v_rows if is_v else k_rows)[0][tok]
+        fits = sum(popc(int(w)) for w in words) <= (v_cap if is_v else k_cap)
+        args = [int(w) if fits else 0 for w in words] + [value_row(is_v, tok), dense_row(dense_off, lane, head_dim),
+                                                          queue_off + lane * 8, dummy_off]
         emu = Ptx(shared)
         emu.run(asm, 1, args)
         stores.append(emu.stores)
     return before, shared, stores
 
 
-def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage, values_in=False):
+def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage):
     """Runs the scatter (run_scatter) and checks it: each row's kept values land at their channels
     of its dense row; nothing else in shared memory changes except the queue and the dummy area
     (not the channels a row does not keep, which still hold an earlier tile's values, nor any other
     row, nor the staged rows); rows that keep more values than their capacity store nothing; each
-    lane stores once per slot of the larger capacity, into its own row or the dummy area.
-    values_in: run_scatter's."""
-    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, scatter_stage_offsets
-    stage_at = stage * scatter_stage_offsets(head_dim, k_cap, v_cap, not values_in)[3]
-    before, after, stores = run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage_at, values_in=values_in)
-    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap, not values_in)
+    lane stores once per slot of the larger capacity, into its own row or the dummy area."""
+    from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
+    stage_at = stage * stage_offsets(head_dim, k_cap, v_cap)[3]
+    before, after, stores = run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage_at)
+    dense_off, dummy_off, queue_off, total = scatter_offsets(head_dim, k_cap, v_cap)
     want = before.copy()
     for lane in range(32):
         cap, (words, values) = (v_cap, v_rows) if lane >= 16 else (k_cap, k_rows)
@@ -820,51 +797,23 @@ def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage, values_i
 @pytest.mark.parametrize("head_dim,k_cap,v_cap", [(64, 24, 24), (64, 8, 16), (128, 16, 16), (128, 40, 40),
                                                   (128, 24, 56), (128, 64, 64), (128, 96, 120)])
 @pytest.mark.parametrize("stage", [0, 1])
-@pytest.mark.parametrize("values_in", [False, True], ids=["staged", "regs"])
-def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage, values_in):
-    """assert_scatter_exact on random_rows' patterns and the half-capacity rows of scatter_rows,
-    with the value rows staged ("scatter") or in registers ("scatter_regs")."""
+def test_scatter_asm_stores_kept_values_only(head_dim, k_cap, v_cap, stage):
+    """assert_scatter_exact on random_rows' patterns and the half-capacity rows of scatter_rows."""
     rng = np.random.default_rng(1000 * head_dim + 10 * k_cap + v_cap + stage)
     k_rows, v_rows = scatter_rows(rng, head_dim, k_cap), scatter_rows(rng, head_dim, v_cap)
-    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage, values_in)
+    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
 
 
 @given(head_dim=st.sampled_from([64, 128]), caps=st.tuples(st.integers(1, 16), st.integers(1, 16)),
        kinds=st.lists(st.sampled_from(ROW_KINDS), min_size=32, max_size=32), seed=st.integers(0, 2**32 - 1),
-       stage=st.integers(0, 1), values_in=st.booleans())
-def test_property_scatter_asm_any_pattern(head_dim, caps, kinds, seed, stage, values_in):
+       stage=st.integers(0, 1))
+def test_property_scatter_asm_any_pattern(head_dim, caps, kinds, seed, stage):
     """assert_scatter_exact on fuzzed rows: any mix of row kinds, K and V capacities (multiples of
-    8 up to D), either stage, value rows staged or in registers."""
+    8 up to D), either stage."""
     k_cap, v_cap = (8 * min(c, head_dim // 8) for c in caps)
     rng = np.random.default_rng(seed)
     k_rows, v_rows = pattern_rows(rng, kinds[:16], head_dim, k_cap), pattern_rows(rng, kinds[16:], head_dim, v_cap)
-    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage, values_in)
-
-
-@pytest.mark.parametrize("k_cap,v_cap,valid", [(16, 16, 16), (8, 24, 11), (40, 16, 1), (64, 64, 9)])
-def test_value_rows_load_their_own_slots_only(k_cap, v_cap, valid):
-    """_ldg_row_asm with the inputs decode_gluon._load_value_rows computes (a Python copy of its
-    arithmetic; "scatter_regs"): lane t < 16 gets K row t's values, lane 16 + t V row t's, two per
-    register, low half first (value_registers), zeros past the row's capacity and for rows past the
-    tile's end (`valid` rows); every byte read lies in the lane's own row of a valid token."""
-    rng = np.random.default_rng(k_cap * 100 + v_cap + valid)
-    k_vals = rng.integers(1, 1 << 16, (valid, k_cap), dtype=np.uint16)
-    v_vals = rng.integers(1, 1 << 16, (valid, v_cap), dtype=np.uint16)
-    glob = np.concatenate([k_vals.reshape(-1).view(np.uint8), v_vals.reshape(-1).view(np.uint8)])
-    k_row0, v_row0 = GLOBAL_BASE, GLOBAL_BASE + k_vals.nbytes
-    cap = max(k_cap, v_cap)
-    asm = _fn(dg._ldg_row_asm)(cap // 8)
-    for lane in range(32):
-        tok, is_v = lane % 16, lane >= 16
-        side_cap, vals, row0 = (v_cap, v_vals, v_row0) if is_v else (k_cap, k_vals, k_row0)
-        row = row0 + 2 * tok * side_cap
-        chunks = side_cap // 8 if tok < valid else 0
-        emu = Ptx(np.zeros(0, np.uint8), glob)
-        got = emu.run(asm, cap // 2, [row, chunks])
-        want = value_registers(vals[tok] if tok < valid else [], cap)
-        assert got == want, lane
-        assert all(row <= a and a + n <= row + 2 * side_cap for a, n in emu.global_reads), lane
-        assert sum(n for _, n in emu.global_reads) == (2 * side_cap if tok < valid else 0), lane
+    assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage)
 
 
 @pytest.mark.parametrize("head_dim,k_cap,v_cap", [(128, 16, 16), (128, 8, 16), (64, 16, 8), (128, 24, 24)])

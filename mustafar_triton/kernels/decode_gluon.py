@@ -62,8 +62,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _page_row, _split_ranges, _window_range
-from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_stage_offsets, scatter_undoes,
-                                  stage_offsets, staged_row_pitch)
+from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,
+                                  staged_row_pitch)
 
 
 @gluon.jit
@@ -297,21 +297,17 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
 # ---------------------------------------------------------------------------------------------
 
 @gluon.constexpr_function
-def _scatter_asm(num_words, capacity, save=False, values_in=False):
+def _scatter_asm(num_words, capacity, save=False):
     """PTX of one lane's scatter. Inputs: the row's bitmap words ($1..$num_words, zero for rows
     that must read as zeros), then the offsets in mt_dstage of its value row, its dense row, its
     queue (entries 256 bytes apart: the 32 lanes' entries are contiguous) and the dummy area.
     save: the inputs start at $(capacity / 2) instead, and outputs $0..$(capacity / 2 - 1) hold the
     offsets (from mt_dstage) of its `capacity` stores, two 16-bit offsets per register, low half
-    first, in store order (_undo_asm zeroes them). values_in ("scatter_regs"): the value row comes
-    as capacity / 2 registers (two values each, low half first) in place of its offset."""
+    first, in store order (_undo_asm zeroes them)."""
     outs = capacity // 2 if save else 1
-    nvals = capacity // 2
     w = ["$%d" % (outs + i) for i in range(num_words)]
-    nv_in = nvals if values_in else 1
-    vals = ["$%d" % (outs + num_words + i) for i in range(nvals)] if values_in else ["v%d" % i for i in range(nvals)]
-    vrow = "$%d" % (outs + num_words)
-    drow, queue, dummy = ("$%d" % (outs + num_words + nv_in + i) for i in range(3))
+    vrow, drow, queue, dummy = ("$%d" % (outs + num_words + i) for i in range(4))
+    nvals = capacity // 2
     sentinels = scatter_queue_entries(num_words * 32, capacity) - num_words
     parts = ["{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, o, v<%d>;" % nvals,
              "mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue]
@@ -322,13 +318,11 @@ def _scatter_asm(num_words, capacity, save=False, values_in=False):
     for k in range(sentinels):
         parts.append("st.shared.v2.b32 [q+%d], {x, b};" % (256 * k))
     parts.append("add.u32 q, t, %s; ld.shared.v2.b32 {cur, base}, [q]; ld.shared.v2.b32 {nw, nb}, [q+256];"
-                 " add.u32 q, q, 512;" % queue)
-    if not values_in:
-        parts.append("add.u32 a, t, %s;" % vrow)
-        for c in range(0, nvals, 4):
-            parts.append("ld.shared.v4.b32 {v%d, v%d, v%d, v%d}, [a+%d];" % (c, c + 1, c + 2, c + 3, 4 * c))
+                 " add.u32 q, q, 512; add.u32 a, t, %s;" % (queue, vrow))
+    for c in range(0, nvals, 4):
+        parts.append("ld.shared.v4.b32 {v%d, v%d, v%d, v%d}, [a+%d];" % (c, c + 1, c + 2, c + 3, 4 * c))
     for r in range(capacity):
-        val = vals[r // 2]
+        val = "v%d" % (r // 2)
         if r % 2:
             parts.append("shr.b32 x, %s, 16;" % val)
             val = "x"
@@ -341,22 +335,6 @@ def _scatter_asm(num_words, capacity, save=False, values_in=False):
                          " @!ps mov.b32 cur, nw; @!ps mov.b32 base, nb;"
                          " @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;")
     parts.append("}" if save else "mov.b32 $0, 0; }")
-    return " ".join(parts)
-
-
-@gluon.constexpr_function
-def _ldg_row_asm(nchunks):
-    """PTX: the first $(4 nchunks + 1) of the nchunks 16-byte chunks of a row at global address
-    $(4 nchunks) into $0..$(4 nchunks - 1), four words per chunk; the chunks not loaded read as
-    zeros. ld.global.nc: the cache does not change while a decode call reads it."""
-    n = 4 * nchunks
-    parts = ["{ .reg .pred p;"]
-    for j in range(nchunks):
-        regs = ["$%d" % (4 * j + i) for i in range(4)]
-        parts.append(" ".join("mov.b32 %s, 0;" % r for r in regs))
-        parts.append("setp.gt.s32 p, $%d, %d; @p ld.global.nc.v4.b32 {%s}, [$%d+%d];"
-                     % (n + 1, j, ", ".join(regs), n, 16 * j))
-    parts.append("}")
     return " ".join(parts)
 
 
@@ -522,38 +500,21 @@ def _ldmatrix_operand(dense_off, bits_off, A_OP: gl.constexpr, HEAD_DIM: gl.cons
 
 
 @gluon.jit
-def _load_value_rows(k_row0, v_row0, start, tile_hi, lane, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr):
-    """("scatter_regs") Each lane's value row of the 16-token tile at `start` from global memory
-    (lanes < 16: K row `lane`, lanes >= 16: V row `lane - 16`; k_row0 / v_row0: the tile's first
-    rows, _tile_source) as max(K_CAPACITY, V_CAPACITY) / 2 registers, two values each, low half
-    first. Nothing is read past a row's own capacity or from rows past tile_hi (they read as zeros)."""
-    CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
-    tok = lane % 16
-    is_v = lane >= 16
-    row = gl.where(is_v, v_row0 + tok * V_CAPACITY, k_row0 + tok * K_CAPACITY)
-    chunks = gl.where(start + tok < tile_hi, gl.where(is_v, V_CAPACITY // 8, K_CAPACITY // 8), 0)
-    return gl.inline_asm_elementwise(_ldg_row_asm(CAP // 8), "=r," * (CAP // 2) + "l,r", [row, chunks],
-                                     dtype=(gl.int32,) * (CAP // 2), is_pure=False, pack=1)
-
-
-@gluon.jit
 def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
                   K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
-                  UNDO: gl.constexpr = False, values=None, STAGED_VALUES: gl.constexpr = True):
+                  UNDO: gl.constexpr = False):
     """Each lane stores its staged row's kept values into the dense tiles (lanes < 16: K row
     `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one). Rows of
     tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and malformed rows
     (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
     so that the masks read it as a row without kept channels. UNDO (decode_gluon_launch.
     scatter_undoes): returns the stores' offsets instead, packed (_scatter_asm's save), for
-    _undo_asm; no bitmap row is zeroed (no mask reads it). Not STAGED_VALUES ("scatter_regs"):
-    the value rows are `values` (_load_value_rows), the stage holds the bitmap rows only."""
+    _undo_asm; no bitmap row is zeroed (no mask reads it)."""
     NW: gl.constexpr = HEAD_DIM // 32
-    V_OFF: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[0]
-    KB_OFF: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[1]
-    VB_OFF: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[2]
+    V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     CAP: gl.constexpr = K_CAPACITY if K_CAPACITY > V_CAPACITY else V_CAPACITY
-    NV_IN: gl.constexpr = 1 if STAGED_VALUES else CAP // 2  # the value row's offset, or its registers
     tok = lane % 16
     is_v = lane >= 16
     row = stage + gl.where(is_v, VB_OFF, KB_OFF) + tok * staged_row_pitch(NW * 4)
@@ -563,20 +524,14 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     for j in gl.static_range(NW):
         kept += _popc(words[j])
     fits = kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY)
+    vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
     args = [gl.where(fits, w, 0) for w in words]
-    if STAGED_VALUES:
-        args = args + (stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY),
-                                        tok * staged_row_pitch(2 * K_CAPACITY)), )
-    else:
-        for i in gl.static_range(CAP // 2):
-            args = args + (values[i], )
-    args = args + (_dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
+    args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
     if UNDO:
-        return gl.inline_asm_elementwise(_scatter_asm(NW, CAP, True, not STAGED_VALUES),
-                                         "=r," * (CAP // 2) + "r," * (NW + NV_IN + 2) + "r",
+        return gl.inline_asm_elementwise(_scatter_asm(NW, CAP, True), "=r," * (CAP // 2) + "r," * (NW + 3) + "r",
                                          args, dtype=(gl.int32,) * (CAP // 2), is_pure=False, pack=1)
-    gl.inline_asm_elementwise(_scatter_asm(NW, CAP, False, not STAGED_VALUES), "=r," + "r," * (NW + NV_IN + 2) + "r",
-                              args, dtype=gl.int32, is_pure=False, pack=1)
+    gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
+                              dtype=gl.int32, is_pure=False, pack=1)
     # a malformed row's staged bitmap row is zeroed in place: the masks (_ldmatrix_asm) read it
     gl.inline_asm_elementwise(_zero_row_asm(NW), "=r,r,r", [row, fits.to(gl.int32)], dtype=gl.int32,
                               is_pure=False, pack=1)
@@ -851,18 +806,17 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
 @gluon.jit
 def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr,
                   B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
-                  HEAD_DIM: gl.constexpr, values=None, STAGED_VALUES: gl.constexpr = True):
+                  HEAD_DIM: gl.constexpr):
     """One staged tile of the scatter (tokens [start, tile_hi) attended): the kept values into the
     dense tiles, the tiles read back masked by the bitmap rows (or unmasked, and the stores undone
-    afterwards: scatter_undoes), the online softmax step. values / STAGED_VALUES: _scatter_tile."""
-    DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[0]
-    DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[1]
-    QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[2]
-    KB_OFF: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[1]
-    VB_OFF: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[2]
+    afterwards: scatter_undoes), the online softmax step."""
+    DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+    DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
+    KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
+    VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
     UNDO: gl.constexpr = scatter_undoes(HEAD_DIM, K_CAPACITY, V_CAPACITY)
-    saved = _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM, UNDO, values,
-                          STAGED_VALUES)
+    saved = _scatter_tile(stage, lane, DENSE, QUEUE, DUMMY, K_CAPACITY, V_CAPACITY, HEAD_DIM, UNDO)
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
     k = _ldmatrix_operand(DENSE, stage + KB_OFF, A_OP, HEAD_DIM, False, not UNDO)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
@@ -880,46 +834,26 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
 def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
                    block_table_row, num_pages, num_kv_heads,
                    A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
-                   V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                   STAGED_VALUES: gl.constexpr = True):
+                   V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
     """The scatter over the tiles [lo, c_hi): the same staging as the walk, then dense tiles and
-    ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns. Not
-    STAGED_VALUES ("scatter_regs"): only the bitmap rows are staged, and each lane's value row is
-    loaded into registers one tile ahead (_load_value_rows)."""
+    ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns."""
     gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
-    STAGE: gl.constexpr = scatter_stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[3]
-    SK: gl.constexpr = K_CAPACITY if STAGED_VALUES else 0  # the staged value rows' capacities
-    SV: gl.constexpr = V_CAPACITY if STAGED_VALUES else 0
+    STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
                                            num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-    _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, SK, SV, HEAD_DIM)
-    values = None
-    if not STAGED_VALUES:
-        values = _load_value_rows(kv, vv, lo, tile_hi, lane, K_CAPACITY, V_CAPACITY)
+    _stage_tile(kv, vv, kb, vb, lo, tile_hi, 0, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM)
     if scatter_undoes(HEAD_DIM, K_CAPACITY, V_CAPACITY):  # unmasked tiles: zeros before the first scatter
-        DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[0]
-        DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[1]
+        DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
+        DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
         _lane_asm(_zero_area_asm(DENSE, DUMMY), lane)
     stage = lo * 0  # this tile's stage offset: 0, STAGE, 0, ... (a toggle, not a division per tile)
     for start in range(lo, c_hi, BLOCK_N):
         kv, vv, kb, vb, next_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, start + BLOCK_N, c_hi, block_table_row,
                                                num_pages, num_kv_heads, K_CAPACITY, V_CAPACITY, HEAD_DIM, PAGE_SIZE)
-        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, SK, SV, HEAD_DIM, BLOCK_N)
-        if STAGED_VALUES:
-            if start < tile_hi:  # as in _walk_tiles
-                m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP,
-                                          MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM)
-        else:
-            # ptxas issues these loads late (after this tile's scatter, into the registers it frees):
-            # ask L2 for the rows now, so that they come from L2 then
-            rows = _rows_in_tile(next_hi, start + BLOCK_N, BLOCK_N)
-            _prefetch_l2(kv, rows * (2 * K_CAPACITY), lane)
-            _prefetch_l2(vv, rows * (2 * V_CAPACITY), lane)
-            next_values = _load_value_rows(kv, vv, start + BLOCK_N, next_hi, lane, K_CAPACITY, V_CAPACITY)
-            if start < tile_hi:
-                m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP,
-                                          MMA, K_CAPACITY, V_CAPACITY, HEAD_DIM, values, False)
-            values = next_values
+        _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
+        if start < tile_hi:  # as in _walk_tiles
+            m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+                                      K_CAPACITY, V_CAPACITY, HEAD_DIM)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -1015,12 +949,11 @@ def _sparse_decode_gluon_kernel(
                                     HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale)
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walks only")
-    elif (GATHER == "scatter") or (GATHER == "scatter_regs"):
-        STAGED_VALUES: gl.constexpr = GATHER == "scatter"
-        _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, STAGED_VALUES)[3]), lane)
+    elif GATHER == "scatter":
+        _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
                                    tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
-                                   V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, STAGED_VALUES)
+                                   V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)

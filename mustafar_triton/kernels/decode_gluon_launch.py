@@ -13,9 +13,6 @@ The gathers (decode_gluon.py's module docstring has the details):
             instead of 4; D 128 / 256): faster than the walk at few stored values only;
   "scatter" per KEPT value a bfind and a 2-byte store into a dense tile in shared memory, read
             back by ldmatrix and masked by the bitmap: its cost follows the stored values (D 64 / 128).
-  "scatter_regs" the scatter with each lane's value row loaded from global memory into registers
-            one tile ahead instead of staged in shared memory: its stage holds the bitmap rows
-            only, so more programs fit per SM (D=128: 16 at capacities 16-24, against 12).
 """
 from __future__ import annotations
 
@@ -28,8 +25,7 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 # decode.choose_num_splits). BLOCK_N 32 was slower (584 vs 457 us at B=16 T=16k, 251 registers).
 # Optional key gather: one of GATHERS; without it, choose_gather picks per shape.
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
-GATHERS = ("walk", "walk_halves", "popc", "scatter", "scatter_regs")
-SCATTER_GATHERS = ("scatter", "scatter_regs")  # the per-kept-value gathers (scatter_offsets, balanced splits)
+GATHERS = ("walk", "walk_halves", "popc", "scatter")
 
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
@@ -106,7 +102,7 @@ def gather_supports(gather: str, head_dim: int, block_n: int) -> bool:
         return head_dim in (64, 128, 256) and block_n == 16
     if gather == "walk_halves":
         return head_dim in (128, 256) and block_n == 16
-    if gather in SCATTER_GATHERS:
+    if gather == "scatter":
         return head_dim in (64, 128) and block_n == 16
     raise ValueError(f"unknown gather {gather!r}; expected one of {GATHERS}")
 
@@ -138,7 +134,7 @@ def staged_row_pitch(row_bytes: int) -> int:
     """Bytes between two rows staged in shared memory: rows of whole 16-byte chunks take an odd
     number of chunks, so the rows that 8 lanes read at once start in 8 different bank groups (a
     128-byte row, K0.5V0.5 at D=128, put every row in the same banks)."""
-    if row_bytes % 16 or row_bytes == 0:
+    if row_bytes % 16:
         return row_bytes
     return 16 * ((row_bytes // 16) | 1)
 
@@ -184,23 +180,11 @@ def scatter_undoes(head_dim: int, k_capacity: int, v_capacity: int) -> bool:
 
 
 @constexpr_function
-def scatter_stage_offsets(head_dim: int, k_capacity: int, v_capacity: int,
-                          staged_values: bool = True) -> tuple[int, int, int, int]:
-    """stage_offsets of the scatter's stages: "scatter" stages the value rows and the bitmap rows,
-    "scatter_regs" (not staged_values) the bitmap rows only (its value rows go to registers)."""
-    if staged_values:
-        return stage_offsets(head_dim, k_capacity, v_capacity)
-    return stage_offsets(head_dim, 0, 0)
-
-
-@constexpr_function
-def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int,
-                    staged_values: bool = True) -> tuple[int, int, int, int]:
-    """Byte offsets of the scatter's dense tiles (after the two stages, scatter_stage_offsets: 32
-    rows, K then V, decode_gluon._dense_row: 2 D + 16 bytes apart and 32 more every 8 rows), of the
-    64 dummy bytes its sentinels store to, of the lanes' word queues (256 bytes per entry), and its
-    total."""
-    dense = 2 * scatter_stage_offsets(head_dim, k_capacity, v_capacity, staged_values)[3]
+def scatter_offsets(head_dim: int, k_capacity: int, v_capacity: int) -> tuple[int, int, int, int]:
+    """Byte offsets of the scatter's dense tiles (after the two stages: 32 rows, K then V,
+    decode_gluon._dense_row: 2 D + 16 bytes apart and 32 more every 8 rows), of the 64 dummy bytes
+    its sentinels store to, of the lanes' word queues (256 bytes per entry), and its total."""
+    dense = 2 * stage_offsets(head_dim, k_capacity, v_capacity)[3]
     dummy = dense + 32 * (2 * head_dim + 16) + 32 * 3
     queue = dummy + 64
     return dense, dummy, queue, queue + 256 * scatter_queue_entries(head_dim, max(k_capacity, v_capacity))
@@ -212,13 +196,13 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, v
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates dynamic shared memory only for
     walk_halves' q^T, head_dim x block_h in 2 bytes).
     walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
-    scatter, scatter_regs: scatter_offsets; popc: none."""
+    scatter: scatter_offsets; popc: none."""
     if gather == "popc":
         return 0
     if gather in ("walk", "walk_halves"):
         q_t = 2 * head_dim * block_h if gather == "walk_halves" else 0
         return 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3] + 1024 + q_t
-    return scatter_offsets(head_dim, k_capacity, v_capacity, gather == "scatter")[3] + 1024
+    return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
 def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
@@ -235,7 +219,7 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     programs = min(32, 4 * (16384 // per_warp))
     if shared:
         programs = min(programs, sm_shared_bytes // shared)
-    if gather in SCATTER_GATHERS and programs >= SCATTER_BALANCED_PROGRAMS:
+    if gather == "scatter" and programs >= SCATTER_BALANCED_PROGRAMS:
         programs -= programs % 4
     return programs
 
