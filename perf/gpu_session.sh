@@ -18,6 +18,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh fp8 fp8-memcheck      (~3 + ~3 minutes: fp8 values' tests and timings (fp16 and bf16 queries), memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-ablations     (~4 minutes: issue 18, where the scatter's time goes)
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-undo          (~5 minutes: issue 18, undone stores vs masks, their tests, memcheck)
+#   OUT=/tmp/out bash perf/gpu_session.sh index-channels        (~3 minutes: issue 18, the scatter with a uint8 channel per kept value, timing copies)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
@@ -128,6 +129,16 @@ for stage in "$@"; do
       sed -i 's/^SCATTER_UNDO_MAX_CAPACITY_FRACTION = .*/SCATTER_UNDO_MAX_CAPACITY_FRACTION = constexpr(0.125)/' $policy
       scatter_gpu_checks scatter_undo "gluon or scatter" scatter
       cp /tmp/decode_gluon_launch.py.orig $policy ;;
+    index-channels)
+      # issue 18: the scatter taking its channels from a uint8 index per kept value (a format not
+      # built: perf/scatter_ablations.py's index_channels copies) against main's scatter, 0.9 / 0.95
+      echo "== scatter with index channels (timing copies), sparsity ${AB_SPARSITIES:-0.9,0.95}"
+      python3 perf/scatter_ablations.py --out-dir .gen --ablations index_channels,index_channels_undo,undo_always > /dev/null
+      timeout 280 python3 perf/decode_gathers.py --gathers scatter --baseline .gen/scatter_index_channels.py \
+          --baseline .gen/scatter_index_channels_undo.py --baseline .gen/scatter_undo_always.py --baseline-gathers scatter \
+          --shapes ${AB_SHAPES:-16x16384,4x131072,1x32768,64x4096} --sparsities "${AB_SPARSITIES:-0.9,0.95}" \
+          --out "$OUT/index_channels_ab.json" > "$OUT/index_channels_ab.log" 2>&1
+      grep -A 20 "^    shape" "$OUT/index_channels_ab.log" || tail -12 "$OUT/index_channels_ab.log" ;;
     sweep-d96)
       echo "== head dim 96 (Phi-3-mini's attention, tl kernels)"
       timeout 330 python3 perf/sweep.py --head-dim-96 --out "$OUT/sweep_d96.json" > "$OUT/sweep_d96.log" 2>&1

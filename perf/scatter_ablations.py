@@ -21,6 +21,13 @@ The copies (each one edit of decode_gluon.py's PTX generators, asserted to apply
   no_value_loop  no per-value loop at all: staging, queue set-up, ldmatrix, masks, mma and
                  softmax only (the scatter's fixed cost per tile).
 The ablations edit the masked scatter (the one that runs unless decode_gluon_launch.scatter_undoes).
+Two copies time a FORMAT that does not exist yet (issue 18: a uint8 channel index per kept value,
+which at capacity <= 16 of D=128 costs no more bytes than the bitmap): the scatter takes the
+channel of its r-th value from byte r of the staged bitmap row (masked to D - 1, as a decoder of
+untrusted indices must) instead of finding it with bfind over a queue of words: prmt, and, mad,
+store per value, no queue. Only capacities <= 16 at D=128 (the row's 16 bytes) mean anything:
+  index_channels       with main's masks (they read the real bitmap: a format holding both);
+  index_channels_undo  with the stores undone instead (a format of indices only, no bitmap).
 Two more copies are not ablations (both compute right attention): undo_never / undo_always force
 the choice between masking the dense tiles and undoing the stores (decode_gluon_launch.
 scatter_undoes) either way, to time the policy against both.
@@ -70,6 +77,43 @@ ABLATIONS = {
     "undo_never": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % False)],
     "undo_always": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % True)],
 }
+
+
+def _function_text(text: str, name: str) -> str:
+    """The source of top-level function `name` in text, from its def to the next decorator."""
+    start = text.index(f"def {name}(")
+    return text[start:text.index("\n@gluon.", start) + 1]
+
+
+# the scatter with index channels: outputs and inputs as _scatter_asm's; the queue and dummy
+# offsets go unused (the rows' bytes are the channels; a row past the tile stores its values at
+# channel 0, which the masks or the undo clear)
+INDEX_SCATTER = '''def _scatter_asm(num_words, capacity, save=False):
+    outs = capacity // 2 if save else 1
+    w = ["$%d" % (outs + i) for i in range(num_words)]
+    vrow, drow = ("$%d" % (outs + num_words + i) for i in range(2))
+    nvals = capacity // 2
+    parts = ["{ .reg .b32 t, x, i, a, o, base, v<%d>;" % nvals,
+             "mov.u32 t, mt_dstage; add.u32 base, t, %s; add.u32 a, t, %s;" % (drow, vrow)]
+    for c in range(0, nvals, 4):
+        parts.append("ld.shared.v4.b32 {v%d, v%d, v%d, v%d}, [a+%d];" % (c, c + 1, c + 2, c + 3, 4 * c))
+    for r in range(capacity):
+        val = "v%d" % (r // 2)
+        if r % 2:
+            parts.append("shr.b32 x, %s, 16;" % val)
+            val = "x"
+        parts.append("prmt.b32 i, %s, 0, %d; and.b32 i, i, %d; mad.lo.u32 a, i, 2, base; st.shared.u16 [a], %s;"
+                     % (w[(r // 4) % num_words], 0x4440 + r % 4, 32 * num_words - 1, val))
+        if save:
+            parts.append("sub.u32 o, a, t;" + (" prmt.b32 $%d, $%d, o, 0x5410;" % (r // 2, r // 2) if r % 2
+                                                else " mov.b32 $%d, o;" % (r // 2)))
+    parts.append("}" if save else "mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+'''
+_MAIN_SCATTER = _function_text(SOURCE.read_text(), "_scatter_asm")
+ABLATIONS["index_channels"] = [(_MAIN_SCATTER, INDEX_SCATTER)]
+ABLATIONS["index_channels_undo"] = [(_MAIN_SCATTER, INDEX_SCATTER)] + ABLATIONS["undo_always"]
 
 
 def ablated_source(name: str) -> str:
