@@ -23,9 +23,12 @@ The copies (each one edit of decode_gluon.py's PTX generators, asserted to apply
 The ablations edit the masked scatter (the one that runs unless decode_gluon_launch.scatter_undoes).
 Two copies time a FORMAT that does not exist yet (issue 18: a uint8 channel index per kept value,
 which at capacity <= 16 of D=128 costs no more bytes than the bitmap): the scatter takes the
-channel of its r-th value from byte r of the staged bitmap row (masked to D - 1, as a decoder of
-untrusted indices must) instead of finding it with bfind over a queue of words: prmt, and, mad,
-store per value, no queue. Only capacities <= 16 at D=128 (the row's 16 bytes) mean anything:
+channel of its r-th value from a byte (masked to D - 1, as a decoder of untrusted indices must)
+instead of finding it with bfind over a queue of words: prmt, and, mad, store per value, no
+queue. The byte is the value's own low byte, so the channels spread over the row like random
+kept channels (a76b174 took byte r of the staged bitmap row, whose bytes at sparsity 0.9 are
+mostly 0 or one bit: channels 0, 1, 2, 4, ..., more bank conflicts; its undone copy measured
+slower for that reason too, perf/NOTES.md 2026-12-06 late). Capacities <= 16 at D=128:
   index_channels       with main's masks (they read the real bitmap: a format holding both);
   index_channels_undo  with the stores undone instead (a format of indices only, no bitmap).
 Two more copies are not ablations (both compute right attention): undo_never / undo_always force
@@ -85,12 +88,11 @@ def _function_text(text: str, name: str) -> str:
     return text[start:text.index("\n@gluon.", start) + 1]
 
 
-# the scatter with index channels: outputs and inputs as _scatter_asm's; the queue and dummy
-# offsets go unused (the rows' bytes are the channels; a row past the tile stores its values at
-# channel 0, which the masks or the undo clear)
+# the scatter with index channels: outputs and inputs as _scatter_asm's; the bitmap words, queue
+# and dummy offsets go unused (the values' low bytes are the channels; a row past the tile stores
+# its stale values at their channels, which the masks or the undo clear)
 INDEX_SCATTER = '''def _scatter_asm(num_words, capacity, save=False):
     outs = capacity // 2 if save else 1
-    w = ["$%d" % (outs + i) for i in range(num_words)]
     vrow, drow = ("$%d" % (outs + num_words + i) for i in range(2))
     nvals = capacity // 2
     parts = ["{ .reg .b32 t, x, i, a, o, base, v<%d>;" % nvals,
@@ -102,8 +104,8 @@ INDEX_SCATTER = '''def _scatter_asm(num_words, capacity, save=False):
         if r % 2:
             parts.append("shr.b32 x, %s, 16;" % val)
             val = "x"
-        parts.append("prmt.b32 i, %s, 0, %d; and.b32 i, i, %d; mad.lo.u32 a, i, 2, base; st.shared.u16 [a], %s;"
-                     % (w[(r // 4) % num_words], 0x4440 + r % 4, 32 * num_words - 1, val))
+        parts.append("prmt.b32 i, %s, 0, 0x4440; and.b32 i, i, %d; mad.lo.u32 a, i, 2, base; st.shared.u16 [a], %s;"
+                     % (val, 32 * num_words - 1, val))
         if save:
             parts.append("sub.u32 o, a, t;" + (" prmt.b32 $%d, $%d, o, 0x5410;" % (r // 2, r // 2) if r % 2
                                                 else " mov.b32 $%d, o;" % (r // 2)))
