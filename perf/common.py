@@ -61,9 +61,11 @@ def decode_inputs(model: Model, batch: int, tokens: int, device: torch.device, d
 
 def load_kernel_copy(path: Path):
     """Another copy of a module of mustafar_triton/kernels/ (an older commit's, or a variant such as
-    perf/scatter_ablations.py writes), its relative imports made absolute, as a module of its own."""
+    perf/scatter_ablations.py writes), its relative imports made absolute, as a module of its own
+    (its source written to .gen/kernel_copies/, never beside `path`, which may be in the package)."""
     source = path.read_text().replace("from .", "from mustafar_triton.kernels.")
-    tmp = path.with_name(path.stem + "_loaded.py")
+    tmp = REPO_ROOT / ".gen" / "kernel_copies" / (path.stem + "_loaded.py")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(source)
     spec = importlib.util.spec_from_file_location(f"kernel_copy_{path.stem}", tmp)
     module = importlib.util.module_from_spec(spec)
