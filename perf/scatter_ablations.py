@@ -82,40 +82,25 @@ ABLATIONS = {
 }
 
 
-def _function_text(text: str, name: str) -> str:
-    """The source of top-level function `name` in text, from its def to the next decorator."""
-    start = text.index(f"def {name}(")
-    return text[start:text.index("\n@gluon.", start) + 1]
+def _span(text: str, first: str, last: str) -> str:
+    """The lines of text from the one containing `first` to the one containing `last` (after it)."""
+    start = text.rindex("\n", 0, text.index(first)) + 1
+    return text[start:text.index("\n", text.index(last, start)) + 1]
 
 
-# the scatter with index channels: outputs and inputs as _scatter_asm's; the bitmap words, queue
-# and dummy offsets go unused (the values' low bytes are the channels; a row past the tile stores
-# its stale values at their channels, which the masks or the undo clear)
-INDEX_SCATTER = '''def _scatter_asm(num_words, capacity, save=False):
-    outs = capacity // 2 if save else 1
-    vrow, drow = ("$%d" % (outs + num_words + i) for i in range(2))
-    nvals = capacity // 2
-    parts = ["{ .reg .b32 t, x, i, a, o, base, v<%d>;" % nvals,
-             "mov.u32 t, mt_dstage; add.u32 base, t, %s; add.u32 a, t, %s;" % (drow, vrow)]
-    for c in range(0, nvals, 4):
-        parts.append("ld.shared.v4.b32 {v%d, v%d, v%d, v%d}, [a+%d];" % (c, c + 1, c + 2, c + 3, 4 * c))
-    for r in range(capacity):
-        val = "v%d" % (r // 2)
-        if r % 2:
-            parts.append("shr.b32 x, %s, 16;" % val)
-            val = "x"
-        parts.append("prmt.b32 i, %s, 0, 0x4440; and.b32 i, i, %d; mad.lo.u32 a, i, 2, base; st.shared.u16 [a], %s;"
-                     % (val, 32 * num_words - 1, val))
-        if save:
-            parts.append("sub.u32 o, a, t;" + (" prmt.b32 $%d, $%d, o, 0x5410;" % (r // 2, r // 2) if r % 2
-                                                else " mov.b32 $%d, o;" % (r // 2)))
-    parts.append("}" if save else "mov.b32 $0, 0; }")
-    return " ".join(parts)
-
-'''
-_MAIN_SCATTER = _function_text(SOURCE.read_text(), "_scatter_asm")
-ABLATIONS["index_channels"] = [(_MAIN_SCATTER, INDEX_SCATTER)]
-ABLATIONS["index_channels_undo"] = [(_MAIN_SCATTER, INDEX_SCATTER)] + ABLATIONS["undo_always"]
+# the scatter with index channels: main's _scatter_asm without its queue (set-up, sentinels,
+# hand-over) and with the channel of each value from a byte: the value's own low byte, so the
+# channels spread like random kept ones (a row past the tile stores its stale values at their
+# channels, which the masks or the undo clear)
+_MAIN = SOURCE.read_text()
+QUEUE_SETUP = _span(_MAIN, "parts = [\"{ .reg .pred pz, ps;", "add.u32 q, q, 512; add.u32 a, t, %s;")
+INDEX_SETUP = ('    parts = ["{ .reg .b32 t, x, i, a, o, base, v<%d>;" % nvals,\n'
+               '             "mov.u32 t, mt_dstage; add.u32 base, t, %s; add.u32 a, t, %s;" % (drow, vrow)]\n')
+HAND_OVER = _span(_MAIN, "if r + 1 < capacity:  # clear the bit", "@!ps add.u32 q, q, 256;\")")
+INDEX_STORE = ('"prmt.b32 i, %s, 0, 0x4440; and.b32 i, i, %d; mad.lo.u32 a, i, 2, base; st.shared.u16 [a], %s;"'
+               ' % (val, 32 * num_words - 1, val)')
+ABLATIONS["index_channels"] = [(QUEUE_SETUP, INDEX_SETUP), (HAND_OVER, ""), (STORE, INDEX_STORE)]
+ABLATIONS["index_channels_undo"] = ABLATIONS["index_channels"] + ABLATIONS["undo_always"]
 
 
 def ablated_source(name: str) -> str:
