@@ -102,7 +102,8 @@ def _sparse_decode_gluon_kernel():
 def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: PackedKV, *,
                             k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
                             window_lens: torch.Tensor | None = None, softmax_scale: float | None = None,
-                            return_lse: bool = False, num_splits: int = 0, max_seq_len: int | None = None):
+                            return_lse: bool = False, num_splits: int = 0, max_seq_len: int | None = None,
+                            exact_weights: bool = False):
     """One decode step of attention over a compressed cache plus a dense window of recent tokens.
 
     q:        [B, Hq, D] fp16 / bf16 / fp32, one query token per sequence, or [B, Lq, Hq, D] with
@@ -125,6 +126,12 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     max_seq_len: a host-side upper bound of packed_k.seq_lens (default T). Splits are sized on it,
               so a cache allocated far beyond its contents still spreads its work over the GPU;
               compressed tokens at or past it are not attended.
+    exact_weights: fp16 / bf16 caches only: P @ V as two tensor-core products, the attention
+              weights rounded to the cache dtype and the rounding's remainder, so the weights keep
+              ~16 significant bits instead of the dtype's (8 for bf16, as in dense flash kernels);
+              the outputs are then the correctly rounded result almost everywhere. It costs ~3-7.5%
+              of bf16 decode time (perf/NOTES.md, 2026-12-06 and 2026-12-07); default False.
+              Layouts with it never tune (they run their bucket's tuned config).
     GQA: query head h reads kv head h // (Hq // Hkv); MQA (Hkv=1) and MHA work.
     Several query tokens (q [B, Lq, Hq, D], out [B, Lq, Hq, D], lse [B, Lq, Hq]): the Lq new
               tokens are the LAST Lq tokens of each sequence's window (already written to k_window
@@ -151,38 +158,44 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     sizing are resolved once per argument layout (shapes, strides, dtypes, devices) and bound, and
     the float32 split buffers are kept per layout and CUDA stream (_DecodePlan).
     """
-    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits, exact_weights)
     return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse)
 
 
-def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits) -> "_DecodePlan":
+def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+             exact_weights=False) -> "_DecodePlan":
     """The checked plan of this argument layout, made on its first call and kept (_plans)."""
     try:
-        key = _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+        key = _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+                        exact_weights)
         plan = _plans.get(key)
     except (AttributeError, TypeError):  # not tensors / PackedKV, or unhashable: the checks say which
         key = plan = None
     if plan is None:
-        plan = _DecodePlan(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+        plan = _DecodePlan(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+                           exact_weights)
         if key is not None:
             remember(_plans, key, plan, _MAX_PLANS)
     return plan
 
 
 def launched_gather(q, packed_k, packed_v, *, k_window=None, v_window=None, window_lens=None,
-                    softmax_scale=None, num_splits=0, max_seq_len=None) -> str | None:
+                    softmax_scale=None, num_splits=0, max_seq_len=None, exact_weights=False) -> str | None:
     """The Gluon gather the last sparse_decode_attention call with this argument layout ran
     ("walk", "popc" or "scatter"); None where it ran decode.py's kernel or no such call was
     planned yet. For benchmarks that report what they measured (perf/sweep.py)."""
-    plan = _plans.get(_plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits))
+    plan = _plans.get(_plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+                                exact_weights))
     launch = plan and plan.launches.get(plan.tokens if max_seq_len is None else max_seq_len)
     return launch.gather if launch and launch.gluon else None
 
 
-def _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits) -> tuple:
+def _plan_key(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+              exact_weights=False) -> tuple:
     """q's key holds its shape, so its rank and Lq (the query tokens, a kernel constexpr) too."""
     return (_tensor_key(q), _packed_key(packed_k), _packed_key(packed_v), _tensor_key(k_window),
-            _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits)
+            _tensor_key(v_window), _tensor_key(window_lens), softmax_scale, type(num_splits), num_splits,
+            type(exact_weights), exact_weights)
 
 
 def _tensor_key(t):
@@ -210,7 +223,8 @@ class _DecodePlan:
     bound (max_seq_len) and the float32 split buffers per CUDA stream (calls on one stream run in
     order, so they can share them; a graph captured on its own stream gets its own)."""
 
-    def __init__(self, q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits):
+    def __init__(self, q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+                 exact_weights=False):
         if not isinstance(q, torch.Tensor):
             raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -235,6 +249,10 @@ class _DecodePlan:
         self.fp8 = packed_k.fp8
         if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
             raise ValueError(f"num_splits must be an int >= 0, got {num_splits!r}")
+        if not isinstance(exact_weights, bool):
+            raise TypeError(f"exact_weights must be a bool, got {type(exact_weights).__name__}")
+        # fp32 caches multiply fp32 weights already: only 16-bit P @ V products change
+        self.exact_weights = exact_weights and q.dtype != torch.float32
         _check_window(k_window, v_window, window_lens, packed_k, q)
         if self.lq > 1 and k_window is None:
             raise ValueError(f"several query tokens per step (q [B, Lq, Hq, D], Lq={self.lq}) need a dense "
@@ -268,6 +286,8 @@ class _DecodePlan:
                           V_CAPACITY=self.v_capacity, HAS_SEQ_LENS=packed_k.seq_lens is not None,
                           HAS_WINDOW=k_window is not None, HAS_WINDOW_LENS=window_lens is not None, LQ=self.lq)
         self.paged = isinstance(packed_k, PagedKV)
+        if self.exact_weights:  # only where asked: the default launches keep their compiled kernels
+            self.flags.update(EXACT_WEIGHTS=True)
         if self.fp8:  # both kernels take them; the scales are part of the layout (_packed_key)
             self.flags.update(FP8_VALUES=True, k_value_scale=packed_k.value_scale, v_value_scale=packed_v.value_scale)
         if self.paged:  # the block table's row length and the pool's pages are constant per layout
@@ -335,13 +355,14 @@ class _DecodePlan:
             return cfg
         # Several query tokens take their GQA group's (one-token) config and never tune: a config
         # tuned on them would be stored under the same bucket and serve one-token calls. fp8 values
-        # neither (their bucket's entry is the fp16 cache's; they run its kernel's fp8 form).
+        # neither (their bucket's entry is the fp16 cache's; they run its kernel's fp8 form), nor
+        # exact weights (the bucket's entry is the default product's).
         def run(cfg):  # one call of cfg's launch on this call's tensors (the tuner times it)
             launch, stream = _Launch(self, runnable(cfg), context), self.stream()
             part_out, part_lse, _ = self.buffers(stream, launch.splits, True)
             launch(stream, *tensors, part_out, part_lse)
-        cfg = autotune.config_for("decode", self.device, run=run if self.lq == 1 and not self.fp8 else None,
-                                  head_dim=self.d,
+        tunes = self.lq == 1 and not (self.fp8 or self.exact_weights)
+        cfg = autotune.config_for("decode", self.device, run=run if tunes else None, head_dim=self.d,
                                   group=self.group, dtype=dtype, capacity=max(self.k_capacity, self.v_capacity),
                                   batch_heads=self.batch * self.hkv, context=context)
         return _Launch(self, runnable(cfg), context)

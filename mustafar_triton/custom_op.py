@@ -3,7 +3,7 @@
     torch.ops.mustafar_triton.sparse_decode_attention(
         q, k_bitmap, k_values, v_bitmap, v_values, seq_lens=None, k_window=None, v_window=None,
         window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None, block_table=None,
-        k_value_scale=1.0, v_value_scale=1.0)
+        k_value_scale=1.0, v_value_scale=1.0, exact_weights=False)
         -> (out, lse)
 
 takes the PackedKV fields as plain tensors (capacities are the values' last dims, head_dim is q's;
@@ -33,11 +33,13 @@ def _sparse_decode_attention(
     v_window: torch.Tensor | None = None, window_lens: torch.Tensor | None = None,
     softmax_scale: float | None = None, num_splits: int = 0, max_seq_len: int | None = None,
     block_table: torch.Tensor | None = None, k_value_scale: float = 1.0, v_value_scale: float = 1.0,
+    exact_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, Hq, D] or [B, Lq, Hq, D]; k/v_bitmap int32 [B, Hkv, T, D // 32]; k/v_values [B, Hkv, T,
     capacity]; seq_lens int32 [B] (used for K and V); windows [B, Hkv, W, D]; window_lens int32 [B].
     block_table int32 [B, max_pages]: the bitmaps and values are pools [pages, Hkv, page_size, ...]
-    (format.PagedKV). k/v_value_scale: the caches' value_scale (fp8 values). Returns out shaped like
+    (format.PagedKV). k/v_value_scale: the caches' value_scale (fp8 values). exact_weights: as in
+    sparse_decode_attention. Returns out shaped like
     q (contiguous, q's dtype) and lse q.shape[:-1] float32."""
     d = q.shape[-1]
     if block_table is not None:
@@ -50,7 +52,7 @@ def _sparse_decode_attention(
         packed_v = PackedKV(v_bitmap, v_values, v_values.shape[-1], d, seq_lens, v_value_scale)
     # contiguous q: the output then is contiguous too, as the fake implementation says
     q = q.contiguous()
-    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits)
+    plan = plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits, exact_weights)
     # split buffers per call: under CUDA-graph trees nothing allocated in the op may outlive it
     return plan(q, packed_k, packed_v, k_window, v_window, window_lens, max_seq_len, return_lse=True,
                 keep_split_buffers=False)
@@ -59,7 +61,7 @@ def _sparse_decode_attention(
 @_sparse_decode_attention.register_fake
 def _(q, k_bitmap, k_values, v_bitmap, v_values, seq_lens=None, k_window=None, v_window=None,
       window_lens=None, softmax_scale=None, num_splits=0, max_seq_len=None, block_table=None,
-      k_value_scale=1.0, v_value_scale=1.0):
+      k_value_scale=1.0, v_value_scale=1.0, exact_weights=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -67,7 +69,7 @@ def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: Pa
                                k_window: torch.Tensor | None = None, v_window: torch.Tensor | None = None,
                                window_lens: torch.Tensor | None = None, softmax_scale: float | None = None,
                                return_lse: bool = False, num_splits: int = 0,
-                               max_seq_len: int | None = None):
+                               max_seq_len: int | None = None, exact_weights: bool = False):
     """`mustafar_triton.sparse_decode_attention` (same arguments and results) through the custom
     op torch.ops.mustafar_triton.sparse_decode_attention: traceable by torch.compile(fullgraph=True).
 
@@ -85,7 +87,7 @@ def sparse_decode_attention_op(q: torch.Tensor, packed_k: PackedKV, packed_v: Pa
     out, lse = torch.ops.mustafar_triton.sparse_decode_attention(
         q, packed_k.bitmap, packed_k.values, packed_v.bitmap, packed_v.values, packed_k.seq_lens,
         k_window, v_window, window_lens, softmax_scale, num_splits, max_seq_len,
-        packed_k.block_table if paged else None, packed_k.value_scale, packed_v.value_scale)
+        packed_k.block_table if paged else None, packed_k.value_scale, packed_v.value_scale, exact_weights)
     return (out, lse) if return_lse else out
 
 

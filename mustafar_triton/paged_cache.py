@@ -57,13 +57,14 @@ class PagedSparseKVCache:
         writer: the function that writes pages, with compress.write_pages' signature (default
             write_pages; reference.write_pages runs the same semantics in torch).
         value_dtype, value_scale: fp8 kept values in the pools, as in SparseKVCache.
+        exact_weights: attend with sparse_decode_attention's exact_weights, as in SparseKVCache.
     """
 
     def __init__(self, num_kv_heads: int, head_dim: int, num_pages: int, page_size: int, max_seqs: int,
                  max_pages_per_seq: int, k_sparsity: float, v_sparsity: float, window: int,
                  dtype: torch.dtype = torch.float16, device: torch.device | str = "cuda",
                  writer: Callable[..., None] = write_pages, value_dtype: torch.dtype | None = None,
-                 value_scale: float | tuple[float, float] = 1.0):
+                 value_scale: float | tuple[float, float] = 1.0, exact_weights: bool = False):
         self.num_kv_heads = _check_count("num_kv_heads", num_kv_heads, 1)
         self.num_pages = _check_count("num_pages", num_pages, 1)
         self.page_size = _check_count("page_size", page_size, 16)
@@ -80,6 +81,9 @@ class PagedSparseKVCache:
         self.k_sparsity = _check_sparsity(k_sparsity)
         self.v_sparsity = _check_sparsity(v_sparsity)
         scales = value_scales(value_dtype, value_scale)
+        if not isinstance(exact_weights, bool):
+            raise TypeError(f"exact_weights must be a bool, got {type(exact_weights).__name__}")
+        self.exact_weights = exact_weights
         self._writer = writer
 
         self.block_table = torch.full((max_seqs, max_pages_per_seq), -1, dtype=torch.int32, device=device)
@@ -297,4 +301,4 @@ class PagedSparseKVCache:
             stored = [self._stored[s] for s in slots]
         window = dict(k_window=k_win, v_window=v_win, window_lens=win_lens) if self.window else {}
         return sparse_decode_attention(q, paged_k, paged_v, softmax_scale=softmax_scale, return_lse=return_lse,
-                                       max_seq_len=max(stored, default=0), **window)
+                                       max_seq_len=max(stored, default=0), exact_weights=self.exact_weights, **window)

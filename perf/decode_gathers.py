@@ -7,6 +7,7 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
     python perf/decode_gathers.py --out perf/results/h200/decode_gathers.json
     python perf/decode_gathers.py --baseline .gen/decode_gluon_base.py --shapes 16x16384 --sparsities 0.7
     python perf/decode_gathers.py --baseline old.py --baseline other.py --baseline-gathers scatter --gathers scatter
+    python perf/decode_gathers.py --dtype bf16 --exact-weights   # each gather also as <gather>-exact
 
 Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16 (--dtype bf16), K and V at the same
 sparsity, no window (--window N: N dense recent tokens besides the T compressed ones, as a cache
@@ -63,6 +64,8 @@ def main():
     ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
                     help="splits for every gather (-k: k waves of programs)")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the queries' and caches' dtype")
+    ap.add_argument("--exact-weights", action="store_true",
+                    help="also time each gather with sparse_decode_attention's exact_weights (as <gather>-exact)")
     args = ap.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     dev = torch.device("cuda")
@@ -70,14 +73,16 @@ def main():
     bw = copy_bandwidth(dev, 2**30)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     own_kernel = attention._sparse_decode_gluon_kernel
-    variants = [(g, g, own_kernel) for g in args.gathers.split(",")]
+    variants = [(g, g, own_kernel, False) for g in args.gathers.split(",")]
+    if args.exact_weights:
+        variants += [(f"{g}-exact", g, own_kernel, True) for g in args.gathers.split(",")]
     for path in args.baseline:
         base = load_baseline(path)
         prefix = "base" if len(args.baseline) == 1 else path.stem
-        variants += [(f"{prefix}-{g}", g, lambda base=base: base) for g in args.baseline_gathers.split(",")]
+        variants += [(f"{prefix}-{g}", g, lambda base=base: base, False) for g in args.baseline_gathers.split(",")]
     m = LLAMA3_8B
     meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
-                baseline=[str(p) for p in args.baseline] or None, window=args.window)
+                baseline=[str(p) for p in args.baseline] or None, window=args.window, dtype=args.dtype)
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
@@ -104,19 +109,19 @@ def main():
             nbytes = pk.nbytes + pv.nbytes + sum(w.numel() * w.element_size() for w in windows.values())
             byte_bound_us = nbytes / bw * 1e6
             outs = {}
-            for label, gather, kernel in variants:
+            for label, gather, kernel, exact in variants:
                 attention._sparse_decode_gluon_kernel = kernel
                 try:
                     with autotune.forced_config("decode", dict(GLUON_CONFIG, gather=gather, num_splits=args.num_splits)):
-                        outs[label] = mt.sparse_decode_attention(q, pk, pv, **windows).float()
-                        us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv, **windows), dev)
+                        outs[label] = mt.sparse_decode_attention(q, pk, pv, exact_weights=exact, **windows).float()
+                        us = bench_us(lambda: mt.sparse_decode_attention(q, pk, pv, exact_weights=exact, **windows), dev)
                 finally:
                     attention._sparse_decode_gluon_kernel = own_kernel
                 diff = max((outs[label] - o).abs().max().item() for o in outs.values())
                 rows.append(dict(base_row, kind="sparse", variant=label, sparsity=sparsity, us=us, bytes=nbytes,
                                  byte_bound_us=byte_bound_us, dense_us=best_dense, speedup=best_dense / us,
                                  max_abs_diff_vs_other_gathers=diff))
-                print(f"{shape:>9s} s={sparsity:.2f} {label:10s} {us:8.1f} us  {best_dense / us:5.2f}x dense"
+                print(f"{shape:>9s} s={sparsity:.2f} {label:17s} {us:8.1f} us  {best_dense / us:5.2f}x dense"
                       f"  bound {byte_bound_us:6.1f} us  diff {diff:.1e}", flush=True)
             del pk, pv
             write_results(Path(args.out), meta, rows)  # after every point: a run cut short keeps them
@@ -133,7 +138,7 @@ def main():
             for s in map(float, args.sparsities.split(",")):
                 r = next((r for r in sel if r.get("variant") == label and r.get("sparsity") == s), None)
                 cells.append(f"{r['us']:7.1f} ({r['speedup']:4.2f}x)" if r else "-")
-            print(f"{shape:>9s} {dense:7.1f} {label:>9s} " + " ".join(f"{c:>18s}" for c in cells))
+            print(f"{shape:>9s} {dense:7.1f} {label:>17s} " + " ".join(f"{c:>18s}" for c in cells))
 
 
 if __name__ == "__main__":

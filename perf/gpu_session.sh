@@ -20,6 +20,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh scatter-undo          (~5 minutes: issue 18, undone stores vs masks, their tests, memcheck)
 #   OUT=/tmp/out bash perf/gpu_session.sh index-channels        (~3 minutes: issue 18, the scatter with a uint8 channel per kept value, timing copies)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
+#   OUT=/tmp/out bash perf/gpu_session.sh exact-weights         (~6 minutes: exact_weights' GPU tests, their memcheck, its decode time)
 # Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
 # tests, memcheck and perf/flush_cost.py), tune (all decode buckets), tune-pack (all
@@ -77,6 +78,21 @@ for stage in "$@"; do
       timeout 150 python3 perf/fp8_decode.py --dtype bf16 --shapes 16x16384,1x32768 --out "$OUT/fp8_decode_bf16.json" \
           > "$OUT/fp8_decode_bf16.log" 2>&1
       tail -10 "$OUT/fp8_decode_bf16.log" ;;
+    exact-weights)
+      # sparse_decode_attention(exact_weights=True): P @ V as two products (issue 22's bf16 check);
+      # its tests on the GPU, under memcheck, and its price in bf16 / fp16 decode time
+      echo "== exact_weights: GPU tests, memcheck, decode time with and without it"
+      EXACT_TESTS="tests/test_decode.py tests/test_paged_decode.py tests/test_cache.py tests/test_custom_op.py"
+      MUSTAFAR_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 $EXACT_TESTS -k exact_weights \
+          > "$OUT/gpu_tests_exact_weights.log" 2>&1; tail -2 "$OUT/gpu_tests_exact_weights.log"
+      MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 240 \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider $EXACT_TESTS -k exact_weights \
+          > "$OUT/sanitizer_exact_weights.log" 2>&1; tail -3 "$OUT/sanitizer_exact_weights.log"
+      for dt in bf16 fp16; do
+        timeout 120 python3 perf/decode_gathers.py --dtype $dt --exact-weights --gathers walk,walk_halves,scatter \
+            --shapes 16x16384,1x32768 --sparsities 0.7,0.9 --out "$OUT/exact_weights_$dt.json" > "$OUT/exact_weights_$dt.log" 2>&1
+        tail -8 "$OUT/exact_weights_$dt.log"
+      done ;;
     cache-checks)
       # the cache's own kernels (window append and flush): their GPU tests, memcheck of the flush /
       # ragged / sinks paths, and the flush's GPU time beside append and attend (perf/flush_cost.py)

@@ -4,7 +4,7 @@ whole kernel and for its main loop's body (the longest backward branch: what rep
 
     python perf/sass_report.py [--kernel tl|gluon|prune] [--gather walk|walk_halves|popc|scatter] [--slots popc] [--block-n 64] [--warps 4]
                                [--stages 2] [--prefetch 2] [--capacity 40] [--head-dim 128]
-                               [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--fp8] [--maxnreg N]
+                               [--group 4] [--lq 1] [--window] [--page-size 16] [--dtype fp16] [--fp8] [--exact-weights] [--maxnreg N]
                                [--dump DIR] [--source FILE]
 
 --kernel gluon compiles decode_gluon.py's kernel as the launcher does (one warp, BLOCK_N 16 by
@@ -45,7 +45,7 @@ def compile_decode(args):
     window = args.window or args.lq > 1
     common = dict(GROUP=args.group, HEAD_DIM=args.head_dim, K_CAPACITY=args.capacity, V_CAPACITY=args.capacity,
                   HAS_SEQ_LENS=args.page_size > 0, HAS_WINDOW=window, HAS_WINDOW_LENS=window, LQ=args.lq,
-                  PAGE_SIZE=args.page_size, FP8_VALUES=args.fp8)
+                  PAGE_SIZE=args.page_size, FP8_VALUES=args.fp8, EXACT_WEIGHTS=args.exact_weights)
     if not args.page_size:  # contiguous: the block table is None (a constexpr)
         common["block_table_ptr"] = None
     rows = args.group * args.lq
@@ -70,6 +70,10 @@ def compile_decode(args):
         if args.maxnreg:
             options["maxnreg"] = args.maxnreg
     names = kernel.arg_names
+    if args.exact_weights and "EXACT_WEIGHTS" not in names:
+        raise SystemExit("--exact-weights: this kernel (a --source copy?) has no EXACT_WEIGHTS")
+    # a --source copy from before a constexpr existed compiles without it (its default), not as an int
+    constexprs = {k: v for k, v in constexprs.items() if k in names}
     signature = {}
     for name in names:
         if name in constexprs:
@@ -167,6 +171,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--page-size", type=int, default=0, help="a paged cache (format.PagedKV) of this page size")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     ap.add_argument("--fp8", action="store_true", help="decode kernels: fp8 (e4m3) kept values (FP8_VALUES)")
+    ap.add_argument("--exact-weights", action="store_true",
+                    help="decode kernels: P @ V as two products (EXACT_WEIGHTS: sparse_decode_attention's exact_weights)")
     ap.add_argument("--dump", help="write ttgir, ptx and sass here")
     ap.add_argument("--source", type=Path, help="--kernel gluon: compile this copy of decode_gluon.py instead")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead (tests read it)")

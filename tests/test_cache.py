@@ -240,6 +240,29 @@ def test_flush_stores_nan_and_inf_as_prune_and_pack_does(device):
     assert torch.isfinite(out[0]).all() and torch.isnan(out[1, :group]).all()
 
 
+def test_attend_with_exact_weights(device):
+    """SparseKVCache(exact_weights=True) attends with sparse_decode_attention's exact_weights: bf16
+    outputs are the float64 result (on the same pruned data) rounded to bf16 almost everywhere,
+    where on a GPU the default cache's are not (test_decode's rounding test; the interpreter
+    computes in fp32 and truncates to bf16)."""
+    b, hkv, hq, d, t = 2, 2, 8, 128, 200
+    caches = [mt.SparseKVCache(b, hkv, d, 256, 16, 0.7, 0.5, dtype=torch.bfloat16, device=device, exact_weights=e)
+              for e in (False, True)]
+    seed = seed_of("exact weights")
+    k, v = randn((b, hkv, t, d), torch.bfloat16, seed, device), randn((b, hkv, t, d), torch.bfloat16, seed + 1, device)
+    q = randn((b, hq, d), torch.bfloat16, seed + 2, device, scale=3.0)
+    for cache in caches:
+        cache.prefill(k, v, torch.tensor([t, 131], dtype=torch.int32, device=device))
+    exact = ref.sparse_decode_attention(q.double(), caches[1].packed_k, caches[1].packed_v,
+                                              **caches[1].window_kwargs())
+    want = exact.to(torch.bfloat16)
+    if INTERPRETING:
+        want = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    assert (caches[1].attend(q) != want).float().mean() < 0.02
+    if not INTERPRETING:
+        assert (caches[0].attend(q) != want).float().mean() > 0.1
+
+
 def test_caches_of_one_layout_share_their_launches(device):
     """A model's layers (caches of one shape, dtype and device) share append's and the flush's
     launches, so only the first layer's first call of each goes through Triton's JIT; a cache of

@@ -38,7 +38,7 @@ def test_schema():
         "Tensor v_bitmap, Tensor v_values, Tensor? seq_lens=None, Tensor? k_window=None, "
         "Tensor? v_window=None, Tensor? window_lens=None, float? softmax_scale=None, "
         "SymInt num_splits=0, SymInt? max_seq_len=None, Tensor? block_table=None, float k_value_scale=1., "
-        "float v_value_scale=1.) -> (Tensor, Tensor)")
+        "float v_value_scale=1., bool exact_weights=False) -> (Tensor, Tensor)")
 
 
 @pytest.mark.parametrize("with_window", [True, False], ids=["window", "no-window"])
@@ -52,6 +52,14 @@ def test_op_equals_direct_call(with_window, scale, splits, device):
     assert torch.equal(out, want) and torch.equal(lse, want_lse)
     out2 = mt.sparse_decode_attention_op(q, pk, pv, softmax_scale=scale, num_splits=splits, **window)
     assert torch.equal(out2, want)
+
+
+def test_op_exact_weights(device):
+    """exact_weights goes through the op: its result is the direct call's with it (bf16, where it
+    changes the product on a GPU)."""
+    q, pk, pv, window = make_case(device, seed=41, t=45, dtype=torch.bfloat16)
+    got = mt.sparse_decode_attention_op(q, pk, pv, exact_weights=True, **window)
+    assert torch.equal(got, mt.sparse_decode_attention(q, pk, pv, exact_weights=True, **window))
 
 
 def test_op_without_seq_lens(device):

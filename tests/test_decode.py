@@ -342,6 +342,53 @@ def test_kernel_variants(variant, device, decode_config):
     check_decode(q, pk, pv, num_splits=3, **kw)
 
 
+# exact_weights: the tl kernel (interpreter and GPU) and, on a GPU, every Gluon gather
+_EXACT_WEIGHTS_VARIANTS = [dict()] + (
+    [dict(gluon_launch.GLUON_CONFIG, gather=g) for g in gluon_launch.GATHERS]
+    + [dict(kernel="tl", BLOCK_N=64, num_warps=4, num_stages=2, SLOTS="popc")] if not INTERPRETING else [])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", _EXACT_WEIGHTS_VARIANTS,
+                         ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()) or "default")
+def test_exact_weights_outputs_are_correctly_rounded(variant, dtype, device, decode_config):
+    """A 16-bit P keeps 8 (bf16) or 11 (fp16) bits of each attention weight: rounded once before
+    P @ V, a large share of the outputs come out one unit off the correctly rounded result (the
+    reference's p_dtype models that, checked on the same case). exact_weights=True adds the
+    remainder's product, so the outputs equal the float64 result rounded to the dtype almost
+    everywhere; on a GPU the default call does not (the flag reaches the kernels). (The
+    interpreter's kernels compute 16-bit caches in fp32, where both calls are exact, and convert
+    fp32 to bf16 by truncation: there bf16 outputs are compared with the truncated result.)"""
+    decode_config(**variant)
+    q, pk, pv, kw = make_case(device, b=3, hq=8, hkv=2, t=300, d=128, dtype=dtype, seed=31,
+                              q_scale=3.0, seq_lens=[300, 211, 97], w=16, window_lens=[16, 9, 0])
+    exact = reference64(q, pk, pv, **kw)[0]
+    rounded_once = ref.sparse_decode_attention(q.float(), pk, pv, compute_dtype=torch.float32, p_dtype=dtype,
+                                               **kw).to(dtype)
+    assert (rounded_once != exact.to(dtype)).float().mean() > 0.1
+    want = exact.to(dtype)
+    if INTERPRETING and dtype == torch.bfloat16:
+        want = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    out = mt.sparse_decode_attention(q, pk, pv, exact_weights=True, **kw)
+    assert (out != want).float().mean() < 0.02
+    if not INTERPRETING:
+        assert (mt.sparse_decode_attention(q, pk, pv, **kw) != want).float().mean() > 0.1
+
+
+def test_exact_weights_checks(device):
+    """exact_weights must be a bool (TypeError naming it, from the call and from every cache); fp32
+    caches (already exact) give the default call's result bit for bit."""
+    q, pk, pv, kw = make_case(device, b=2, hq=4, hkv=2, t=33, d=64, dtype=torch.float32, seed=37, w=4)
+    with pytest.raises(TypeError, match="exact_weights"):
+        mt.sparse_decode_attention(q, pk, pv, exact_weights=1, **kw)
+    with pytest.raises(TypeError, match="exact_weights"):
+        mt.SparseKVCache(2, 2, 64, 32, 4, 0.7, 0.5, dtype=torch.float32, device=device, exact_weights="yes")
+    with pytest.raises(TypeError, match="exact_weights"):
+        mt.PagedSparseKVCache(2, 64, 4, 16, 2, 2, 0.7, 0.5, 4, dtype=torch.float32, device=device, exact_weights=None)
+    assert torch.equal(mt.sparse_decode_attention(q, pk, pv, exact_weights=True, **kw),
+                       mt.sparse_decode_attention(q, pk, pv, **kw))
+
+
 def _nan_case(device, num_splits):
     b, hq, hkv, t, d = 3, 6, 2, 40, 64
     q, pk, pv, kw = make_case(device, b=b, hq=hq, hkv=hkv, t=t, d=d, dtype=torch.float16, seed=29, w=4)

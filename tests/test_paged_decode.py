@@ -156,3 +156,21 @@ def test_gluon_paged_equals_contiguous(gather, page_size, dtype, device, decode_
     table = gk.block_table.clone()
     table[0, 1], table[2, 0] = -1, gk.num_pages
     check_decode(q, gk.with_tables(table, gk.seq_lens), gv.with_tables(table, gk.seq_lens), **kw)
+
+
+@pytest.mark.parametrize("gather", [None] + (list(gluon_launch.GATHERS) if not INTERPRETING else []))
+def test_paged_exact_weights_equal_contiguous(gather, device, decode_config):
+    """exact_weights on pages, with a window and several query tokens: bit for bit the contiguous
+    call with it (decode.py's kernel; on a GPU also every Gluon gather), and on a GPU not the
+    default call's result (bf16: the flag changes the P @ V product)."""
+    if gather is not None:
+        decode_config(**gluon_launch.GLUON_CONFIG, gather=gather)
+    q, pk, pv, gk, gv, kw = case(device, b=3, hq=8, hkv=2, t=90, d=128, dtype=torch.bfloat16, seq_lens=(90, 41, 17),
+                                 w=6, seed=43)
+    q3 = randn((3, 3, 8, 128), torch.bfloat16, 44, device, scale=3.0)
+    for query in (q, q3):
+        want = mt.sparse_decode_attention(query, pk, pv, exact_weights=True, **kw)
+        got = mt.sparse_decode_attention(query, gk, gv, max_seq_len=pk.num_tokens, exact_weights=True, **kw)
+        assert torch.equal(got, want)
+        if not INTERPRETING:
+            assert not torch.equal(got, mt.sparse_decode_attention(query, gk, gv, max_seq_len=pk.num_tokens, **kw))

@@ -141,6 +141,19 @@ def test_cache_arguments_are_checked(smollm):
         MustafarCache(config, sinks=2.0)
     with pytest.raises(ValueError, match="sparsity must be in"):
         MustafarCache(config, k_sparsity=1.0)
+    with pytest.raises(TypeError, match="exact_weights must be a bool"):
+        MustafarCache(config, exact_weights=1)
+
+
+def test_exact_weights_reach_the_stores(smollm):
+    """MustafarCache(exact_weights=True) gives every layer's store the flag its attend passes on
+    (the model here is float32, whose products are exact anyway: the tokens are dense's)."""
+    model, ids = smollm.model, smollm.ids
+    cache = MustafarCache(model.config, k_sparsity=0.0, v_sparsity=0.0, window=8, max_tokens=64, exact_weights=True)
+    out = model.generate(ids, **{cache_keyword(model): cache}, **GREEDY)
+    assert torch.equal(out.sequences, smollm.dense.sequences)
+    stores = [layer.store for layer in cache.layers]
+    assert stores and all(store.exact_weights for store in stores)
 
 
 def test_padded_batch_without_mustafar_cache_is_dense(smollm):

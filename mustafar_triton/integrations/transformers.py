@@ -105,11 +105,13 @@ class MustafarLayer(CacheLayerMixin):
     is_sliding = False
 
     def __init__(self, k_sparsity: float, v_sparsity: float, window: int, max_tokens: int, sinks: int = 0,
-                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0):
+                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0,
+                 exact_weights: bool = False):
         super().__init__()
         self.k_sparsity, self.v_sparsity = k_sparsity, v_sparsity
         self.window, self.max_tokens, self.sinks = window, max_tokens, sinks
         self.value_dtype, self.value_scale = value_dtype, value_scale
+        self.exact_weights = exact_weights
         self.store: SparseKVCache | None = None
         self.length = 0
         self.has_prompt = False      # the prompt went through update()
@@ -120,7 +122,8 @@ class MustafarLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store = SparseKVCache(b, hkv, d, self.max_tokens, self.window, self.k_sparsity, self.v_sparsity,
                                    dtype=key_states.dtype, device=key_states.device, sinks=self.sinks,
-                                   value_dtype=self.value_dtype, value_scale=self.value_scale)
+                                   value_dtype=self.value_dtype, value_scale=self.value_scale,
+                                   exact_weights=self.exact_weights)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -212,7 +215,8 @@ class StaticMustafarLayer(MustafarLayer):
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
         store = self.store
         out = sparse_decode_attention_op(query[:, :, 0], store.packed_k, store.packed_v, softmax_scale=scaling,
-                                         max_seq_len=store.max_tokens, **store.window_kwargs())
+                                         max_seq_len=store.max_tokens, exact_weights=store.exact_weights,
+                                         **store.window_kwargs())
         return out[:, None]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -233,8 +237,8 @@ class MustafarCache(Cache):
     tokens dense in transformers' own sliding layers and attend through SDPA with the model's mask.
 
     k_sparsity, v_sparsity, window, max_tokens, sinks (the first `sinks` tokens of every
-    sequence kept dense, default 0), value_dtype and value_scale (fp8 kept values) are those of
-    `SparseKVCache`, checked on construction;
+    sequence kept dense, default 0), value_dtype and value_scale (fp8 kept values) and
+    exact_weights are those of `SparseKVCache`, checked on construction;
     `mustafar_triton.preset(name, head_dim, context_tokens)` gives measured equal-bytes settings to
     pass as **kwargs.
     static=True: compileable layers (StaticMustafarLayer), for generate()'s compiled decode; needs
@@ -244,7 +248,8 @@ class MustafarCache(Cache):
 
     def __init__(self, config, k_sparsity: float = 0.5, v_sparsity: float = 0.5, window: int = 32,
                  max_tokens: int = 4096, sinks: int = 0, static: bool = False,
-                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0):
+                 value_dtype: torch.dtype | None = None, value_scale: float | tuple[float, float] = 1.0,
+                 exact_weights: bool = False):
         _check_count("sinks", sinks, 0)
         value_scales(value_dtype, value_scale)
         _check_count("window", window, 0)
@@ -253,6 +258,8 @@ class MustafarCache(Cache):
         _check_sparsity(v_sparsity)
         if not isinstance(static, bool):
             raise TypeError(f"static must be a bool, got {type(static).__name__}")
+        if not isinstance(exact_weights, bool):
+            raise TypeError(f"exact_weights must be a bool, got {type(exact_weights).__name__}")
         if static and (max_tokens == 0 or max_tokens % 16):
             raise ValueError(f"MustafarCache(static=True) needs max_tokens a positive multiple of 16 (the store is "
                              f"written as pages of max_tokens tokens), got {max_tokens}")
@@ -260,7 +267,8 @@ class MustafarCache(Cache):
         layers = []
         for kind, sliding_window in attention_layers(config):
             if kind == "full_attention":
-                layers.append(layer(k_sparsity, v_sparsity, window, max_tokens, sinks, value_dtype, value_scale))
+                layers.append(layer(k_sparsity, v_sparsity, window, max_tokens, sinks, value_dtype, value_scale,
+                                    exact_weights))
             elif static:  # at most sliding_window dense tokens: transformers' own layers, as StaticCache's
                 layers.append(StaticSlidingWindowLayer(max_tokens + sinks + window, sliding_window))
             else:

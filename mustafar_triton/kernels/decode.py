@@ -185,9 +185,11 @@ def _causal_start(b, window, window_lens_ptr, LQ: tl.constexpr, HAS_WINDOW_LENS:
 
 @triton.jit
 def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.constexpr, v_scale=1.0,
-                         SCALE_V: tl.constexpr = False):
+                         SCALE_V: tl.constexpr = False, EXACT_WEIGHTS: tl.constexpr = False):
     """One tile of flash attention, base-2 softmax: q [BLOCK_H, D], k_t [D, BLOCK_N], v [BLOCK_N, D].
-    SCALE_V: the tile's P @ V is multiplied by v_scale (fp8 values' scale)."""
+    SCALE_V: the tile's P @ V is multiplied by v_scale (fp8 values' scale).
+    EXACT_WEIGHTS (16-bit v): P @ V as two products, P rounded to v's dtype and the rounding's
+    remainder, so the weights keep ~16 significant bits instead of 8 (bf16) or 11 (fp16)."""
     if FP32_MATH:  # interpreter: its bf16 math is wrong, so do everything in fp32
         k_t = k_t.to(tl.float32)
         v = v.to(tl.float32)
@@ -203,7 +205,10 @@ def _online_softmax_step(q, k_t, v, valid, m, l, acc, qk_scale, FP32_MATH: tl.co
     if v.dtype == tl.float32:
         pv = tl.dot(p, v, input_precision="ieee")
     else:
-        pv = tl.dot(p.to(v.dtype), v)
+        p_op = p.to(v.dtype)
+        pv = tl.dot(p_op, v)
+        if EXACT_WEIGHTS:
+            pv = tl.dot((p - p_op.to(tl.float32)).to(v.dtype), v, pv)
     if SCALE_V:
         pv = pv * v_scale
     return m_new, l, acc * alpha[:, None] + pv
@@ -220,10 +225,11 @@ def _sparse_decode_kernel(
     HAS_SEQ_LENS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_WINDOW_LENS: tl.constexpr,
     SLOTS: tl.constexpr, PREFETCH: tl.constexpr, FP32_MATH: tl.constexpr, LQ: tl.constexpr = 1,
     block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: tl.constexpr = 0,
-    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: tl.constexpr = False,
+    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: tl.constexpr = False, EXACT_WEIGHTS: tl.constexpr = False,
 ):
     """FP8_VALUES: both caches hold float8_e4m3fn values (as uint8), widened exactly to q's dtype;
-    K's scale multiplies the compressed tiles' scores, V's their P @ V.
+    K's scale multiplies the compressed tiles' scores, V's their P @ V. EXACT_WEIGHTS:
+    _online_softmax_step's (sparse_decode_attention's exact_weights).
     LQ query tokens per sequence (q [B, LQ, Hq, D], token stride stride_qt): the program's rows
     are the LQ * GROUP (token, head) pairs, row r = token r // GROUP, head r % GROUP (padded to
     BLOCK_H). They all attend every compressed token and the window tokens before _causal_start;
@@ -265,7 +271,7 @@ def _sparse_decode_kernel(
                 v_t = _expand_tile_t(_load_words(v_bits, row, ok, HEAD_DIM), v_vals, lut_ptr, row,
                                      HEAD_DIM, V_CAPACITY, BLOCK_N, SLOTS, FP8_VALUES).to(q.dtype)
                 m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), ok, m, l, acc, qk_scale * k_value_scale,
-                                                 FP32_MATH, v_value_scale, FP8_VALUES)
+                                                 FP32_MATH, v_value_scale, FP8_VALUES, EXACT_WEIGHTS)
     else:
         tok = lo + tl.arange(0, BLOCK_N)
         k_words = _load_words(k_bits, tok, tok < c_hi, HEAD_DIM)
@@ -283,7 +289,7 @@ def _sparse_decode_kernel(
                 _prefetch_rows(k_vals, start + PREFETCH * BLOCK_N, c_hi, K_CAPACITY, BLOCK_N)
                 _prefetch_rows(v_vals, start + PREFETCH * BLOCK_N, c_hi, V_CAPACITY, BLOCK_N)
             m, l, acc = _online_softmax_step(q, k_t, tl.trans(v_t), tok < c_hi, m, l, acc, qk_scale * k_value_scale,
-                                             FP32_MATH, v_value_scale, FP8_VALUES)
+                                             FP32_MATH, v_value_scale, FP8_VALUES, EXACT_WEIGHTS)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
@@ -299,7 +305,8 @@ def _sparse_decode_kernel(
             in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
             k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
             v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
-            m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+            m, l, acc = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH,
+                                             EXACT_WEIGHTS=EXACT_WEIGHTS)
         if LQ > 1:
             for j in tl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
                 t = causal_start + j
@@ -309,7 +316,8 @@ def _sparse_decode_kernel(
                     in_tile = _in_head(valid[:, None], offs_d[None, :], HEAD_DIM)
                     k = tl.load(k_window_ptr + offs, mask=in_tile, other=0.0)
                     v = tl.load(v_window_ptr + offs, mask=in_tile, other=0.0)
-                    m_t, l_t, acc_t = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH)
+                    m_t, l_t, acc_t = _online_softmax_step(q, tl.trans(k), v, valid, m, l, acc, qk_scale, FP32_MATH,
+                                                           EXACT_WEIGHTS=EXACT_WEIGHTS)
                     sees = offs_h // GROUP > j
                     m = tl.where(sees, m_t, m)
                     l = tl.where(sees, l_t, l)

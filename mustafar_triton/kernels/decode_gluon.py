@@ -721,17 +721,23 @@ def _softmax_step(s, valid, m, l, qk_scale):
 
 
 @gluon.jit
-def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr):
+def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr, EXACT_WEIGHTS: gl.constexpr = False):
     """acc = O^T [D, H] rescaled, plus V^T [D, BLOCK_N] (A operand) @ P^T. Called after the V
     gather, which is issued after the scores: gathering K and V first costs ~30 more registers.
-    (Skipping the rescale when no running max moved measured within noise on the H200.)"""
-    return mma_v2(v_t, gl.convert_layout(p.to(v_t.dtype), B_OP), acc * alpha[None, :])
+    (Skipping the rescale when no running max moved measured within noise on the H200.)
+    EXACT_WEIGHTS: a second product with P's rounding remainder (decode.py's _online_softmax_step)."""
+    p_op = p.to(v_t.dtype)
+    acc = mma_v2(v_t, gl.convert_layout(p_op, B_OP), acc * alpha[None, :])
+    if EXACT_WEIGHTS:
+        acc = mma_v2(v_t, gl.convert_layout((p - p_op.to(gl.float32)).to(v_t.dtype), B_OP), acc)
+    return acc
 
 
 @gluon.jit
 def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
                MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
-               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False):
+               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False,
+               EXACT_WEIGHTS: gl.constexpr = False):
     """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
     fp8 values (VALUE_BYTES 1): qk_scale carries K's value scale, and P is multiplied by V's
     (v_scale) before the P @ V product. HALVES ("walk_halves"): q_t is q^T in shared memory, acc a
@@ -756,9 +762,9 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
             p = p * v_scale
         acc_lo, acc_hi = acc
         v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES, BF16)
-        acc_lo = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_lo, alpha, B_OP)
+        acc_lo = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_lo, alpha, B_OP, EXACT_WEIGHTS)
         v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES, BF16)
-        acc_hi = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_hi, alpha, B_OP)
+        acc_hi = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_hi, alpha, B_OP, EXACT_WEIGHTS)
         acc = (acc_lo, acc_hi)
     else:
         k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES, BF16)
@@ -768,7 +774,7 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
         v_t = _v_operand(v4, A_OP, HEAD_DIM)
         if VALUE_BYTES == 1:
             p = p * v_scale
-        acc = _accumulate(v_t.to(DT, bitcast=True), p, acc, alpha, B_OP)
+        acc = _accumulate(v_t.to(DT, bitcast=True), p, acc, alpha, B_OP, EXACT_WEIGHTS)
     return m, l, acc
 
 
@@ -777,11 +783,12 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
                 block_table_row, num_pages, num_kv_heads,
                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
                 V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False):
+                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False,
+                EXACT_WEIGHTS: gl.constexpr = False):
     """The walk over the tiles [lo, c_hi) (staged one tile ahead in mt_dstage's two stages):
     returns the online softmax's running max and sum and the accumulator O^T. A paged cache's
-    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale / HALVES:
-    as in _walk_tile."""
+    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale / HALVES /
+    EXACT_WEIGHTS: as in _walk_tile."""
     gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]
     kv, vv, kb, vb, tile_hi = _tile_source(k_vals, v_vals, k_bits, v_bits, lo, c_hi, block_table_row, num_pages,
@@ -797,7 +804,7 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale, HALVES)
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale, HALVES, EXACT_WEIGHTS)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -806,10 +813,10 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
 @gluon.jit
 def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr,
                   B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr,
-                  HEAD_DIM: gl.constexpr):
+                  HEAD_DIM: gl.constexpr, EXACT_WEIGHTS: gl.constexpr = False):
     """One staged tile of the scatter (tokens [start, tile_hi) attended): the kept values into the
     dense tiles, the tiles read back masked by the bitmap rows (or unmasked, and the stores undone
-    afterwards: scatter_undoes), the online softmax step."""
+    afterwards: scatter_undoes), the online softmax step (EXACT_WEIGHTS: _accumulate's)."""
     DENSE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     DUMMY: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
     QUEUE: gl.constexpr = scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[2]
@@ -821,7 +828,7 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
     k = _ldmatrix_operand(DENSE, stage + KB_OFF, A_OP, HEAD_DIM, False, not UNDO)
     p, m, l, alpha = _scores(k.to(q_t.dtype, bitcast=True), start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
     v_t = _ldmatrix_operand(DENSE, stage + VB_OFF, A_OP, HEAD_DIM, True, not UNDO)
-    acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP)
+    acc = _accumulate(v_t.to(q_t.dtype, bitcast=True), p, acc, alpha, B_OP, EXACT_WEIGHTS)
     # the next tile's scatter overwrites the dense tiles only after every lane has read them
     _lane_asm("bar.warp.sync -1; mov.b32 $0, $1;", lane)
     if UNDO:  # each lane zeroes what it stored: the next tile's rows start from zeros
@@ -834,7 +841,8 @@ def _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, 
 def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale, tok_s,
                    block_table_row, num_pages, num_kv_heads,
                    A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
-                   V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr):
+                   V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                   EXACT_WEIGHTS: gl.constexpr = False):
     """The scatter over the tiles [lo, c_hi): the same staging as the walk, then dense tiles and
     ldmatrix (mt_dstage laid out by scatter_offsets); returns what _walk_tiles returns."""
     gl.static_assert(BLOCK_N == 16, "the scatter stages 16-token tiles")
@@ -853,7 +861,7 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
         _stage_next(kv, vv, kb, vb, start, stage, next_hi, lane, STAGE, K_CAPACITY, V_CAPACITY, HEAD_DIM, BLOCK_N)
         if start < tile_hi:  # as in _walk_tiles
             m, l, acc = _scatter_step(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                      K_CAPACITY, V_CAPACITY, HEAD_DIM)
+                                      K_CAPACITY, V_CAPACITY, HEAD_DIM, EXACT_WEIGHTS)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -884,10 +892,11 @@ def _sparse_decode_gluon_kernel(
     HAS_SEQ_LENS: gl.constexpr, HAS_WINDOW: gl.constexpr, HAS_WINDOW_LENS: gl.constexpr,
     GATHER: gl.constexpr, LQ: gl.constexpr = 1,
     block_table_ptr=None, max_pages=0, num_pages=0, PAGE_SIZE: gl.constexpr = 0,
-    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False,
+    k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False,
 ):
     # FP8_VALUES (the walks only): the value pointers hold float8_e4m3fn bits (uint8), widened to
     # q's dtype two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
+    # EXACT_WEIGHTS: every P @ V as two products (_accumulate; sparse_decode_attention's exact_weights).
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
     # the window up to decode._causal_start as for one token, then each causal tail token as a
@@ -939,21 +948,22 @@ def _sparse_decode_gluon_kernel(
                       gl.zeros([HEAD_DIM // 2, BLOCK_H], gl.float32, MMA))
             m, l, halves = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_s, m, l, halves, qk_stored,
                                        tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
-                                       V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, True)
+                                       V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, True,
+                                       EXACT_WEIGHTS)
             joined = gl.permute(gl.join(halves[0], halves[1]), (2, 0, 1))  # [2, D/2, H]: the half is a register bit
             acc = gl.convert_layout(gl.reshape(joined, [HEAD_DIM, BLOCK_H]), MMA, assert_trivial=True)
             q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
         else:
             m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_stored, tok_s,
                                     block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
-                                    HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale)
+                                    HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, False, EXACT_WEIGHTS)
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walks only")
     elif GATHER == "scatter":
         _lane_asm(_stage_decl(scatter_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[3]), lane)
         m, l, acc = _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_scale,
                                    tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
-                                   V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE)
+                                   V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, EXACT_WEIGHTS)
     else:
         WORD_BYTES: gl.constexpr = HEAD_DIM // 8
         below_k, own_k = _channel_masks(chan_k)
@@ -969,7 +979,7 @@ def _sparse_decode_gluon_kernel(
                     p, m, l, alpha = _scores(k, start + tok_s < tile_hi, q_t, m, l, qk_scale, MMA)
                     v_t = _gather_tile(vb, vv, tok_v, start + tok_v < tile_hi, chan_v, below_v, own_v, V_CAPACITY,
                                        HEAD_DIM, 1)
-                    acc = _accumulate(v_t, p, acc, alpha, B_OP)
+                    acc = _accumulate(v_t, p, acc, alpha, B_OP, EXACT_WEIGHTS)
         else:
             for start in range(lo, c_hi, BLOCK_N):
                 # the next tile's bitmap words and value rows: 1.07-1.10x (2 tiles ahead: less; L1: same)
@@ -984,7 +994,7 @@ def _sparse_decode_gluon_kernel(
                 p, m, l, alpha = _scores(k, start + tok_s < c_hi, q_t, m, l, qk_scale, MMA)
                 tv = start + tok_v
                 v_t = _gather_tile(v_bits, v_vals, tv, tv < c_hi, chan_v, below_v, own_v, V_CAPACITY, HEAD_DIM, 1)
-                acc = _accumulate(v_t, p, acc, alpha, B_OP)
+                acc = _accumulate(v_t, p, acc, alpha, B_OP, EXACT_WEIGHTS)
 
     if HAS_WINDOW:
         w_lo, w_hi = _window_range(lo, b, seq_bound, window, tokens_per_split, window_lens_ptr, HAS_WINDOW_LENS)
@@ -999,7 +1009,7 @@ def _sparse_decode_gluon_kernel(
             p, m, l, alpha = _scores(k, start + tok_s < w_end, q_t, m, l, qk_scale, MMA)
             tv = start + tok_v
             v_t = gl.load(v_window_ptr + base + tv[None, :] * stride_wt + chan_v, mask=(tv < w_end)[None, :], other=0.0)
-            acc = _accumulate(v_t, p, acc, alpha, B_OP)
+            acc = _accumulate(v_t, p, acc, alpha, B_OP, EXACT_WEIGHTS)
         if LQ > 1:
             sees_after = gl.arange(0, BLOCK_H, layout=COL) // GROUP  # a column's query token
             for j in gl.static_range(LQ - 1):  # tail token t: seen by query tokens j + 1 .. LQ - 1
@@ -1010,7 +1020,7 @@ def _sparse_decode_gluon_kernel(
                     p, m_t, l_t, alpha = _scores(k, tok_s == 0, q_t, m, l, qk_scale, MMA)
                     v_t = gl.load(v_window_ptr + base + t * stride_wt + tok_v[None, :] * 0 + chan_v,
                                   mask=(tok_v == 0)[None, :], other=0.0)
-                    acc_t = _accumulate(v_t, p, acc, alpha, B_OP)
+                    acc_t = _accumulate(v_t, p, acc, alpha, B_OP, EXACT_WEIGHTS)
                     sees = sees_after > j
                     m = gl.where(sees, m_t, m)
                     l = gl.where(sees, l_t, l)
