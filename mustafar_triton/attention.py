@@ -129,7 +129,7 @@ def sparse_decode_attention(q: torch.Tensor, packed_k: PackedKV, packed_v: Packe
     exact_weights: fp16 / bf16 caches only: P @ V as two tensor-core products, the attention
               weights rounded to the cache dtype and the rounding's remainder, so the weights keep
               ~16 significant bits instead of the dtype's (8 for bf16, as in dense flash kernels);
-              the outputs are then the correctly rounded result almost everywhere. It costs 2-7%
+              the outputs are then the correctly rounded result almost everywhere. It costs up to 8%
               of decode time (H100, perf/NOTES.md, 2026-12-07); default False.
               Layouts with it never tune (they run their bucket's tuned config).
     GQA: query head h reads kv head h // (Hq // Hkv); MQA (Hkv=1) and MHA work.

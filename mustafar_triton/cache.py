@@ -134,7 +134,7 @@ class SparseKVCache:
             byte e stands for e * scale, so scale ~ max |value| / 448 uses e4m3's whole range
             (default 1.0: values up to 448 in magnitude).
         exact_weights: attend with sparse_decode_attention's exact_weights (fp16 / bf16: the
-            attention weights to ~16 bits in P @ V, for 2-7% more decode time; default False).
+            attention weights to ~16 bits in P @ V, for up to 8% more decode time; default False).
 
     See the module docstring for the flush policy and the capacity check.
     """
