@@ -496,3 +496,14 @@ def test_scatter_ablations_apply_to_the_kernel_and_compile():
     assert undo["loop_ops"].get("PRMT", 0) < 32 <= masked["loop_ops"]["PRMT"]
     assert undo["registers"] <= 128 and undo["stack"] == 0 and undo["local"] == 0
     assert sum(undo["loop_ops"].values()) < sum(masked["loop_ops"].values())
+
+
+def test_bank_model_reproduces_the_measured_scatter_conflicts():
+    """perf/bank_model.py's shared-memory model gives the scatter's kept-value stores the ~3.5
+    wavefronts per instruction that Nsight Compute measured (H200, 815d7b9), and its q^T gathers
+    at least the bytes' own minimum (8 or 16 bytes from 32 lanes: 2 or 4 wavefronts)."""
+    out = run_script("perf/bank_model.py", "--rows", "60")
+    per_instruction = [float(line.split(": ")[1].split()[0]) for line in out.splitlines()]
+    stores, q16, q32 = per_instruction
+    assert 3.3 <= stores <= 3.7
+    assert 2 < q16 < q32 and q32 > 4
