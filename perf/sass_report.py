@@ -70,10 +70,10 @@ def compile_decode(args):
         if args.maxnreg:
             options["maxnreg"] = args.maxnreg
     names = kernel.arg_names
-    if args.exact_weights and "EXACT_WEIGHTS" not in names:
-        raise SystemExit("--exact-weights: this kernel (a --source copy?) has no EXACT_WEIGHTS")
-    # a --source copy from before a constexpr existed compiles without it (its default), not as an int
-    constexprs = {k: v for k, v in constexprs.items() if k in names}
+    if "EXACT_WEIGHTS" not in names:  # a --source copy from before it: compiled without it (its default)
+        if args.exact_weights:
+            raise SystemExit("--exact-weights: this kernel (a --source copy?) has no EXACT_WEIGHTS")
+        del constexprs["EXACT_WEIGHTS"]
     signature = {}
     for name in names:
         if name in constexprs:

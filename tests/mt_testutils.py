@@ -70,6 +70,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return num / denom if denom > 0 else num
 
 
+def rounded_as_kernels_round(exact: torch.Tensor, dtype: torch.dtype, interpreting: bool) -> torch.Tensor:
+    """A float64 result rounded to dtype as a correctly rounding kernel returns it: to nearest, but
+    in the interpreter (whose kernels compute 16-bit caches in fp32) bf16 by truncating fp32."""
+    if interpreting and dtype == torch.bfloat16:
+        return (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    return exact.to(dtype)
+
+
 def keep_count(d: int, sparsity: float) -> int:
     return d - math.floor(sparsity * d)
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import mustafar_triton as mt
 from mustafar_triton import reference as ref
 from conftest import INTERPRETING
-from mt_testutils import bit_equal, randn, rel_err, seed_of
+from mt_testutils import bit_equal, randn, rel_err, rounded_as_kernels_round, seed_of
 
 SK, SV = 0.7, 0.5
 HQ, HKV, D = 4, 2, 64
@@ -253,11 +253,8 @@ def test_attend_with_exact_weights(device):
     q = randn((b, hq, d), torch.bfloat16, seed + 2, device, scale=3.0)
     for cache in caches:
         cache.prefill(k, v, torch.tensor([t, 131], dtype=torch.int32, device=device))
-    exact = ref.sparse_decode_attention(q.double(), caches[1].packed_k, caches[1].packed_v,
-                                              **caches[1].window_kwargs())
-    want = exact.to(torch.bfloat16)
-    if INTERPRETING:
-        want = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    exact = ref.sparse_decode_attention(q.double(), caches[1].packed_k, caches[1].packed_v, **caches[1].window_kwargs())
+    want = rounded_as_kernels_round(exact, torch.bfloat16, INTERPRETING)
     assert (caches[1].attend(q) != want).float().mean() < 0.02
     if not INTERPRETING:
         assert (caches[0].attend(q) != want).float().mean() > 0.1

@@ -19,7 +19,7 @@ from mustafar_triton import reference as ref
 from mustafar_triton.kernels import decode as decode_kernels
 from mustafar_triton.kernels import decode_gluon_launch as gluon_launch
 from conftest import INTERPRETING
-from mt_testutils import DTYPES, randn, rel_err, seed_of, sparse_values
+from mt_testutils import DTYPES, randn, rel_err, rounded_as_kernels_round, seed_of, sparse_values
 
 # Absolute floors of the accuracy rule. On the GPU the kernel's tl.dot runs fp32 inputs as tf32
 # (Triton's default input_precision), which is ~1e-3 relative: the fp32 floor reflects that there.
@@ -366,9 +366,7 @@ def test_exact_weights_outputs_are_correctly_rounded(variant, dtype, device, dec
     rounded_once = ref.sparse_decode_attention(q.float(), pk, pv, compute_dtype=torch.float32, p_dtype=dtype,
                                                **kw).to(dtype)
     assert (rounded_once != exact.to(dtype)).float().mean() > 0.1
-    want = exact.to(dtype)
-    if INTERPRETING and dtype == torch.bfloat16:
-        want = (exact.float().view(torch.int32) & ~0xFFFF).view(torch.float32).to(torch.bfloat16)
+    want = rounded_as_kernels_round(exact, dtype, INTERPRETING)
     out = mt.sparse_decode_attention(q, pk, pv, exact_weights=True, **kw)
     assert (out != want).float().mean() < 0.02
     if not INTERPRETING:
