@@ -4,7 +4,7 @@
 # perf/results/ and autotune_cache/.
 # Set MUSTAFAR_COMMIT to the commit under test: a lent GPU's copy of the tree has no up-to-date .git.
 #   OUT=/tmp/out bash perf/gpu_session.sh tests                (~3 minutes on an H200)
-#   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes)
+#   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes; then memcheck-more in the next call)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
 #   OUT=/tmp/out bash perf/gpu_session.sh gathers-ab tune sweep (~6 minutes: issue 18's gather A/B, then tuning)
@@ -21,7 +21,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh index-channels        (~3 minutes: issue 18, the scatter with a uint8 channel per kept value, timing copies)
 #   OUT=/tmp/out bash perf/gpu_session.sh cache-checks          (~3 minutes: after a change to the append / flush kernels)
 #   OUT=/tmp/out bash perf/gpu_session.sh exact-weights         (~6 minutes: exact_weights' GPU tests, their memcheck, its decode time)
-# Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck (compute-sanitizer on
+# Stages: tests (GPU suite without the hypothesis property tests), gathers-ab (walk / walk_halves / scatter A/B), memcheck and memcheck-more (compute-sanitizer on
 # the paths that index by lengths, the Gluon gathers and the paged decode), cache-checks (the append / flush kernels'
 # tests, memcheck and perf/flush_cost.py), tune (all decode buckets), tune-pack (all
 # prune/pack and unpack buckets), tune-select (prune/pack only), tune-quick, sweep (quick), sweep-full (stops after 200 s),
@@ -61,14 +61,17 @@ for stage in "$@"; do
       echo "== GPU tests (hypothesis property tests excluded: they compile too many shapes)"
       MUSTAFAR_TEST_DEVICE=cuda timeout 420 python3 -m pytest -q -p no:cacheprovider -n 8 tests -k "not property and not fuzz" \
           > "$OUT/gpu_tests.log" 2>&1; tail -3 "$OUT/gpu_tests.log" ;;
-    memcheck)
-      # its own call: under the sanitizer this selection outran 150 s and 320 s on the H200 (ffac539)
-      echo "== memcheck on the decode and compress paths that index by lengths"
+    memcheck|memcheck-more)
+      # each in its own call: under the sanitizer the whole selection outran 150 s and 320 s on the
+      # H200 (ffac539) and 540 s on an H100 (e3dd49d, 169 of its 225 tests): memcheck takes
+      # tests/test_decode.py's share, memcheck-more the compress, cache and paged tests'
+      if [ "$stage" = memcheck ]; then files="tests/test_decode.py"; log=sanitizer.log
+      else files="tests/test_compress.py tests/test_cache.py tests/test_paged_decode.py"; log=sanitizer_more.log; fi
+      echo "== $stage: compute-sanitizer on the paths that index by lengths ($files)"
       MUSTAFAR_TEST_DEVICE=cuda PYTORCH_NO_CUDA_MEMORY_CACHING=1 MUSTAFAR_TRITON_AUTOTUNE=0 timeout 540 \
-          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
-          tests/test_decode.py tests/test_compress.py tests/test_cache.py tests/test_paged_decode.py \
+          compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider $files \
           -k "ragged or windows or window_only or garbage or malformed or beyond or empty or nan or flush or gluon or prune_and_pack_kernels or (kernel_variants and prefetch2) or (kernel_variants and gatherwalk) or (kernel_variants and gatherscatter) or paged" \
-          > "$OUT/sanitizer.log" 2>&1; tail -3 "$OUT/sanitizer.log" ;;
+          > "$OUT/$log" 2>&1; tail -3 "$OUT/$log" ;;
     fp8)
       echo "== fp8 values: their tests, then decode times against fp16 values and dense (perf/fp8_decode.py)"
       MUSTAFAR_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_fp8_values.py \
