@@ -8,10 +8,12 @@ gather "base-walk" / "base-popc", so a change is measured against its parent in 
     python perf/decode_gathers.py --baseline .gen/decode_gluon_base.py --shapes 16x16384 --sparsities 0.7
     python perf/decode_gathers.py --baseline old.py --baseline other.py --baseline-gathers scatter --gathers scatter
     python perf/decode_gathers.py --dtype bf16 --exact-weights   # each gather also as <gather>-exact
+    python perf/decode_gathers.py --fp8 --gathers walk --baseline old.py --dtype bf16 --sparsities 0.375,0.7
 
 Shapes are B x T of the Llama-3-8B attention (Hq=32, Hkv=8, D=128), fp16 (--dtype bf16), K and V at the same
 sparsity, no window (--window N: N dense recent tokens besides the T compressed ones, as a cache
-serves them; dense SDPA then attends T + N tokens). Configs are forced (autotune.forced_config), one wave of programs
+serves them; dense SDPA then attends T + N tokens); --fp8: kept values in fp8 (e4m3, value scale 1;
+only the walks read them). Configs are forced (autotune.forced_config), one wave of programs
 (num_splits=-1; --num-splits) for every gather.
 """
 from __future__ import annotations
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--num-splits", type=int, default=GLUON_CONFIG["num_splits"],
                     help="splits for every gather (-k: k waves of programs)")
     ap.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"), help="the queries' and caches' dtype")
+    ap.add_argument("--fp8", action="store_true", help="kept values in fp8 (e4m3): the walks only")
     ap.add_argument("--exact-weights", action="store_true",
                     help="also time each gather with sparse_decode_attention's exact_weights (as <gather>-exact)")
     args = ap.parse_args()
@@ -82,7 +85,8 @@ def main():
         variants += [(f"{prefix}-{g}", g, lambda base=base: base, False) for g in args.baseline_gathers.split(",")]
     m = LLAMA3_8B
     meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
-                baseline=[str(p) for p in args.baseline] or None, window=args.window, dtype=args.dtype)
+                baseline=[str(p) for p in args.baseline] or None, window=args.window, dtype=args.dtype,
+                fp8_values=args.fp8)
     rows = []
     for shape in args.shapes.split(","):
         b, t = map(int, shape.split("x"))
@@ -105,7 +109,8 @@ def main():
             best_dense = min(best_dense, us)
             rows.append(dict(base_row, kind="dense", variant=name, us=us, bytes=dense_bytes))
         for sparsity in map(float, args.sparsities.split(",")):
-            pk, pv = mt.prune_and_pack(k, sparsity), mt.prune_and_pack(v, sparsity)
+            fmt = dict(value_dtype=torch.float8_e4m3fn) if args.fp8 else {}
+            pk, pv = mt.prune_and_pack(k, sparsity, **fmt), mt.prune_and_pack(v, sparsity, **fmt)
             nbytes = pk.nbytes + pv.nbytes + sum(w.numel() * w.element_size() for w in windows.values())
             byte_bound_us = nbytes / bw * 1e6
             outs = {}

@@ -155,6 +155,35 @@ def test_decode_matches_the_float64_reference(device, dtype, head_dim):
     assert torch.allclose(lse, want_lse, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_bf16_queries_of_any_magnitude(device, head_dim):
+    """The fp8 walks multiply bf16 queries in fp16, each (token, head) row scaled by a power of two
+    (decode_gluon._fp16_query): rows 2^40 and 2^-40 times the others, a row of zeros and a row
+    whose channels lie 2^30 apart all match the float64 reference, out and lse."""
+    dtype = torch.bfloat16
+    q, pk, pv, window = _decode_case(device, dtype, seed_of("fp8-q-range", head_dim), d=head_dim)
+    q = q.clone()
+    q[:, 0] *= 2.0 ** 40
+    q[:, 1] *= 2.0 ** -40
+    q[:, 2] = 0
+    q[:, 5, ::3] *= 2.0 ** 30
+    out, lse = mt.sparse_decode_attention(q, pk, pv, **window, return_lse=True)
+    want, want_lse = ref.sparse_decode_attention(q, pk, pv, **window, return_lse=True)
+    assert rel_err(out, want) < _tolerance(dtype)
+    assert torch.allclose(lse, want_lse, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_value_scales_keep_the_weights_precise(device, dtype):
+    """V's value scale multiplies the float32 accumulator, not P before its rounding: at a scale of
+    1e-5, P times it would be fp16 subnormals (a few significant bits)."""
+    q, pk, _, window = _decode_case(device, dtype, seed_of("fp8-small-scale", dtype))
+    v = randn((3, 2, 53, 64), dtype, seed_of("fp8-small-scale-v", dtype), device, scale=1e-3)
+    pv = mt.prune_and_pack(v, 0.45, pk.seq_lens, value_dtype=FP8, value_scale=1e-5)
+    out = mt.sparse_decode_attention(q, pk, pv)
+    assert rel_err(out, ref.sparse_decode_attention(q, pk, pv)) < _tolerance(dtype)
+
+
 def test_decode_without_window_gqa_and_several_query_tokens(device):
     q, pk, pv, window = _decode_case(device, torch.float16, seed_of("fp8-lq"), group=3)
     out = mt.sparse_decode_attention(q, pk, pv)

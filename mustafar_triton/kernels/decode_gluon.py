@@ -30,9 +30,10 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     care; q is loaded and the output stored through the same permutation): K lane q of a row's
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
     follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
-    It is the one gather that reads fp8 (e4m3) values (FP8_VALUES): one-byte slots, each pair of
-    outputs widened by one cvt.rn.f16x2.e4m3x2 (for bf16 queries three more conversions, through
-    float32), the value scales applied to the scores and to P.
+    The walks are the gathers that read fp8 (e4m3) values (FP8_VALUES): one-byte slots, each pair
+    of outputs widened by one cvt.rn.f16x2.e4m3x2 into fp16 operands whatever q's dtype (bf16
+    queries enter the fp16 products scaled per query row by a power of two: _fp16_query), K's
+    value scale applied to the scores, V's to the float32 accumulator once after the walk.
   * "walk_halves" (HEAD_DIM 128 / 256): the walk with q^T in shared memory (read as the mma's B
     operand per half) and each operand gathered and multiplied as two halves of D/2 channels
     (acc as two [D/2, H] halves, joined after the loop), each half permuted as a walk of D/2.
@@ -154,7 +155,7 @@ def _stage_decl(nbytes):
 
 
 @gluon.constexpr_function
-def _walk_asm(pairs, nbytes, value_bytes=2, bf16=False):
+def _walk_asm(pairs, nbytes, value_bytes=2):
     """PTX of one walk instance: nbytes consecutive bitmap bytes (8 nbytes channels, a run of
     _walk_layout) of one token (pairs False, 4 nbytes outputs holding channel pairs) or of two
     tokens (pairs True, 8 nbytes outputs holding token pairs). Inputs, one per element (n = 8
@@ -163,12 +164,11 @@ def _walk_asm(pairs, nbytes, value_bytes=2, bf16=False):
     the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
     The slot address is carried from byte to byte (+value_bytes per kept channel), so only the
     run's start is computed outside. value_bytes 1: fp8 (e4m3) slots, each output pair widened to
-    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+), and for bf16 outputs (bf16) on to bf16 through
-    two float32 (exact: an e4m3 value has 4 significant bits; sm_90 has no e4m3 -> bf16x2 cvt)."""
+    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+)."""
     n = 8 * nbytes
     n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
     load = "ld.shared.u16" if value_bytes == 2 else "ld.shared.u8"
-    parts = ["{ .reg .pred p; .reg .b16 h, h1; .reg .f32 f0, f1; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage;"
+    parts = ["{ .reg .pred p; .reg .b16 h; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage;"
              " add.u32 a0, t, $%d;" % (streams * n, n_out)]
     if pairs:
         parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
@@ -184,11 +184,8 @@ def _walk_asm(pairs, nbytes, value_bytes=2, bf16=False):
         lo, hi = (k, n + k) if pairs else (2 * k, 2 * k + 1)
         if value_bytes == 2:
             parts.append("mad.lo.u32 $%d, v%d, 65536, v%d;" % (k, hi, lo))
-        elif not bf16:
-            parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 $%d, h;" % (hi, lo, k))
         else:
-            parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 t, h; mov.b32 {h, h1}, t;"
-                         " cvt.f32.f16 f0, h; cvt.f32.f16 f1, h1; cvt.rn.bf16x2.f32 $%d, f1, f0;" % (hi, lo, k))
+            parts.append("mad.lo.u32 t, v%d, 256, v%d; cvt.u16.u32 h, t; cvt.rn.f16x2.e4m3x2 $%d, h;" % (hi, lo, k))
     parts.append("}")
     return " ".join(parts)
 
@@ -222,11 +219,10 @@ def _lds_word(addr):
 
 @gluon.jit
 def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr,
-                 SPAN: gl.constexpr, FIRST: gl.constexpr, VALUE_BYTES: gl.constexpr = 2, BF16: gl.constexpr = False):
+                 SPAN: gl.constexpr, FIRST: gl.constexpr, VALUE_BYTES: gl.constexpr = 2):
     """The staged tile's dense values of the channels [FIRST, FIRST + SPAN) (all HEAD_DIM, or a half
     for "walk_halves") in _walk_layout(SPAN) (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16, or
-    to bf16 for BF16)
+    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16)
     at mt_dstage + stage_off. Tokens past the tile's end (staged with zero bitmap rows:
     _stage_rows' ZFILL; their value rows are stale) and malformed tokens (more bits than CAPACITY)
     read as zeros."""
@@ -270,10 +266,10 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
     addr4, _ = gl.broadcast(addr[:, :, None, None], z)
     bits4, _ = gl.broadcast(bits3[:, :, :, None], z)
     if K_SIDE:
-        return gl.inline_asm_elementwise(_walk_asm(False, NB, VALUE_BYTES, BF16), _walk_constraints(False, NB),
+        return gl.inline_asm_elementwise(_walk_asm(False, NB, VALUE_BYTES), _walk_constraints(False, NB),
                                          [addr4, bits4], dtype=gl.float16, is_pure=False, pack=8 * NB)
     else:
-        return gl.inline_asm_elementwise(_walk_asm(True, NB, VALUE_BYTES, BF16), _walk_constraints(True, NB),
+        return gl.inline_asm_elementwise(_walk_asm(True, NB, VALUE_BYTES), _walk_constraints(True, NB),
                                          [addr4, bits4], dtype=gl.float16, is_pure=False, pack=16 * NB)
 
 
@@ -736,44 +732,39 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr, EXACT_WEIGHTS: gl.conste
 @gluon.jit
 def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
                MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
-               VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False,
-               EXACT_WEIGHTS: gl.constexpr = False):
+               VALUE_BYTES: gl.constexpr = 2, HALVES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False):
     """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
-    fp8 values (VALUE_BYTES 1): qk_scale carries K's value scale, and P is multiplied by V's
-    (v_scale) before the P @ V product. HALVES ("walk_halves"): q_t is q^T in shared memory, acc a
+    fp8 values (VALUE_BYTES 1): q_t is fp16 (_fp16_query), qk_scale carries K's value scale (and
+    q's per-row factors); V's value scale is the kernel's, on the accumulator after the walk. HALVES ("walk_halves"): q_t is q^T in shared memory, acc a
     pair of [D/2, H] halves, and each operand is gathered and multiplied as two D/2 halves, so
     fewer registers are live at once (_sparse_decode_gluon_kernel's comment)."""
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
     DT: gl.constexpr = q_t.dtype
-    BF16: gl.constexpr = VALUE_BYTES == 1 and DT == gl.bfloat16  # fp8 values widened to q's dtype
+    gl.static_assert((VALUE_BYTES == 2) or (DT == gl.float16), "fp8 values widen to fp16 operands")
     valid = start + tok_s < tile_hi
     if HALVES:
         H: gl.constexpr = HEAD_DIM // 2
         BLOCK_H: gl.constexpr = q_t.shape[1]
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, 0, VALUE_BYTES, BF16)
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, 0, VALUE_BYTES)
         s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(0, H).load(B_OP),
                    gl.zeros([16, BLOCK_H], gl.float32, MMA))
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, H, VALUE_BYTES, BF16)
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, H, VALUE_BYTES)
         s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(H, H).load(B_OP), s)
         p, m, l, alpha = _softmax_step(s, valid, m, l, qk_scale)
-        if VALUE_BYTES == 1:
-            p = p * v_scale
         acc_lo, acc_hi = acc
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES, BF16)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES)
         acc_lo = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_lo, alpha, B_OP, EXACT_WEIGHTS)
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES, BF16)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES)
         acc_hi = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_hi, alpha, B_OP, EXACT_WEIGHTS)
         acc = (acc_lo, acc_hi)
     else:
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES, BF16)
+        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES)
         k = _k_operand(k4, A_OP, HEAD_DIM)
         p, m, l, alpha = _scores(k.to(DT, bitcast=True), valid, q_t, m, l, qk_scale, MMA)
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, HEAD_DIM, 0, VALUE_BYTES, BF16)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, HEAD_DIM, 0, VALUE_BYTES)
         v_t = _v_operand(v4, A_OP, HEAD_DIM)
-        if VALUE_BYTES == 1:
-            p = p * v_scale
         acc = _accumulate(v_t.to(DT, bitcast=True), p, acc, alpha, B_OP, EXACT_WEIGHTS)
     return m, l, acc
 
@@ -783,11 +774,10 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
                 block_table_row, num_pages, num_kv_heads,
                 A_OP: gl.constexpr, B_OP: gl.constexpr, MMA: gl.constexpr, K_CAPACITY: gl.constexpr,
                 V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                VALUE_BYTES: gl.constexpr = 2, v_scale=1.0, HALVES: gl.constexpr = False,
-                EXACT_WEIGHTS: gl.constexpr = False):
+                VALUE_BYTES: gl.constexpr = 2, HALVES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False):
     """The walk over the tiles [lo, c_hi) (staged one tile ahead in mt_dstage's two stages):
     returns the online softmax's running max and sum and the accumulator O^T. A paged cache's
-    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / v_scale / HALVES /
+    block-table row, num_pages and num_kv_heads go to _tile_source. VALUE_BYTES / HALVES /
     EXACT_WEIGHTS: as in _walk_tile."""
     gl.static_assert(BLOCK_N == 16, "the walk stages 16-token tiles")
     STAGE: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]
@@ -804,7 +794,7 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
             m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
-                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, v_scale, HALVES, EXACT_WEIGHTS)
+                                   K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, HALVES, EXACT_WEIGHTS)
         tile_hi = next_hi
         stage = STAGE - stage
     return m, l, acc
@@ -868,6 +858,25 @@ def _scatter_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, ac
 
 
 @gluon.jit
+def _fp16_query(q_t, COL: gl.constexpr):
+    """bf16 q^T [D, H] as the fp16 operand of the fp8 walks (fp8 values widen to fp16 in one
+    instruction per pair, to bf16 in four), each column scaled by the power of two that puts its
+    largest |q| in [2^14, 2^15): exact for every element within 2^28 of its column's largest (a bf16
+    value's 8 significant bits fit fp16's 11), smaller ones rounded as fp16 subnormals (errors under
+    2^-39 of the column's largest, below the float32 accumulation's rounding). Returns it and the
+    [H] factors (COL) that undo the scale on the scores: scaling by powers of two, the scores are
+    the bf16 product's bit for bit. A column holding inf keeps it (a tiny scale: its scores are inf
+    or NaN either way), NaN stays NaN; all-zero (padding) columns stay zero."""
+    qf = q_t.to(gl.float32)
+    amax = gl.max(gl.abs(qf), axis=0)
+    # biased exponent e of amax, clamped to [15, 255]: scale 2^(141 - e), unscale 2^(e - 141), both normal
+    e = gl.minimum(gl.maximum((amax.to(gl.int32, bitcast=True) >> 23) & 255, 15), 255)
+    scale = ((268 - e) << 23).to(gl.float32, bitcast=True)
+    unscale = ((e - 14) << 23).to(gl.float32, bitcast=True)
+    return (qf * scale[None, :]).to(gl.float16), gl.convert_layout(unscale, COL)
+
+
+@gluon.jit
 def _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP: gl.constexpr, BLOCK_H: gl.constexpr,
               HEAD_DIM: gl.constexpr, LQ: gl.constexpr, GATHER: gl.constexpr, B_OP: gl.constexpr):
     """q^T [D, BLOCK_H] of kv head h of sequence b in the mma B operand layout, its rows in the
@@ -895,7 +904,8 @@ def _sparse_decode_gluon_kernel(
     k_value_scale=1.0, v_value_scale=1.0, FP8_VALUES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False,
 ):
     # FP8_VALUES (the walks only): the value pointers hold float8_e4m3fn bits (uint8), widened to
-    # q's dtype two at a time; K's scale multiplies the compressed tiles' scores, V's their P.
+    # fp16 two at a time (bf16 queries scaled into fp16: _fp16_query); K's scale multiplies the
+    # compressed tiles' scores, V's the accumulator once after them.
     # EXACT_WEIGHTS: every P @ V as two products (_accumulate; sparse_decode_attention's exact_weights).
     # LQ query tokens (decode._sparse_decode_kernel): the mma's N columns are the LQ * GROUP
     # (token, head) rows, column r = token r // GROUP, head r % GROUP (LQ * GROUP <= BLOCK_H <= 16);
@@ -935,28 +945,38 @@ def _sparse_decode_gluon_kernel(
         VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
         _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]), lane)
         qk_stored = qk_scale  # the compressed tiles' (the window's stays qk_scale)
+        q_w = q_t  # q^T as the walk multiplies it
+        WIDEN_Q: gl.constexpr = FP8_VALUES and (q_t.dtype == gl.bfloat16)
         if FP8_VALUES:
             qk_stored = qk_scale * k_value_scale
+        if WIDEN_Q:  # fp8 values widen to fp16 operands; bf16 queries join them there
+            q_w, q_unscale = _fp16_query(q_t, COL)
+            qk_stored = qk_stored * q_unscale[None, :]  # [1, H]: the scores are [16, H]
         if GATHER == "walk_halves":
             gl.static_assert(HEAD_DIM >= 128, "walk_halves: HEAD_DIM 128 or 256")
             # q^T in shared memory and O^T as two [D/2, H] halves: ~32 registers fewer in the loop
             # (decode_gluon_launch.register_cap); q^T is loaded again for the window, so that the
             # registers of the first load are free during the walk
-            q_s = gl.allocate_shared_memory(q_t.dtype, [HEAD_DIM, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-                                            q_t)
+            q_s = gl.allocate_shared_memory(q_w.dtype, [HEAD_DIM, BLOCK_H], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                                            q_w)
             halves = (gl.zeros([HEAD_DIM // 2, BLOCK_H], gl.float32, MMA),
                       gl.zeros([HEAD_DIM // 2, BLOCK_H], gl.float32, MMA))
             m, l, halves = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_s, m, l, halves, qk_stored,
                                        tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
-                                       V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, True,
-                                       EXACT_WEIGHTS)
+                                       V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, True, EXACT_WEIGHTS)
+            if FP8_VALUES:  # V's value scale, once on the float32 accumulator (P is rounded unscaled)
+                halves = (halves[0] * v_value_scale, halves[1] * v_value_scale)
             joined = gl.permute(gl.join(halves[0], halves[1]), (2, 0, 1))  # [2, D/2, H]: the half is a register bit
             acc = gl.convert_layout(gl.reshape(joined, [HEAD_DIM, BLOCK_H]), MMA, assert_trivial=True)
             q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
         else:
-            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, qk_stored, tok_s,
+            m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_w, m, l, acc, qk_stored, tok_s,
                                     block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
-                                    HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, v_value_scale, False, EXACT_WEIGHTS)
+                                    HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, False, EXACT_WEIGHTS)
+            if FP8_VALUES:
+                acc = acc * v_value_scale
+            if WIDEN_Q:  # the window's q^T, loaded again so that the walk did not hold both
+                q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walks only")
     elif GATHER == "scatter":

@@ -77,7 +77,7 @@ def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) 
 def gluon_fp8_supports(dtype, head_dim: int) -> bool:
     """Whether the Gluon kernel reads fp8 (e4m3) values for queries of `dtype`: the walk only, fp16
     or bf16 queries (cvt.rn.f16x2.e4m3x2 widens two values per instruction into fp16 mma operands;
-    bf16 ones take three more conversions per pair, through float32)."""
+    bf16 queries are scaled into fp16 once per program: decode_gluon._fp16_query)."""
     return (str(dtype).replace("torch.", "") in ("float16", "bfloat16")
             and gather_supports("walk", head_dim, GLUON_CONFIG["BLOCK_N"]))
 
