@@ -344,9 +344,9 @@ class _DecodePlan:
                 # e.g. the interpreter, an fp32 cache, fp8 values at D=32, a T4, more than
                 # 16 (token, head) rows
                 return autotune.heuristic_config("decode", self.device)
-            if cfg.get("kernel") == "gluon" and self.fp8:
-                # the walk: the one gather whose fp8 form the GPU tests and timings cover
-                return dict(cfg, gather="walk")
+            if cfg.get("kernel") == "gluon" and self.fp8:  # the walks are the gathers that read fp8 values
+                return dict(cfg, gather=gluon_launch.fp8_gather(cfg.get("gather"), self.d,
+                                                                gluon_launch.gluon_block_h(self.rows)))
             wider = gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group)
             if cfg.get("kernel") == "gluon" and wider:
                 # Lq > 1 on more padded rows than the group's config was tuned on: its gather does not

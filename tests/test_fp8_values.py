@@ -13,8 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import mustafar_triton as mt
+from mustafar_triton import attention, autotune
 from mustafar_triton import reference as ref
+from mustafar_triton.kernels import decode_gluon_launch as gluon_launch
 from mustafar_triton.kernels.fp8 import fp8_e4m3_bits, fp8_e4m3_value
+from conftest import INTERPRETING
 from mt_testutils import DTYPES, bit_equal, randn, rel_err, seed_of, sparse_values
 
 FP8 = torch.float8_e4m3fn
@@ -182,6 +185,24 @@ def test_small_value_scales_keep_the_weights_precise(device, dtype):
     pv = mt.prune_and_pack(v, 0.45, pk.seq_lens, value_dtype=FP8, value_scale=1e-5)
     out = mt.sparse_decode_attention(q, pk, pv)
     assert rel_err(out, ref.sparse_decode_attention(q, pk, pv)) < _tolerance(dtype)
+
+
+@pytest.mark.parametrize("gather", ["walk", "walk_halves"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_both_walks_read_fp8_values(device, dtype, head_dim, gather):
+    """fp8 values run the walk a Gluon config names (decode_gluon_launch.fp8_gather: walk_halves
+    at 8 padded query rows), contiguous and paged, as the float64 reference computes."""
+    q, pk, pv, window = _decode_case(device, dtype, seed_of("fp8-walks", dtype, head_dim), d=head_dim, ks=0.375,
+                                     vs=0.5)
+    gk, gv = ref.pages_from_packed([pk, pv], 16, generator=torch.Generator().manual_seed(5))
+    with autotune.forced_config("decode", dict(gluon_launch.GLUON_CONFIG, gather=gather)):
+        out = mt.sparse_decode_attention(q, pk, pv, **window)
+        ran = attention.launched_gather(q, pk, pv, **window)
+        paged = mt.sparse_decode_attention(q, gk, gv, **window)
+    assert ran == (None if INTERPRETING else gather)  # the interpreter runs decode.py's kernel
+    want = ref.sparse_decode_attention(q, pk, pv, **window)
+    assert rel_err(out, want) < _tolerance(dtype) and rel_err(paged, want) < _tolerance(dtype)
 
 
 def test_decode_without_window_gqa_and_several_query_tokens(device):

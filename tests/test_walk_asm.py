@@ -394,14 +394,17 @@ def test_walk_asm_expands_rows_exactly(head_dim, capacity, k_side):
     assert (got == want).all(), np.argwhere(got != want)[:8]
 
 
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
 @pytest.mark.parametrize("k_side", [True, False], ids=["K", "V"])
-@pytest.mark.parametrize("head_dim,capacity", [(128, 40), (128, 64), (256, 80)])
-def test_walk_halves_expand_their_channels_exactly(head_dim, capacity, k_side):
+@pytest.mark.parametrize("head_dim,capacity", [(128, 40), (128, 64), (128, 80), (256, 80)])
+def test_walk_halves_expand_their_channels_exactly(head_dim, capacity, k_side, fp8):
     """walk_halves gathers each half of the channels as a walk of D / 2 whose runs start at the
-    half's first bitmap word (_gather_walk's FIRST): each half expands exactly."""
+    half's first bitmap word (_gather_walk's FIRST): each half expands exactly, fp8 slots too."""
     rng = np.random.default_rng(head_dim * 1000 + capacity + k_side + 7)
     words, values = random_rows(rng, 12, head_dim, capacity)
-    want = dense_reference(words, values, capacity)
+    if fp8:
+        values = (values & 0xFF).astype(np.uint8)
+    want = dense_reference(words, fp8_as_fp16_bits(values) if fp8 else values, capacity)
     half = head_dim // 2
     for first in (0, half):
         got = run_walk(head_dim, capacity, k_side, words, values, span=half, first=first)

@@ -75,11 +75,20 @@ def gluon_decode_supports(dtype, head_dim: int, group: int, interpreting: bool) 
 
 
 def gluon_fp8_supports(dtype, head_dim: int) -> bool:
-    """Whether the Gluon kernel reads fp8 (e4m3) values for queries of `dtype`: the walk only, fp16
+    """Whether the Gluon kernel reads fp8 (e4m3) values for queries of `dtype`: the walks only, fp16
     or bf16 queries (cvt.rn.f16x2.e4m3x2 widens two values per instruction into fp16 mma operands;
     bf16 queries are scaled into fp16 once per program: decode_gluon._fp16_query)."""
     return (str(dtype).replace("torch.", "") in ("float16", "bfloat16")
             and gather_supports("walk", head_dim, GLUON_CONFIG["BLOCK_N"]))
+
+
+def fp8_gather(named: str | None, head_dim: int, block_h: int) -> str:
+    """The gather that reads fp8 values for a config naming `named`: walk_halves where it names it
+    and walk_halves runs the shape with its 96 registers (8 padded query rows), else the walk (the
+    other gathers have no fp8 form). fp8 caches take their bucket's (fp16-tuned) config."""
+    if named == "walk_halves" and block_h <= 8 and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]):
+        return "walk_halves"
+    return "walk"
 
 
 def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
@@ -143,7 +152,7 @@ def staged_row_pitch(row_bytes: int) -> int:
 def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> tuple[int, int, int, int]:
     """Byte offsets of a staged tile's V value rows, K bitmap rows and V bitmap rows, and the
     stage's size (16 rows of each; the K value rows come first). value_bytes: 2 (fp16 / bf16) or
-    1 (fp8 values, the walk only)."""
+    1 (fp8 values, the walks only)."""
     v_off = 16 * staged_row_pitch(value_bytes * k_capacity)
     kb_off = v_off + 16 * staged_row_pitch(value_bytes * v_capacity)
     vb_off = kb_off + 16 * staged_row_pitch(head_dim // 8)
@@ -261,7 +270,7 @@ def plan(cfg: dict, head_dim: int, group: int, k_capacity: int, v_capacity: int,
     """(gather, splits, register cap) of a launch of a Gluon config (group: its query rows per kv
     head, Lq * G). splits_for(programs_per_sm) sizes the splits (decode.choose_num_splits) for
     the programs per SM planned for a gather (programs_per_sm: its registers and shared memory).
-    value_bytes 1: fp8 values, which only the walk reads (attention.py names it in cfg)."""
+    value_bytes 1: fp8 values, which only the walks read (attention.py: fp8_gather)."""
     block_h = gluon_block_h(group)
 
     def splits_with(gather):
