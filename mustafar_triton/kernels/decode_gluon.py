@@ -864,9 +864,9 @@ def _fp16_query(q_t, COL: gl.constexpr):
     largest |q| in [2^14, 2^15): exact for every element within 2^28 of its column's largest (a bf16
     value's 8 significant bits fit fp16's 11), smaller ones rounded as fp16 subnormals (errors under
     2^-39 of the column's largest, below the float32 accumulation's rounding). Returns it and the
-    [H] factors (COL) that undo the scale on the scores: scaling by powers of two, the scores are
-    the bf16 product's bit for bit. A column holding inf keeps it (a tiny scale: its scores are inf
-    or NaN either way), NaN stays NaN; all-zero (padding) columns stay zero."""
+    [H] factors (COL) that undo the scale on the scores (powers of two: every product q k is the
+    bf16 operands' exactly). A column holding inf keeps it (a tiny scale: its scores are inf or NaN
+    either way), NaN stays NaN; all-zero (padding) columns stay zero."""
     qf = q_t.to(gl.float32)
     amax = gl.max(gl.abs(qf), axis=0)
     # biased exponent e of amax, clamped to [15, 255]: scale 2^(141 - e), unscale 2^(e - 141), both normal
