@@ -557,6 +557,22 @@ def test_gluon_gather_choice():
     assert choose_gather(GLUON_CONFIG, 256, 64, 64, 16384, lambda g: 16, block_h=16) == "walk"
 
 
+def test_fp8_gather_choice():
+    """fp8 values run a walk: the one a config names (walk_halves only where it runs: D 128 / 256,
+    8 padded rows), else walk_halves at D=128 up to 80 one-byte slots per token, else the walk."""
+    from mustafar_triton.kernels.decode_gluon_launch import fp8_gather
+    assert fp8_gather(None, 128, 48, 8) == "walk_halves"       # fp8 K0.7V0.7 (48 slots)
+    assert fp8_gather(None, 128, 80, 8) == "walk_halves"       # 80 bytes: fp16's 40 slots
+    assert fp8_gather(None, 128, 96, 8) == "walk"
+    assert fp8_gather("scatter", 128, 64, 8) == "walk_halves"  # a gather with no fp8 form: the policy
+    assert fp8_gather("walk", 128, 48, 8) == "walk"            # a named walk is kept
+    assert fp8_gather("walk_halves", 256, 128, 8) == "walk_halves"
+    assert fp8_gather(None, 256, 128, 8) == "walk"             # no occupancy to win at D=256
+    assert fp8_gather("walk_halves", 128, 48, 16) == "walk"    # 16 rows: the halves' 96 registers do not fit
+    assert fp8_gather(None, 128, 48, 16) == "walk"
+    assert fp8_gather("walk_halves", 64, 32, 8) == "walk"      # D=64: no walk_halves
+
+
 def test_decode_default_is_the_gluon_kernel_where_it_runs():
     from mustafar_triton.kernels.decode import decode_heuristic_config
     from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG

@@ -187,20 +187,23 @@ def test_small_value_scales_keep_the_weights_precise(device, dtype):
     assert rel_err(out, ref.sparse_decode_attention(q, pk, pv)) < _tolerance(dtype)
 
 
-@pytest.mark.parametrize("gather", ["walk", "walk_halves"])
+@pytest.mark.parametrize("gather", [None, "walk", "walk_halves"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_both_walks_read_fp8_values(device, dtype, head_dim, gather):
-    """fp8 values run the walk a Gluon config names (decode_gluon_launch.fp8_gather: walk_halves
-    at 8 padded query rows), contiguous and paged, as the float64 reference computes."""
+    """fp8 values run the walk a Gluon config names, or the policy's (decode_gluon_launch.
+    fp8_gather: walk_halves at D=128 for these 80 slots), contiguous and paged, as the float64
+    reference computes."""
     q, pk, pv, window = _decode_case(device, dtype, seed_of("fp8-walks", dtype, head_dim), d=head_dim, ks=0.375,
                                      vs=0.5)
     gk, gv = ref.pages_from_packed([pk, pv], 16, generator=torch.Generator().manual_seed(5))
-    with autotune.forced_config("decode", dict(gluon_launch.GLUON_CONFIG, gather=gather)):
+    cfg = {key: value for key, value in gluon_launch.GLUON_CONFIG.items() if key != "gather"}
+    with autotune.forced_config("decode", dict(cfg, gather=gather) if gather else cfg):
         out = mt.sparse_decode_attention(q, pk, pv, **window)
         ran = attention.launched_gather(q, pk, pv, **window)
         paged = mt.sparse_decode_attention(q, gk, gv, **window)
-    assert ran == (None if INTERPRETING else gather)  # the interpreter runs decode.py's kernel
+    expected = gather or ("walk_halves" if head_dim == 128 else "walk")
+    assert pk.capacity == 80 * head_dim // 128 and ran == (None if INTERPRETING else expected)
     want = ref.sparse_decode_attention(q, pk, pv, **window)
     assert rel_err(out, want) < _tolerance(dtype) and rel_err(paged, want) < _tolerance(dtype)
 

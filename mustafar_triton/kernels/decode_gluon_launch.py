@@ -82,11 +82,19 @@ def gluon_fp8_supports(dtype, head_dim: int) -> bool:
             and gather_supports("walk", head_dim, GLUON_CONFIG["BLOCK_N"]))
 
 
-def fp8_gather(named: str | None, head_dim: int, block_h: int) -> str:
-    """The gather that reads fp8 values for a config naming `named`: walk_halves where it names it
-    and walk_halves runs the shape with its 96 registers (8 padded query rows), else the walk (the
-    other gathers have no fp8 form). fp8 caches take their bucket's (fp16-tuned) config."""
-    if named == "walk_halves" and block_h <= 8 and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]):
+def fp8_gather(named: str | None, head_dim: int, capacity: int, block_h: int) -> str:
+    """The gather that reads fp8 values (the walks: the others have no fp8 form) for a config naming
+    `named` (fp8 caches take their bucket's config, tuned on fp16 values): a named walk, else
+    walk_halves at D=128 with 8 padded rows where its staged rows are at most as long as fp16's under
+    WALK_HALVES_MAX_CAPACITY_FRACTION (capacity <= 80 one-byte slots), else the walk. H100,
+    Llama-3-8B shape, fp8 K = V sparsity 0.375 / 0.5 / 0.7 (capacities 80 / 64 / 48), walk_halves
+    against the walk (perf/NOTES.md, 2026-12-07): bf16 queries 16x16k 224.2 / 203.2 / 199.4 against
+    222.5 / 225.0 / 208.2 us, 4x128k 425.9 / 377.9 / 372.9 against 425.3 / 423.3 / 395.7; fp16 queries
+    16x16k 221.6 / 202.3 / 195.9 against 225.1 / 227.3 / 210.5."""
+    halves = gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]) and block_h <= 8
+    if named in ("walk", "walk_halves"):
+        return named if named == "walk" or halves else "walk"
+    if halves and head_dim == 128 and capacity <= 2 * WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim:
         return "walk_halves"
     return "walk"
 
