@@ -181,8 +181,9 @@ def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(gather, head_dim
     """fp8 kept values (FP8_VALUES: the walks only) compile for sm_90 within the walk's register
     cap, spilling at most the bytes recorded per triton version (stack_budget; walk_halves at its
     cap of 96 spills 8-16 bytes on 3.6 where its fp16 form spills 16-24 too): a one-byte shared load
-    per element and one F2FP (cvt.rn.f16x2.e4m3x2) per pair of elements, no two-byte loads; bf16 queries too multiply in fp16 (decode_gluon._fp16_query:
-    fp16 HMMAs, no bf16 conversion in the loop)."""
+    per element and one F2FP (cvt.rn.f16x2.e4m3x2) per pair of elements, no two-byte loads; bf16
+    queries too multiply in fp16 (decode_gluon._fp16_query: fp16 HMMAs, no bf16 conversion in the
+    loop)."""
     args = ["--kernel", "gluon", "--gather", gather, "--head-dim", head_dim, "--group", group, "--capacity",
             capacity, "--fp8", "--page-size", page_size, "--dtype", dtype]
     report = sass_report(*args)

@@ -735,9 +735,10 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
                VALUE_BYTES: gl.constexpr = 2, HALVES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False):
     """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
     fp8 values (VALUE_BYTES 1): q_t is fp16 (_fp16_query), qk_scale carries K's value scale (and
-    q's per-row factors); V's value scale is the kernel's, on the accumulator after the walk. HALVES ("walk_halves"): q_t is q^T in shared memory, acc a
-    pair of [D/2, H] halves, and each operand is gathered and multiplied as two D/2 halves, so
-    fewer registers are live at once (_sparse_decode_gluon_kernel's comment)."""
+    q's per-row factors); V's value scale is the kernel's, on the accumulator after the walk.
+    HALVES ("walk_halves"): q_t is q^T in shared memory, acc a pair of [D/2, H] halves, and each
+    operand is gathered and multiplied as two D/2 halves, so fewer registers are live at once
+    (_sparse_decode_gluon_kernel's comment)."""
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
@@ -976,7 +977,8 @@ def _sparse_decode_gluon_kernel(
             if FP8_VALUES:
                 acc = acc * v_value_scale
             if WIDEN_Q:  # the window's q^T, loaded again so that the walk did not hold both
-                q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
+                q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER,
+                                B_OP)
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walks only")
     elif GATHER == "scatter":
