@@ -83,6 +83,7 @@ def main():
         base = load_baseline(path)
         prefix = "base" if len(args.baseline) == 1 else path.stem
         variants += [(f"{prefix}-{g}", g, lambda base=base: base, False) for g in args.baseline_gathers.split(",")]
+    fmt = dict(value_dtype=torch.float8_e4m3fn) if args.fp8 else {}  # how prune_and_pack stores kept values
     m = LLAMA3_8B
     meta = dict(environment(dev), copy_bandwidth_Bps=bw, gathers=[v[0] for v in variants], num_splits=args.num_splits,
                 baseline=[str(p) for p in args.baseline] or None, window=args.window, dtype=args.dtype,
@@ -109,7 +110,6 @@ def main():
             best_dense = min(best_dense, us)
             rows.append(dict(base_row, kind="dense", variant=name, us=us, bytes=dense_bytes))
         for sparsity in map(float, args.sparsities.split(",")):
-            fmt = dict(value_dtype=torch.float8_e4m3fn) if args.fp8 else {}
             pk, pv = mt.prune_and_pack(k, sparsity, **fmt), mt.prune_and_pack(v, sparsity, **fmt)
             nbytes = pk.nbytes + pv.nbytes + sum(w.numel() * w.element_size() for w in windows.values())
             byte_bound_us = nbytes / bw * 1e6

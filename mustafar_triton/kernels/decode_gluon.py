@@ -965,8 +965,6 @@ def _sparse_decode_gluon_kernel(
             m, l, halves = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_s, m, l, halves, qk_stored,
                                        tok_s, block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY,
                                        V_CAPACITY, HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, True, EXACT_WEIGHTS)
-            if FP8_VALUES:  # V's value scale, once on the float32 accumulator (P is rounded unscaled)
-                halves = (halves[0] * v_value_scale, halves[1] * v_value_scale)
             joined = gl.permute(gl.join(halves[0], halves[1]), (2, 0, 1))  # [2, D/2, H]: the half is a register bit
             acc = gl.convert_layout(gl.reshape(joined, [HEAD_DIM, BLOCK_H]), MMA, assert_trivial=True)
             q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER, B_OP)
@@ -974,11 +972,11 @@ def _sparse_decode_gluon_kernel(
             m, l, acc = _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_w, m, l, acc, qk_stored, tok_s,
                                     block_table_row, num_pages, num_kv_heads, A_OP, B_OP, MMA, K_CAPACITY, V_CAPACITY,
                                     HEAD_DIM, BLOCK_N, PAGE_SIZE, VALUE_BYTES, False, EXACT_WEIGHTS)
-            if FP8_VALUES:
-                acc = acc * v_value_scale
             if WIDEN_Q:  # the window's q^T, loaded again so that the walk did not hold both
                 q_t = _load_q_t(q_ptr, b, h, stride_qb, stride_qh, stride_qt, GROUP, BLOCK_H, HEAD_DIM, LQ, GATHER,
                                 B_OP)
+        if FP8_VALUES:  # V's value scale, once on the float32 accumulator (P is rounded unscaled)
+            acc = acc * v_value_scale
     elif FP8_VALUES:
         gl.static_assert(False, "fp8 values are read by the walks only")
     elif GATHER == "scatter":

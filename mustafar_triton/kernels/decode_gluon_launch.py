@@ -91,12 +91,10 @@ def fp8_gather(named: str | None, head_dim: int, capacity: int, block_h: int) ->
     against the walk (perf/NOTES.md, 2026-12-07): bf16 queries 16x16k 224.2 / 203.2 / 199.4 against
     222.5 / 225.0 / 208.2 us, 4x128k 425.9 / 377.9 / 372.9 against 425.3 / 423.3 / 395.7; fp16 queries
     16x16k 221.6 / 202.3 / 195.9 against 225.1 / 227.3 / 210.5."""
-    halves = gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]) and block_h <= 8
     if named in ("walk", "walk_halves"):
-        return named if named == "walk" or halves else "walk"
-    if halves and head_dim == 128 and capacity <= 2 * WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim:
-        return "walk_halves"
-    return "walk"
+        runs = gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]) and block_h <= 8
+        return named if named == "walk" or runs else "walk"
+    return "walk_halves" if walk_halves_pays(head_dim, capacity, block_h) else "walk"
 
 
 def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
@@ -241,6 +239,13 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     return programs
 
 
+def walk_halves_pays(head_dim: int, row_bytes: int, block_h: int) -> bool:
+    """Whether walk_halves is the walk to run (its registers buy programs: D=128, 8 padded rows) for
+    value rows of row_bytes per token: up to WALK_HALVES_MAX_CAPACITY_FRACTION x D two-byte slots'."""
+    return (head_dim == 128 and block_h <= 8 and row_bytes <= 2 * WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim
+            and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]))
+
+
 def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8) -> str:
     """The staged gather for a cache when the config names none: the scatter where the stored
     values are few enough for its per-value cost to beat the walk's per-element cost, and for 16
@@ -252,10 +257,7 @@ def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int
     if gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]) and (
             block_h > 8 or capacity <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
         return "scatter"
-    if (head_dim == 128 and block_h <= 8 and capacity <= WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim
-            and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"])):
-        return "walk_halves"
-    return "walk"
+    return "walk_halves" if walk_halves_pays(head_dim, 2 * capacity, block_h) else "walk"
 
 
 def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, context: int,
