@@ -346,7 +346,6 @@ class _DecodePlan:
                 return autotune.heuristic_config("decode", self.device)
             if cfg.get("kernel") == "gluon" and self.fp8:  # the walks are the gathers that read fp8 values
                 return dict(cfg, gather=gluon_launch.fp8_gather(cfg.get("gather"), self.d,
-                                                                max(self.k_capacity, self.v_capacity),
                                                                 gluon_launch.gluon_block_h(self.rows)))
             wider = gluon_launch.gluon_block_h(self.rows) > gluon_launch.gluon_block_h(self.group)
             if cfg.get("kernel") == "gluon" and wider:

@@ -48,8 +48,7 @@ MASK = '"prmt.b32 m, %s, %s, %s; and.b32 $%d, r%d, m;" % (srcs[k] + (k, k))'
 SETUP = '"mov.u32 t, mt_dstage; add.u32 q, t, %s; mov.u32 hb, 0x7fffffff;" % queue'
 QUEUE_LOAD = '" @!ps ld.shared.v2.b32 {nw, nb}, [q]; @!ps add.u32 q, q, 256;"'
 END = '"}" if save else "mov.b32 $0, 0; }"'
-IMPORT = "from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,"
-IMPORTED = "                                  staged_row_pitch)\n"
+IMPORTED = "                                  scatter_undoes, stage_offsets, staged_row_pitch)\n"
 UNDOES = "\n\n@gluon.constexpr_function\ndef scatter_undoes(head_dim, k_capacity, v_capacity):\n    return %s\n"
 DECL = '"{ .reg .pred pz, ps; .reg .b32 t, q, b, x, cur, base, nw, nb, p, m, a, hb, o, v<%d>;" % nvals'
 
@@ -77,8 +76,8 @@ ABLATIONS = {
     "no_value_loop": [(LOOP, "    for r in range(0):\n        val = ")],
     # not ablations (both compute right): the choice between masking the tiles and undoing the
     # stores (decode_gluon_launch.scatter_undoes) forced either way, to time it against the policy
-    "undo_never": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % False)],
-    "undo_always": [(IMPORT, IMPORT.replace("scatter_undoes, ", "")), (IMPORTED, IMPORTED + UNDOES % True)],
+    "undo_never": [(IMPORTED, IMPORTED.replace("scatter_undoes, ", "") + UNDOES % False)],
+    "undo_always": [(IMPORTED, IMPORTED.replace("scatter_undoes, ", "") + UNDOES % True)],
 }
 
 

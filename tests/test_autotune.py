@@ -495,10 +495,11 @@ def test_gluon_splits_fill_whole_waves():
     # the staged gathers' shared memory: 16 walk programs fit 228 KB up to 14.25 KB each; rows of
     # 128 bytes (capacity 64) are staged 144 bytes apart, of 192 bytes 208 apart
     h100_shared = 228 << 10
-    assert shared_bytes("walk", 128, 64, 64) == 2 * (2 * 16 * 144 + 2 * 16 * 16) + 1024
+    # (and the run-start table: 32 rows of 4 bytes at D=128)
+    assert shared_bytes("walk", 128, 64, 64) == 2 * (2 * 16 * 144 + 2 * 16 * 16) + 32 * 4 + 1024
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 88, 88), h100_shared) == 16
     assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 96, 96), h100_shared) == 15
-    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 128, 128), h100_shared) == 12
+    assert programs_per_sm(128, 8, "walk", shared_bytes("walk", 128, 120, 120), h100_shared) == 12
     # the scatter adds the dense tiles and queues: 18080 bytes at D=128 K0.7V0.7, as ptxas reports
     assert shared_bytes("scatter", 128, 40, 40) == 18080
     assert programs_per_sm(128, 8, "scatter", shared_bytes("scatter", 128, 40, 40), h100_shared) == 12
@@ -511,7 +512,7 @@ def test_gluon_splits_fill_whole_waves():
     assert programs_per_sm(64, 8, "scatter", shared_bytes("scatter", 64, 16, 16), h100_shared) == 20
     assert shared_bytes("popc", 128, 40, 40) == 0
     # walk_halves adds q^T (D x 8 query rows x 2 bytes): 20 programs fit at capacity 40, 17 at 64
-    assert shared_bytes("walk_halves", 128, 40, 40) == shared_bytes("walk", 128, 40, 40) + 2048 == 9216
+    assert shared_bytes("walk_halves", 128, 40, 40) == shared_bytes("walk", 128, 40, 40) + 2048 == 9344
     assert programs_per_sm(128, 8, "walk_halves", shared_bytes("walk_halves", 128, 40, 40), h100_shared) == 20
     assert programs_per_sm(128, 8, "walk_halves", shared_bytes("walk_halves", 128, 64, 64), h100_shared) == 17
     for batch_heads in (8, 32, 128, 512, 2048):
@@ -527,9 +528,8 @@ def test_gluon_splits_fill_whole_waves():
 
 
 def test_gluon_gather_choice():
-    """Without a "gather" key: the scatter for caches of few stored values, then walk_halves (D=128,
-    up to capacity 40), else the walk, unless
-    their splits would be short (the popcount gather has fewer fixed costs per split); a config's
+    """Without a "gather" key: the scatter for caches of few stored values (capacity <= D / 8), else
+    the walk, unless their splits would be short (the popcount gather has fewer fixed costs per split); a config's
     explicit gather wins where it supports the shape, and popc runs where nothing else does."""
     from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG, MIN_STAGED_SPLIT_TOKENS, choose_gather
 
@@ -538,9 +538,10 @@ def test_gluon_gather_choice():
     assert gather(GLUON_CONFIG, 128, (64, 64), 16384, 16) == "walk"        # B=16: 1024 tokens per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 32768, 264) == "walk"       # B=1: 124 per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 8192, 264) == "popc"        # 31 per split
-    assert gather(GLUON_CONFIG, 128, (16, 32), 16384, 16) == "scatter"     # few values stored
-    assert gather(GLUON_CONFIG, 128, (16, 40), 16384, 16) == "walk_halves"  # V at sparsity 0.7
-    assert gather(GLUON_CONFIG, 128, (40, 48), 16384, 16) == "walk"        # 0.65: the halves lose there
+    assert gather(GLUON_CONFIG, 128, (8, 16), 16384, 16) == "scatter"      # few values stored (0.9)
+    assert gather(GLUON_CONFIG, 128, (16, 24), 16384, 16) == "walk"        # V at sparsity 0.85
+    assert gather(GLUON_CONFIG, 128, (40, 40), 16384, 16) == "walk"        # 0.7: walk_halves only when named
+    assert gather(dict(GLUON_CONFIG, gather="walk_halves"), 128, (40, 40), 16384, 16) == "walk_halves"
     assert gather(GLUON_CONFIG, 128, (16, 16), 8192, 264) == "popc"
     assert gather(GLUON_CONFIG, 256, (16, 16), 16384, 16) == "walk"        # the scatter: D 64 / 128
     assert gather(GLUON_CONFIG, 128, (64, 64), MIN_STAGED_SPLIT_TOKENS * 3, 3) == "walk"
@@ -558,19 +559,17 @@ def test_gluon_gather_choice():
 
 
 def test_fp8_gather_choice():
-    """fp8 values run a walk: the one a config names (walk_halves only where it runs: D 128 / 256,
-    8 padded rows), else walk_halves at D=128 up to 80 one-byte slots per token, else the walk."""
+    """fp8 values run the walk, or walk_halves where a config names it and it runs (D 128 / 256, 8
+    padded rows)."""
     from mustafar_triton.kernels.decode_gluon_launch import fp8_gather
-    assert fp8_gather(None, 128, 48, 8) == "walk_halves"       # fp8 K0.7V0.7 (48 slots)
-    assert fp8_gather(None, 128, 80, 8) == "walk_halves"       # 80 bytes: fp16's 40 slots
-    assert fp8_gather(None, 128, 96, 8) == "walk"
-    assert fp8_gather("scatter", 128, 64, 8) == "walk_halves"  # a gather with no fp8 form: the policy
-    assert fp8_gather("walk", 128, 48, 8) == "walk"            # a named walk is kept
-    assert fp8_gather("walk_halves", 256, 128, 8) == "walk_halves"
-    assert fp8_gather(None, 256, 128, 8) == "walk"             # no occupancy to win at D=256
-    assert fp8_gather("walk_halves", 128, 48, 16) == "walk"    # 16 rows: the halves' 96 registers do not fit
-    assert fp8_gather(None, 128, 48, 16) == "walk"
-    assert fp8_gather("walk_halves", 64, 32, 8) == "walk"      # D=64: no walk_halves
+    assert fp8_gather(None, 128, 8) == "walk"
+    assert fp8_gather("scatter", 128, 8) == "walk"               # a gather with no fp8 form
+    assert fp8_gather("popc", 64, 8) == "walk"
+    assert fp8_gather("walk", 128, 8) == "walk"
+    assert fp8_gather("walk_halves", 128, 8) == "walk_halves"
+    assert fp8_gather("walk_halves", 256, 8) == "walk_halves"
+    assert fp8_gather("walk_halves", 128, 16) == "walk"          # 16 rows: the halves' 96 registers do not fit
+    assert fp8_gather("walk_halves", 64, 8) == "walk"            # D=64: no walk_halves
 
 
 def test_decode_default_is_the_gluon_kernel_where_it_runs():

@@ -192,7 +192,7 @@ def test_small_value_scales_keep_the_weights_precise(device, dtype):
 @pytest.mark.parametrize("head_dim", [128, 256])
 def test_both_walks_read_fp8_values(device, dtype, head_dim, gather):
     """fp8 values run the walk a Gluon config names, or the policy's (decode_gluon_launch.
-    fp8_gather: walk_halves at D=128 for these 80 slots), contiguous and paged, as the float64
+    fp8_gather: the walk where none is named), contiguous and paged, as the float64
     reference computes."""
     q, pk, pv, window = _decode_case(device, dtype, seed_of("fp8-walks", dtype, head_dim), d=head_dim, ks=0.375,
                                      vs=0.5)
@@ -202,7 +202,7 @@ def test_both_walks_read_fp8_values(device, dtype, head_dim, gather):
         out = mt.sparse_decode_attention(q, pk, pv, **window)
         ran = attention.launched_gather(q, pk, pv, **window)
         paged = mt.sparse_decode_attention(q, gk, gv, **window)
-    expected = gather or ("walk_halves" if head_dim == 128 else "walk")
+    expected = gather or "walk"
     assert pk.capacity == 80 * head_dim // 128 and ran == (None if INTERPRETING else expected)
     want = ref.sparse_decode_attention(q, pk, pv, **window)
     assert rel_err(out, want) < _tolerance(dtype) and rel_err(paged, want) < _tolerance(dtype)

@@ -29,16 +29,16 @@ REPO = Path(__file__).resolve().parent.parent
 # walk_halves at its cap of 96 (2026-12-06, 3.9.0; 3.7 / 3.8 not measured): 72 and 88 bytes where 3.6
 # spills 0 and 24. The fp8 walk ("walk_fp8": 0 bytes on 3.6) on 3.9.0, measured 2026-12-06 at 8a531c6;
 # its bf16 cases again 2026-12-07 (6c48c2c: bf16 queries multiply in fp16), with the fp8 walk_halves'.
+# The walks again after their run-start table (2026-12-07): the walk 40 -> 16 and 64 -> 40 bytes, its
+# fp8 forms 0 (24-56 before), four query tokens 24, paged 24; walk_halves 72 -> 88, 88 -> 104, its
+# fp8 forms 64-80 -> 80-112 (D=256: 0).
 SPILLS_PAST_THE_3_6_BUDGET = {
     "3.8": {("prune", 256, 80, "fp16"): 432},
-    "3.9": {("walk", 128, 4, 40): 40, ("walk", 128, 8, 64): 64, ("walk", 128, 4, 40, "lq2"): 40,
-            ("walk_halves", 128, 4, 40): 72, ("walk_halves", 128, 8, 64): 88,
-            ("walk_fp8", 128, 4, 48, 0, "fp16"): 48, ("walk_fp8", 128, 8, 80, 0, "fp16"): 56,
-            ("walk_fp8", 64, 3, 48, 16, "fp16"): 48, ("walk_fp8", 256, 4, 192, 0, "fp16"): 24,
-            ("walk_fp8", 128, 4, 48, 0, "bf16"): 56, ("walk_fp8", 256, 4, 192, 0, "bf16"): 24,
-            ("walk_halves_fp8", 128, 4, 48, 0, "fp16"): 72, ("walk_halves_fp8", 128, 8, 80, 0, "fp16"): 64,
-            ("walk_halves_fp8", 128, 4, 48, 0, "bf16"): 64, ("walk_halves_fp8", 128, 4, 80, 16, "bf16"): 80,
-            ("walk_halves_fp8", 256, 4, 192, 0, "bf16"): 48,
+    "3.9": {("walk", 128, 4, 40): 16, ("walk", 128, 8, 64): 40, ("walk", 128, 4, 40, "lq4"): 24,
+            ("walk", 128, 4, 40, "paged"): 24,
+            ("walk_halves", 128, 4, 40): 88, ("walk_halves", 128, 8, 64): 104,
+            ("walk_halves_fp8", 128, 4, 48, 0, "fp16"): 80, ("walk_halves_fp8", 128, 8, 80, 0, "fp16"): 80,
+            ("walk_halves_fp8", 128, 4, 48, 0, "bf16"): 88, ("walk_halves_fp8", 128, 4, 80, 16, "bf16"): 112,
             ("prune", 128, 40, "fp16"): 24, ("prune", 256, 80, "fp16"): 464, ("prune", 128, 128, "bf16"): 16,
             ("prune", 128, 40, "fp16", "paged"): 16, ("prune", 256, 80, "fp16", "paged"): 456,
             ("prune", 128, 128, "bf16", "paged"): 24},
@@ -157,8 +157,10 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
         assert loop.get("LDG.E.U16", 0) > 0, "not the main loop"
         assert not [op for op in loop if op.split(".")[0] in ("LDS", "STS", "LDSM", "BAR")], loop
     elif gather in ("walk", "walk_halves"):
-        # one predicated load per dense element: 2 x 16 tokens x D over 32 lanes
+        # one predicated load per dense element: 2 x 16 tokens x D over 32 lanes; a run's start
+        # is one byte of the run-start table per token (K 2, V 4 tokens per lane, each half again)
         assert loop.get("LDS.U16", 0) == head_dim and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
+        assert loop.get("LDS.U8", 0) == 6 * (2 if gather == "walk_halves" else 1), loop
         assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
     else:
         assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
@@ -174,13 +176,13 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     ("walk", 256, 4, 192, 0, "fp16", 0), ("walk", 128, 4, 48, 0, "bf16", 0), ("walk", 64, 3, 48, 16, "bf16", 0),
     ("walk", 256, 4, 192, 0, "bf16", 0),
     ("walk_halves", 128, 4, 48, 0, "fp16", 16), ("walk_halves", 128, 8, 80, 0, "fp16", 0),
-    ("walk_halves", 128, 4, 48, 0, "bf16", 8), ("walk_halves", 128, 4, 80, 16, "bf16", 16),
+    ("walk_halves", 128, 4, 48, 0, "bf16", 16), ("walk_halves", 128, 4, 80, 16, "bf16", 16),
     ("walk_halves", 256, 4, 192, 0, "bf16", 0)])
 def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(gather, head_dim, group, capacity, page_size, dtype,
                                                                 stack_on_3_6):
     """fp8 kept values (FP8_VALUES: the walks only) compile for sm_90 within the walk's register
     cap, spilling at most the bytes recorded per triton version (stack_budget; walk_halves at its
-    cap of 96 spills 8-16 bytes on 3.6 where its fp16 form spills 16-24 too): a one-byte shared load
+    cap of 96 spills 8-16 bytes on 3.6 where its fp16 form spills up to 24 too): a one-byte shared load
     per element and one F2FP (cvt.rn.f16x2.e4m3x2) per pair of elements, no two-byte loads; bf16
     queries too multiply in fp16 (decode_gluon._fp16_query: fp16 HMMAs, no bf16 conversion in the
     loop)."""
@@ -193,7 +195,9 @@ def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(gather, head_dim
     assert report["stack"] <= budget and report["local"] == 0, f"spills {report['stack']} bytes"
     loop = report["loop_ops"]
     assert any(op.startswith("HMMA.16816.F32") for op in loop), "not the main loop"
-    assert loop.get("LDS.U8", 0) == head_dim and "LDS.U16" not in loop, loop
+    # per token a byte of the run-start table (K 2, V 4 tokens per lane; each half again)
+    starts = 6 * (2 if gather == "walk_halves" else 1)
+    assert loop.get("LDS.U8", 0) == head_dim + starts and "LDS.U16" not in loop, loop
     assert loop.get("F2FP.F16.E4M3.UNPACK_B", 0) == head_dim // 2, loop
     assert "HADD2.F32" not in loop and "F2FP.BF16.F32.PACK_AB" not in loop, loop
     assert not any(op.startswith("HMMA.16816.F32.BF16") for op in loop), loop

@@ -1,7 +1,8 @@
 """The Gluon walk gather's inline PTX, run on the CPU by a small emulator of the PTX it uses.
 
 Gluon kernels cannot run without a GPU, so the asm strings that decode_gluon.py's constexpr
-functions produce (_walk_asm, _lds_words_asm, _cp_async_zfill_asm, _cp_async_asm, and the scatter's
+functions produce (_walk_asm and its table of run starts _run_starts_asm, _lds_words_asm,
+_cp_async_zfill_asm, _cp_async_asm, and the scatter's
 stores _scatter_asm, masked ldmatrix _ldmatrix_asm and _zero_row_asm) are executed here
 statement by statement on a shared-memory byte array and a bounds-checked global byte array. The
 inputs each instance gets are built as decode_gluon._gather_walk / _stage_rows build them (a
@@ -17,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mustafar_triton.kernels import decode_gluon as dg
-from mustafar_triton.kernels.decode_gluon_launch import staged_row_pitch
+from mustafar_triton.kernels.decode_gluon_launch import run_start_pitch, staged_row_pitch
 
 MT_DSTAGE = 0x400          # the shared address of mt_dstage (as on sm_90: after 1 KB reserved)
 GLOBAL_BASE = 0x7f0000000  # the global address of the tensor's first byte
@@ -159,6 +160,8 @@ class Ptx:
                     byte = (src >> (8 * (nib & 7))) & 0xFF
                     out |= (0xFF if byte >> 7 else 0) << (8 * i) if nib & 8 else byte << (8 * i)
                 put(ops[0], out)
+            elif opcode == "bar.warp.sync":  # one lane at a time here: nothing to order
+                pass
             elif parts[0] == "ldmatrix":
                 a = addr(ops[1])
                 dsts = [d.strip() for d in ops[0].strip("{}").split(",")]
@@ -306,21 +309,36 @@ def pattern_rows(rng, kinds, head_dim, capacity):
     return words, values
 
 
-def walk_inputs(row_words, capacity, head_dim, k_side, run, row_addr, value_bytes=2, span=None, first=0):
+def run_starts(words, capacity):
+    """The staged bitmap rows [n, D/32] and their run-start table [n, pitch] (uint8) as one lane per
+    row leaves them after decode_gluon._run_starts_asm (emulated): a malformed row (more bits than
+    capacity) zeroed in place, and byte j of a row the kept count before its word j."""
+    n, nw = words.shape
+    pitch, table_pitch = staged_row_pitch(4 * nw), run_start_pitch(32 * nw)
+    table = n * pitch
+    shared = np.full(table + n * table_pitch, 0xEE, np.uint8)  # stale bytes in the table
+    for t in range(n):
+        shared[t * pitch:t * pitch + 4 * nw] = words[t].view(np.uint8)
+    asm = _fn(dg._run_starts_asm)(nw)
+    for t in range(n):
+        Ptx(shared).run(asm, 1, [t * pitch, capacity, table + t * table_pitch])
+    staged = np.stack([shared[t * pitch:t * pitch + 4 * nw].view(np.uint32) for t in range(n)])
+    return staged, shared[table:].reshape(n, table_pitch)
+
+
+def walk_inputs(row_words, row_starts, head_dim, k_side, run, row_addr, value_bytes=2, span=None, first=0):
     """_gather_walk's per-token inputs of one run of the channels [first, first + span) (all of
-    them, or a half for walk_halves): the shared address of the run's first slot (value_bytes per
-    slot) and, per byte of the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
+    them, or a half for walk_halves), from the row's staged words and run-start table row
+    (run_starts): the shared address of the run's first slot (value_bytes per slot) and, per byte of
+    the run, the word holding it (byte b at bits 8 (b % 4) ..)."""
     span = span or head_dim
-    nw = head_dim // 32
     nb = span // 32 if k_side else span // 64
     w = [int(x) for x in row_words]
-    kept = sum(popc(x) for x in w)
-    fits = kept <= capacity
     w0 = (run * (nb // 4) if nb >= 4 else run // (4 // nb)) + first // 32
-    before = sum(popc(w[j]) for j in range(nw) if w0 > j)
-    own = w[w0] if fits else 0
+    before = int(row_starts[w0])
+    own = w[w0]
     if nb > 4:
-        own_b = w[w0 + 1] if fits else 0
+        own_b = w[w0 + 1]
         bits = [own if b < 4 else own_b for b in range(nb)]
         slot = before
     elif nb == 4:
@@ -358,9 +376,10 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None, span=None, 
     rng = np.random.default_rng(0)
     out = np.zeros((n, span), np.uint16)
     pairs = [(t,) for t in range(n)] if k_side else [(t, t + 1) for t in range(0, n - 1, 2)]
+    staged, starts = run_starts(words, capacity)
     for toks in pairs:
         for r in range(runs):
-            per_tok = [walk_inputs(words[t], capacity, head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch,
+            per_tok = [walk_inputs(staged[t], starts[t], head_dim, k_side, r, MT_DSTAGE + stage_off + t * pitch,
                                    value_bytes, span, first) for t in toks]
             s = len(toks)
             addrs = [0] * (s * n_el)
@@ -458,6 +477,23 @@ def test_emulator_catches_a_broken_walk():
     rng = np.random.default_rng(3)
     words, values = random_rows(rng, 6, 128, 40)
     assert (run_walk(128, 40, True, words, values, broken) != dense_reference(words, values, 40)).any()
+
+
+@pytest.mark.parametrize("head_dim,capacity", [(64, 24), (128, 40), (128, 120), (256, 80)])
+def test_run_starts_asm_counts_rows_and_zeroes_malformed_ones(head_dim, capacity):
+    """Each lane's row of the run-start table holds the kept count before each bitmap word; a row
+    with more bits than capacity is zeroed in place, the others are left as staged."""
+    words, _ = random_rows(np.random.default_rng(head_dim + capacity), 12, head_dim, capacity)
+    staged, starts = run_starts(words, capacity)
+    seen_malformed = False
+    for t in range(len(words)):
+        counts = [popc(int(x)) for x in words[t]]
+        malformed = sum(counts) > capacity
+        seen_malformed = seen_malformed or malformed
+        assert (staged[t] == (0 if malformed else words[t])).all()
+        if not malformed:  # a zeroed row has no runs: its table row is never read
+            assert list(starts[t, :len(counts)]) == list(np.cumsum([0] + counts[:-1]))
+    assert seen_malformed
 
 
 def test_lds_words_asm():

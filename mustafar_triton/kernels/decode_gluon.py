@@ -28,8 +28,11 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     so an element costs a bit test, a predicated shared load and a predicated add (no popcount, no
     64-bit address). The channels of the mma operands are permuted for this (dot products do not
     care; q is loaded and the output stored through the same permutation): K lane q of a row's
-    quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). Its cost
-    follows the dense elements: H200, B=16 T=16384, 209 us at sparsity 0.7 and 199 at 0.95.
+    quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). A run
+    starts at its row's kept count before its first word: once per tile each lane counts one
+    staged bitmap row into a table in shared memory (_run_starts; a malformed row is zeroed there),
+    and a run's start is one byte load. Its cost follows the dense elements: H100, B=16 T=16384,
+    172 us at sparsity 0.7 and 156 at 0.95 (209 / 199 on the H200 before the table).
     The walks are the gathers that read fp8 (e4m3) values (FP8_VALUES): one-byte slots, each pair
     of outputs widened by one cvt.rn.f16x2.e4m3x2 into fp16 operands whatever q's dtype (bf16
     queries enter the fp16 products scaled per query row by a power of two: _fp16_query), K's
@@ -38,8 +41,8 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     operand per half) and each operand gathered and multiplied as two halves of D/2 channels
     (acc as two [D/2, H] halves, joined after the loop), each half permuted as a walk of D/2.
     Fewer registers live at once: 96 without spilling at D=128, so 5 programs per scheduler
-    instead of 4, for ~8% more instructions: 1.5-4% faster than the walk on an H100 at sparsity
-    0.7-0.9, up to 14% slower at 0.5-0.65 (perf/NOTES.md, 2026-12-06).
+    instead of 4, for more instructions: 1.5-4% faster than the walk on an H100 at sparsity 0.7-0.9
+    before the walk's run-start table (perf/NOTES.md, 2026-12-06), 10-18% slower since (2026-12-07).
   * "scatter" (HEAD_DIM 64 / 128): the same staging; then each lane stores the kept values of one
     staged row into a dense tile in shared memory (a bfind per value, section below), and
     ldmatrix reads the tiles into the mma operands, each register ANDed with a mask of its bitmap
@@ -63,8 +66,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _page_row, _split_ranges, _window_range
-from .decode_gluon_launch import (scatter_offsets, scatter_queue_entries, scatter_undoes, stage_offsets,
-                                  staged_row_pitch)
+from .decode_gluon_launch import (run_start_offsets, run_start_pitch, scatter_offsets, scatter_queue_entries,
+                                  scatter_undoes, stage_offsets, staged_row_pitch)
 
 
 @gluon.jit
@@ -218,14 +221,66 @@ def _lds_word(addr):
 
 
 @gluon.jit
-def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr,
-                 SPAN: gl.constexpr, FIRST: gl.constexpr, VALUE_BYTES: gl.constexpr = 2):
+def _lds_byte(addr):
+    """The staged byte at mt_dstage + addr (not pure, as _lds_word)."""
+    return gl.inline_asm_elementwise("{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $1; ld.shared.u8 $0, [a]; }",
+                                     "=r,r", [addr], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.constexpr_function
+def _run_starts_asm(num_words):
+    """PTX of one lane's share of a tile's run-start table: its staged bitmap row ($1: offset in
+    mt_dstage of its num_words words) is counted; a row with more bits than $2 (its capacity:
+    malformed, it could point past its value row) is zeroed in place, so that every gather reads it
+    as zeros; the kept count before each word, one byte per word, goes to mt_dstage + $3. Then the
+    warp syncs (bar.warp.sync orders the lanes' shared-memory accesses)."""
+    ws = ["w%d" % j for j in range(num_words)]
+    parts = ["{ .reg .pred p; .reg .b32 a, t, z, %s, c<%d>, e<%d>;" % (", ".join(ws), num_words, max(1, num_words // 4)),
+             "mov.u32 t, mt_dstage; add.u32 a, t, $1; mov.b32 z, 0;"]
+    vec = min(num_words, 4)
+    for i in range(0, num_words, vec):
+        parts.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (vec, ", ".join(ws[i:i + vec]), 4 * i))
+    parts.append("popc.b32 c0, w0;")
+    for j in range(1, num_words):  # c_j: the bits of words 0..j
+        parts.append("popc.b32 c%d, w%d; add.u32 c%d, c%d, c%d;" % (j, j, j, j, j - 1))
+    for j in range(num_words):  # byte j of the table: c_(j-1), the bits before word j
+        e = "e%d" % (j // 4)
+        if j % 4 == 0:
+            parts.append("mov.b32 %s, %s;" % (e, "0" if j == 0 else "c%d" % (j - 1)))
+        else:
+            parts.append("mad.lo.u32 %s, c%d, %d, %s;" % (e, j - 1, 1 << (8 * (j % 4)), e))
+    parts.append("setp.gt.u32 p, c%d, $2;" % (num_words - 1))
+    for i in range(0, num_words, vec):
+        parts.append("@p st.shared.v%d.b32 [a+%d], {%s};" % (vec, 4 * i, ", ".join(["z"] * vec)))
+    es = ["e%d" % i for i in range(max(1, num_words // 4))]
+    parts.append("add.u32 a, t, $3; st.shared%s.b32 [a], %s;" % ("" if len(es) == 1 else ".v%d" % len(es),
+                                                                 es[0] if len(es) == 1 else "{%s}" % ", ".join(es)))
+    parts.append("bar.warp.sync -1; mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+
+@gluon.jit
+def _run_starts(bits_off, lane, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
+                VALUE_BYTES: gl.constexpr):
+    """The staged tile's run-start table (run_start_offsets), one staged bitmap row per lane (the
+    K rows at mt_dstage + bits_off, the V rows right after them), malformed rows zeroed: once per
+    tile, so that each gather's run start is one byte load instead of its row's popcounts."""
+    NW: gl.constexpr = HEAD_DIM // 32
+    TABLE: gl.constexpr = run_start_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
+    gl.inline_asm_elementwise(_run_starts_asm(NW), "=r,r,r,r",
+                              [bits_off + lane * staged_row_pitch(NW * 4), gl.where(lane < 16, K_CAPACITY, V_CAPACITY),
+                               TABLE + lane * run_start_pitch(HEAD_DIM)], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _gather_walk(bits_off, stage_off, starts_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
+                 K_SIDE: gl.constexpr, SPAN: gl.constexpr, FIRST: gl.constexpr, VALUE_BYTES: gl.constexpr = 2):
     """The staged tile's dense values of the channels [FIRST, FIRST + SPAN) (all HEAD_DIM, or a half
     for "walk_halves") in _walk_layout(SPAN) (fp16-typed bits); its bitmap rows are at
-    mt_dstage + bits_off, its value rows (VALUE_BYTES per slot: 1 for fp8 values, widened to fp16)
-    at mt_dstage + stage_off. Tokens past the tile's end (staged with zero bitmap rows:
-    _stage_rows' ZFILL; their value rows are stale) and malformed tokens (more bits than CAPACITY)
-    read as zeros."""
+    mt_dstage + bits_off, their run starts at mt_dstage + starts_off (_run_starts, which zeroed the
+    malformed rows: more bits than CAPACITY), its value rows (VALUE_BYTES per slot: 1 for fp8
+    values, widened to fp16) at mt_dstage + stage_off. Tokens past the tile's end (staged with zero
+    bitmap rows: _stage_rows' ZFILL; their value rows are stale) and malformed tokens read as zeros."""
     L4: gl.constexpr = _walk_layout(SPAN, K_SIDE)
     PB: gl.constexpr = gl.SliceLayout(3, L4)
     P2: gl.constexpr = gl.SliceLayout(2, PB)
@@ -238,20 +293,12 @@ def _gather_walk(bits_off, stage_off, CAPACITY: gl.constexpr, HEAD_DIM: gl.const
     # per token and run: the run's first bitmap word and the slots before it (FIRST: whole words)
     w0 = (run_idx * (NB // 4) if NB >= 4 else run_idx // (4 // NB)) + FIRST // 32
     row = bits_off + tok * staged_row_pitch(NW * 4)
-    words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
-                                      is_pure=False, pack=1)
-    kept = tok * 0
-    before = tok * 0 + w0 * 0
-    for j in gl.static_range(NW):
-        pj = _popc(words[j])
-        kept += pj
-        before += gl.where(w0 > j, pj, 0)
-    fits = kept <= CAPACITY
-    own = gl.where(fits, _lds_word(row + w0 * 4), 0)
+    before = _lds_byte(starts_off + tok * run_start_pitch(HEAD_DIM) + w0)
+    own = _lds_word(row + w0 * 4)
     # per token and run: the run's bits (its first byte at bit 0, or for K at D=256 each byte of
     # its two words at bit 8 (b % 4)) and the shared address of its first slot
     if NB > 4:  # two words per run (K at D=256): bytes 4-7 read the second
-        own_b = gl.where(fits, _lds_word(row + w0 * 4 + 4), 0)
+        own_b = _lds_word(row + w0 * 4 + 4)
         bits3 = gl.where((b // 4) == 1, own_b[:, :, None], own[:, :, None])
         slot = before
     elif NB == 4:
@@ -730,7 +777,7 @@ def _accumulate(v_t, p, acc, alpha, B_OP: gl.constexpr, EXACT_WEIGHTS: gl.conste
 
 
 @gluon.jit
-def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
+def _walk_tile(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.constexpr, B_OP: gl.constexpr,
                MMA: gl.constexpr, K_CAPACITY: gl.constexpr, V_CAPACITY: gl.constexpr, HEAD_DIM: gl.constexpr,
                VALUE_BYTES: gl.constexpr = 2, HALVES: gl.constexpr = False, EXACT_WEIGHTS: gl.constexpr = False):
     """One staged tile of the walk (tokens [start, tile_hi) attended): the online softmax step.
@@ -742,29 +789,32 @@ def _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP: gl.
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]
     VB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[2]
+    KS_OFF: gl.constexpr = run_start_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[0]
+    VS_OFF: gl.constexpr = KS_OFF + 16 * run_start_pitch(HEAD_DIM)
     DT: gl.constexpr = q_t.dtype
     gl.static_assert((VALUE_BYTES == 2) or (DT == gl.float16), "fp8 values widen to fp16 operands")
     valid = start + tok_s < tile_hi
+    _run_starts(stage + KB_OFF, lane, K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES)
     if HALVES:
         H: gl.constexpr = HEAD_DIM // 2
         BLOCK_H: gl.constexpr = q_t.shape[1]
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, 0, VALUE_BYTES)
+        k4 = _gather_walk(stage + KB_OFF, stage, KS_OFF, K_CAPACITY, HEAD_DIM, True, H, 0, VALUE_BYTES)
         s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(0, H).load(B_OP),
                    gl.zeros([16, BLOCK_H], gl.float32, MMA))
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, H, H, VALUE_BYTES)
+        k4 = _gather_walk(stage + KB_OFF, stage, KS_OFF, K_CAPACITY, HEAD_DIM, True, H, H, VALUE_BYTES)
         s = mma_v2(_k_operand(k4, A_OP, H).to(DT, bitcast=True), q_t.slice(H, H).load(B_OP), s)
         p, m, l, alpha = _softmax_step(s, valid, m, l, qk_scale)
         acc_lo, acc_hi = acc
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, VS_OFF, V_CAPACITY, HEAD_DIM, False, H, 0, VALUE_BYTES)
         acc_lo = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_lo, alpha, B_OP, EXACT_WEIGHTS)
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, VS_OFF, V_CAPACITY, HEAD_DIM, False, H, H, VALUE_BYTES)
         acc_hi = _accumulate(_v_operand(v4, A_OP, H).to(DT, bitcast=True), p, acc_hi, alpha, B_OP, EXACT_WEIGHTS)
         acc = (acc_lo, acc_hi)
     else:
-        k4 = _gather_walk(stage + KB_OFF, stage, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES)
+        k4 = _gather_walk(stage + KB_OFF, stage, KS_OFF, K_CAPACITY, HEAD_DIM, True, HEAD_DIM, 0, VALUE_BYTES)
         k = _k_operand(k4, A_OP, HEAD_DIM)
         p, m, l, alpha = _scores(k.to(DT, bitcast=True), valid, q_t, m, l, qk_scale, MMA)
-        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, V_CAPACITY, HEAD_DIM, False, HEAD_DIM, 0, VALUE_BYTES)
+        v4 = _gather_walk(stage + VB_OFF, stage + V_OFF, VS_OFF, V_CAPACITY, HEAD_DIM, False, HEAD_DIM, 0, VALUE_BYTES)
         v_t = _v_operand(v4, A_OP, HEAD_DIM)
         acc = _accumulate(v_t.to(DT, bitcast=True), p, acc, alpha, B_OP, EXACT_WEIGHTS)
     return m, l, acc
@@ -794,7 +844,7 @@ def _walk_tiles(k_vals, v_vals, k_bits, v_bits, lo, c_hi, lane, q_t, m, l, acc, 
         # skips a paged tile outside the pool (all -inf scores: NaN from a -inf running max); always
         # true in a contiguous cache, where ptxas drops it (the same SASS as without it)
         if start < tile_hi:
-            m, l, acc = _walk_tile(stage, start, tile_hi, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
+            m, l, acc = _walk_tile(stage, start, tile_hi, lane, q_t, m, l, acc, qk_scale, tok_s, A_OP, B_OP, MMA,
                                    K_CAPACITY, V_CAPACITY, HEAD_DIM, VALUE_BYTES, HALVES, EXACT_WEIGHTS)
         tile_hi = next_hi
         stage = STAGE - stage
@@ -944,7 +994,7 @@ def _sparse_decode_gluon_kernel(
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     if (GATHER == "walk") or (GATHER == "walk_halves"):
         VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
-        _lane_asm(_stage_decl(2 * stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[3]), lane)
+        _lane_asm(_stage_decl(run_start_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]), lane)
         qk_stored = qk_scale  # the compressed tiles' (the window's stays qk_scale)
         q_w = q_t  # q^T as the walk multiplies it
         WIDEN_Q: gl.constexpr = FP8_VALUES and (q_t.dtype == gl.bfloat16)

@@ -9,8 +9,9 @@ The gathers (decode_gluon.py's module docstring has the details):
   "walk"    per element a bit test, predicated shared load and add, on rows staged in shared
             memory: its cost follows the DENSE elements (D 64 / 128 / 256);
   "walk_halves" the walk with q^T in shared memory and each operand gathered and multiplied as two
-            D/2 halves: ~8% more instructions, 96 registers at D=128 (5 programs per scheduler
-            instead of 4; D 128 / 256): faster than the walk at few stored values only;
+            D/2 halves: more instructions, 96 registers at D=128 (5 programs per scheduler instead
+            of 4; D 128 / 256); since the walk's run-start table slower than the walk at every
+            sparsity measured (H100): run where a config names it;
   "scatter" per KEPT value a bfind and a 2-byte store into a dense tile in shared memory, read
             back by ldmatrix and masked by the bitmap: its cost follows the stored values (D 64 / 128).
 """
@@ -34,22 +35,13 @@ GATHERS = ("walk", "walk_halves", "popc", "scatter")
 MIN_STAGED_SPLIT_TOKENS = 64
 
 # The scatter gather where the larger of the K and V capacities is at most this fraction of D.
-# H200, Llama-3-8B shape fp16, one wave of programs, the scatter without zeroing (4c61e11,
-# perf/results/h200/decode_gathers_masked_4c61e11.json), scatter / walk at B=16 T=16k: capacity 32
-# (sparsity 0.8) 194.8 / 202.7 us (B=1 T=32k 31.8 / 36.8); capacity 40 (0.7) 222.3 / 205.4 (35.8 /
-# 38.0: the scatter wins only there, where the tuner may pick it); capacity 16 (0.9) 157.1 / 203.5.
-# D=64 not measured.
-SCATTER_MAX_CAPACITY_FRACTION = 0.25
-
-# walk_halves (20 programs per SM at D=128, 8 query rows, against the walk's 16) where the larger
-# capacity is at most this fraction of D (and the scatter does not take it): it wins only at few
-# stored values. H100, Llama-3-8B shape fp16, one wave, walk / walk_halves us (perf/results/h100/
-# walk_halves_ab_*): capacity 40 (sparsity 0.7), B=16 T=16k 201.4 / 198.4, B=4 T=128k 386.0 / 371.9,
-# 1x32k 38.1 / 36.6 (with a 32-token window, 16x16k: 210.0 / 202.4); capacity 48 (0.65) 217.8 /
-# 225.9, 56 (0.6) 214.1 / 230.0, 64 (0.5) 240.9 / 269.3: more instructions and, at 64, shared
-# memory for 17 programs only. H200 not measured.
-WALK_HALVES_MAX_CAPACITY_FRACTION = 0.3125
-
+# H100, Llama-3-8B shape fp16, one wave of programs, the walk with its run-start table (perf/results/
+# h100/gathers_runstarts_*.json, 2026-12-07), scatter / walk us: B=16 T=16k capacity 16 (sparsity 0.9)
+# 144.7 / 159.4, 24 (0.85) 168.8 / 159.3, 32 (0.8) 190.6 / 163.4; B=4 T=128k 274.2 / 301.9, 325.4 /
+# 299.6, 366.9 / 305.3; B=64 T=4k 150.6 / 167.7, 176.7 / 166.8; B=1 T=32k 25.3 / 30.4, 27.7 / 30.7
+# (the scatter's one win at 24). Before that table (H200, 4c61e11) the walk lost up to capacity 32
+# (0.25 D). D=64 not measured.
+SCATTER_MAX_CAPACITY_FRACTION = 0.125
 
 # Where at least 12 scatter programs fit on an SM, the plan is a multiple of the 4 schedulers: one-warp
 # programs that do not split evenly over them leave one scheduler with a warp more, and the scatter
@@ -82,19 +74,15 @@ def gluon_fp8_supports(dtype, head_dim: int) -> bool:
             and gather_supports("walk", head_dim, GLUON_CONFIG["BLOCK_N"]))
 
 
-def fp8_gather(named: str | None, head_dim: int, capacity: int, block_h: int) -> str:
+def fp8_gather(named: str | None, head_dim: int, block_h: int) -> str:
     """The gather that reads fp8 values (the walks: the others have no fp8 form) for a config naming
-    `named` (fp8 caches take their bucket's config, tuned on fp16 values): a named walk, else
-    walk_halves at D=128 with 8 padded rows where its staged rows are at most as long as fp16's under
-    WALK_HALVES_MAX_CAPACITY_FRACTION (capacity <= 80 one-byte slots), else the walk. H100,
-    Llama-3-8B shape, fp8 K = V sparsity 0.375 / 0.5 / 0.7 (capacities 80 / 64 / 48), walk_halves
-    against the walk (perf/NOTES.md, 2026-12-07): bf16 queries 16x16k 224.2 / 203.2 / 199.4 against
-    222.5 / 225.0 / 208.2 us, 4x128k 425.9 / 377.9 / 372.9 against 425.3 / 423.3 / 395.7; fp16 queries
-    16x16k 221.6 / 202.3 / 195.9 against 225.1 / 227.3 / 210.5."""
-    if named in ("walk", "walk_halves"):
-        runs = gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]) and block_h <= 8
-        return named if named == "walk" or runs else "walk"
-    return "walk_halves" if walk_halves_pays(head_dim, capacity, block_h) else "walk"
+    `named` (fp8 caches take their bucket's config, tuned on fp16 values): a named walk_halves where
+    it runs (D 128 / 256, 8 padded rows), else the walk. H100, Llama-3-8B shape, bf16 queries, fp8 K =
+    V sparsity 0.375 / 0.5 / 0.7, walk against walk_halves (perf/results/h100/
+    fp8_bf16_runstarts_*.json, 2026-12-07): 16x16k 193.3 / 198.9 / 166.6 against 226.1 / 203.4 /
+    192.4 us, 4x128k 359.0 / 376.5 / 314.3 against 418.8 / 378.3 / 362.4."""
+    runs = gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]) and block_h <= 8
+    return "walk_halves" if named == "walk_halves" and runs else "walk"
 
 
 def gluon_bucket(bucket: dict, interpreting: bool) -> bool:
@@ -166,6 +154,22 @@ def stage_offsets(head_dim: int, k_capacity: int, v_capacity: int, value_bytes: 
 
 
 @constexpr_function
+def run_start_pitch(head_dim: int) -> int:
+    """Bytes per row of the walks' run-start table: one per bitmap word, in whole 32-bit words."""
+    return 4 * -(-head_dim // 128)
+
+
+@constexpr_function
+def run_start_offsets(head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> tuple[int, int]:
+    """The walks' table of run starts, after their two stages (stage_offsets): its byte offset and
+    the walks' shared-memory total. Per tile each lane writes its staged bitmap row's (K rows 0-15,
+    then the V rows) kept count before each bitmap word, one byte per word, run_start_pitch bytes a
+    row (decode_gluon._run_starts_asm)."""
+    table = 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3]
+    return table, table + 32 * run_start_pitch(head_dim)
+
+
+@constexpr_function
 def scatter_queue_entries(head_dim: int, capacity: int) -> int:
     """The scatter's queue entries per lane: every bitmap word, the sentinels that cover up to
     `capacity` iterations past the last kept value (32 each), and the two entries loaded ahead."""
@@ -210,13 +214,14 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, v
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates dynamic shared memory only for
     walk_halves' q^T, head_dim x block_h in 2 bytes).
-    walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile);
+    walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile) and
+    the run-start table (run_start_offsets);
     scatter: scatter_offsets; popc: none."""
     if gather == "popc":
         return 0
     if gather in ("walk", "walk_halves"):
         q_t = 2 * head_dim * block_h if gather == "walk_halves" else 0
-        return 2 * stage_offsets(head_dim, k_capacity, v_capacity, value_bytes)[3] + 1024 + q_t
+        return run_start_offsets(head_dim, k_capacity, v_capacity, value_bytes)[1] + 1024 + q_t
     return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
@@ -239,25 +244,21 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     return programs
 
 
-def walk_halves_pays(head_dim: int, row_bytes: int, block_h: int) -> bool:
-    """Whether walk_halves is the walk to run (its registers buy programs: D=128, 8 padded rows) for
-    value rows of row_bytes per token: up to WALK_HALVES_MAX_CAPACITY_FRACTION x D two-byte slots'."""
-    return (head_dim == 128 and block_h <= 8 and row_bytes <= 2 * WALK_HALVES_MAX_CAPACITY_FRACTION * head_dim
-            and gather_supports("walk_halves", head_dim, GLUON_CONFIG["BLOCK_N"]))
-
-
 def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8) -> str:
     """The staged gather for a cache when the config names none: the scatter where the stored
-    values are few enough for its per-value cost to beat the walk's per-element cost, and for 16
-    query rows (block_h), where the walk's 224 registers leave too few programs per SM. H200,
-    B=16 T=16k, Lq=4 G=4 with a 32-token window (perf/NOTES.md, 2026-12-03): K0.7 scatter 271.6
-    against walk 341.7 us (walk at Lq=1: 217.3); K0.9 190.1 against 346.0. Then walk_halves up to
-    WALK_HALVES_MAX_CAPACITY_FRACTION where its registers buy programs (D=128, 8 rows)."""
+    values are few enough for its per-value cost to beat the walk's per-element cost
+    (SCATTER_MAX_CAPACITY_FRACTION), and for 16 query rows (block_h), where the walk's 224 registers
+    leave too few programs per SM (H200, B=16 T=16k, Lq=4 G=4 with a 32-token window, perf/NOTES.md
+    2026-12-03, before the walk's run-start table: K0.7 scatter 271.6 against walk 341.7 us, the walk
+    at Lq=1 217.3; K0.9 190.1 against 346.0); else the walk. (walk_halves, 20 programs per SM at
+    D=128 against the walk's 16, lost to the walk everywhere once the run-start table took the walk
+    from 927 to 813 loop instructions per tile and its own only from 1003 to 971: it runs where a
+    config names it.)"""
     capacity = max(k_capacity, v_capacity)
     if gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]) and (
             block_h > 8 or capacity <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
         return "scatter"
-    return "walk_halves" if walk_halves_pays(head_dim, 2 * capacity, block_h) else "walk"
+    return "walk"
 
 
 def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, context: int,
