@@ -19,7 +19,9 @@ buffers, which `triton.autotune` cannot vary. A missing file falls through silen
 file falls through with one warning. A shipped file tuned with another triton version is used
 with one warning (its configs are tile sizes and split counts, valid on any version; only the GPU
 machine's triton can tune them); a user cache tuned with another triton version is ignored with
-one warning, and its shapes are tuned again.
+one warning, and its shapes are tuned again. A file tuned before the Gluon decode gathers last
+changed (its "gathers_revision" below decode_gluon_launch.GATHERS_REVISION) keeps its decode split
+counts but drops the gathers it names, with one warning: the launch policy picks the gather.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import triton
 from ._timing import gpu_time_ms
 from ._gluon_compat import gluon_runs_on
 from ._runtime import device_name, interpreting, next_pow2, num_sms
+from .kernels.decode_gluon_launch import GATHERS_REVISION
 
 REPO_CACHE_DIR = Path(__file__).resolve().parent.parent / "autotune_cache"
 
@@ -145,7 +148,8 @@ def _warn_once(msg: str, once_per=None) -> None:
 
 def load_entries(path: Path, other_triton_ok: bool = False) -> list[dict]:
     """Entries of a tuned file; [] (with one warning) if it is corrupt, or from another triton
-    version unless other_triton_ok (then used, with one warning)."""
+    version unless other_triton_ok (then used, with one warning). Decode configs of a file tuned at
+    an older GATHERS_REVISION lose their "gather" key (with one warning)."""
     if path in _file_cache:
         return _file_cache[path]
     entries: list[dict] = []
@@ -155,6 +159,7 @@ def load_entries(path: Path, other_triton_ok: bool = False) -> list[dict]:
             tuned_with = data.get("triton_version")
             if tuned_with == triton.__version__ or other_triton_ok:
                 entries = [e for e in data["entries"] if {"kernel", "bucket", "config"} <= e.keys()]
+                entries = _without_stale_gathers(entries, data.get("gathers_revision", 0), path)
             if tuned_with != triton.__version__:
                 _warn_once(f"mustafar_triton: {'using' if other_triton_ok else 'ignoring'} {path}: tuned "
                            f"with triton {tuned_with}, running {triton.__version__}"
@@ -163,6 +168,18 @@ def load_entries(path: Path, other_triton_ok: bool = False) -> list[dict]:
             _warn_once(f"mustafar_triton: ignoring corrupt autotune file {path}: {err}")
     _file_cache[path] = entries
     return entries
+
+
+def _without_stale_gathers(entries: list[dict], revision: int, path: Path) -> list[dict]:
+    """entries, with the gathers that decode configs name dropped if they were chosen at a gathers
+    revision older than GATHERS_REVISION (the kernels compared then have changed since)."""
+    if revision >= GATHERS_REVISION or not any(e["kernel"] == "decode" and "gather" in e["config"] for e in entries):
+        return entries
+    _warn_once(f"mustafar_triton: {path} chose decode gathers before they changed (gathers revision {revision}, "
+               f"now {GATHERS_REVISION}): using its split counts and the default gathers (python -m "
+               "mustafar_triton.tune re-tunes)")
+    return [dict(e, config={k: v for k, v in e["config"].items() if k != "gather"}) if e["kernel"] == "decode" else e
+            for e in entries]
 
 
 def shipped_dir() -> Path:
@@ -178,7 +195,7 @@ def user_cache_path(device: torch.device) -> Path:
 def write_entries(path: Path, entries: list[dict], device: torch.device) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {"device": device_name(device), "triton_version": triton.__version__,
-            "torch_version": torch.__version__, "entries": entries}
+            "torch_version": torch.__version__, "gathers_revision": GATHERS_REVISION, "entries": entries}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=1))
     tmp.replace(path)

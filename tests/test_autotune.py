@@ -57,10 +57,12 @@ def entry(kernel, config, **bucket):
     return {"kernel": kernel, "bucket": at.bucket_of(kernel, **bucket), "config": config}
 
 
-def write_file(path, entries, version=None):
+def write_file(path, entries, version=None, gathers_revision=at.GATHERS_REVISION):
+    """A tuned file (gathers_revision None: a file written before the field existed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    revision = {} if gathers_revision is None else {"gathers_revision": gathers_revision}
     path.write_text(json.dumps({"device": GPU_NAME, "triton_version": version or triton.__version__,
-                                "entries": entries}))
+                                **revision, "entries": entries}))
 
 
 class FakeBench:
@@ -225,6 +227,35 @@ def test_shipped_file_of_another_triton_is_used_with_one_warning(gpu):
     message = str(ours[0].message)
     assert message.startswith("mustafar_triton: using") and "0.0.1" in message and triton.__version__ in message
     assert first == second == tuned
+
+
+@pytest.mark.parametrize("revision", [None, at.GATHERS_REVISION - 1])
+def test_gathers_chosen_before_they_changed_are_dropped_with_one_warning(gpu, revision):
+    """A file tuned at an older gathers revision (or before the field) keeps its decode configs'
+    split counts and other kernels' configs, but not the gathers it names: the launch policy picks
+    those; one warning. The same file at the current revision keeps them."""
+    bucket = dict(batch_heads=64, context=4000, **DECODE_BUCKET)
+    tuned = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-3, gather="walk_halves")
+    select = {"BLOCK_T": 32, "num_warps": 8, "num_stages": 1}
+    entries = [entry("decode", tuned, **bucket), entry("select", select, rows=1024, **SELECT_BUCKET)]
+    write_file(gpu.shipped_file, entries, gathers_revision=revision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stale = at.config_for("decode", CUDA, **bucket)
+        fresh_process()
+        again = at.config_for("decode", CUDA, **bucket)
+        other = at.config_for("select", CUDA, rows=1024, **SELECT_BUCKET)
+    ours = [w for w in caught if "chose decode gathers before they changed" in str(w.message)]
+    assert len(ours) == 1 and str(gpu.shipped_file) in str(ours[0].message)
+    assert stale == again == {k: v for k, v in tuned.items() if k != "gather"} and other == select
+    fresh_process()
+    write_file(gpu.shipped_file, entries)
+    assert at.config_for("decode", CUDA, **bucket) == tuned
+
+
+def test_written_files_record_the_gathers_revision(gpu):
+    at.write_entries(gpu.user_file, [], CUDA)
+    assert json.loads(gpu.user_file.read_text())["gathers_revision"] == at.GATHERS_REVISION
 
 
 def test_user_cache_of_another_triton_is_tuned_again(gpu):

@@ -28,6 +28,13 @@ from .._runtime import H100_SM_SHARED_BYTES, next_pow2
 GLUON_CONFIG = dict(kernel="gluon", BLOCK_N=16, num_warps=1, num_splits=-1)
 GATHERS = ("walk", "walk_halves", "popc", "scatter")
 
+# The revision of the gathers' kernels as a tuning run compares them: bumped when a gather changes
+# enough that a tuned choice among them is stale. A tuned file written at an older revision keeps its
+# decode configs' split counts but not the gathers they name (autotune.load_entries; default_gather
+# picks instead). 1: the walk's run-start table (377c504: the walk 14-20% faster on an H100 at
+# sparsity 0.7-0.9, faster than walk_halves everywhere measured); 0: files without the field.
+GATHERS_REVISION = 1
+
 # Splits shorter than this many tokens use the popcount gather: staging is a fixed cost per split.
 # H100, Llama-3-8B shape, K0.7, with the walk's bitmap rows staged (commit aaca482,
 # perf/results/decode_gluon_ab_h100_aaca482_bits_merge.json): 64 tokens per split (B=1 T=8192) walk
