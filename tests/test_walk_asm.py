@@ -3,7 +3,7 @@
 Gluon kernels cannot run without a GPU, so the asm strings that decode_gluon.py's constexpr
 functions produce (_walk_asm and its table of run starts _run_starts_asm, _lds_words_asm,
 _cp_async_zfill_asm, _cp_async_asm, and the scatter's
-stores _scatter_asm, masked ldmatrix _ldmatrix_asm and _zero_row_asm) are executed here
+row step _row_words_asm, stores _scatter_asm and masked ldmatrix _ldmatrix_asm) are executed here
 statement by statement on a shared-memory byte array and a bounds-checked global byte array. The
 inputs each instance gets are built as decode_gluon._gather_walk / _stage_rows build them (a
 Python copy of that arithmetic); the outputs are compared with a numpy expansion of the packed
@@ -654,7 +654,7 @@ def run_masked_ldmatrix(head_dim, words, dense, v_side):
 
 def scattered_tile(rng, head_dim, capacity, kinds=None):
     """16 staged bitmap rows as the scatter leaves them (a row past the tile's end zeroed, the
-    malformed rows' bitmaps zeroed by _zero_row_asm), the dense tile it leaves (kept values at
+    malformed rows' bitmaps zeroed by _row_words_asm), the dense tile it leaves (kept values at
     their channels, random stale bytes elsewhere, NaN where row 0 keeps nothing) and the tile the
     read-back must give: returns (words, dense, want). The rows: random_rows', or pattern_rows'
     of the given kinds."""
@@ -699,14 +699,22 @@ def test_emulator_catches_a_wrong_mask_selector(monkeypatch):
     assert (run_masked_ldmatrix(128, words, dense, False) != want).any()
 
 
-@pytest.mark.parametrize("num_words", [2, 4])
-def test_zero_row_asm_zeroes_only_unfit_rows(num_words):
-    for fits in (0, 1):
-        shared = np.arange(64, dtype=np.uint8)
-        Ptx(shared).run(_fn(dg._zero_row_asm)(num_words), 1, [16, fits])
+@pytest.mark.parametrize("num_words", [2, 4, 8])
+def test_row_words_asm_zeroes_only_malformed_rows(num_words):
+    """The scatter's per-row step returns the staged row's words and leaves the row as staged, or,
+    for a row with more bits than its capacity, returns zeros and zeroes the row in place; nothing
+    else in shared memory changes."""
+    shared = np.arange(96, dtype=np.uint8)
+    words = [int.from_bytes(shared[16 + 4 * i:20 + 4 * i].tobytes(), "little") for i in range(num_words)]
+    kept = sum(popc(w) for w in words)
+    for capacity, malformed in ((kept, False), (kept + 7, False), (kept - 1, True), (0, True)):
+        shared = np.arange(96, dtype=np.uint8)
+        outs = Ptx(shared).run(_fn(dg._row_words_asm)(num_words), num_words, [16, capacity])
+        assert outs == ([0] * num_words if malformed else words)
         row = shared[16:16 + 4 * num_words]
-        assert (row == 0).all() if not fits else (row == np.arange(16, 16 + 4 * num_words)).all()
-        assert (shared[:16] == np.arange(16)).all() and (shared[16 + 4 * num_words:] == np.arange(16 + 4 * num_words, 64)).all()
+        assert (row == 0).all() if malformed else (row == np.arange(16, 16 + 4 * num_words)).all()
+        assert (shared[:16] == np.arange(16)).all()
+        assert (shared[16 + 4 * num_words:] == np.arange(16 + 4 * num_words, 96)).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,10 +742,10 @@ def scatter_rows(rng, head_dim, capacity):
 
 
 def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
-    """Every lane's _scatter_asm instance on a shared buffer of random bytes laid out by
-    scatter_offsets, with the K and V rows staged at `stage` and the inputs decode_gluon._scatter_tile
-    computes (a Python copy of its arithmetic). Returns (shared before, shared after, the 2-byte
-    stores of each lane)."""
+    """Every lane's _row_words_asm and _scatter_asm instances on a shared buffer of random bytes
+    laid out by scatter_offsets, with the K and V rows staged at `stage` and the inputs
+    decode_gluon._scatter_tile computes (a Python copy of its arithmetic). Returns (shared before,
+    shared after, the 2-byte stores of each lane's scatter)."""
     from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
     nw = head_dim // 32
     v_off, kb_off, vb_off, _ = stage_offsets(head_dim, k_cap, v_cap)
@@ -758,10 +766,9 @@ def run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage=0, asm=None):
     stores = []
     for lane in range(32):
         tok, is_v = lane % 16, lane >= 16
-        words = (v_rows if is_v else k_rows)[0][tok]
-        fits = sum(popc(int(w)) for w in words) <= (v_cap if is_v else k_cap)
-        args = [int(w) if fits else 0 for w in words] + [value_row(is_v, tok), dense_row(dense_off, lane, head_dim),
-                                                          queue_off + lane * 8, dummy_off]
+        bo = stage + (vb_off if is_v else kb_off) + tok * staged_row_pitch(4 * nw)
+        words = Ptx(shared).run(_fn(dg._row_words_asm)(nw), nw, [bo, v_cap if is_v else k_cap])
+        args = words + [value_row(is_v, tok), dense_row(dense_off, lane, head_dim), queue_off + lane * 8, dummy_off]
         emu = Ptx(shared)
         emu.run(asm, 1, args)
         stores.append(emu.stores)
@@ -772,8 +779,9 @@ def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage):
     """Runs the scatter (run_scatter) and checks it: each row's kept values land at their channels
     of its dense row; nothing else in shared memory changes except the queue and the dummy area
     (not the channels a row does not keep, which still hold an earlier tile's values, nor any other
-    row, nor the staged rows); rows that keep more values than their capacity store nothing; each
-    lane stores once per slot of the larger capacity, into its own row or the dummy area."""
+    row, nor the staged rows but a malformed one, zeroed); rows that keep more values than their
+    capacity store nothing; each lane stores once per slot of the larger capacity, into its own
+    row or the dummy area."""
     from mustafar_triton.kernels.decode_gluon_launch import scatter_offsets, stage_offsets
     stage_at = stage * stage_offsets(head_dim, k_cap, v_cap)[3]
     before, after, stores = run_scatter(head_dim, k_cap, v_cap, k_rows, v_rows, stage_at)
@@ -787,6 +795,10 @@ def assert_scatter_exact(head_dim, k_cap, v_cap, k_rows, v_rows, stage):
         if kept.sum() <= cap:
             seg = want[row:row + 2 * head_dim].view("<u2")
             seg[kept] = dense[kept]
+        else:  # _row_words_asm zeroes a malformed row's staged bitmap
+            bo = stage_at + stage_offsets(head_dim, k_cap, v_cap)[2 if lane >= 16 else 1] + \
+                (lane % 16) * staged_row_pitch(head_dim // 8)
+            want[bo:bo + head_dim // 8] = 0
     outside = np.ones(total, bool)
     outside[dummy_off:dummy_off + 64] = False
     outside[queue_off:] = False

@@ -228,34 +228,61 @@ def _lds_byte(addr):
 
 
 @gluon.constexpr_function
+def _count_row_ptx(num_words, words, capacity):
+    """PTX lines of the gathers' per-row step (the walk's _run_starts_asm, the scatter's
+    _row_words_asm): load the num_words words of the staged bitmap row at [a] into the registers
+    `words` (names), count them (c_j: the bits of words 0..j), and zero a row with more bits than
+    `capacity` (an operand: malformed, it could point past its value row) in place, setting p, so
+    that every later read of it sees a row without kept channels. Needs .pred p, .b32 a, z (zero)
+    and c0..c(num_words - 1) declared."""
+    vec = min(num_words, 4)
+    lines = []
+    for i in range(0, num_words, vec):
+        lines.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (vec, ", ".join(words[i:i + vec]), 4 * i))
+    lines.append("popc.b32 c0, %s;" % words[0])
+    for j in range(1, num_words):
+        lines.append("popc.b32 c%d, %s; add.u32 c%d, c%d, c%d;" % (j, words[j], j, j, j - 1))
+    lines.append("setp.gt.u32 p, c%d, %s;" % (num_words - 1, capacity))
+    for i in range(0, num_words, vec):
+        lines.append("@p st.shared.v%d.b32 [a+%d], {%s};" % (vec, 4 * i, ", ".join(["z"] * vec)))
+    return lines
+
+
+@gluon.constexpr_function
 def _run_starts_asm(num_words):
     """PTX of one lane's share of a tile's run-start table: its staged bitmap row ($1: offset in
-    mt_dstage of its num_words words) is counted; a row with more bits than $2 (its capacity:
-    malformed, it could point past its value row) is zeroed in place, so that every gather reads it
-    as zeros; the kept count before each word, one byte per word, goes to mt_dstage + $3. Then the
-    warp syncs (bar.warp.sync orders the lanes' shared-memory accesses)."""
+    mt_dstage of its num_words words) is counted and, if malformed (more bits than $2, its
+    capacity), zeroed (_count_row_ptx); the kept count before each word, one byte per word, goes to
+    mt_dstage + $3. Then the warp syncs (bar.warp.sync orders the lanes' shared-memory accesses)."""
     ws = ["w%d" % j for j in range(num_words)]
     parts = ["{ .reg .pred p; .reg .b32 a, t, z, %s, c<%d>, e<%d>;" % (", ".join(ws), num_words, max(1, num_words // 4)),
              "mov.u32 t, mt_dstage; add.u32 a, t, $1; mov.b32 z, 0;"]
-    vec = min(num_words, 4)
-    for i in range(0, num_words, vec):
-        parts.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (vec, ", ".join(ws[i:i + vec]), 4 * i))
-    parts.append("popc.b32 c0, w0;")
-    for j in range(1, num_words):  # c_j: the bits of words 0..j
-        parts.append("popc.b32 c%d, w%d; add.u32 c%d, c%d, c%d;" % (j, j, j, j, j - 1))
+    parts += _count_row_ptx(num_words, ws, "$2")
     for j in range(num_words):  # byte j of the table: c_(j-1), the bits before word j
         e = "e%d" % (j // 4)
         if j % 4 == 0:
             parts.append("mov.b32 %s, %s;" % (e, "0" if j == 0 else "c%d" % (j - 1)))
         else:
             parts.append("mad.lo.u32 %s, c%d, %d, %s;" % (e, j - 1, 1 << (8 * (j % 4)), e))
-    parts.append("setp.gt.u32 p, c%d, $2;" % (num_words - 1))
-    for i in range(0, num_words, vec):
-        parts.append("@p st.shared.v%d.b32 [a+%d], {%s};" % (vec, 4 * i, ", ".join(["z"] * vec)))
     es = ["e%d" % i for i in range(max(1, num_words // 4))]
     parts.append("add.u32 a, t, $3; st.shared%s.b32 [a], %s;" % ("" if len(es) == 1 else ".v%d" % len(es),
                                                                  es[0] if len(es) == 1 else "{%s}" % ", ".join(es)))
     parts.append("bar.warp.sync -1; mov.b32 $0, 0; }")
+    return " ".join(parts)
+
+
+@gluon.constexpr_function
+def _row_words_asm(num_words):
+    """PTX of the scatter's per-row step: the words of the staged bitmap row at mt_dstage +
+    $num_words ($0..$num_words-1), zeros if the row is malformed (more bits than $(num_words + 1),
+    its capacity), which is then also zeroed in place (_count_row_ptx), so that the masks
+    (_ldmatrix_asm) read it as a row without kept channels."""
+    ws = ["$%d" % j for j in range(num_words)]
+    parts = ["{ .reg .pred p; .reg .b32 a, z, c<%d>; mov.u32 a, mt_dstage; add.u32 a, a, $%d; mov.b32 z, 0;"
+             % (num_words, num_words)]
+    parts += _count_row_ptx(num_words, ws, "$%d" % (num_words + 1))
+    parts += ["@p mov.b32 %s, 0;" % w for w in ws]
+    parts.append("}")
     return " ".join(parts)
 
 
@@ -409,15 +436,6 @@ def _zero_area_asm(start, end):
 
 
 @gluon.constexpr_function
-def _zero_row_asm(num_words):
-    """PTX: zero the num_words words of the staged bitmap row at mt_dstage + $1 unless $2."""
-    vec = ".v%d" % num_words if num_words > 1 else ""
-    zeros = "{%s}" % ", ".join(["z"] * num_words) if num_words > 1 else "z"
-    return ("{ .reg .pred p; .reg .b32 a, z; setp.eq.s32 p, $2, 0; mov.u32 a, mt_dstage; add.u32 a, a, $1;"
-            " mov.b32 z, 0; @p st.shared%s.b32 [a], %s; mov.b32 $0, 0; }" % (vec, zeros))
-
-
-@gluon.constexpr_function
 def _ldmatrix_asm(trans):
     """PTX of one ldmatrix.x4 (four 8x8 fp16 matrices from mt_dstage + $4, this lane's row) whose
     registers are then ANDed with the masks of their bitmap bits, so that the channels a tile does
@@ -549,10 +567,10 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     """Each lane stores its staged row's kept values into the dense tiles (lanes < 16: K row
     `lane` into the tile at dense_off; lanes >= 16: V row `lane - 16` into the next one). Rows of
     tokens past the tile's end (staged with zero bitmaps: _stage_rows' ZFILL) and malformed rows
-    (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed,
-    so that the masks read it as a row without kept channels. UNDO (decode_gluon_launch.
-    scatter_undoes): returns the stores' offsets instead, packed (_scatter_asm's save), for
-    _undo_asm; no bitmap row is zeroed (no mask reads it)."""
+    (more bits than their capacity) store nothing, and a malformed row's staged bitmap is zeroed
+    (_row_words_asm), so that the masks read it as a row without kept channels. UNDO
+    (decode_gluon_launch.scatter_undoes): returns the stores' offsets instead, packed
+    (_scatter_asm's save), for _undo_asm."""
     NW: gl.constexpr = HEAD_DIM // 32
     V_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[0]
     KB_OFF: gl.constexpr = stage_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY)[1]
@@ -561,23 +579,18 @@ def _scatter_tile(stage, lane, dense_off, queue_off, dummy_off,
     tok = lane % 16
     is_v = lane >= 16
     row = stage + gl.where(is_v, VB_OFF, KB_OFF) + tok * staged_row_pitch(NW * 4)
-    words = gl.inline_asm_elementwise(_lds_words_asm(NW), "=r," * NW + "r", [row], dtype=(gl.int32,) * NW,
+    # the row's words (zeros if malformed: then the staged row is zeroed too, for the masks)
+    words = gl.inline_asm_elementwise(_row_words_asm(NW), "=r," * NW + "r,r",
+                                      [row, gl.where(is_v, V_CAPACITY, K_CAPACITY)], dtype=(gl.int32,) * NW,
                                       is_pure=False, pack=1)
-    kept = tok * 0
-    for j in gl.static_range(NW):
-        kept += _popc(words[j])
-    fits = kept <= gl.where(is_v, V_CAPACITY, K_CAPACITY)
     vrow = stage + gl.where(is_v, V_OFF + tok * staged_row_pitch(2 * V_CAPACITY), tok * staged_row_pitch(2 * K_CAPACITY))
-    args = [gl.where(fits, w, 0) for w in words]
+    args = [w for w in words]
     args = args + (vrow, _dense_row(dense_off, lane, HEAD_DIM), queue_off + lane * 8, dummy_off + lane * 0)
     if UNDO:
         return gl.inline_asm_elementwise(_scatter_asm(NW, CAP, True), "=r," * (CAP // 2) + "r," * (NW + 3) + "r",
                                          args, dtype=(gl.int32,) * (CAP // 2), is_pure=False, pack=1)
     gl.inline_asm_elementwise(_scatter_asm(NW, CAP), "=r," + "r," * (NW + 3) + "r", args,
                               dtype=gl.int32, is_pure=False, pack=1)
-    # a malformed row's staged bitmap row is zeroed in place: the masks (_ldmatrix_asm) read it
-    gl.inline_asm_elementwise(_zero_row_asm(NW), "=r,r,r", [row, fits.to(gl.int32)], dtype=gl.int32,
-                              is_pure=False, pack=1)
 
 
 @gluon.jit
