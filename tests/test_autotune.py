@@ -584,10 +584,17 @@ def test_gluon_gather_choice():
     assert gather(dict(GLUON_CONFIG, gather="walk"), 32, (16, 16), 16384, 16) == "popc"     # D=32: popc only
     assert gather(dict(GLUON_CONFIG, gather="scatter"), 256, (16, 16), 16384, 16) == "popc"
     assert gather(dict(GLUON_CONFIG, BLOCK_N=32, gather="walk"), 128, (40, 40), 16384, 16) == "popc"
-    # 16 query rows (Lq * G): the scatter at every capacity it takes
-    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 16384, lambda g: 16, block_h=16) == "scatter"
-    assert choose_gather(GLUON_CONFIG, 128, 64, 64, 16384, lambda g: 16, block_h=16) == "scatter"
+    # 16 query rows (Lq * G): the walk down to capacity 3 D / 16 where its splits are long enough
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 16384, lambda g: 8, block_h=16) == "walk"     # 2048 per split
+    assert choose_gather(GLUON_CONFIG, 128, 64, 64, 16384, lambda g: 8, block_h=16) == "walk"
+    assert choose_gather(GLUON_CONFIG, 128, 32, 24, 16384, lambda g: 8, block_h=16) == "walk"
+    assert choose_gather(GLUON_CONFIG, 128, 24, 24, 16384, lambda g: 8, block_h=16) == "scatter"  # 0.85
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 32768, lambda g: 132, block_h=16) == "scatter"  # B=1: 248
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 384 * 132, lambda g: 132, block_h=16) == "walk"
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 384 * 132 - 1, lambda g: 132, block_h=16) == "scatter"
+    assert choose_gather(GLUON_CONFIG, 128, 40, 40, 32768, lambda g: 132, block_h=8) == "walk"    # 8 rows: no limit
     assert choose_gather(GLUON_CONFIG, 256, 64, 64, 16384, lambda g: 16, block_h=16) == "walk"
+    assert choose_gather(GLUON_CONFIG, 256, 16, 16, 32768, lambda g: 132, block_h=16) == "walk"   # no scatter at D=256
 
 
 def test_fp8_gather_choice():

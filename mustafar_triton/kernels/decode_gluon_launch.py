@@ -50,6 +50,19 @@ MIN_STAGED_SPLIT_TOKENS = 64
 # (0.25 D). D=64 not measured.
 SCATTER_MAX_CAPACITY_FRACTION = 0.125
 
+# 16 query rows (Lq * G padded to 16, e.g. 4 query tokens of Llama-3-8B's group of 4: both gathers at
+# 224 registers, 8 programs per SM): the scatter where the larger capacity is at most this fraction
+# of D, or where the walk's splits would be shorter than WIDE_WALK_MIN_SPLIT_TOKENS; else the walk.
+# H100, c0f611c, Llama-3-8B shape fp16, Lq=4, a 32-token window, default configs (perf/results/h100/
+# multi_query_lq4_*_c0f611c.json), scatter / walk us at sparsity 0.5 / 0.7 / 0.8 / 0.85 (capacity
+# 64 / 40 / 32 / 24): B=16 T=16k (2048 tokens per split) 351.6 / 256.5, 268.4 / 228.0, 240.7 / 227.5,
+# 216.4 / 223.6; B=64 T=4k (2048) 386.2 / 290.2, 302.3 / 260.8, 273.6 / 256.8, 247.4 / 254.5; B=1
+# T=128k (528) 175.1 / 146.1, 131.3 / 126.5 at 0.5 / 0.7; B=4 T=32k (~1000) 175.2 / 148.2, 134.7 /
+# 129.5; B=1 T=32k (248) 53.3 / 69.1, 41.1 / 60.4, 39.0 / 60.9. (Until c0f611c the scatter ran at
+# every capacity here, chosen against the walk before its run-start table.)
+WIDE_SCATTER_MAX_CAPACITY_FRACTION = 0.1875
+WIDE_WALK_MIN_SPLIT_TOKENS = 384
+
 # Where at least 12 scatter programs fit on an SM, the plan is a multiple of the 4 schedulers: one-warp
 # programs that do not split evenly over them leave one scheduler with a warp more, and the scatter
 # waits for it. Llama-3-8B shape fp16, capacity 16 (sparsity 0.9), 14 programs fit, explicit split
@@ -251,21 +264,22 @@ def programs_per_sm(head_dim: int, block_h: int, gather: str, shared: int = 0,
     return programs
 
 
-def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8) -> str:
+def default_gather(head_dim: int, k_capacity: int, v_capacity: int, block_h: int = 8,
+                   split_tokens: int | None = None) -> str:
     """The staged gather for a cache when the config names none: the scatter where the stored
     values are few enough for its per-value cost to beat the walk's per-element cost
-    (SCATTER_MAX_CAPACITY_FRACTION), and for 16 query rows (block_h), where the walk's 224 registers
-    leave too few programs per SM (H200, B=16 T=16k, Lq=4 G=4 with a 32-token window, perf/NOTES.md
-    2026-12-03, before the walk's run-start table: K0.7 scatter 271.6 against walk 341.7 us, the walk
-    at Lq=1 217.3; K0.9 190.1 against 346.0); else the walk. (walk_halves, 20 programs per SM at
-    D=128 against the walk's 16, lost to the walk everywhere once the run-start table took the walk
-    from 927 to 813 loop instructions per tile and its own only from 1003 to 971: it runs where a
-    config names it.)"""
+    (SCATTER_MAX_CAPACITY_FRACTION; for 16 query rows, block_h, WIDE_SCATTER_MAX_CAPACITY_FRACTION,
+    and also where the walk's splits hold fewer than WIDE_WALK_MIN_SPLIT_TOKENS tokens,
+    split_tokens); else the walk. (walk_halves, 20 programs per SM at D=128 against the walk's 16,
+    lost to the walk everywhere once the run-start table took the walk from 927 to 813 loop
+    instructions per tile and its own only from 1003 to 971: it runs where a config names it.)"""
     capacity = max(k_capacity, v_capacity)
-    if gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]) and (
-            block_h > 8 or capacity <= SCATTER_MAX_CAPACITY_FRACTION * head_dim):
-        return "scatter"
-    return "walk"
+    if not gather_supports("scatter", head_dim, GLUON_CONFIG["BLOCK_N"]):
+        return "walk"
+    if block_h > 8:
+        short = split_tokens is not None and split_tokens < WIDE_WALK_MIN_SPLIT_TOKENS
+        return "scatter" if short or capacity <= WIDE_SCATTER_MAX_CAPACITY_FRACTION * head_dim else "walk"
+    return "scatter" if capacity <= SCATTER_MAX_CAPACITY_FRACTION * head_dim else "walk"
 
 
 def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, context: int,
@@ -277,7 +291,8 @@ def choose_gather(cfg: dict, head_dim: int, k_capacity: int, v_capacity: int, co
     named = cfg.get("gather")
     if named is not None:
         return named if gather_supports(named, head_dim, block_n) else "popc"
-    gather = default_gather(head_dim, k_capacity, v_capacity, block_h)
+    gather = default_gather(head_dim, k_capacity, v_capacity, block_h,
+                            context // splits_for("walk") if block_h > 8 else None)
     if not gather_supports(gather, head_dim, block_n):
         return "popc"
     return gather if context >= MIN_STAGED_SPLIT_TOKENS * splits_for(gather) else "popc"
