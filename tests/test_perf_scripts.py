@@ -101,6 +101,19 @@ def test_sweep_smoke_run_feeds_the_plots(tmp_path):
     assert len(list((tmp_path / "plots").glob("speedup_vs_context_*.png"))) >= 1
 
 
+@pytest.mark.interpreter_only
+def test_multi_query_smoke_run_with_forced_gathers(tmp_path):
+    """perf/multi_query.py --gathers on the CPU (the interpreter's kernels stand in for the Gluon
+    gathers): a row per gather and query-token count, every time positive, Lq=1 the unit."""
+    out = tmp_path / "mq.json"
+    run_script("perf/multi_query.py", "--device", "cpu", "--shapes", "1x16", "--lqs", "2", "--sparsities", "0.7",
+               "--window", 4, "--gathers", "walk,scatter", "--out", out, env={"TRITON_INTERPRET": "1"})
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["gather"], r["lq"]) for r in rows) == [("scatter", 1), ("scatter", 2), ("walk", 1), ("walk", 2)]
+    assert all(r["us"] > 0 and r["dense_us"] > 0 for r in rows)
+    assert all(r["vs_lq1"] == 1.0 for r in rows if r["lq"] == 1)
+
+
 def test_layer_host_smoke_run(tmp_path):
     """perf/layer_host.py (launches stubbed): a short run measures both caches, counts their torch
     ops (dense: DynamicCache's two cats, SDPA, transpose + contiguous: 5 with transformers 5.24 on
