@@ -201,15 +201,22 @@ def _walk_constraints(pairs, nbytes):
 
 
 @gluon.constexpr_function
-def _lds_words_asm(n):
-    """PTX loading the n words of a staged bitmap row at mt_dstage + $n ($0..$n-1; vector loads,
-    the row is 8- or 16-byte aligned)."""
-    outs = ["$%d" % i for i in range(n)]
-    parts = ["{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $%d;" % n]
-    for i in range(0, n, 4):
-        grp = outs[i:i + 4]
+def _ld_words_ptx(words):
+    """PTX lines loading the registers `words` (names) from consecutive 32-bit words at [a], up to
+    four per vector load (a staged bitmap row is 8- or 16-byte aligned)."""
+    lines = []
+    for i in range(0, len(words), 4):
+        grp = words[i:i + 4]
         vec, dst = ("", grp[0]) if len(grp) == 1 else (".v%d" % len(grp), "{%s}" % ", ".join(grp))
-        parts.append("ld.shared%s.u32 %s, [a+%d];" % (vec, dst, 4 * i))
+        lines.append("ld.shared%s.u32 %s, [a+%d];" % (vec, dst, 4 * i))
+    return lines
+
+
+@gluon.constexpr_function
+def _lds_words_asm(n):
+    """PTX loading the n words of a staged bitmap row at mt_dstage + $n ($0..$n-1)."""
+    parts = ["{ .reg .b32 a; mov.u32 a, mt_dstage; add.u32 a, a, $%d;" % n]
+    parts += _ld_words_ptx(["$%d" % i for i in range(n)])
     parts.append("}")
     return " ".join(parts)
 
@@ -236,9 +243,7 @@ def _count_row_ptx(num_words, words, capacity):
     that every later read of it sees a row without kept channels. Needs .pred p, .b32 a, z (zero)
     and c0..c(num_words - 1) declared."""
     vec = min(num_words, 4)
-    lines = []
-    for i in range(0, num_words, vec):
-        lines.append("ld.shared.v%d.u32 {%s}, [a+%d];" % (vec, ", ".join(words[i:i + vec]), 4 * i))
+    lines = _ld_words_ptx(words)
     lines.append("popc.b32 c0, %s;" % words[0])
     for j in range(1, num_words):
         lines.append("popc.b32 c%d, %s; add.u32 c%d, c%d, c%d;" % (j, words[j], j, j, j - 1))
