@@ -205,7 +205,8 @@ def main():
     resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if args.json:
         print(json.dumps(dict(zip(("registers", "stack", "shared", "local"), map(int, resources.groups())),
-                              instructions=sum(ops.values()), loop_ops=dict(loop), loop_stall_cycles=stalls)))
+                              instructions=sum(ops.values()), ops=dict(ops), loop_ops=dict(loop),
+                              loop_stall_cycles=stalls)))
         return
     print(resources.group(0))
     print(f"{sum(ops.values())} SASS instructions, {sum(loop.values())} in the main loop ({stalls} cycles of fixed"

@@ -153,7 +153,8 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     cap it measured 1.2x slower); the scatter's loop stores one value per kept bit (a bfind and a
     2-byte store per iteration of its unrolled capacity) and reads the dense tiles by ldmatrix,
     masked by the bitmap words (the scatter that undoes its stores instead: the ablations test
-    below); walk_halves (D >= 128) is the walk in two halves at a cap of 96
+    below); the walks store their output with 16-byte stores; walk_halves (D >= 128) is the walk
+    in two halves at a cap of 96
     (at D=128 with 8 query rows), spilling at most 24 bytes (capacity 64);
     per triton version: stack_budget."""
     from mustafar_triton.kernels.decode_gluon_launch import gather_supports, gluon_block_h, register_cap
@@ -175,6 +176,11 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
         assert loop.get("LDS.U16", 0) == head_dim and loop.get("LDGSTS.E.BYPASS.128", 0) > 0, loop
         assert loop.get("LDS.U8", 0) == 6 * (2 if gather == "walk_halves" else 1), loop
         assert loop.get("POPC", 0) * 2 < loop["LDS.U16"], "a popcount per element"
+        # O^T stored in channel order, 16-byte stores (decode_gluon._walk_rows_in_channel_order):
+        # D x padded rows fp32 over 32 lanes, 4 per store; 4-byte stores only for the lse (an odd
+        # group's two; else one 8-byte store)
+        ops = report["ops"]
+        assert ops.get("STG.E.128", 0) == head_dim * gluon_block_h(group) // 128 and ops.get("STG.E", 0) <= 2, ops
     else:
         assert loop.get("FLO.U32.SH", 0) == loop.get("STS.U16", 0) == capacity, loop
         assert loop.get("LDSM.16.M88.4", 0) == loop.get("LDSM.16.MT88.4", 0) == head_dim // 16, loop

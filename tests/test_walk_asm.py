@@ -496,6 +496,19 @@ def test_run_starts_asm_counts_rows_and_zeroes_malformed_ones(head_dim, capacity
     assert seen_malformed
 
 
+@pytest.mark.parametrize("head_dim,span", [(64, 64), (128, 128), (256, 256), (128, 64), (256, 128)])
+def test_walk_output_rows_reordered_to_channel_order(head_dim, span):
+    """decode_gluon._walk_rows_in_channel_order's reshape [D / span, span / 16, 2, 8] and permute
+    (0, 3, 1, 2) put each row of the walks' O^T (row idx holds channel _walk_channel(idx) of its
+    span: the walk, or each half for walk_halves) at its channel, so the store's offsets can be a
+    plain arange (the kernel's own _walk_channel, run on numpy indices)."""
+    idx = np.arange(head_dim)
+    chan = (idx // span) * span + dg._walk_channel.fn(idx % span, span, False)
+    assert sorted(chan) == list(idx)
+    moved = chan.reshape(head_dim // span, span // 16, 2, 8).transpose(0, 3, 1, 2).reshape(head_dim)
+    assert (moved == idx).all()
+
+
 def test_lds_words_asm():
     shared = np.arange(256, dtype=np.uint8)
     for n in (2, 4, 8):

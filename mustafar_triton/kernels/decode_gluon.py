@@ -629,6 +629,32 @@ def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: 
         return idx
 
 
+@gluon.constexpr_function
+def _rows_first(layout):
+    """The linear layout with the same lanes as `layout` and its registers reordered rows first
+    (ascending), then columns: a lane's consecutive rows in consecutive registers (vector stores)."""
+    rows = sorted((b for b in layout.reg_bases if b[1] == 0), key=lambda b: b[0])
+    cols = [b for b in layout.reg_bases if b[1] != 0]
+    return gl.DistributedLinearLayout(reg_bases=rows + cols, lane_bases=layout.lane_bases,
+                                      warp_bases=layout.warp_bases, block_bases=layout.block_bases,
+                                      shape=layout.shape)
+
+
+@gluon.jit
+def _walk_rows_in_channel_order(x, SPAN: gl.constexpr):
+    """O^T [D, H] in the MMA layout with its rows in the walks' V order (_walk_channel over SPAN
+    channels: row 16 b + 8 e + r, r = lane // 4, holds channel 16 r + 2 b + e at SPAN=128) -> the
+    same elements with row i holding channel i, in a blocked layout where each lane holds SPAN / 8
+    consecutive channels of its two (or four) columns. A relabelling of registers: the final
+    convert_layout must be trivial (checked at compile time), so a wrong derivation fails to
+    compile instead of storing channels in the wrong place."""
+    D: gl.constexpr = x.shape[0]
+    H: gl.constexpr = x.shape[1]
+    t = gl.reshape(x, [D // SPAN, SPAN // 16, 2, 8, H])    # [half, b, e, r, H]
+    t = gl.reshape(gl.permute(t, (0, 3, 1, 2, 4)), [D, H])  # row = half * SPAN + r * SPAN / 8 + 2 b + e
+    return gl.convert_layout(t, _rows_first(t.type.layout))
+
+
 @gluon.jit
 def _walk_channel(idx, SPAN: gl.constexpr, K_SIDE: gl.constexpr):
     """_operand_channel of the walk's operands over SPAN channels (_k_operand, _v_operand)."""
@@ -1119,6 +1145,14 @@ def _sparse_decode_gluon_kernel(
     lse = gl.where(empty, float("-inf"), m + gl.log2(gl.where(empty, 1.0, l)))
     heads = gl.arange(0, BLOCK_H, layout=COL)
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
-    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, MMA)), HEAD_DIM, False, GATHER)
-    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
     gl.store(part_lse_ptr + part, lse, mask=heads < ROWS)
+    if (GATHER == "walk") or (GATHER == "walk_halves"):
+        # each lane holds runs of consecutive channels of O^T (16 at D=128): stored in channel
+        # order, vector stores (the permuted order took one 4-byte store per element)
+        out = _walk_rows_in_channel_order(out, HEAD_DIM if GATHER == "walk" else HEAD_DIM // 2)
+    OUT_L: gl.constexpr = out.type.layout
+    heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, OUT_L))
+    part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
+    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, OUT_L)), HEAD_DIM, False,
+                             "natural" if (GATHER == "walk") or (GATHER == "walk_halves") else GATHER)
+    gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
