@@ -27,7 +27,8 @@ Three ways to gather (GATHER; decode_gluon_launch.choose_gather picks per shape;
     runs of CONSECUTIVE channels: a kept channel's slot is the previous kept channel's slot + 1,
     so an element costs a bit test, a predicated shared load and a predicated add (no popcount, no
     64-bit address). The channels of the mma operands are permuted for this (dot products do not
-    care; q is loaded and the output stored through the same permutation): K lane q of a row's
+    care; q is loaded through the same permutation, and the output's rows are put back in channel
+    order in registers before its 16-byte stores: _walk_rows_in_channel_order): K lane q of a row's
     quad holds channels [q D/4, (q+1) D/4), V^T lane group g holds [g D/8, (g+1) D/8). A run
     starts at its row's kept count before its first word: once per tile each lane counts one
     staged bitmap row into a table in shared memory (_run_starts; a malformed row is zeroed there),
