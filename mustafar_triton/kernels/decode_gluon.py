@@ -1151,9 +1151,9 @@ def _sparse_decode_gluon_kernel(
         # each lane holds runs of consecutive channels of O^T (16 at D=128): stored in channel
         # order, vector stores (the permuted order took one 4-byte store per element)
         out = _walk_rows_in_channel_order(out, HEAD_DIM if GATHER == "walk" else HEAD_DIM // 2)
+    # O^T's rows are now in channel order for every gather; its layout is the walks' own after the reorder
     OUT_L: gl.constexpr = out.type.layout
     heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, OUT_L))
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
-    chans = _operand_channel(gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, OUT_L)), HEAD_DIM, False,
-                             "natural" if (GATHER == "walk") or (GATHER == "walk_halves") else GATHER)
+    chans = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(1, OUT_L))
     gl.store(part_out_ptr + part[None, :] * HEAD_DIM + chans[:, None], out, mask=(heads < ROWS)[None, :])
