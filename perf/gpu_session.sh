@@ -7,6 +7,7 @@
 #   OUT=/tmp/out bash perf/gpu_session.sh memcheck             (up to 9 minutes; then memcheck-more in the next call)
 #   OUT=/tmp/out bash perf/gpu_session.sh generation           (~5 minutes; see its PYTHONPATH note)
 #   OUT=/tmp/out bash perf/gpu_session.sh tune sweep            (~4 minutes warm)
+#   OUT=/tmp/out bash perf/gpu_session.sh by-gpu                (an H200: tune sweep-full, ~5 minutes; any other GPU: tests)
 #   OUT=/tmp/out bash perf/gpu_session.sh gathers-ab tune sweep (~6 minutes: issue 18's gather A/B, then tuning)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-profile         (~2 minutes: issue 19's eager B=1 loop, profiled)
 #   OUT=/tmp/out bash perf/gpu_session.sh eager-steps           (~2 minutes: the same loop unprofiled, per-step host times; EAGER_PROCESSES=8: ~5)
@@ -292,6 +293,12 @@ for stage in "$@"; do
             > "$OUT/gpu_$stage.log" 2>&1
       fi
       tail -3 "$OUT/gpu_$stage.log" ;;
+    by-gpu)
+      # a lease's first call: the nvidia-h200 kind has often given an H100 (2026-12-07); an H200 runs
+      # the tuning and the sweep behind the README's H200 column, an H100 the GPU suite
+      nvidia-smi --query-gpu=name --format=csv,noheader
+      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" tune sweep-full
+      else bash "$0" tests; fi ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
