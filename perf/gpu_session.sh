@@ -296,9 +296,8 @@ for stage in "$@"; do
     by-gpu)
       # a lease's first call: the nvidia-h200 kind has often given an H100 (2026-12-07); an H200 runs
       # the tuning and the sweep behind the README's H200 column, an H100 the GPU suite
-      nvidia-smi --query-gpu=name --format=csv,noheader
-      if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then bash "$0" tune sweep-full
-      else bash "$0" tests; fi ;;
+      gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader); echo "$gpu"
+      if [[ $gpu == *H200* ]]; then bash "$0" tune sweep-full; else bash "$0" tests; fi ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -620,7 +620,8 @@ def _v_operand(v4, A_OP: gl.constexpr, HEAD_DIM: gl.constexpr):
 @gluon.jit
 def _operand_channel(idx, HEAD_DIM: gl.constexpr, K_SIDE: gl.constexpr, GATHER: gl.constexpr):
     """The channel in column idx of the K operand (and row idx of q^T; K_SIDE) or in row idx of V^T
-    (and of the output O^T): the walk's permutation (decode_gluon.py's docstring), or idx itself."""
+    (the output O^T's rows are put back in channel order: _walk_rows_in_channel_order): the walk's
+    permutation (decode_gluon.py's docstring), or idx itself."""
     if GATHER == "walk_halves":  # each half of the channels permuted as a walk of D / 2
         HALF: gl.constexpr = HEAD_DIM // 2
         return (idx // HALF) * HALF + _walk_channel(idx % HALF, HALF, K_SIDE)
@@ -1151,7 +1152,7 @@ def _sparse_decode_gluon_kernel(
         # each lane holds runs of consecutive channels of O^T (16 at D=128): stored in channel
         # order, vector stores (the permuted order took one 4-byte store per element)
         out = _walk_rows_in_channel_order(out, HEAD_DIM if GATHER == "walk" else HEAD_DIM // 2)
-    # O^T's rows are now in channel order for every gather; its layout is the walks' own after the reorder
+    # O^T's rows are in channel order for every gather (the walks reordered theirs above)
     OUT_L: gl.constexpr = out.type.layout
     heads = gl.arange(0, BLOCK_H, layout=gl.SliceLayout(0, OUT_L))
     part = (bh.to(gl.int64) * gl.num_programs(0) + split) * ROWS + heads
