@@ -5,6 +5,7 @@ wavefronts as its most-loaded bank has distinct words), with kept channels drawn
 (top-k of random data: each row keeps `capacity` of D channels, in ascending order).
 
     python perf/bank_model.py [--capacity 16] [--head-dim 128] [--rows 400]
+    python perf/bank_model.py --walk --capacity 40 [--kept 38] [--rows 100]
 
 Prints wavefronts per warp instruction for
   * the scatter's kept-value stores (decode_gluon._scatter_asm: lane l stores its r-th kept value
@@ -13,6 +14,13 @@ Prints wavefronts per warp instruction for
   * the gathers of q^T rows that scoring K in the kept domain would issue (perf/NOTES.md,
     2026-12-07: lanes 2t / 2t + 1 take the slots [0, C/2) / [C/2, C) of token t's K row and load
     q^T[channel] for the G = 4 heads: 8 bytes in fp16, 16 in fp32).
+--walk instead: the walk's predicated 2-byte value loads (decode_gluon._walk_asm), per warp
+instruction and their excess over one wavefront per tile, for the lanes' channels as the walk owns
+them (K: 4 lanes per token, 8 tokens an instruction; V: 8 lanes per token, 4 tokens; each lane a
+run of consecutive channels) and for runs split into interleaved chunks of 8 / 4 channels (lane k
+of a token owning chunks k, k + lanes, ...), a layout not built (perf/NOTES.md, 2026-12-07 late).
+Nsight Compute measured the walk's bank conflicts at ~86 wavefronts per tile at capacity 40 and
+~163 at 64 (H100, 93112bf / 1c9b062), which calibrates this part.
 """
 from __future__ import annotations
 
@@ -66,14 +74,58 @@ def q_gather_wavefronts(rng, head_dim: int, capacity: int, samples: int, row_byt
     return float(np.mean(counts))
 
 
+def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: int, k_side: bool,
+                         chunk: int = 0) -> float:
+    """Mean wavefronts per predicated value load of the walk over `samples` tiles (a load with no
+    lane active counts 0): the 16 value rows at the stage's row pitch, each keeping `kept` of
+    head_dim channels in `capacity` slots; lane l reads its token's row at
+    the slot of its j-th channel. chunk 0: each lane owns head_dim / lanes_per_token consecutive
+    channels (the walk); else chunks of `chunk` channels dealt round-robin to the token's lanes."""
+    per_token = 4 if k_side else 8
+    run = head_dim // per_token
+    step = chunk or run
+    own = [[c for base in range(k * step, head_dim, step * per_token) for c in range(base, base + step)]
+           for k in range(per_token)]
+    row_bytes = 2 * capacity
+    pitch = row_bytes if row_bytes % 16 else 16 * ((row_bytes // 16) | 1)  # staged_row_pitch
+    counts = []
+    for _ in range(samples):
+        bits = np.zeros((16, head_dim), bool)
+        for t in range(16):
+            bits[t, rng.choice(head_dim, kept, replace=False)] = True
+        slot = np.cumsum(bits, axis=1) - bits
+        for group in range(2 if k_side else 4):  # the instructions' token sets
+            for j in range(run):
+                words = []
+                for lane in range(LANES):
+                    t = (lane // 4 + 8 * group) if k_side else (2 * (lane % 4) + group % 2 + 8 * (group // 2))
+                    c = own[lane % 4 if k_side else lane // 4][j]
+                    words.append([(t * pitch + 2 * int(slot[t, c])) // 4] if bits[t, c] else [])
+                counts.append(wavefronts(words, LANES) if any(words) else 0)
+    return float(np.mean(counts))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--capacity", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rows", type=int, default=400, help="sampled tiles")
+    ap.add_argument("--walk", action="store_true", help="the walk's value loads instead")
+    ap.add_argument("--kept", type=int, default=0,
+                    help="--walk: kept channels per row (default: capacity - 2, as sparsity 0.7 keeps 38 in 40)")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     c, d = args.capacity, args.head_dim
+    if args.walk:
+        excess = 0.0
+        for k_side in (True, False):
+            for chunk in (0, 8, 4):
+                w = walk_load_wavefronts(rng, d, c, args.kept or c - 2, args.rows, k_side, chunk)
+                name = ("K" if k_side else "V") + (f", chunks of {chunk}" if chunk else ", runs (the walk)")
+                print(f"walk loads {name}: {w:.2f} wavefronts per instruction")
+                excess += (w - 1) * d // 2 if chunk == 0 else 0
+        print(f"walk conflicts (runs): {excess:.0f} wavefronts per tile over one per load")
+        return
     stores = scatter_store_wavefronts(rng, d, c, args.rows)
     print(f"scatter stores: {stores:.2f} wavefronts per instruction, {stores * c:.0f} per tile ({c} instructions)")
     for row_bytes, name in ((8, "fp16"), (16, "fp32")):
