@@ -28,6 +28,9 @@ import argparse
 
 import numpy as np
 
+import common  # noqa: F401 (puts the repository first on sys.path)
+from mustafar_triton.kernels.decode_gluon_launch import staged_row_pitch  # noqa: E402
+
 LANES = 32
 
 
@@ -78,16 +81,15 @@ def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: 
                          chunk: int = 0) -> float:
     """Mean wavefronts per predicated value load of the walk over `samples` tiles (a load with no
     lane active counts 0): the 16 value rows at the stage's row pitch, each keeping `kept` of
-    head_dim channels in `capacity` slots; lane l reads its token's row at
-    the slot of its j-th channel. chunk 0: each lane owns head_dim / lanes_per_token consecutive
+    head_dim channels in `capacity` slots; lane l reads its token's row at the slot of its j-th
+    channel. chunk 0: each lane owns head_dim / lanes_per_token consecutive
     channels (the walk); else chunks of `chunk` channels dealt round-robin to the token's lanes."""
     per_token = 4 if k_side else 8
     run = head_dim // per_token
     step = chunk or run
     own = [[c for base in range(k * step, head_dim, step * per_token) for c in range(base, base + step)]
            for k in range(per_token)]
-    row_bytes = 2 * capacity
-    pitch = row_bytes if row_bytes % 16 else 16 * ((row_bytes // 16) | 1)  # staged_row_pitch
+    pitch = staged_row_pitch(2 * capacity)
     counts = []
     for _ in range(samples):
         bits = np.zeros((16, head_dim), bool)
@@ -117,13 +119,14 @@ def main():
     rng = np.random.default_rng(0)
     c, d = args.capacity, args.head_dim
     if args.walk:
-        excess = 0.0
+        excess = 0.0  # the walk's (runs'): each lane issues d / 2 loads per side and tile
         for k_side in (True, False):
             for chunk in (0, 8, 4):
                 w = walk_load_wavefronts(rng, d, c, args.kept or c - 2, args.rows, k_side, chunk)
                 name = ("K" if k_side else "V") + (f", chunks of {chunk}" if chunk else ", runs (the walk)")
                 print(f"walk loads {name}: {w:.2f} wavefronts per instruction")
-                excess += (w - 1) * d // 2 if chunk == 0 else 0
+                if chunk == 0:
+                    excess += (w - 1) * d / 2
         print(f"walk conflicts (runs): {excess:.0f} wavefronts per tile over one per load")
         return
     stores = scatter_store_wavefronts(rng, d, c, args.rows)
