@@ -21,6 +21,7 @@ from mustafar_triton.kernels import decode_gluon as dg
 from mustafar_triton.kernels.decode_gluon_launch import run_start_pitch, staged_row_pitch
 
 MT_DSTAGE = 0x400          # the shared address of mt_dstage (as on sm_90: after 1 KB reserved)
+MT_ZERO = 0x300            # the shared address of the walks' 16-byte zero slot mt_zero (_stage_decl)
 GLOBAL_BASE = 0x7f0000000  # the global address of the tensor's first byte
 M32 = (1 << 32) - 1
 
@@ -49,8 +50,10 @@ def _split_operands(text):
 class Ptx:
     """Runs one inline-asm string: args are the $n operands (outputs first, filled in by run)."""
 
-    def __init__(self, shared, glob=None, ldmatrix=None):
+    def __init__(self, shared, glob=None, ldmatrix=None, zero_slot=None):
         self.shared = shared      # np.uint8 array: offset 0 is shared address MT_DSTAGE
+        # mt_zero's 16 bytes (zeros, as _stage_decl leaves them, unless a test poisons them)
+        self.zero_slot = np.zeros(16, np.uint8) if zero_slot is None else zero_slot
         self.glob = glob          # np.uint8 array at GLOBAL_BASE (bounds-checked), or None
         self.global_reads = []    # (address, bytes) of every global access, and src-size-0 addresses
         self.ldmatrix = ldmatrix  # (trans, address) -> this lane's 4 registers (a warp-wide model)
@@ -72,6 +75,8 @@ class Ptx:
                 return v
             if op == "mt_dstage":
                 return MT_DSTAGE
+            if op == "mt_zero":
+                return MT_ZERO
             if re.fullmatch(r"-?(0x[0-9a-fA-F]+|\d+)", op):
                 return int(op, 0)
             assert op in regs, f"read of unset register {op}"
@@ -90,6 +95,9 @@ class Ptx:
             return val(m.group(1)) + int(m.group(2) or 0)
 
         def lds(a, nbytes):
+            if MT_ZERO <= a < MT_ZERO + 16:
+                assert a + nbytes <= MT_ZERO + 16 and a % nbytes == 0, hex(a)
+                return int.from_bytes(self.zero_slot[a - MT_ZERO:a - MT_ZERO + nbytes].tobytes(), "little")
             off = a - MT_DSTAGE
             assert 0 <= off and off + nbytes <= len(self.shared) and a % nbytes == 0, hex(a)
             return int.from_bytes(self.shared[off:off + nbytes].tobytes(), "little")
@@ -177,6 +185,10 @@ class Ptx:
                 a = addr(ops[0])
                 srcs = [x.strip() for x in ops[1].strip("{}").split(",")]
                 assert parts[-1] == "b32" and a % (4 * len(srcs)) == 0, opcode
+                if a == MT_ZERO:
+                    assert len(srcs) == 4, "mt_zero is written as one 16-byte store"
+                    self.zero_slot[:] = np.frombuffer(b"".join((val(x) & M32).to_bytes(4, "little") for x in srcs), np.uint8)
+                    continue
                 for i, x in enumerate(srcs):
                     off = a + 4 * i - MT_DSTAGE
                     assert 0 <= off and off + 4 <= len(self.shared)
@@ -352,11 +364,11 @@ def walk_inputs(row_words, row_starts, head_dim, k_side, run, row_addr, value_by
     return row_addr + slot * value_bytes, bits
 
 
-def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None, span=None, first=0):
+def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None, span=None, first=0, zero_slot=None):
     """All runs of all tokens through _walk_asm, as one lane's instances see them: returns
     [n, span] uint16 (the channels first + [r * 8 nb ..] of run r of token t at [t, r * 8 nb ..];
     span: all D, or a half for walk_halves). values uint8: fp8 slots (the walk's one-byte form,
-    widened to fp16 bits)."""
+    widened to fp16 bits). zero_slot: mt_zero's 16 bytes (zeros unless given)."""
     n = len(words)
     span = span or head_dim
     nb = span // 32 if k_side else span // 64
@@ -372,7 +384,7 @@ def run_walk(head_dim, capacity, k_side, words, values, asm_fn=None, span=None, 
     constraints = _fn(dg._walk_constraints)(not k_side, nb)
     n_out = constraints.count("=r")
     n_el = 8 * nb                                    # elements per token per instance
-    emu = Ptx(shared)
+    emu = Ptx(shared, zero_slot=zero_slot)
     rng = np.random.default_rng(0)
     out = np.zeros((n, span), np.uint16)
     pairs = [(t,) for t in range(n)] if k_side else [(t, t + 1) for t in range(0, n - 1, 2)]
@@ -468,6 +480,37 @@ def test_walk_asm_zeroed_rows_read_zero_whatever_the_values():
         words = np.zeros((4, 4), np.uint32)
         values = rng.integers(0, 1 << 16, size=(4, 40), dtype=np.uint32).astype(np.uint16)
         assert not run_walk(128, 40, k_side, words, values).any()
+
+
+@pytest.mark.parametrize("value_bytes", [2, 1], ids=["fp16", "fp8"])
+def test_walk_asm_reads_unkept_channels_from_the_zero_slot(value_bytes):
+    """A channel the row does not keep reads mt_zero (its first value_bytes bytes), kept ones
+    their slots: with the zero slot poisoned, exactly the unkept channels show the poison."""
+    rng = np.random.default_rng(11)
+    words, values = random_rows(rng, 8, 128, 40)
+    if value_bytes == 1:
+        values = (values & 0xFF).astype(np.uint8)
+    poison = np.frombuffer(bytes([0x38, 0x3C] * 8), np.uint8).copy()   # fp8 0x38 -> fp16 1.0
+    kept = dense_reference(words, np.ones_like(values, dtype=np.uint16), 40) != 0
+    want = dense_reference(words, fp8_as_fp16_bits(values) if value_bytes == 1 else values, 40)
+    want[~kept] = 0x3C00 if value_bytes == 1 else 0x3C38
+    for k_side in (True, False):
+        got = run_walk(128, 40, k_side, words, values, zero_slot=poison)
+        assert (got == want).all(), np.argwhere(got != want)[:8]
+
+
+def test_stage_decl_zeroes_the_walks_zero_slot():
+    """_stage_decl(..., zero_slot=True) declares mt_zero and zeroes its 16 bytes; without it, the
+    declaration alone (the scatter's)."""
+    asm = _fn(dg._stage_decl)(1024, True)
+    assert ".shared .align 16 .b8 mt_zero[16];" in asm and "mt_zero" not in _fn(dg._stage_decl)(1024)
+    # the statements after the declarations, the inner block's braces dropped (the emulator runs
+    # one level of braces)
+    body = ";".join(x for x in asm.split(";") if ".shared .align" not in x)
+    body = body.replace("{ .reg", ".reg").replace("} mov", "mov")
+    emu = Ptx(np.zeros(16, np.uint8), zero_slot=np.full(16, 0xA5, np.uint8))
+    assert emu.run(body, 1, [5]) == [5]
+    assert not emu.zero_slot.any()
 
 
 def test_emulator_catches_a_broken_walk():

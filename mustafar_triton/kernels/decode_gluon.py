@@ -151,11 +151,16 @@ def _walk_layout(head_dim, k_side):
 
 
 @gluon.constexpr_function
-def _stage_decl(nbytes):
-    """PTX declaration of the walk's shared staging buffer of nbytes (2 stages of a tile's K and V
+def _stage_decl(nbytes, zero_slot=False):
+    """PTX declaration of the gathers' shared staging buffer of nbytes (2 stages of a tile's K and V
     value rows and bitmap rows). Gluon's shared-memory descriptors move whole tiles only; the
-    gathers need addresses."""
-    return ".shared .align 16 .b8 mt_dstage[%d]; mov.b32 $0, $1;" % nbytes
+    gathers need addresses. zero_slot: also mt_zero, 16 bytes that every lane zeroes here, before
+    any read (the walk's channels that a row does not keep load from it: _walk_asm)."""
+    decl = ".shared .align 16 .b8 mt_dstage[%d];" % nbytes
+    if zero_slot:
+        decl += (" .shared .align 16 .b8 mt_zero[16];"
+                 " { .reg .b32 z; mov.b32 z, 0; st.shared.v4.b32 [mt_zero], {z, z, z, z}; }")
+    return decl + " mov.b32 $0, $1;"
 
 
 @gluon.constexpr_function
@@ -168,20 +173,26 @@ def _walk_asm(pairs, nbytes, value_bytes=2):
     the bits: byte b's element 0 holds a word whose bits 8 (b % 4) .. 8 (b % 4) + 7 are byte b.
     The slot address is carried from byte to byte (+value_bytes per kept channel), so only the
     run's start is computed outside. value_bytes 1: fp8 (e4m3) slots, each output pair widened to
-    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+)."""
+    fp16 by one cvt.rn.f16x2.e4m3x2 (exact; sm_89+).
+    A channel the row does not keep loads from mt_zero (_stage_decl's zero slot) instead of its
+    slot: the load is unpredicated, so nothing zeroes its register first, and ptxas then turns the
+    bit tests into R2P (seven predicates from a byte in one instruction), which it does not do
+    for predicates that guard loads in a loop (perf/NOTES.md, 2026-12-07 evening): sm_90 loop
+    808 -> 741 instructions per tile at capacity 40 (2026-12-08). All lanes that skip read the
+    same address, a broadcast: at most one more bank access per load."""
     n = 8 * nbytes
     n_out, n_in, streams = (n, 2 * n, 2) if pairs else (n // 2, n, 1)
     load = "ld.shared.u16" if value_bytes == 2 else "ld.shared.u8"
-    parts = ["{ .reg .pred p; .reg .b16 h; .reg .b32 t, a0, a1, v<%d>; mov.u32 t, mt_dstage;"
-             " add.u32 a0, t, $%d;" % (streams * n, n_out)]
+    parts = ["{ .reg .pred p; .reg .b16 h; .reg .b32 t, a0, a1, z, s, v<%d>; mov.u32 z, mt_zero;"
+             " mov.u32 t, mt_dstage; add.u32 a0, t, $%d;" % (streams * n, n_out)]
     if pairs:
         parts.append("add.u32 a1, t, $%d;" % (n_out + 1))
     for st in range(streams):
-        for j in range(n):  # bit test, zero, predicated load, predicated next slot
+        for j in range(n):  # bit test, the slot's address or the zero's, load, predicated next slot
             bits = n_out + n_in + (st + 2 * 8 * (j // 8) if pairs else 8 * (j // 8))
             mask = 1 << (8 * ((j // 8) % 4) + j % 8)
-            parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; mov.b32 v%d, 0; @p %s v%d, [a%d];"
-                         % (bits, mask, n * st + j, load, n * st + j, st))
+            parts.append("and.b32 t, $%d, %d; setp.ne.b32 p, t, 0; selp.b32 s, a%d, z, p; %s v%d, [s];"
+                         % (bits, mask, st, load, n * st + j))
             if j + 1 < n:
                 parts.append("@p add.u32 a%d, a%d, %d;" % (st, st, value_bytes))
     for k in range(n_out):  # pack on the FMA pipe (a PRMT would take the busier ALU pipe)
@@ -1040,7 +1051,7 @@ def _sparse_decode_gluon_kernel(
     lane = gl.arange(0, 32, layout=gl.BlockedLayout([1], [32], [1], [0]))
     if (GATHER == "walk") or (GATHER == "walk_halves"):
         VALUE_BYTES: gl.constexpr = 1 if FP8_VALUES else 2
-        _lane_asm(_stage_decl(run_start_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1]), lane)
+        _lane_asm(_stage_decl(run_start_offsets(HEAD_DIM, K_CAPACITY, V_CAPACITY, VALUE_BYTES)[1], True), lane)
         qk_stored = qk_scale  # the compressed tiles' (the window's stays qk_scale)
         q_w = q_t  # q^T as the walk multiplies it
         WIDEN_Q: gl.constexpr = FP8_VALUES and (q_t.dtype == gl.bfloat16)
