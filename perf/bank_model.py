@@ -14,13 +14,16 @@ Prints wavefronts per warp instruction for
   * the gathers of q^T rows that scoring K in the kept domain would issue (perf/NOTES.md,
     2026-12-07: lanes 2t / 2t + 1 take the slots [0, C/2) / [C/2, C) of token t's K row and load
     q^T[channel] for the G = 4 heads: 8 bytes in fp16, 16 in fp32).
---walk instead: the walk's predicated 2-byte value loads (decode_gluon._walk_asm), per warp
-instruction and their excess over one wavefront per tile, for the lanes' channels as the walk owns
-them (K: 4 lanes per token, 8 tokens an instruction; V: 8 lanes per token, 4 tokens; each lane a
-run of consecutive channels) and for runs split into interleaved chunks of 8 / 4 channels (lane k
-of a token owning chunks k, k + lanes, ...), a layout not built (perf/NOTES.md, 2026-12-07 late).
-Nsight Compute measured the walk's bank conflicts at ~86 wavefronts per tile at capacity 40 and
-~163 at 64 (H100, 93112bf / 1c9b062), which calibrates this part.
+--walk instead: the walk's 2-byte value loads (decode_gluon._walk_asm), per warp instruction and
+their excess over one wavefront per tile, for the lanes' channels as the walk owns them (K: 4 lanes
+per token, 8 tokens an instruction; V: 8 lanes per token, 4 tokens; each lane a run of consecutive
+channels) and for runs split into interleaved chunks of 8 / 4 channels (lane k of a token owning
+chunks k, k + lanes, ...), a layout not built (perf/NOTES.md, 2026-12-07 late). Those lines model
+the walk before 35d1ce4, whose lanes skipped the channels their row does not keep (predicated
+loads): Nsight Compute measured its bank conflicts at ~86 wavefronts per tile at capacity 40 and
+~163 at 64 (H100, 93112bf / 1c9b062), which calibrates this part. Since 35d1ce4 those lanes read
+one shared zero word instead (mt_zero): the last lines add that word, in a bank of its own choosing
+(ptxas places mt_zero; the model takes bank 28).
 """
 from __future__ import annotations
 
@@ -78,11 +81,12 @@ def q_gather_wavefronts(rng, head_dim: int, capacity: int, samples: int, row_byt
 
 
 def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: int, k_side: bool,
-                         chunk: int = 0) -> float:
-    """Mean wavefronts per predicated value load of the walk over `samples` tiles (a load with no
-    lane active counts 0): the 16 value rows at the stage's row pitch, each keeping `kept` of
-    head_dim channels in `capacity` slots; lane l reads its token's row at the slot of its j-th
-    channel. chunk 0: each lane owns head_dim / lanes_per_token consecutive
+                         chunk: int = 0, zero_word: int | None = None) -> float:
+    """Mean wavefronts per value load of the walk over `samples` tiles (a load with no lane active
+    counts 0): the 16 value rows at the stage's row pitch, each keeping `kept` of head_dim channels
+    in `capacity` slots; lane l reads its token's row at the slot of its j-th channel, or for a
+    channel its row does not keep nothing (predicated) or, given zero_word, that word (mt_zero).
+    chunk 0: each lane owns head_dim / lanes_per_token consecutive
     channels (the walk); else chunks of `chunk` channels dealt round-robin to the token's lanes."""
     per_token = 4 if k_side else 8
     run = head_dim // per_token
@@ -102,7 +106,8 @@ def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: 
                 for lane in range(LANES):
                     t = (lane // 4 + 8 * group) if k_side else (2 * (lane % 4) + group % 2 + 8 * (group // 2))
                     c = own[lane % 4 if k_side else lane // 4][j]
-                    words.append([(t * pitch + 2 * int(slot[t, c])) // 4] if bits[t, c] else [])
+                    skip = [] if zero_word is None else [zero_word]
+                    words.append([(t * pitch + 2 * int(slot[t, c])) // 4] if bits[t, c] else skip)
                 counts.append(wavefronts(words, LANES) if any(words) else 0)
     return float(np.mean(counts))
 
@@ -128,6 +133,12 @@ def main():
                 if chunk == 0:
                     excess += (w - 1) * d / 2
         print(f"walk conflicts (runs): {excess:.0f} wavefronts per tile over one per load")
+        zero_excess = 0.0  # the same runs with the unkept channels' reads of mt_zero (since 35d1ce4)
+        for k_side in (True, False):
+            w = walk_load_wavefronts(rng, d, c, args.kept or c - 2, args.rows, k_side, zero_word=-4)
+            print(f"walk loads {'K' if k_side else 'V'}, runs, unkept channels read mt_zero: {w:.2f} wavefronts per instruction")
+            zero_excess += (w - 1) * d / 2
+        print(f"walk conflicts (runs, mt_zero reads): {zero_excess:.0f} wavefronts per tile over one per load")
         return
     stores = scatter_store_wavefronts(rng, d, c, args.rows)
     print(f"scatter stores: {stores:.2f} wavefronts per instruction, {stores * c:.0f} per tile ({c} instructions)")
