@@ -31,13 +31,18 @@ REPO = Path(__file__).resolve().parent.parent
 # its bf16 cases again 2026-12-07 (6c48c2c: bf16 queries multiply in fp16), with the fp8 walk_halves'.
 # The walks again after their run-start table (2026-12-07): the walk 40 -> 16 and 64 -> 40 bytes, its
 # fp8 forms 0 (24-56 before), four query tokens 24, paged 24; walk_halves 72 -> 88, 88 -> 104, its
-# fp8 forms 64-80 -> 80-112 (D=256: 0).
+# fp8 forms 64-80 -> 80-112 (D=256: 0). The walks' zero slot (35d1ce4, 2026-12-08): walk_halves' fp8
+# form at G=8, capacity 80 spills 0 -> 8 bytes on 3.6 (two local loads per tile; its loop 1009 -> 929);
+# on 3.9 the fp8 walk spills 8-32 bytes where it spilled none (G=4, capacity 48: loop 864 -> 799
+# instructions with 7 local accesses among them) and walk_halves' fp8 form 80 -> 88.
 SPILLS_PAST_THE_3_6_BUDGET = {
     "3.8": {("prune", 256, 80, "fp16"): 432},
     "3.9": {("walk", 128, 4, 40): 16, ("walk", 128, 8, 64): 40, ("walk", 128, 4, 40, "lq4"): 24,
             ("walk", 128, 4, 40, "paged"): 24,
             ("walk_halves", 128, 4, 40): 88, ("walk_halves", 128, 8, 64): 104,
-            ("walk_halves_fp8", 128, 4, 48, 0, "fp16"): 80, ("walk_halves_fp8", 128, 8, 80, 0, "fp16"): 80,
+            ("walk_halves_fp8", 128, 4, 48, 0, "fp16"): 80, ("walk_halves_fp8", 128, 8, 80, 0, "fp16"): 88,
+            ("walk_fp8", 128, 4, 48, 0, "fp16"): 32, ("walk_fp8", 128, 8, 80, 0, "fp16"): 24,
+            ("walk_fp8", 128, 4, 48, 0, "bf16"): 24, ("walk_fp8", 64, 3, 48, 16, "bf16"): 8,
             ("walk_halves_fp8", 128, 4, 48, 0, "bf16"): 88, ("walk_halves_fp8", 128, 4, 80, 16, "bf16"): 112,
             ("prune", 128, 40, "fp16"): 24, ("prune", 256, 80, "fp16"): 464, ("prune", 128, 128, "bf16"): 16,
             ("prune", 128, 40, "fp16", "paged"): 16, ("prune", 256, 80, "fp16", "paged"): 456,
@@ -194,7 +199,7 @@ def test_gluon_decode_compiles_within_its_register_cap(head_dim, group, capacity
     ("walk", 128, 4, 48, 0, "fp16", 0), ("walk", 128, 8, 80, 0, "fp16", 0), ("walk", 64, 3, 48, 16, "fp16", 0),
     ("walk", 256, 4, 192, 0, "fp16", 0), ("walk", 128, 4, 48, 0, "bf16", 0), ("walk", 64, 3, 48, 16, "bf16", 0),
     ("walk", 256, 4, 192, 0, "bf16", 0),
-    ("walk_halves", 128, 4, 48, 0, "fp16", 16), ("walk_halves", 128, 8, 80, 0, "fp16", 0),
+    ("walk_halves", 128, 4, 48, 0, "fp16", 16), ("walk_halves", 128, 8, 80, 0, "fp16", 8),
     ("walk_halves", 128, 4, 48, 0, "bf16", 16), ("walk_halves", 128, 4, 80, 16, "bf16", 16),
     ("walk_halves", 256, 4, 192, 0, "bf16", 0)])
 def test_gluon_decode_fp8_walk_compiles_within_its_register_cap(gather, head_dim, group, capacity, page_size, dtype,
