@@ -560,7 +560,7 @@ def test_gluon_splits_fill_whole_waves():
 
 
 def test_gluon_gather_choice():
-    """Without a "gather" key: the scatter for caches of few stored values (capacity <= D / 8), else
+    """Without a "gather" key: the scatter for caches of few stored values (capacity <= D / 16), else
     the walk, unless their splits would be short (the popcount gather has fewer fixed costs per split); a config's
     explicit gather wins where it supports the shape, and popc runs where nothing else does."""
     from mustafar_triton.kernels.decode_gluon_launch import GLUON_CONFIG, MIN_STAGED_SPLIT_TOKENS, choose_gather
@@ -570,7 +570,8 @@ def test_gluon_gather_choice():
     assert gather(GLUON_CONFIG, 128, (64, 64), 16384, 16) == "walk"        # B=16: 1024 tokens per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 32768, 264) == "walk"       # B=1: 124 per split
     assert gather(GLUON_CONFIG, 128, (64, 64), 8192, 264) == "popc"        # 31 per split
-    assert gather(GLUON_CONFIG, 128, (8, 16), 16384, 16) == "scatter"      # few values stored (0.9)
+    assert gather(GLUON_CONFIG, 128, (8, 8), 16384, 16) == "scatter"       # few values stored (0.95)
+    assert gather(GLUON_CONFIG, 128, (8, 16), 16384, 16) == "walk"         # V at 0.9: the walk since 35d1ce4
     assert gather(GLUON_CONFIG, 128, (16, 24), 16384, 16) == "walk"        # V at sparsity 0.85
     assert gather(GLUON_CONFIG, 128, (40, 40), 16384, 16) == "walk"        # 0.7: walk_halves only when named
     assert gather(dict(GLUON_CONFIG, gather="walk_halves"), 128, (40, 40), 16384, 16) == "walk_halves"

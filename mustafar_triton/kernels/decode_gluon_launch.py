@@ -47,8 +47,11 @@ MIN_STAGED_SPLIT_TOKENS = 64
 # 144.7 / 159.4, 24 (0.85) 168.8 / 159.3, 32 (0.8) 190.6 / 163.4; B=4 T=128k 274.2 / 301.9, 325.4 /
 # 299.6, 366.9 / 305.3; B=64 T=4k 150.6 / 167.7, 176.7 / 166.8; B=1 T=32k 25.3 / 30.4, 27.7 / 30.7
 # (the scatter's one win at 24). Before that table (H200, 4c61e11) the walk lost up to capacity 32
-# (0.25 D). D=64 not measured.
-SCATTER_MAX_CAPACITY_FRACTION = 0.125
+# (0.25 D). Since the walk's zero slot (35d1ce4, 2026-12-08; H100, perf/results/h100/
+# walk_vs_scatter_35d1ce4.json) the walk wins at capacity 16 too, walk / scatter us: B=16 T=16k 142.0
+# / 146.5, B=1 T=32k 24.3 / 25.1, B=4 T=128k 266.7 / 273.7; at 8 (0.95) the scatter: 140.6 / 108.9,
+# 23.8 / 18.8, 264.2 / 207.3. Not measured on an H200. D=64 not measured.
+SCATTER_MAX_CAPACITY_FRACTION = 0.0625
 
 # 16 query rows (Lq * G padded to 16, e.g. 4 query tokens of Llama-3-8B's group of 4: both gathers at
 # 224 registers, 8 programs per SM): the scatter where the larger capacity is at most this fraction
