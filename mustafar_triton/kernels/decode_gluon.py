@@ -68,7 +68,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _page_row, _split_ranges, _window_range
 from .decode_gluon_launch import (run_start_offsets, run_start_pitch, scatter_offsets, scatter_queue_entries,
-                                  scatter_undoes, stage_offsets, staged_row_pitch)
+                                  scatter_undoes, stage_offsets, staged_row_pitch, ZERO_SLOT_BYTES)
 
 
 @gluon.jit
@@ -158,8 +158,9 @@ def _stage_decl(nbytes, zero_slot=False):
     any read (the walk's channels that a row does not keep load from it: _walk_asm)."""
     decl = ".shared .align 16 .b8 mt_dstage[%d];" % nbytes
     if zero_slot:
-        decl += (" .shared .align 16 .b8 mt_zero[16];"
-                 " { .reg .b32 z; mov.b32 z, 0; st.shared.v4.b32 [mt_zero], {z, z, z, z}; }")
+        assert ZERO_SLOT_BYTES == 16, "mt_zero is zeroed by one 16-byte store"
+        decl += (" .shared .align 16 .b8 mt_zero[%d];"
+                 " { .reg .b32 z; mov.b32 z, 0; st.shared.v4.b32 [mt_zero], {z, z, z, z}; }" % ZERO_SLOT_BYTES)
     return decl + " mov.b32 $0, $1;"
 
 

@@ -182,6 +182,10 @@ def run_start_pitch(head_dim: int) -> int:
     return 4 * -(-head_dim // 128)
 
 
+# The walks' shared zero (decode_gluon._stage_decl's mt_zero): the channels a row does not keep load it.
+ZERO_SLOT_BYTES = 16
+
+
 @constexpr_function
 def run_start_offsets(head_dim: int, k_capacity: int, v_capacity: int, value_bytes: int = 2) -> tuple[int, int]:
     """The walks' table of run starts, after their two stages (stage_offsets): its byte offset and
@@ -237,14 +241,14 @@ def shared_bytes(gather: str, head_dim: int, k_capacity: int, v_capacity: int, v
     """Shared memory of one program, with the 1 KB the driver reserves per block (sm_90: ptxas
     reports the PTX-declared buffer + 1024 bytes; Gluon allocates dynamic shared memory only for
     walk_halves' q^T, head_dim x block_h in 2 bytes).
-    walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile) and
-    the run-start table (run_start_offsets);
+    walk: two stages of a tile's K and V value rows and bitmap rows (decode_gluon._stage_tile), the
+    run-start table (run_start_offsets) and the zero slot (ZERO_SLOT_BYTES);
     scatter: scatter_offsets; popc: none."""
     if gather == "popc":
         return 0
     if gather in ("walk", "walk_halves"):
         q_t = 2 * head_dim * block_h if gather == "walk_halves" else 0
-        return run_start_offsets(head_dim, k_capacity, v_capacity, value_bytes)[1] + 1024 + q_t
+        return run_start_offsets(head_dim, k_capacity, v_capacity, value_bytes)[1] + ZERO_SLOT_BYTES + 1024 + q_t
     return scatter_offsets(head_dim, k_capacity, v_capacity)[3] + 1024
 
 
