@@ -67,8 +67,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from .decode import _causal_start, _page_row, _split_ranges, _window_range
+from .decode_gluon_launch import ZERO_SLOT_BYTES
 from .decode_gluon_launch import (run_start_offsets, run_start_pitch, scatter_offsets, scatter_queue_entries,
-                                  scatter_undoes, stage_offsets, staged_row_pitch, ZERO_SLOT_BYTES)
+                                  scatter_undoes, stage_offsets, staged_row_pitch)
 
 
 @gluon.jit
