@@ -94,6 +94,7 @@ def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: 
     own = [[c for base in range(k * step, head_dim, step * per_token) for c in range(base, base + step)]
            for k in range(per_token)]
     pitch = staged_row_pitch(2 * capacity)
+    skip = [] if zero_word is None else [zero_word]  # what a lane reads for a channel its row drops
     counts = []
     for _ in range(samples):
         bits = np.zeros((16, head_dim), bool)
@@ -106,7 +107,6 @@ def walk_load_wavefronts(rng, head_dim: int, capacity: int, kept: int, samples: 
                 for lane in range(LANES):
                     t = (lane // 4 + 8 * group) if k_side else (2 * (lane % 4) + group % 2 + 8 * (group // 2))
                     c = own[lane % 4 if k_side else lane // 4][j]
-                    skip = [] if zero_word is None else [zero_word]
                     words.append([(t * pitch + 2 * int(slot[t, c])) // 4] if bits[t, c] else skip)
                 counts.append(wavefronts(words, LANES) if any(words) else 0)
     return float(np.mean(counts))

@@ -18,10 +18,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mustafar_triton.kernels import decode_gluon as dg
-from mustafar_triton.kernels.decode_gluon_launch import run_start_pitch, staged_row_pitch
+from mustafar_triton.kernels.decode_gluon_launch import ZERO_SLOT_BYTES, run_start_pitch, staged_row_pitch
 
 MT_DSTAGE = 0x400          # the shared address of mt_dstage (as on sm_90: after 1 KB reserved)
-MT_ZERO = 0x300            # the shared address of the walks' 16-byte zero slot mt_zero (_stage_decl)
+MT_ZERO = 0x300            # the shared address of the walks' zero slot mt_zero (_stage_decl)
 GLOBAL_BASE = 0x7f0000000  # the global address of the tensor's first byte
 M32 = (1 << 32) - 1
 
@@ -52,8 +52,8 @@ class Ptx:
 
     def __init__(self, shared, glob=None, ldmatrix=None, zero_slot=None):
         self.shared = shared      # np.uint8 array: offset 0 is shared address MT_DSTAGE
-        # mt_zero's 16 bytes (zeros, as _stage_decl leaves them, unless a test poisons them)
-        self.zero_slot = np.zeros(16, np.uint8) if zero_slot is None else zero_slot
+        # mt_zero's bytes (zeros, as _stage_decl leaves them, unless a test poisons them)
+        self.zero_slot = np.zeros(ZERO_SLOT_BYTES, np.uint8) if zero_slot is None else zero_slot
         self.glob = glob          # np.uint8 array at GLOBAL_BASE (bounds-checked), or None
         self.global_reads = []    # (address, bytes) of every global access, and src-size-0 addresses
         self.ldmatrix = ldmatrix  # (trans, address) -> this lane's 4 registers (a warp-wide model)
@@ -95,8 +95,8 @@ class Ptx:
             return val(m.group(1)) + int(m.group(2) or 0)
 
         def lds(a, nbytes):
-            if MT_ZERO <= a < MT_ZERO + 16:
-                assert a + nbytes <= MT_ZERO + 16 and a % nbytes == 0, hex(a)
+            if MT_ZERO <= a < MT_ZERO + ZERO_SLOT_BYTES:
+                assert a + nbytes <= MT_ZERO + ZERO_SLOT_BYTES and a % nbytes == 0, hex(a)
                 return int.from_bytes(self.zero_slot[a - MT_ZERO:a - MT_ZERO + nbytes].tobytes(), "little")
             off = a - MT_DSTAGE
             assert 0 <= off and off + nbytes <= len(self.shared) and a % nbytes == 0, hex(a)
@@ -490,7 +490,7 @@ def test_walk_asm_reads_unkept_channels_from_the_zero_slot(value_bytes):
     words, values = random_rows(rng, 8, 128, 40)
     if value_bytes == 1:
         values = (values & 0xFF).astype(np.uint8)
-    poison = np.frombuffer(bytes([0x38, 0x3C] * 8), np.uint8).copy()   # fp8 0x38 -> fp16 1.0
+    poison = np.frombuffer(bytes([0x38, 0x3C] * (ZERO_SLOT_BYTES // 2)), np.uint8).copy()   # fp8 0x38 -> fp16 1.0
     kept = dense_reference(words, np.ones_like(values, dtype=np.uint16), 40) != 0
     want = dense_reference(words, fp8_as_fp16_bits(values) if value_bytes == 1 else values, 40)
     want[~kept] = 0x3C00 if value_bytes == 1 else 0x3C38
@@ -508,7 +508,7 @@ def test_stage_decl_zeroes_the_walks_zero_slot():
     # one level of braces)
     body = ";".join(x for x in asm.split(";") if ".shared .align" not in x)
     body = body.replace("{ .reg", ".reg").replace("} mov", "mov")
-    emu = Ptx(np.zeros(16, np.uint8), zero_slot=np.full(16, 0xA5, np.uint8))
+    emu = Ptx(np.zeros(16, np.uint8), zero_slot=np.full(ZERO_SLOT_BYTES, 0xA5, np.uint8))
     assert emu.run(body, 1, [5]) == [5]
     assert not emu.zero_slot.any()
 
